@@ -1,0 +1,61 @@
+"""The `forge` command: groups are registered here, errors become exit codes here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from forge_cli import __version__
+from forge_cli.cli import config_cmd, ledger_cmd, wallet_cmd
+from forge_cli.cli.output import print_error
+from forge_cli.errors import EXIT_USAGE, ForgeError
+
+app = typer.Typer(
+    name="forge",
+    help="Compute is money: local LLM inference traded in compute units (CU), "
+    "recorded in a verifiable ledger.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"forge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Exit codes: 0 ok, 1 a check failed (tamper, denied spend), 2 usage, config, I/O or lock."""
+
+
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(ledger_cmd.app, name="ledger")
+app.command("wallet")(wallet_cmd.wallet)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app, turning expected failures into exit codes."""
+    try:
+        app(args=argv, prog_name="forge")
+    except ForgeError as exc:
+        print_error(exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        # `forge ledger export | head`: the reader left; that is not an error of ours.
+        sys.stderr.close()
+        sys.exit(0)
+    except OSError as exc:
+        sys.stderr.write(f"forge: error: {exc}\n")
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,204 @@
+"""Where forge keeps its files (FORGE_HOME) and what config.toml may say.
+
+Every key is declared in `KEYS` with its type and default; config.toml and `forge config set`
+are checked against it, and `FORGE_<SECTION>_<NAME>` in the environment overrides a key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forge_cli.errors import ConfigError, StorageError
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        return "FORGE_" + self.name.upper().replace(".", "_")
+
+
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in [
+        Key("ledger.path", str, "", "ledger file; empty means FORGE_HOME/ledger.db"),
+        Key(
+            "ledger.synchronous",
+            str,
+            "full",
+            "full: fsync every commit; normal: fsync at checkpoints (faster, may lose the tail "
+            "on power loss, never on a crash of the process)",
+            ("full", "normal"),
+        ),
+        Key("models.dir", str, "", "GGUF download folder; empty means the Hugging Face cache"),
+        Key("models.default", str, "gemma3:270m", "model used when -m is not given"),
+        Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat"),
+        Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000"),
+        Key("node.host", str, "127.0.0.1", "address forge node binds to"),
+        Key("node.port", int, 3001, "port forge node listens on"),
+        Key("node.url", str, "", "node that `forge chat --node` buys from by default"),
+        Key("mesh.interfaces", list, ["127.0.0.1"], "addresses zeroconf binds to"),
+    ]
+}
+
+
+def home() -> Path:
+    """FORGE_HOME, or ~/.forge."""
+    return Path(os.environ.get("FORGE_HOME") or Path.home() / ".forge").expanduser()
+
+
+def ensure_home() -> Path:
+    path = home()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create FORGE_HOME {path}: {exc.strerror}") from exc
+    return path
+
+
+def config_path() -> Path:
+    return home() / "config.toml"
+
+
+def _key(name: str) -> Key:
+    try:
+        return KEYS[name]
+    except KeyError:
+        known = ", ".join(sorted(KEYS))
+        raise ConfigError(f"unknown config key {name!r}; known keys: {known}") from None
+
+
+def _typename(kind: type) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", list: "a list"}[kind]
+
+
+def check_value(name: str, value: Any) -> Any:
+    """The value if it fits the key's type and choices; ConfigError naming the key otherwise."""
+    key = _key(name)
+    ok = type(value) is key.type or (key.type is list and isinstance(value, list))
+    if not ok:
+        raise ConfigError(
+            f"config key {name!r} must be {_typename(key.type)}, "
+            f"found {type(value).__name__} {value!r}"
+        )
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"config key {name!r} must be one of {', '.join(key.choices)}; "
+                          f"found {value!r}")
+    return value
+
+
+def parse_text(name: str, text: str) -> Any:
+    """Turn a command-line or environment string into the key's type."""
+    key = _key(name)
+    if key.type is int:
+        try:
+            value: Any = int(text, 10)
+        except ValueError:
+            raise ConfigError(f"config key {name!r} must be an integer, found {text!r}") from None
+    elif key.type is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"config key {name!r} must be true or false, found {text!r}")
+        value = lowered in ("true", "1", "yes")
+    elif key.type is list:
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    else:
+        value = text
+    return check_value(name, value)
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        dotted = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def read_file(path: Path | None = None) -> dict[str, Any]:
+    """The keys set in config.toml (flattened, validated); {} when there is no file."""
+    path = path or config_path()
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+    flat = _flatten(table)
+    for name, value in flat.items():
+        try:
+            check_value(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return flat
+
+
+def load() -> dict[str, Any]:
+    """Every key's effective value: default < config.toml < FORGE_* environment."""
+    values = {name: key.default for name, key in KEYS.items()}
+    values.update(read_file())
+    for name, key in KEYS.items():
+        raw = os.environ.get(key.env)
+        if raw is not None:
+            try:
+                values[name] = parse_text(name, raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{key.env}: {exc}") from None
+    return values
+
+
+def get(name: str) -> Any:
+    _key(name)
+    return load()[name]
+
+
+def set_value(name: str, text: str) -> Any:
+    """Validate and write one key to config.toml atomically; returns the typed value."""
+    import tomli_w
+
+    value = parse_text(name, text)
+    flat = read_file()
+    flat[name] = value
+    nested: dict[str, Any] = {}
+    for dotted, item in sorted(flat.items()):
+        *sections, leaf = dotted.split(".")
+        table = nested
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[leaf] = item
+    path = config_path()
+    ensure_home()
+    tmp = path.with_suffix(".toml.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            tomli_w.dump(nested, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+    return value
+
+
+def ledger_path(override: str | os.PathLike[str] | None = None) -> Path:
+    """--ledger PATH, else ledger.path, else FORGE_HOME/ledger.db."""
+    if override:
+        return Path(override).expanduser()
+    configured = get("ledger.path")
+    return Path(configured).expanduser() if configured else home() / "ledger.db"

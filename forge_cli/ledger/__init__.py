@@ -1,0 +1,1 @@
+"""The record: entries, the SQLite store, Merkle tree, signed checkpoints, verify and replay."""

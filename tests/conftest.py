@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated FORGE_HOME per test and a runner for the real `forge` CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def forge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh FORGE_HOME for this test, also set in this process's environment."""
+    home = tmp_path / "forge-home"
+    monkeypatch.setenv("FORGE_HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("FORGE_") and name != "FORGE_HOME":
+            monkeypatch.delenv(name)
+    return home
+
+
+def forge_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+    env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+@pytest.fixture
+def run_forge(forge_home: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m forge_cli ARGS…` in a subprocess, as a user would from the shell."""
+
+    def run(
+        *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "forge_cli", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=forge_env(forge_home, **(env or {})),
+            timeout=timeout,
+        )
+
+    return run
