@@ -2,6 +2,393 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import datetime
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="Verify, inspect, prove and move the ledger.", no_args_is_help=True)
+from forge_cli import config
+from forge_cli.cli.output import print_json, print_jsonl
+from forge_cli.errors import CheckFailed, ProofFailed, TamperDetected, UsageError
+
+app = typer.Typer(
+    help="Verify, inspect, prove and move the ledger. "
+    "Exit codes: 0 valid, 1 invalid (tamper, bad proof), 2 usage, I/O or lock error.",
+    no_args_is_help=True,
+)
+
+EXPORT_FORMAT = "forge-ledger-export"
+LedgerOpt = typer.Option(None, "--ledger", help="Ledger file (default: FORGE_HOME/ledger.db).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+
+
+@contextlib.contextmanager
+def _reader(path: Path | None) -> Iterator[Any]:
+    from forge_cli.ledger.store import Ledger
+
+    with Ledger.open_reader(config.ledger_path(path)) as ledger:
+        yield ledger
+
+
+@contextlib.contextmanager
+def _writer(path: Path | None) -> Iterator[Any]:
+    from forge_cli import identity
+    from forge_cli.ledger.store import Ledger
+
+    signer = identity.load_or_create()
+    with Ledger.open_writer(config.ledger_path(path), signer,
+                            synchronous=config.get("ledger.synchronous")) as ledger:
+        yield ledger
+
+
+def _short(text: str, width: int = 12) -> str:
+    return text if len(text) <= width else text[:width] + "…"
+
+
+def _when(ts_ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ts_ms / 1000, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S")
+
+
+def _summary(fields: dict[str, Any]) -> str:
+    data, kind = fields["data"], fields["kind"]
+    if kind in ("grant", "burn"):
+        return f"{data['cu']} CU {'to' if kind == 'grant' else 'from'} {_short(data['account'])}"
+    if kind == "transfer":
+        return f"{data['cu']} CU {_short(data['from'])} → {_short(data['to'])}"
+    if kind == "trade":
+        t = data["terms"]
+        return (f"{t['cu']} CU {_short(t['consumer'])} → {_short(t['provider'])} "
+                f"{t['model']} {t['completion_tokens']} tok")
+    if kind == "redact":
+        return f"body {_short(data['body'])}"
+    return _short(json.dumps(data, ensure_ascii=False, sort_keys=True), 60)
+
+
+@app.command()
+def verify(
+    deep: bool = typer.Option(False, "--deep", help="Also re-hash bodies and rebuild every "
+                              "table (balances, nonces, Merkle nodes) by replay."),
+    as_json: bool = typer.Option(False, "--json", help="Print every finding as JSON."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="A checkpoint saved earlier (`forge ledger checkpoint > "
+        "cp.txt`): the ledger must still extend it, which catches a truncated tail."),
+    key: str | None = typer.Option(None, "--key", help="Verifier key (vkey) for --checkpoint; "
+                                   "default: the node named by its origin."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Check every entry, signature and checkpoint. Exit 0 valid, 1 invalid, 2 cannot check.
+
+    On failure the first bad seq and the reason go to stderr:
+
+        forge ledger verify || echo "ledger tampered"
+    """
+    from forge_cli.ledger import verify as verifier
+
+    saved = None
+    if checkpoint is not None:
+        try:
+            saved = verifier.open_saved_checkpoint(checkpoint.read_text(encoding="utf-8"), key)
+        except OSError as exc:
+            raise UsageError(f"cannot read checkpoint file {checkpoint}: {exc.strerror}") from exc
+        except ProofFailed as exc:
+            raise ProofFailed(f"saved checkpoint {checkpoint}: {exc}") from None
+    with _reader(ledger) as book:
+        report = verifier.verify(book, deep=deep, saved=saved)
+    if as_json:
+        print_json(report.to_json())
+    elif report.ok:
+        typer.echo(f"ledger valid: {report.size} entries, root {report.root}, "
+                   f"{report.signatures} signatures, {report.checkpoints} checkpoints"
+                   + (", all tables rebuilt and equal" if deep else ""))
+    if not report.ok:
+        first = report.findings[0]
+        more = len(report.findings) - 1
+        message = f"ledger invalid: {first}" + (
+            f" (and {more} more finding{'s' if more > 1 else ''}; --json lists all)" if more else "")
+        if as_json:
+            sys.stderr.write(f"forge: {message}\n")
+            raise typer.Exit(TamperDetected.exit_code)
+        raise TamperDetected(message)
+
+
+@app.command()
+def show(
+    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many of the newest entries."),
+    kind: str | None = typer.Option(None, "--kind", "-k", help="Only entries of this kind."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """The newest entries, oldest first."""
+    with _reader(ledger) as book:
+        if kind is None:
+            start = max(0, book.size - limit)
+            shown = list(book.iter_entries(start))
+        else:
+            shown = list(book.iter_entries(kind=kind))[-limit:]
+    if as_json:
+        print_json([e.to_json() for e in shown])
+        return
+    if not shown:
+        typer.echo("no entries" + (f" of kind {kind!r}" if kind else ""))
+        return
+    for e in shown:
+        f = e.fields
+        parent = f" ←{f['parent']}" if f["parent"] is not None else ""
+        typer.echo(f"{f['seq']:>7}  {_when(f['ts'])}  {f['kind']:<9} {_summary(f)}{parent}")
+
+
+@app.command()
+def get(
+    seq: int = typer.Argument(..., help="Entry number."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """One entry with its hash, signature and the state of its bodies."""
+    with _reader(ledger) as book:
+        entry = book.entry(seq)
+        bodies = {}
+        for body in entry.fields["bodies"]:
+            data = book.body(body)
+            redacted = book.redacted_at(body)
+            bodies[body] = (f"redacted at seq {redacted}" if redacted is not None else
+                            "missing" if data is None else f"{len(data)} bytes")
+    out = entry.to_json() | {"body_status": bodies}
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(json.dumps(entry.fields, indent=2, ensure_ascii=False, sort_keys=True))
+    typer.echo(f"hash  {entry.hash.hex()}\nsig   {entry.sig.hex()}")
+    for body, status in bodies.items():
+        typer.echo(f"body  {body}  {status}")
+
+
+@app.command()
+def replay(
+    until: int | None = typer.Option(None, "--until", help="Last seq to include (default: all)."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Rebuild the state (balances, supply, counts) from the entries alone, up to a seq."""
+    from forge_cli.errors import EntryRejected
+    from forge_cli.ledger import views
+
+    with _reader(ledger) as book:
+        end = book.size if until is None else until + 1
+        if not 0 < end <= book.size:
+            raise UsageError(f"--until {until} is outside the ledger's seq 0..{book.size - 1}")
+        state = views.MemoryState()
+        kinds: Counter[str] = Counter()
+        for entry in book.iter_entries(0, end):
+            kinds[entry.kind] += 1
+            try:
+                state.apply(entry.fields)
+            except EntryRejected as exc:
+                raise TamperDetected(f"replay stops at seq {entry.seq}: {exc}") from None
+        root = book.root(end).hex()
+    result = {
+        "size": end, "root": root, "balances": state.balances(), "supply": state.supply(),
+        "kinds": dict(kinds), "trades": len(state.tables[views.TRADE_NONCES.table]),
+        "redacted_bodies": len(state.tables[views.REDACTIONS.table]),
+    }
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"state after seq {end - 1} ({end} entries), root {root}")
+    typer.echo(f"supply   granted {result['supply']['granted']} CU, burned "
+               f"{result['supply']['burned']} CU")
+    typer.echo("kinds    " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    for account, balance in sorted(result["balances"].items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  {account}  {balance:>12} CU")
+
+
+@app.command()
+def root(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
+    """Tree size and Merkle root (RFC 9162) of the ledger as it is now."""
+    with _reader(ledger) as book:
+        size, digest = book.size, book.root()
+    if as_json:
+        print_json({"size": size, "root": digest.hex(),
+                    "root_base64": base64.b64encode(digest).decode()})
+    else:
+        typer.echo(f"{size} {digest.hex()}")
+
+
+@app.command()
+def checkpoint(ledger: Path | None = LedgerOpt) -> None:
+    """Sign and store a checkpoint (C2SP signed note) of the current tree, and print it.
+
+    Save it outside the ledger to catch truncation later:
+
+        forge ledger checkpoint > cp.txt; forge ledger verify --checkpoint cp.txt
+    """
+    with _writer(ledger) as book:
+        text = book.checkpoint()
+    sys.stdout.write(text)
+
+
+@app.command()
+def prove(
+    seq: int = typer.Argument(..., help="Entry to prove."),
+    size: int | None = typer.Option(None, "--size", help="Tree size (default: current)."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Inclusion proof that entry SEQ is in the tree of the given size (RFC 9162 §2.1.3)."""
+    from forge_cli.ledger import merkle
+
+    with _reader(ledger) as book:
+        tree = book.size if size is None else size
+        proof = book.inclusion_proof(seq, tree)
+        leaf, digest = book.entry(seq).hash, book.root(tree)
+    if not merkle.verify_inclusion(leaf, seq, tree, proof, digest):
+        raise ProofFailed(f"the inclusion proof for seq {seq} in size {tree} does not verify")
+    out = {"seq": seq, "size": tree, "leaf_hash": leaf.hex(), "root": digest.hex(),
+           "proof": [p.hex() for p in proof]}
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(f"entry {seq} is in the tree of size {tree} with root {digest.hex()}")
+    typer.echo(f"leaf  {leaf.hex()}")
+    for i, node in enumerate(proof):
+        typer.echo(f"  {i:>2}  {node.hex()}")
+
+
+@app.command()
+def consistency(
+    old: int = typer.Argument(..., help="Older tree size."),
+    new: int = typer.Argument(..., help="Newer tree size."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Consistency proof that the size-OLD tree is a prefix of the size-NEW tree (§2.1.4)."""
+    from forge_cli.ledger import merkle
+
+    with _reader(ledger) as book:
+        proof = book.consistency_proof(old, new)
+        old_root, new_root = book.root(old), book.root(new)
+    if not merkle.verify_consistency(old, new, old_root, new_root, proof):
+        raise ProofFailed(f"the consistency proof {old} → {new} does not verify")
+    out = {"old_size": old, "new_size": new, "old_root": old_root.hex(),
+           "new_root": new_root.hex(), "proof": [p.hex() for p in proof]}
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(f"tree {old} ({old_root.hex()}) is a prefix of tree {new} ({new_root.hex()})")
+    for i, node in enumerate(proof):
+        typer.echo(f"  {i:>2}  {node.hex()}")
+
+
+@app.command()
+def causal(
+    seq: int = typer.Argument(..., help="Entry whose causes and effects to trace."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """The chain of parents that led to SEQ, and the entries that name SEQ as parent."""
+    with _reader(ledger) as book:
+        chain = [book.entry(seq)]
+        while chain[-1].fields["parent"] is not None:
+            chain.append(book.entry(chain[-1].fields["parent"]))
+        children = book.children(seq)
+    if as_json:
+        print_json({"seq": seq, "ancestors": [e.seq for e in chain[1:]], "children": children,
+                    "chain": [e.to_json() for e in chain]})
+        return
+    for depth, e in enumerate(reversed(chain)):
+        typer.echo(f"{'  ' * depth}{e.seq:>6}  {e.kind:<9} {_summary(e.fields)}")
+    typer.echo("children: " + (", ".join(map(str, children)) if children else "none"))
+
+
+@app.command("export")
+def export_(ledger: Path | None = LedgerOpt) -> None:
+    """Every entry as JSONL on stdout, with bodies (base64) and signatures.
+
+    The first line is a header; the last carries the latest checkpoint, if any.
+    """
+    with _reader(ledger) as book:
+        latest = book.latest_checkpoint()
+        print_jsonl({"format": EXPORT_FORMAT, "version": 1, "size": book.size,
+                     "root": book.root().hex()})
+        for entry in book.iter_entries():
+            bodies = {h: base64.b64encode(data).decode()
+                      for h in entry.fields["bodies"] if (data := book.body(h)) is not None}
+            print_jsonl({"entry": entry.fields, "hash": entry.hash.hex(), "sig": entry.sig.hex(),
+                         "bodies": bodies})
+        if latest is not None:
+            print_jsonl({"checkpoint": latest[2], "vkey": latest[3]})
+
+
+def _read_export(path: Path) -> tuple[dict[str, Any],
+                                      list[tuple[bytes, bytes, dict[str, bytes]]],
+                                      dict[str, Any] | None]:
+    """Header, records and optional checkpoint trailer of an export file."""
+    from forge_cli import canonical
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from exc
+    records, trailer, lineno = [], None, 1
+    try:
+        header = json.loads(lines[0]) if lines else None
+        if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+            raise ValueError("no forge-ledger-export header")
+        for lineno, line in enumerate(lines[1:], start=2):  # noqa: B007 (used in the error)
+            item = json.loads(line)
+            if "checkpoint" in item:
+                trailer = item
+                continue
+            bodies = {h: base64.b64decode(b, validate=True) for h, b in item["bodies"].items()}
+            records.append((canonical.encode(item["entry"]), bytes.fromhex(item["sig"]), bodies))
+    except (ValueError, KeyError, TypeError, AttributeError, UsageError) as exc:
+        raise TamperDetected(f"{path} line {lineno} is not a forge export record ({exc}); "
+                             "nothing was imported") from None
+    return header, records, trailer
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="A file written by `forge ledger export`."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Verify an export and append what this ledger lacks; a file failing any check changes nothing.
+
+    The export must extend this ledger: entries already held must be identical.
+    """
+    from forge_cli.errors import EntryRejected
+    from forge_cli.ledger import note
+
+    header, records, trailer = _read_export(file)
+    if header.get("size") != len(records):
+        raise TamperDetected(f"{file} declares {header.get('size')} entries but holds "
+                             f"{len(records)}; nothing was imported")
+    expect = {}
+    try:
+        expect[len(records)] = bytes.fromhex(header["root"])
+        if trailer is not None:
+            cp = note.open_checkpoint(trailer["checkpoint"], note.Verifier.parse(trailer["vkey"]))
+            expect.setdefault(cp.size, cp.root)
+            if expect[cp.size] != cp.root:
+                raise CheckFailed("its checkpoint and header disagree on the root")
+    except (CheckFailed, UsageError, KeyError, ValueError, TypeError) as exc:
+        raise TamperDetected(f"{file}: header or checkpoint does not verify ({exc}); "
+                             "nothing was imported") from None
+    with _writer(ledger) as book:
+        start = book.size
+        try:
+            count = book.import_records(records, expect_roots=expect)
+        except EntryRejected as exc:
+            raise TamperDetected(f"{file}: {exc}") from None
+    if count:
+        typer.echo(f"imported {count} entries (seq {start}..{start + count - 1}); "
+                   f"ledger now holds {start + count}")
+    else:
+        typer.echo(f"nothing to import: the ledger already holds all {start} entries")

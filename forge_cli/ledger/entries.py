@@ -1,0 +1,246 @@
+"""Ledger entries: their canonical form, hash, signature and the rules of each kind.
+
+An entry is `{"v","seq","ts","kind","actor","parent","data","bodies","prev"}` encoded with
+`forge_cli.canonical`; its hash is SHA-256(0x00 ‖ bytes) (the RFC 6962 leaf hash), which is
+both the chain link and the Merkle leaf. The actor signs the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from forge_cli import canonical, identity
+from forge_cli.errors import EntryRejected
+
+VERSION = 1
+GENESIS_PREV = "0" * 64
+TRADE_DOMAIN = b"forge-trade-v1\n"
+UCU_PER_CU = 1_000_000
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX128 = re.compile(r"[0-9a-f]{128}")
+ENTRY_FIELDS = frozenset({"v", "seq", "ts", "kind", "actor", "parent", "data", "bodies", "prev"})
+
+
+def leaf_hash(entry_bytes: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + entry_bytes).digest()
+
+
+def body_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One decoded entry with its stored bytes, hash and actor signature."""
+
+    raw: bytes
+    hash: bytes
+    sig: bytes
+    fields: dict[str, Any]
+
+    @property
+    def seq(self) -> int:
+        return self.fields["seq"]
+
+    @property
+    def kind(self) -> str:
+        return self.fields["kind"]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.fields["data"]
+
+    @property
+    def actor(self) -> str:
+        return self.fields["actor"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entry": self.fields, "hash": self.hash.hex(), "sig": self.sig.hex()}
+
+
+def build(
+    *, seq: int, ts: int, kind: str, actor: str, parent: int | None, data: dict[str, Any],
+    bodies: list[str], prev: str,
+) -> tuple[dict[str, Any], bytes, bytes]:
+    """The entry fields, their canonical bytes and leaf hash (unsigned)."""
+    fields = {"v": VERSION, "seq": seq, "ts": ts, "kind": kind, "actor": actor,
+              "parent": parent, "data": data, "bodies": bodies, "prev": prev}
+    raw = canonical.encode(fields)
+    return fields, raw, leaf_hash(raw)
+
+
+def check_envelope(fields: Any) -> str | None:
+    """Why the entry's outer shape is wrong, or None if it is well-formed."""
+    if not isinstance(fields, dict) or set(fields) != ENTRY_FIELDS:
+        return "entry fields are not exactly v, seq, ts, kind, actor, parent, data, bodies, prev"
+    if fields["v"] != VERSION:
+        return f"unsupported entry version {fields['v']!r}"
+    seq, parent = fields["seq"], fields["parent"]
+    if type(seq) is not int or seq < 0:
+        return "seq is not a non-negative integer"
+    if type(fields["ts"]) is not int or fields["ts"] < 0:
+        return "ts is not a non-negative integer (unix milliseconds)"
+    if parent is not None and (type(parent) is not int or not 0 <= parent < seq):
+        return f"parent {parent!r} is not an earlier seq"
+    if not isinstance(fields["actor"], str) or not _HEX64.fullmatch(fields["actor"]):
+        return "actor is not a 64-digit hex public key"
+    if not isinstance(fields["prev"], str) or not _HEX64.fullmatch(fields["prev"]):
+        return "prev is not a 64-digit hex hash"
+    bodies = fields["bodies"]
+    if not isinstance(bodies, list) or not all(
+        isinstance(b, str) and _HEX64.fullmatch(b) for b in bodies
+    ):
+        return "bodies is not a list of sha256 hex digests"
+    if len(set(bodies)) != len(bodies):
+        return "bodies lists the same hash twice"
+    if not isinstance(fields["data"], dict):
+        return "data is not an object"
+    rule = KINDS.get(fields["kind"])
+    if rule is None:
+        return f"unknown entry kind {fields['kind']!r}"
+    return rule(fields["data"])
+
+
+# -- kinds -------------------------------------------------------------------------------------
+
+def _account(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        return f"data.{key} is not an account (64-digit hex public key)"
+    return None
+
+
+def _positive(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if type(value) is not int or value <= 0:
+        return f"data.{key} must be a positive integer, found {value!r}"
+    return None
+
+
+def _exact_keys(data: dict[str, Any], required: set[str], optional: set[str] = frozenset()) -> str | None:
+    missing = required - set(data)
+    extra = set(data) - required - optional
+    if missing or extra:
+        return f"data has missing keys {sorted(missing)} / unexpected keys {sorted(extra)}"
+    return None
+
+
+def _first(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r), None)
+
+
+def _mint(data: dict[str, Any]) -> str | None:  # grant and burn
+    return _first(_exact_keys(data, {"account", "cu"}, {"reason"}), _account(data, "account"),
+                  _positive(data, "cu"),
+                  None if isinstance(data.get("reason", ""), str) else "data.reason is not text")
+
+
+def _transfer(data: dict[str, Any]) -> str | None:
+    return _first(
+        _exact_keys(data, {"from", "to", "cu"}, {"memo"}), _account(data, "from"),
+        _account(data, "to"), _positive(data, "cu"),
+        "a transfer to oneself moves nothing" if data.get("from") == data.get("to") else None,
+    )
+
+
+TRADE_TERMS = {
+    "provider", "consumer", "model", "model_sha256", "prompt_tokens", "completion_tokens",
+    "price_ucu_per_token", "cu", "request_sha256", "response_sha256", "nonce", "ts",
+}
+
+
+def trade_cost(completion_tokens: int, price_ucu_per_token: int) -> int:
+    """cu = ceil(completion_tokens × price), price in µCU per token."""
+    return -(-completion_tokens * price_ucu_per_token // UCU_PER_CU)
+
+
+def trade_message(terms: dict[str, Any]) -> bytes:
+    """What provider and consumer sign: the domain prefix and the canonical terms."""
+    return TRADE_DOMAIN + canonical.encode(terms)
+
+
+def check_terms(terms: Any) -> str | None:
+    if not isinstance(terms, dict):
+        return "data.terms is not an object"
+    reason = _first(_exact_keys(terms, TRADE_TERMS), _account(terms, "provider"),
+                    _account(terms, "consumer"))
+    if reason:
+        return reason
+    for key in ("model_sha256", "request_sha256", "response_sha256"):
+        if not isinstance(terms[key], str) or not _HEX64.fullmatch(terms[key]):
+            return f"terms.{key} is not a sha256 hex digest"
+    for key in ("prompt_tokens", "completion_tokens", "price_ucu_per_token", "cu", "ts"):
+        if type(terms[key]) is not int or terms[key] < 0:
+            return f"terms.{key} must be a non-negative integer"
+    if not isinstance(terms["model"], str) or not terms["model"]:
+        return "terms.model is empty"
+    if not isinstance(terms["nonce"], str) or not 8 <= len(terms["nonce"]) <= 128:
+        return "terms.nonce must be a string of 8 to 128 characters"
+    if terms["provider"] == terms["consumer"]:
+        return "provider and consumer are the same account"
+    expected = trade_cost(terms["completion_tokens"], terms["price_ucu_per_token"])
+    if terms["cu"] != expected:
+        return (f"terms.cu is {terms['cu']} but {terms['completion_tokens']} tokens at "
+                f"{terms['price_ucu_per_token']} µCU/token cost {expected} CU")
+    return None
+
+
+def _trade(data: dict[str, Any]) -> str | None:
+    reason = _first(_exact_keys(data, {"terms", "provider_sig", "consumer_sig"}),
+                    check_terms(data.get("terms")))
+    if reason:
+        return reason
+    for key in ("provider_sig", "consumer_sig"):
+        if not isinstance(data[key], str) or not _HEX128.fullmatch(data[key]):
+            return f"data.{key} is not a 64-byte hex signature"
+    return None
+
+
+def trade_signature_problem(data: dict[str, Any]) -> str | None:
+    """Why a (well-formed) trade's two signatures fail, or None when both verify."""
+    message = trade_message(data["terms"])
+    for party in ("provider", "consumer"):
+        if not identity.verify_hex(data["terms"][party], message, data[f"{party}_sig"]):
+            return f"{party} signature over the trade terms does not verify"
+    return None
+
+
+def _redact(data: dict[str, Any]) -> str | None:
+    body = data.get("body")
+    return _first(_exact_keys(data, {"body"}, {"reason"}),
+                  None if isinstance(body, str) and _HEX64.fullmatch(body)
+                  else "data.body is not a sha256 hex digest")
+
+
+def _note(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"text"}),
+                  None if isinstance(data.get("text"), str) else "data.text is not text")
+
+
+KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "grant": _mint,
+    "burn": _mint,
+    "transfer": _transfer,
+    "trade": _trade,
+    "redact": _redact,
+    "note": _note,
+}
+
+
+def check_draft(kind: str, data: dict[str, Any]) -> None:
+    """EntryRejected unless `data` is valid for `kind` (used before anything is signed)."""
+    rule = KINDS.get(kind)
+    if rule is None:
+        raise EntryRejected(f"unknown entry kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    reason = rule(data) if isinstance(data, dict) else "data is not an object"
+    if reason:
+        raise EntryRejected(f"{kind}: {reason}")
+    if kind == "trade":
+        reason = trade_signature_problem(data)
+        if reason:
+            raise EntryRejected(f"trade: {reason}")

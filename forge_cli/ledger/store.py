@@ -1,0 +1,450 @@
+"""The ledger file: SQLite in WAL mode, one writer (flock), any number of readers.
+
+Appending an entry writes, in one transaction: the entry row, its bodies, the Merkle nodes it
+completes, and the view rows it changes. The Merkle root is kept incrementally (a compact
+range of O(log n) peaks), so neither appends nor reopening read the whole ledger.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forge_cli import canonical, identity
+from forge_cli.errors import EntryRejected, LedgerError, LedgerLocked, ProofFailed, UsageError
+from forge_cli.ledger import entries, merkle, note, views
+from forge_cli.ledger.entries import Entry
+
+APPLICATION_ID = 0x46524745  # "FRGE" in the SQLite header
+SCHEMA_VERSION = 1
+PARALLEL_SIGN_MIN = 64
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS entries (
+        seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, entry BLOB NOT NULL, sig BLOB NOT NULL,
+        kind TEXT NOT NULL, ts INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entries_kind ON entries (kind, seq)",
+    "CREATE TABLE IF NOT EXISTS bodies (hash TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE IF NOT EXISTS merkle_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
+        hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL,
+        note TEXT NOT NULL, vkey TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS witnessed (origin TEXT PRIMARY KEY, size INTEGER NOT NULL,
+        root BLOB NOT NULL, note TEXT NOT NULL, log_vkey TEXT NOT NULL,
+        witness_vkey TEXT NOT NULL)""",
+    *(view.ddl() for view in views.VIEWS),
+]
+TABLES = ("entries", "bodies", "merkle_nodes", "checkpoints", "witnessed",
+          *(view.table for view in views.VIEWS))
+
+
+@dataclass
+class Draft:
+    """An entry to append: kind, data, optional causal parent and bodies."""
+
+    kind: str
+    data: dict[str, Any]
+    parent: int | None = None
+    bodies: Sequence[bytes] = field(default_factory=tuple)
+    ts: int | None = None
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LedgerError(f"cannot create lock file {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LedgerLocked(
+            f"ledger {path} is locked by another writer (a running forge node?); "
+            "only one process may write at a time",
+            hint="stop the other writer, or use read-only commands (verify, show, root)",
+        ) from None
+    return fd
+
+
+class Ledger:
+    """A ledger file opened for reading, or for writing by the one writer."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, *, signer: identity.Identity | None,
+                 lock_fd: int | None) -> None:
+        self.path = path
+        self.conn = conn
+        self.signer = signer
+        self._lock_fd = lock_fd
+        self._state = views.SqliteState(conn)
+        self._load_tip()
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open_writer(cls, path: str | os.PathLike[str], signer: identity.Identity, *,
+                    synchronous: str = "full") -> Ledger:
+        """Open (creating if needed) for appending; LedgerLocked if another writer holds it."""
+        path = Path(path)
+        if synchronous not in ("full", "normal"):
+            raise UsageError(f"synchronous must be full or normal, found {synchronous!r}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create {path.parent}: {exc.strerror}") from exc
+        fd = _lock(path)
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            cls._check_header(conn, path, creating=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            conn.execute("BEGIN IMMEDIATE")
+            for ddl in SCHEMA:
+                conn.execute(ddl)
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            return cls(path, conn, signer=signer, lock_fd=fd)
+        except sqlite3.DatabaseError as exc:
+            os.close(fd)
+            raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def open_reader(cls, path: str | os.PathLike[str]) -> Ledger:
+        """Open read-only; works while a writer is appending."""
+        path = Path(path)
+        if not path.exists():
+            raise LedgerError(f"no ledger at {path} (nothing has been recorded there yet)")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+            cls._check_header(conn, path, creating=False)
+            return cls(path, conn, signer=None, lock_fd=None)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"cannot read ledger {path}: {exc}") from exc
+
+    @staticmethod
+    def _check_header(conn: sqlite3.Connection, path: Path, *, creating: bool) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        if creating and empty:
+            return
+        if app_id != APPLICATION_ID:
+            raise LedgerError(f"{path} is not a forge ledger (SQLite application id {app_id:#x})")
+        if version != SCHEMA_VERSION:
+            raise LedgerError(f"{path} has ledger schema {version}; this forge reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_tip(self) -> None:
+        row = self.conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        self.size = 0 if row is None else row[0] + 1
+        self.head = bytes.fromhex(entries.GENESIS_PREV) if row is None else row[1]
+        peaks = [self.node(level, idx) for level, idx in merkle.peak_positions(self.size)]
+        self._range = merkle.CompactRange(self.size, peaks)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def node(self, level: int, idx: int) -> bytes:
+        """Hash of the perfect subtree at (level, idx); level 0 are the entry hashes."""
+        if level == 0:
+            row = self.conn.execute("SELECT hash FROM entries WHERE seq = ?", (idx,)).fetchone()
+        else:
+            row = self.conn.execute(
+                "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?", (level, idx)
+            ).fetchone()
+        if row is None:
+            raise LedgerError(f"Merkle node ({level}, {idx}) is missing from {self.path}; "
+                              "run `forge ledger verify --deep`")
+        return row[0]
+
+    def root(self, size: int | None = None) -> bytes:
+        """Merkle root of the first `size` entries (default: all), RFC 9162 MTH."""
+        if size is None or size == self.size:
+            return self._range.root()
+        self._check_size(size)
+        return merkle.subtree_root(0, size, self.node)
+
+    def _check_size(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise UsageError(f"tree size {size} is outside 0..{self.size}")
+
+    def inclusion_proof(self, seq: int, size: int | None = None) -> list[bytes]:
+        size = self.size if size is None else size
+        self._check_size(size)
+        if not 0 <= seq < size:
+            raise UsageError(f"seq {seq} is not in a tree of size {size}")
+        return merkle.inclusion_path(seq, size, self.node)
+
+    def consistency_proof(self, old: int, new: int | None = None) -> list[bytes]:
+        new = self.size if new is None else new
+        self._check_size(new)
+        if not 0 <= old <= new:
+            raise UsageError(f"old size {old} must be between 0 and new size {new}")
+        return merkle.consistency_path(old, new, self.node)
+
+    def _entry(self, row: tuple[Any, ...]) -> Entry:
+        seq, hash_, raw, sig = row[:4]
+        try:
+            fields = canonical.decode(raw)
+        except UsageError as exc:
+            raise LedgerError(f"entry {seq} is unreadable: {exc}") from None
+        return Entry(raw=raw, hash=hash_, sig=sig, fields=fields)
+
+    def entry(self, seq: int) -> Entry:
+        row = self.conn.execute(
+            "SELECT seq, hash, entry, sig FROM entries WHERE seq = ?", (seq,)
+        ).fetchone()
+        if row is None:
+            raise UsageError(f"no entry {seq}; the ledger holds seq 0..{self.size - 1}"
+                             if self.size else f"no entry {seq}; the ledger is empty")
+        return self._entry(row)
+
+    def iter_rows(self, start: int = 0, end: int | None = None,
+                  batch: int = 2048) -> Iterator[list[tuple[Any, ...]]]:
+        """Raw rows (seq, hash, entry, sig, kind, ts) in seq order, a batch at a time."""
+        end = self.size if end is None else end
+        pos = start
+        while pos < end:
+            rows = self.conn.execute(
+                "SELECT seq, hash, entry, sig, kind, ts FROM entries WHERE seq >= ? AND seq < ? "
+                "ORDER BY seq", (pos, min(pos + batch, end))
+            ).fetchall()
+            if not rows:
+                return
+            yield rows
+            pos += batch
+
+    def iter_entries(self, start: int = 0, end: int | None = None,
+                     kind: str | None = None) -> Iterator[Entry]:
+        if kind is None:
+            for rows in self.iter_rows(start, end):
+                yield from (self._entry(row) for row in rows)
+            return
+        end = self.size if end is None else end
+        for row in self.conn.execute(
+            "SELECT seq, hash, entry, sig FROM entries WHERE kind = ? AND seq >= ? AND seq < ? "
+            "ORDER BY seq", (kind, start, end)
+        ):
+            yield self._entry(row)
+
+    def body(self, body_hash: str) -> bytes | None:
+        row = self.conn.execute("SELECT data FROM bodies WHERE hash = ?", (body_hash,)).fetchone()
+        return None if row is None else row[0]
+
+    def redacted_at(self, body_hash: str) -> int | None:
+        row = self._state.get(views.REDACTIONS, (body_hash,))
+        return None if row is None else row[0]
+
+    def balance(self, account: str) -> int:
+        row = self._state.get(views.ACCOUNTS, (account,))
+        return 0 if row is None else row[0]
+
+    def balances(self) -> dict[str, int]:
+        return {key[0]: value[0] for key, value in views.table_rows(self.conn, views.ACCOUNTS).items()}
+
+    def checkpoints(self) -> list[tuple[int, bytes, str, str]]:
+        """(size, root, note, vkey) of every stored checkpoint, oldest first."""
+        return self.conn.execute(
+            "SELECT size, root, note, vkey FROM checkpoints ORDER BY size"
+        ).fetchall()
+
+    def latest_checkpoint(self) -> tuple[int, bytes, str, str] | None:
+        return self.conn.execute(
+            "SELECT size, root, note, vkey FROM checkpoints ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+
+    def children(self, seq: int) -> list[int]:
+        """Seqs whose parent is `seq` (a scan: causal queries are rare)."""
+        return [e.seq for e in self.iter_entries(seq + 1) if e.fields["parent"] == seq]
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _writer(self) -> identity.Identity:
+        if self.signer is None or self._lock_fd is None:
+            raise LedgerError("this ledger was opened read-only")
+        return self.signer
+
+    def append(self, kind: str, data: dict[str, Any], *, parent: int | None = None,
+               bodies: Sequence[bytes] = (), ts: int | None = None) -> Entry:
+        """Append one entry durably (one transaction, one commit). Returns it."""
+        return self.append_many([Draft(kind, data, parent, bodies, ts)])[0]
+
+    def append_many(self, drafts: Sequence[Draft]) -> list[Entry]:
+        """Append entries in one transaction: all of them are written, or none."""
+        signer = self._writer()
+        built: list[tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]] = []
+        prev, seq = self.head, self.size
+        for draft in drafts:
+            entries.check_draft(draft.kind, draft.data)
+            if draft.parent is not None and not 0 <= draft.parent < seq:
+                raise EntryRejected(f"parent {draft.parent} is not an earlier seq than {seq}")
+            body_map = {entries.body_hash(b): bytes(b) for b in draft.bodies}
+            fields, raw, leaf = entries.build(
+                seq=seq, ts=now_ms() if draft.ts is None else draft.ts, kind=draft.kind,
+                actor=signer.node_id, parent=draft.parent, data=draft.data,
+                bodies=list(body_map), prev=prev.hex(),
+            )
+            built.append((fields, raw, leaf, body_map))
+            prev, seq = leaf, seq + 1
+        hashes = [leaf for _, _, leaf, _ in built]
+        if len(hashes) >= PARALLEL_SIGN_MIN and (os.cpu_count() or 1) > 1:
+            # libsodium releases the GIL, so signing a batch spreads over the cores.
+            with ThreadPoolExecutor(os.cpu_count()) as pool:
+                sigs = list(pool.map(signer.sign, hashes, chunksize=256))
+        else:
+            sigs = [signer.sign(h) for h in hashes]
+        records = [(fields, raw, leaf, sig, body_map)
+                   for (fields, raw, leaf, body_map), sig in zip(built, sigs)]
+        return self._commit(records)
+
+    def _commit(self, records: Sequence[tuple[dict[str, Any], bytes, bytes, bytes,
+                                                 dict[str, bytes]]]) -> list[Entry]:
+        """Write already-built, signed records in one transaction, or nothing."""
+        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            out = []
+            for fields, raw, leaf, sig, body_map in records:
+                for body in fields["bodies"]:
+                    if self._state.get(views.REDACTIONS, (body,)) is not None:
+                        raise EntryRejected(f"seq {fields['seq']}: body {body[:16]}… was redacted "
+                                            "and cannot be stored again")
+                views.apply(self._state, fields)
+                conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
+                             (fields["seq"], leaf, raw, sig, fields["kind"], fields["ts"]))
+                conn.executemany("INSERT OR IGNORE INTO bodies VALUES (?, ?)", body_map.items())
+                if fields["kind"] == "redact":
+                    conn.execute("DELETE FROM bodies WHERE hash = ?", (fields["data"]["body"],))
+                conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?)", rng.append(leaf))
+                out.append(Entry(raw=raw, hash=leaf, sig=sig, fields=fields))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if out:
+            self._range = rng
+            self.size = out[-1].seq + 1
+            self.head = out[-1].hash
+        return out
+
+    def import_records(self, records: Sequence[tuple[bytes, bytes, dict[str, bytes]]], *,
+                       expect_roots: dict[int, bytes] | None = None) -> int:
+        """Append another ledger's entries (raw bytes, signature, bodies); returns how many.
+
+        Records this ledger already holds must be identical (else it is a fork). The rest are
+        checked as verify would (seq, prev, hash, actor and trade signatures, kind rules,
+        bodies, and `expect_roots` {size: root}) and written in one transaction, or none.
+        """
+        self._writer()
+        prev, seq = self.head, self.size
+        wanted = dict(expect_roots or {})
+        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+        checked = []
+        for raw, sig, body_map in records:
+            leaf = entries.leaf_hash(raw)
+            try:
+                fields = canonical.decode(raw)
+            except UsageError as exc:
+                raise EntryRejected(f"record {len(checked)}: {exc}; nothing was imported") from None
+            at = fields.get("seq") if isinstance(fields, dict) else None
+            if type(at) is int and 0 <= at < self.size and not checked:
+                if self.node(0, at) != leaf:
+                    raise EntryRejected(f"entry {at} differs from this ledger's entry {at} "
+                                        "(a fork); nothing was imported")
+                continue
+            reason = entries.check_envelope(fields)
+            if reason is None and fields["seq"] != seq:
+                reason = f"seq is {fields['seq']}, expected {seq} to continue this ledger"
+            if reason is None and fields["prev"] != prev.hex():
+                reason = "prev does not match the hash of the entry before it"
+            if reason is None and not identity.verify_hex(fields["actor"], leaf, sig.hex()):
+                reason = "actor signature does not verify"
+            if reason is None and fields["kind"] == "trade":
+                reason = entries.trade_signature_problem(fields["data"])
+            for body_hash, body in body_map.items():
+                if reason is None and (body_hash not in fields["bodies"]
+                                       or entries.body_hash(body) != body_hash):
+                    reason = f"body {body_hash[:16]}… does not match the entry's body hashes"
+            if reason:
+                raise EntryRejected(f"entry {seq}: {reason}; nothing was imported")
+            checked.append((fields, raw, leaf, sig, body_map))
+            rng.append(leaf)
+            prev, seq = leaf, seq + 1
+            if seq in wanted and wanted.pop(seq) != rng.root():
+                raise EntryRejected(f"the first {seq} entries do not hash to the root the file "
+                                    "claims; nothing was imported")
+        for size, root in wanted.items():
+            if size > seq or self.root(size) != root:
+                raise EntryRejected(f"the file claims a root for size {size} that its entries "
+                                    "do not have; nothing was imported")
+        self._commit(checked)
+        return len(checked)
+
+    def checkpoint(self) -> str:
+        """Sign and store a checkpoint of the current tree (reuses one of the same size)."""
+        signer = self._writer()
+        latest = self.latest_checkpoint()
+        if latest is not None and latest[0] == self.size:
+            return latest[2]
+        cp = note.Checkpoint(note.origin_for(signer.node_id), self.size, self.root())
+        text = note.sign_checkpoint(cp, signer)
+        vkey = note.Verifier(cp.origin, signer.public_key).vkey()
+        self.conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
+                          (cp.size, cp.root, text, vkey))
+        return text
+
+    def witness(self, note_text: str, log_vkey: str, proof: Iterable[bytes] = ()) -> str:
+        """Cosign another log's checkpoint if it is consistent with the last one we saw.
+
+        The first checkpoint seen from a log is trusted on first use; later ones need a
+        consistency proof from the stored size. Returns the note with our cosignature.
+        """
+        signer = self._writer()
+        verifier = note.Verifier.parse(log_vkey)
+        cp = note.open_checkpoint(note_text, verifier)
+        last = self.conn.execute(
+            "SELECT size, root, log_vkey FROM witnessed WHERE origin = ?", (cp.origin,)
+        ).fetchone()
+        if last is not None:
+            old_size, old_root, old_vkey = last
+            if old_vkey != log_vkey:
+                raise UsageError(f"log {cp.origin} was witnessed under another key {old_vkey}")
+            if cp.size < old_size:
+                raise ProofFailed(f"{cp.origin} shrank from {old_size} to {cp.size} entries")
+            if not merkle.verify_consistency(old_size, cp.size, old_root, cp.root, list(proof)):
+                raise ProofFailed(f"{cp.origin} at size {cp.size} is not consistent with the "
+                            f"size {old_size} checkpoint seen before (fork or rewrite)")
+        name = note.origin_for(signer.node_id) + "/witness"
+        cosigned = note.cosign(note_text, name, signer, int(time.time()))
+        witness_vkey = note.Verifier(name, signer.public_key, note.COSIGNATURE_V1).vkey()
+        self.conn.execute("INSERT OR REPLACE INTO witnessed VALUES (?, ?, ?, ?, ?, ?)",
+                          (cp.origin, cp.size, cp.root, cosigned, log_vkey, witness_vkey))
+        return cosigned
+

@@ -1,0 +1,307 @@
+"""Verification of a ledger file, from the entries alone.
+
+`verify` checks every entry (seq continuity, prev links, hashes, actor and trade signatures,
+kind rules, parent < seq) and every signed checkpoint against the recomputed Merkle root.
+`deep` also re-hashes every body and rebuilds every other table by replay, comparing row by
+row. It never stops at the first problem: every finding is collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import BadSignatureError
+
+from forge_cli import canonical
+from forge_cli.errors import EntryRejected, ForgeError, UsageError
+from forge_cli.ledger import entries, merkle, note, views
+from forge_cli.ledger.store import TABLES, Ledger
+
+# (public key, message, signature, seq, what is signed)
+SigCheck = tuple[bytes, bytes, bytes, int, str]
+
+
+@dataclass(frozen=True)
+class Finding:
+    seq: int | None
+    table: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"seq {self.seq}" if self.seq is not None else f"table {self.table}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class Report:
+    size: int = 0
+    root: str = ""
+    deep: bool = False
+    signatures: int = 0
+    checkpoints: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["valid"] = self.ok
+        return data
+
+
+def _check_signatures(batch: list[SigCheck]) -> list[tuple[int, str]]:
+    bad = []
+    for public_key, message, signature, seq, what in batch:
+        try:
+            crypto_sign_open(signature + message, public_key)
+        except (BadSignatureError, ValueError, TypeError):
+            bad.append((seq, what))
+    return bad
+
+
+class _Verifier:
+    def __init__(self, ledger: Ledger, deep: bool, saved: note.Checkpoint | None) -> None:
+        self.ledger = ledger
+        self.deep = deep
+        self.saved = saved
+        self.report = Report(deep=deep)
+        self.range = merkle.CompactRange()
+        self.roots: dict[int, bytes] = {0: merkle.CompactRange().root()}
+        self.wanted_roots = {row[0] for row in ledger.checkpoints()}
+        if saved is not None:
+            self.wanted_roots.add(saved.size)
+        self.pending: list[Future[list[tuple[int, str]]]] = []
+        workers = os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.state = views.MemoryState()
+        self.nodes: dict[tuple[int, int], bytes] = {}
+        self.body_refs: dict[str, int] = {}
+
+    def find(self, seq: int | None, table: str, reason: str) -> None:
+        self.report.findings.append(Finding(seq, table, reason))
+
+    def run(self) -> Report:
+        try:
+            self._entries()
+            self._checkpoints()
+            if self.saved is not None:
+                self._saved_checkpoint(self.saved)
+            if self.deep:
+                self._deep_tables()
+        except sqlite3.DatabaseError as exc:
+            self.find(None, "file", f"SQLite cannot read the file: {exc}")
+        finally:
+            if self.pool:
+                self.pool.shutdown()
+        self.report.findings.sort(key=lambda f: (f.seq is None, f.seq or 0, f.table))
+        return self.report
+
+    # -- entries -------------------------------------------------------------------------------
+
+    def _entries(self) -> None:
+        expected, prev = 0, bytes.fromhex(entries.GENESIS_PREV)
+        for rows in self.ledger.iter_rows():
+            checks: list[SigCheck] = []
+            for row in rows:
+                seq = row[0]
+                if seq != expected:
+                    self.find(expected, "entries",
+                              f"entries {expected}..{seq - 1} are missing (deleted or reordered)"
+                              if seq > expected else f"seq {seq} is out of order")
+                prev = self._entry(row, seq, prev, checks)
+                expected = seq + 1
+            self.report.signatures += len(checks)
+            if self.pool:
+                self.pool_submit(checks)
+            else:
+                self._collect(_check_signatures(checks))
+        for future in self.pending:
+            self._collect(future.result())
+        self.report.size = expected
+        self.report.root = self.range.root().hex()
+
+    def pool_submit(self, checks: list[SigCheck]) -> None:
+        assert self.pool is not None
+        step = max(1, len(checks) // (os.cpu_count() or 1) + 1)
+        for i in range(0, len(checks), step):
+            self.pending.append(self.pool.submit(_check_signatures, checks[i:i + step]))
+
+    def _collect(self, bad: list[tuple[int, str]]) -> None:
+        for seq, what in bad:
+            self.find(seq, "entries", f"{what} signature does not verify")
+
+    def _entry(self, row: tuple[Any, ...], seq: int, prev: bytes, checks: list[SigCheck]) -> bytes:
+        _, stored_hash, raw, sig, kind, ts = row
+        leaf = hashlib.sha256(b"\x00" + raw).digest()
+        if leaf != stored_hash:
+            self.find(seq, "entries", "stored hash does not match the entry bytes (edited entry)")
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            fields = None
+        problem = entries.check_envelope(fields) if fields is not None else "entry is not JSON"
+        if problem:
+            self.find(seq, "entries", problem)
+        else:
+            if fields["seq"] != seq:
+                self.find(seq, "entries", f"entry says seq {fields['seq']} but is stored at {seq}")
+            if fields["prev"] != prev.hex():
+                self.find(seq, "entries", "prev does not match the hash of the entry before it")
+            if fields["kind"] != kind or fields["ts"] != ts:
+                self.find(seq, "entries", "kind/ts columns do not match the entry")
+            checks.append((bytes.fromhex(fields["actor"]), leaf, sig, seq, "actor"))
+            if fields["kind"] == "trade":
+                data = fields["data"]
+                message = entries.trade_message(data["terms"])
+                for party in ("provider", "consumer"):
+                    checks.append((bytes.fromhex(data["terms"][party]), message,
+                                   bytes.fromhex(data[f"{party}_sig"]), seq, f"trade {party}"))
+            if self.deep:
+                self._deep_entry(seq, raw, fields)
+        for level, idx, node in self.range.append(leaf):
+            if self.deep:
+                self.nodes[(level, idx)] = node
+        if self.range.size in self.wanted_roots:
+            self.roots[self.range.size] = self.range.root()
+        return leaf
+
+    def _deep_entry(self, seq: int, raw: bytes, fields: dict[str, Any]) -> None:
+        try:
+            if canonical.encode(fields) != raw:
+                self.find(seq, "entries", "entry bytes are not in canonical form")
+        except UsageError as exc:
+            self.find(seq, "entries", f"entry has no canonical form: {exc}")
+        for body in fields["bodies"]:
+            if (body,) in self.state.tables[views.REDACTIONS.table]:
+                self.find(seq, "bodies", f"body {body[:16]}… was redacted earlier")
+            self.body_refs.setdefault(body, seq)
+        try:
+            self.state.apply(fields)
+        except EntryRejected as exc:
+            self.find(seq, "entries", f"breaks a ledger rule on replay: {exc}")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _checkpoints(self) -> None:
+        for size, root, text, vkey in self.ledger.checkpoints():
+            self.report.checkpoints += 1
+            where = f"checkpoint at size {size}"
+            try:
+                cp = note.open_checkpoint(text, note.Verifier.parse(vkey))
+            except ForgeError as exc:
+                self.find(None, "checkpoints", f"{where}: {exc}")
+                continue
+            if cp.size != size or cp.root != root:
+                self.find(None, "checkpoints", f"{where}: size/root columns differ from the note")
+            if size > self.report.size:
+                self.find(self.report.size, "entries",
+                          f"{where} is signed but the ledger has only {self.report.size} entries "
+                          "(truncated)")
+            elif self.roots.get(size) != cp.root:
+                self.find(None, "checkpoints",
+                          f"{where}: signed root differs from the entries' Merkle root")
+
+    def _saved_checkpoint(self, cp: note.Checkpoint) -> None:
+        size = self.report.size
+        if cp.size > size:
+            self.find(size, "entries", f"the saved checkpoint has {cp.size} entries but the "
+                                       f"ledger has {size} (truncated)")
+        elif self.roots.get(cp.size) != cp.root:
+            self.find(None, "entries", f"the first {cp.size} entries no longer hash to the saved "
+                                       "checkpoint's root (history rewritten)")
+
+    # -- deep ----------------------------------------------------------------------------------
+
+    def _deep_tables(self) -> None:
+        conn = self.ledger.conn
+        names = {row[0] for row in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for name in sorted(names - set(TABLES)):
+            self.find(None, name, "table is not part of a forge ledger")
+        self._deep_merkle(conn)
+        self._deep_bodies(conn)
+        for view in views.VIEWS:
+            for problem in views.diff(view, views.table_rows(conn, view),
+                                      self.state.tables[view.table]):
+                self.find(None, view.table, problem)
+        balances = self.state.balances()
+        supply = self.state.supply()
+        if sum(balances.values()) != supply["granted"] - supply["burned"]:
+            self.find(None, "accounts", "CU is not conserved: balances do not sum to grants − burns")
+        for account, balance in balances.items():
+            if balance < 0:
+                self.find(None, "accounts", f"{account[:16]}… has a negative balance")
+        self._deep_witnessed(conn)
+
+    def _deep_merkle(self, conn: sqlite3.Connection) -> None:
+        stored = {(lv, ix): h for lv, ix, h in conn.execute("SELECT level, idx, hash FROM merkle_nodes")}
+        for key in sorted(set(stored) | set(self.nodes)):
+            if stored.get(key) != self.nodes.get(key):
+                kind = "missing" if key not in stored else (
+                    "unexpected" if key not in self.nodes else "wrong")
+                self.find(None, "merkle_nodes", f"node (level {key[0]}, index {key[1]}) is {kind}")
+
+    def _deep_bodies(self, conn: sqlite3.Connection) -> None:
+        redacted = self.state.tables[views.REDACTIONS.table]
+        present = set()
+        for body_hash, data in conn.execute("SELECT hash, data FROM bodies"):
+            present.add(body_hash)
+            if body_hash not in self.body_refs:
+                self.find(None, "bodies", f"body {body_hash[:16]}… is referenced by no entry")
+            elif hashlib.sha256(data).hexdigest() != body_hash:
+                self.find(self.body_refs[body_hash], "bodies",
+                          f"body {body_hash[:16]}… does not hash to its name (edited)")
+            if (body_hash,) in redacted:
+                self.find(redacted[(body_hash,)][0], "bodies",
+                          f"body {body_hash[:16]}… is still stored after its redaction")
+        for body_hash, seq in self.body_refs.items():
+            if body_hash not in present and (body_hash,) not in redacted:
+                self.find(seq, "bodies", f"body {body_hash[:16]}… is missing (not redacted)")
+
+    def _deep_witnessed(self, conn: sqlite3.Connection) -> None:
+        for origin, size, root, text, log_vkey, witness_vkey in conn.execute(
+                "SELECT origin, size, root, note, log_vkey, witness_vkey FROM witnessed"):
+            try:
+                cp = note.open_checkpoint(text, note.Verifier.parse(log_vkey))
+                note.verify_cosignature(text, note.Verifier.parse(witness_vkey))
+            except ForgeError as exc:
+                self.find(None, "witnessed", f"log {origin}: {exc}")
+                continue
+            if (cp.origin, cp.size, cp.root) != (origin, size, root):
+                self.find(None, "witnessed", f"log {origin}: columns differ from the cosigned note")
+
+
+def open_saved_checkpoint(note_text: str, vkey: str | None = None) -> note.Checkpoint:
+    """Parse and check a checkpoint saved earlier (`forge ledger checkpoint > cp.txt`).
+
+    The verifier key defaults to the one the origin names (forge.local/<node id>).
+    """
+    if vkey is None:
+        origin = note.Checkpoint.parse_body(note.SignedNote.parse(note_text).text).origin
+        try:
+            public_key = bytes.fromhex(origin.rsplit("/", 1)[-1])
+        except ValueError:
+            public_key = b""
+        if len(public_key) != 32:
+            raise UsageError(f"checkpoint origin {origin!r} names no forge node; pass --key VKEY")
+        return note.open_checkpoint(note_text, note.Verifier(origin, public_key))
+    return note.open_checkpoint(note_text, note.Verifier.parse(vkey))
+
+
+def verify(ledger: Ledger, *, deep: bool = False,
+           saved: note.Checkpoint | None = None) -> Report:
+    """Check the whole ledger; the report lists every finding (empty means valid).
+
+    `saved` is a checkpoint kept outside the ledger: the ledger must still extend it, which
+    is what catches a truncated tail when the stored checkpoints were removed too.
+    """
+    return _Verifier(ledger, deep, saved).run()

@@ -1,0 +1,176 @@
+"""Materialised views: folds over the entries, kept in SQLite tables as caches.
+
+Each view is a table of (key → value) rows. `apply` is the one fold used both when appending
+(the rows live in SQLite, updated in the entry's transaction) and when replaying (the rows
+live in dicts), so `verify --deep` can rebuild every table from the entries and compare.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from forge_cli.errors import EntryRejected
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class View:
+    table: str
+    key: tuple[str, ...]
+    value: tuple[str, ...]
+    types: tuple[str, ...]  # SQL types, key columns first
+
+    def ddl(self) -> str:
+        cols = ", ".join(
+            f"{name} {kind} NOT NULL" for name, kind in zip(self.key + self.value, self.types)
+        )
+        return (f"CREATE TABLE IF NOT EXISTS {self.table} ({cols}, "
+                f"PRIMARY KEY ({', '.join(self.key)})) WITHOUT ROWID")
+
+
+ACCOUNTS = View("accounts", ("account",), ("balance",), ("TEXT", "INTEGER"))
+SUPPLY = View("supply", ("name",), ("cu",), ("TEXT", "INTEGER"))  # 'granted', 'burned'
+TRADE_NONCES = View("trade_nonces", ("consumer", "nonce"), ("seq",), ("TEXT", "TEXT", "INTEGER"))
+REDACTIONS = View("redactions", ("body",), ("seq",), ("TEXT", "INTEGER"))
+VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS)
+
+
+class State(Protocol):
+    def get(self, view: View, key: Row) -> Row | None: ...
+    def put(self, view: View, key: Row, value: Row | None) -> None: ...
+    def has_body(self, body: str) -> bool: ...
+
+
+def _balance(state: State, account: str) -> int:
+    row = state.get(ACCOUNTS, (account,))
+    return row[0] if row else 0
+
+
+def _credit(state: State, account: str, cu: int) -> None:
+    state.put(ACCOUNTS, (account,), (_balance(state, account) + cu,))
+
+
+def _debit(state: State, account: str, cu: int, seq: int, why: str) -> None:
+    balance = _balance(state, account)
+    if balance < cu:
+        raise EntryRejected(
+            f"seq {seq}: {why}: balance of {account[:16]}… is {balance} CU, below {cu} CU"
+        )
+    state.put(ACCOUNTS, (account,), (balance - cu,))
+
+
+def _add_supply(state: State, name: str, cu: int) -> None:
+    row = state.get(SUPPLY, (name,))
+    state.put(SUPPLY, (name,), ((row[0] if row else 0) + cu,))
+
+
+def apply(state: State, fields: dict[str, Any]) -> None:
+    """Fold one (already well-formed) entry into the views; EntryRejected breaks a rule."""
+    kind, data, seq = fields["kind"], fields["data"], fields["seq"]
+    if kind == "grant":
+        _credit(state, data["account"], data["cu"])
+        _add_supply(state, "granted", data["cu"])
+    elif kind == "burn":
+        _debit(state, data["account"], data["cu"], seq, "burn")
+        _add_supply(state, "burned", data["cu"])
+    elif kind == "transfer":
+        _debit(state, data["from"], data["cu"], seq, "transfer")
+        _credit(state, data["to"], data["cu"])
+    elif kind == "trade":
+        terms = data["terms"]
+        key = (terms["consumer"], terms["nonce"])
+        seen = state.get(TRADE_NONCES, key)
+        if seen is not None:
+            raise EntryRejected(
+                f"seq {seq}: trade nonce {terms['nonce']!r} of consumer "
+                f"{terms['consumer'][:16]}… was already used at seq {seen[0]} (replay)"
+            )
+        state.put(TRADE_NONCES, key, (seq,))
+        _debit(state, terms["consumer"], terms["cu"], seq, "trade")
+        _credit(state, terms["provider"], terms["cu"])
+    elif kind == "redact":
+        body = data["body"]
+        done = state.get(REDACTIONS, (body,))
+        if done is not None:
+            raise EntryRejected(f"seq {seq}: body {body[:16]}… was already redacted at seq {done[0]}")
+        if not state.has_body(body):
+            raise EntryRejected(f"seq {seq}: no entry before it references body {body[:16]}…")
+        state.put(REDACTIONS, (body,), (seq,))
+
+
+class MemoryState:
+    """Views held in dicts: what replay and deep verify rebuild from the entries alone."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[Row, Row]] = {view.table: {} for view in VIEWS}
+        self.bodies: set[str] = set()
+
+    def get(self, view: View, key: Row) -> Row | None:
+        return self.tables[view.table].get(key)
+
+    def put(self, view: View, key: Row, value: Row | None) -> None:
+        if value is None:
+            self.tables[view.table].pop(key, None)
+        else:
+            self.tables[view.table][key] = value
+
+    def has_body(self, body: str) -> bool:
+        return body in self.bodies
+
+    def apply(self, fields: dict[str, Any]) -> None:
+        apply(self, fields)
+        self.bodies.update(fields["bodies"])
+
+    def balances(self) -> dict[str, int]:
+        return {key[0]: value[0] for key, value in self.tables[ACCOUNTS.table].items()}
+
+    def supply(self) -> dict[str, int]:
+        rows = self.tables[SUPPLY.table]
+        return {name: rows.get((name,), (0,))[0] for name in ("granted", "burned")}
+
+
+class SqliteState:
+    """Views held in the ledger's tables, read and written inside the append transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def get(self, view: View, key: Row) -> Row | None:
+        where = " AND ".join(f"{k} = ?" for k in view.key)
+        return self.conn.execute(
+            f"SELECT {', '.join(view.value)} FROM {view.table} WHERE {where}", key
+        ).fetchone()
+
+    def put(self, view: View, key: Row, value: Row | None) -> None:
+        if value is None:
+            where = " AND ".join(f"{k} = ?" for k in view.key)
+            self.conn.execute(f"DELETE FROM {view.table} WHERE {where}", key)
+        else:
+            marks = ", ".join("?" * (len(key) + len(value)))
+            self.conn.execute(f"INSERT OR REPLACE INTO {view.table} VALUES ({marks})", key + value)
+
+    def has_body(self, body: str) -> bool:
+        # Every stored body was referenced by the entry that brought it in.
+        return self.conn.execute(
+            "SELECT 1 FROM bodies WHERE hash = ?", (body,)
+        ).fetchone() is not None
+
+
+def table_rows(conn: sqlite3.Connection, view: View) -> dict[Row, Row]:
+    n = len(view.key)
+    return {
+        tuple(row[:n]): tuple(row[n:])
+        for row in conn.execute(f"SELECT {', '.join(view.key + view.value)} FROM {view.table}")
+    }
+
+
+def diff(view: View, stored: dict[Row, Row], rebuilt: dict[Row, Row]) -> Iterable[str]:
+    """Human-readable differences between a stored view and its replayed rebuild."""
+    for key in sorted(set(stored) | set(rebuilt), key=repr):
+        have, want = stored.get(key), rebuilt.get(key)
+        if have != want:
+            yield f"{view.table} row {key!r}: stored {have!r}, replay gives {want!r}"
