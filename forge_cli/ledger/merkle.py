@@ -7,6 +7,7 @@ and per append (`CompactRange`); the list-based functions are thin wrappers for 
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Sequence
 
 HASH_SIZE = 32
@@ -85,6 +86,7 @@ def subtree_root(start: int, end: int, node: NodeLookup) -> bytes:
 
 def inclusion_path(index: int, size: int, node: NodeLookup) -> list[bytes]:
     """PATH(index, D[0:size]) of RFC 9162 §2.1.3.1, bottom-up, from perfect-subtree hashes."""
+    index, size = operator.index(index), operator.index(size)
     if not 0 <= index < size:
         raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
     siblings = []
@@ -104,6 +106,7 @@ def inclusion_path(index: int, size: int, node: NodeLookup) -> list[bytes]:
 def consistency_path(old_size: int, new_size: int, node: NodeLookup) -> list[bytes]:
     """PROOF(old_size, D[0:new_size]) of RFC 9162 §2.1.4.1, bottom-up; empty when old_size is 0
     or equal to new_size."""
+    old_size, new_size = operator.index(old_size), operator.index(new_size)
     if not 0 <= old_size <= new_size:
         raise ValueError(
             f"consistency needs 0 <= old size <= new size, got old {old_size} and new {new_size}"
