@@ -51,7 +51,7 @@ class Verifier:
     def parse(cls, vkey: str) -> Verifier:
         """Parse `name+hexid+base64(type‖key)`; UsageError if malformed or inconsistent."""
         try:
-            name, hexid, material = vkey.strip().rsplit("+", 2)
+            name, hexid, material = vkey.strip().split("+", 2)  # names hold no "+"; base64 may
             raw = base64.b64decode(material, validate=True)
             kid = bytes.fromhex(hexid)
         except (ValueError, binascii.Error):

@@ -165,8 +165,19 @@ class Ledger:
         row = self.conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         self.size = 0 if row is None else row[0] + 1
         self.head = bytes.fromhex(entries.GENESIS_PREV) if row is None else row[1]
-        peaks = [self.node(level, idx) for level, idx in merkle.peak_positions(self.size)]
-        self._range = merkle.CompactRange(self.size, peaks)
+        self._range_cache: merkle.CompactRange | None = None
+
+    @property
+    def _range(self) -> merkle.CompactRange:
+        # Loaded on first use, so that verify can open a damaged file and report on it.
+        if self._range_cache is None:
+            peaks = [self.node(level, idx) for level, idx in merkle.peak_positions(self.size)]
+            self._range_cache = merkle.CompactRange(self.size, peaks)
+        return self._range_cache
+
+    @_range.setter
+    def _range(self, value: merkle.CompactRange) -> None:
+        self._range_cache = value
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -1,0 +1,60 @@
+"""Builds real ledger files with every kind of entry and every table populated."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from forge_cli.identity import Identity
+from forge_cli.ledger import entries
+from forge_cli.ledger.store import Draft, Ledger
+
+
+def signed_trade(provider: Identity, consumer: Identity, *, tokens: int = 40,
+                 price: int = 1_000_000, nonce: str | None = None) -> dict[str, Any]:
+    terms = {
+        "provider": provider.node_id, "consumer": consumer.node_id, "model": "tiny:test",
+        "model_sha256": "ab" * 32, "prompt_tokens": 7, "completion_tokens": tokens,
+        "price_ucu_per_token": price, "cu": entries.trade_cost(tokens, price),
+        "request_sha256": "cd" * 32, "response_sha256": "ef" * 32,
+        "nonce": nonce or secrets.token_hex(8), "ts": 1_700_000_000_000,
+    }
+    message = entries.trade_message(terms)
+    return {"terms": terms, "provider_sig": provider.sign(message).hex(),
+            "consumer_sig": consumer.sign(message).hex()}
+
+
+def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
+    """A ledger whose every table holds rows: grants, transfer, trades, bodies, a redaction,
+    Merkle nodes, two checkpoints and a witnessed foreign log."""
+    consumer, stranger = Identity.generate(), Identity.generate()
+    foreign_owner = Identity.generate()
+    with Ledger.open_writer(path.with_name("foreign.db"), foreign_owner) as foreign:
+        foreign.append_many([Draft("note", {"text": f"f{i}"}) for i in range(5)])
+        first_note = foreign.checkpoint()
+        foreign.append_many([Draft("note", {"text": f"g{i}"}) for i in range(4)])
+        second_note = foreign.checkpoint()
+        proof = foreign.consistency_proof(5, 9)
+        from forge_cli.ledger import note
+        foreign_vkey = note.Verifier(note.origin_for(foreign_owner.node_id),
+                                     foreign_owner.public_key).vkey()
+    with Ledger.open_writer(path, owner) as book:
+        book.append("grant", {"account": owner.node_id, "cu": 1000, "reason": "free tier"})
+        book.append("grant", {"account": consumer.node_id, "cu": 500})
+        book.append("transfer", {"from": owner.node_id, "to": stranger.node_id, "cu": 25}, parent=0)
+        trade = book.append("trade", signed_trade(owner, consumer), bodies=[b"prompt 1", b"output 1"])
+        book.append("trade", signed_trade(owner, consumer, tokens=3))
+        book.append("note", {"text": "checkpoint soon"})
+        book.checkpoint()
+        book.append("redact", {"body": trade.fields["bodies"][0], "reason": "user asked"},
+                    parent=trade.seq)
+        book.append("burn", {"account": stranger.node_id, "cu": 5})
+        book.append_many([Draft("note", {"text": f"n{i}"}, bodies=[f"b{i}".encode()])
+                          for i in range(8)])
+        book.checkpoint()
+        book.witness(first_note, foreign_vkey)
+        book.witness(second_note, foreign_vkey, proof)
+        size = book.size
+    return {"size": size, "owner": owner, "consumer": consumer, "stranger": stranger,
+            "trade_seq": trade.seq}
