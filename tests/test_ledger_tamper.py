@@ -91,7 +91,7 @@ TABLE_COLUMNS = [
     ("witnessed", "note"), ("witnessed", "log_vkey"), ("witnessed", "witness_vkey"),
     ("accounts", "account"), ("accounts", "balance"), ("supply", "name"), ("supply", "cu"),
     ("trade_nonces", "consumer"), ("trade_nonces", "nonce"), ("trade_nonces", "seq"),
-    ("redactions", "body"), ("redactions", "seq"),
+    ("redactions", "body"), ("redactions", "seq"), ("body_refs", "body"), ("body_refs", "seq"),
 ]
 
 

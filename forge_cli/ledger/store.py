@@ -343,10 +343,6 @@ class Ledger:
         try:
             out = []
             for fields, raw, leaf, sig, body_map in records:
-                for body in fields["bodies"]:
-                    if self._state.get(views.REDACTIONS, (body,)) is not None:
-                        raise EntryRejected(f"seq {fields['seq']}: body {body[:16]}… was redacted "
-                                            "and cannot be stored again")
                 views.apply(self._state, fields)
                 conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
                              (fields["seq"], leaf, raw, sig, fields["kind"], fields["ts"]))
@@ -411,6 +407,12 @@ class Ledger:
             if seq in wanted and wanted.pop(seq) != rng.root():
                 raise EntryRejected(f"the first {seq} entries do not hash to the root the file "
                                     "claims; nothing was imported")
+        redacted = {f["data"]["body"] for f, *_ in checked if f["kind"] == "redact"}
+        for fields, _, _, _, body_map in checked:
+            for body in fields["bodies"]:
+                if body not in body_map and body not in redacted and self.redacted_at(body) is None:
+                    raise EntryRejected(f"entry {fields['seq']}: body {body[:16]}… is neither in the "
+                                        "file nor redacted; nothing was imported")
         for size, root in wanted.items():
             if size > seq or self.root(size) != root:
                 raise EntryRejected(f"the file claims a root for size {size} that its entries "

@@ -84,7 +84,6 @@ class _Verifier:
         self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self.state = views.MemoryState()
         self.nodes: dict[tuple[int, int], bytes] = {}
-        self.body_refs: dict[str, int] = {}
 
     def find(self, seq: int | None, table: str, reason: str) -> None:
         self.report.findings.append(Finding(seq, table, reason))
@@ -180,10 +179,6 @@ class _Verifier:
                 self.find(seq, "entries", "entry bytes are not in canonical form")
         except UsageError as exc:
             self.find(seq, "entries", f"entry has no canonical form: {exc}")
-        for body in fields["bodies"]:
-            if (body,) in self.state.tables[views.REDACTIONS.table]:
-                self.find(seq, "bodies", f"body {body[:16]}… was redacted earlier")
-            self.body_refs.setdefault(body, seq)
         try:
             self.state.apply(fields)
         except EntryRejected as exc:
@@ -252,18 +247,19 @@ class _Verifier:
 
     def _deep_bodies(self, conn: sqlite3.Connection) -> None:
         redacted = self.state.tables[views.REDACTIONS.table]
+        refs = {key[0]: value[0] for key, value in self.state.tables[views.BODY_REFS.table].items()}
         present = set()
         for body_hash, data in conn.execute("SELECT hash, data FROM bodies"):
             present.add(body_hash)
-            if body_hash not in self.body_refs:
+            if body_hash not in refs:
                 self.find(None, "bodies", f"body {body_hash[:16]}… is referenced by no entry")
             elif hashlib.sha256(data).hexdigest() != body_hash:
-                self.find(self.body_refs[body_hash], "bodies",
+                self.find(refs[body_hash], "bodies",
                           f"body {body_hash[:16]}… does not hash to its name (edited)")
             if (body_hash,) in redacted:
                 self.find(redacted[(body_hash,)][0], "bodies",
                           f"body {body_hash[:16]}… is still stored after its redaction")
-        for body_hash, seq in self.body_refs.items():
+        for body_hash, seq in refs.items():
             if body_hash not in present and (body_hash,) not in redacted:
                 self.find(seq, "bodies", f"body {body_hash[:16]}… is missing (not redacted)")
 

@@ -36,13 +36,13 @@ ACCOUNTS = View("accounts", ("account",), ("balance",), ("TEXT", "INTEGER"))
 SUPPLY = View("supply", ("name",), ("cu",), ("TEXT", "INTEGER"))  # 'granted', 'burned'
 TRADE_NONCES = View("trade_nonces", ("consumer", "nonce"), ("seq",), ("TEXT", "TEXT", "INTEGER"))
 REDACTIONS = View("redactions", ("body",), ("seq",), ("TEXT", "INTEGER"))
-VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS)
+BODY_REFS = View("body_refs", ("body",), ("seq",), ("TEXT", "INTEGER"))  # first seq naming it
+VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS)
 
 
 class State(Protocol):
     def get(self, view: View, key: Row) -> Row | None: ...
     def put(self, view: View, key: Row, value: Row | None) -> None: ...
-    def has_body(self, body: str) -> bool: ...
 
 
 def _balance(state: State, account: str) -> int:
@@ -71,6 +71,13 @@ def _add_supply(state: State, name: str, cu: int) -> None:
 def apply(state: State, fields: dict[str, Any]) -> None:
     """Fold one (already well-formed) entry into the views; EntryRejected breaks a rule."""
     kind, data, seq = fields["kind"], fields["data"], fields["seq"]
+    for body in fields["bodies"]:
+        redacted = state.get(REDACTIONS, (body,))
+        if redacted is not None:
+            raise EntryRejected(f"seq {seq}: body {body[:16]}… was redacted at seq {redacted[0]} "
+                                "and cannot be stored again")
+        if state.get(BODY_REFS, (body,)) is None:
+            state.put(BODY_REFS, (body,), (seq,))
     if kind == "grant":
         _credit(state, data["account"], data["cu"])
         _add_supply(state, "granted", data["cu"])
@@ -97,7 +104,8 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         done = state.get(REDACTIONS, (body,))
         if done is not None:
             raise EntryRejected(f"seq {seq}: body {body[:16]}… was already redacted at seq {done[0]}")
-        if not state.has_body(body):
+        first = state.get(BODY_REFS, (body,))
+        if first is None or first[0] >= seq:
             raise EntryRejected(f"seq {seq}: no entry before it references body {body[:16]}…")
         state.put(REDACTIONS, (body,), (seq,))
 
@@ -107,7 +115,6 @@ class MemoryState:
 
     def __init__(self) -> None:
         self.tables: dict[str, dict[Row, Row]] = {view.table: {} for view in VIEWS}
-        self.bodies: set[str] = set()
 
     def get(self, view: View, key: Row) -> Row | None:
         return self.tables[view.table].get(key)
@@ -118,12 +125,8 @@ class MemoryState:
         else:
             self.tables[view.table][key] = value
 
-    def has_body(self, body: str) -> bool:
-        return body in self.bodies
-
     def apply(self, fields: dict[str, Any]) -> None:
         apply(self, fields)
-        self.bodies.update(fields["bodies"])
 
     def balances(self) -> dict[str, int]:
         return {key[0]: value[0] for key, value in self.tables[ACCOUNTS.table].items()}
@@ -152,12 +155,6 @@ class SqliteState:
         else:
             marks = ", ".join("?" * (len(key) + len(value)))
             self.conn.execute(f"INSERT OR REPLACE INTO {view.table} VALUES ({marks})", key + value)
-
-    def has_body(self, body: str) -> bool:
-        # Every stored body was referenced by the entry that brought it in.
-        return self.conn.execute(
-            "SELECT 1 FROM bodies WHERE hash = ?", (body,)
-        ).fetchone() is not None
 
 
 def table_rows(conn: sqlite3.Connection, view: View) -> dict[Row, Row]:
