@@ -20,29 +20,63 @@ class CanonicalError(UsageError):
     """A value that has no canonical encoding (float, NaN, bytes, non-NFC text, …)."""
 
 
-def _check(value: Any, path: str) -> None:
+def _problem(value: Any, path: str) -> str | None:
+    """Why `value` has no canonical encoding (with where), or None; the slow, precise walk."""
     kind = type(value)
     if kind is str:
         if not value.isascii() and not unicodedata.is_normalized("NFC", value):
-            raise CanonicalError(f"{path}: string is not in Unicode NFC form")
+            return f"{path}: string is not in Unicode NFC form"
     elif kind is int:
         if not -INT_LIMIT < value < INT_LIMIT:
-            raise CanonicalError(f"{path}: integer {value} is outside the signed 64-bit range")
+            return f"{path}: integer {value} is outside the signed 64-bit range"
     elif kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                raise CanonicalError(f"{path}: object key {key!r} is not a string")
-            _check(key, path)
-            _check(item, f"{path}.{key}")
+                return f"{path}: object key {key!r} is not a string"
+            problem = _problem(key, path) or _problem(item, f"{path}.{key}")
+            if problem:
+                return problem
     elif kind is list:
         for i, item in enumerate(value):
-            _check(item, f"{path}[{i}]")
-    elif value is None or kind is bool:
-        pass
+            problem = _problem(item, f"{path}[{i}]")
+            if problem:
+                return problem
     elif kind is float:
-        raise CanonicalError(f"{path}: floats are not allowed ({value!r}); use integer units")
-    else:
-        raise CanonicalError(f"{path}: {kind.__name__} has no canonical JSON encoding")
+        return f"{path}: floats are not allowed ({value!r}); use integer units"
+    elif value is not None and kind is not bool:
+        return f"{path}: {kind.__name__} has no canonical JSON encoding"
+    return None
+
+
+def _valid(value: Any) -> bool:
+    """Fast walk without building paths: True when every leaf has a canonical encoding."""
+    stack = [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and not unicodedata.is_normalized("NFC", item):
+                return False
+        elif kind is dict:
+            for key, sub in item.items():
+                if type(key) is not str or not (key.isascii()
+                                                or unicodedata.is_normalized("NFC", key)):
+                    return False
+                push(sub)
+        elif kind is int:
+            if not -INT_LIMIT < item < INT_LIMIT:
+                return False
+        elif kind is list:
+            stack.extend(item)
+        elif item is not None and kind is not bool:
+            return False
+    return True
+
+
+def _check(value: Any, path: str) -> None:
+    if not _valid(value):
+        raise CanonicalError(_problem(value, path) or f"{path}: no canonical encoding")
 
 
 def encode(value: Any) -> bytes:

@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from nacl.bindings import crypto_sign
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -37,7 +38,8 @@ class Identity:
 
     def sign(self, message: bytes) -> bytes:
         """Detached 64-byte Ed25519 signature."""
-        return self.signing_key.sign(message).signature
+        # The binding directly: SigningKey.sign wraps the result in objects we would discard.
+        return crypto_sign(message, self.signing_key._signing_key)[:64]
 
     @classmethod
     def generate(cls) -> Identity:

@@ -116,3 +116,41 @@ def test_sigkill_file_is_not_left_half_written(tmp_path: Path):
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert load_or_create(key).node_id == first.node_id
     assert [p.name for p in tmp_path.iterdir()] == ["node.key"]
+
+
+def test_concurrent_appends_share_commits_and_reject_only_the_bad_one(tmp_path, run_forge):
+    """Group commit: 8 threads append at once; each gets its own entry or its own error."""
+    import threading
+
+    from forge_cli.errors import EntryRejected
+
+    me, peer = Identity.generate(), Identity.generate()
+    db = tmp_path / "l.db"
+    with Ledger.open_writer(db, me) as book:
+        book.append("grant", {"account": me.node_id, "cu": 200})
+        outcomes: list[tuple[int, object]] = []
+        lock = threading.Lock()
+
+        def worker(n: int) -> None:
+            for i in range(25):
+                cu = 1000 if (n, i) == (3, 7) else 1  # one overspend among 200 appends
+                try:
+                    result: object = book.append(
+                        "transfer", {"from": me.node_id, "to": peer.node_id, "cu": cu})
+                except EntryRejected as exc:
+                    result = exc
+                with lock:
+                    outcomes.append((n, result))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        errors = [r for _, r in outcomes if isinstance(r, EntryRejected)]
+        written = [r for _, r in outcomes if not isinstance(r, EntryRejected)]
+        assert len(outcomes) == 200
+        assert len(errors) == 1 and "balance" in str(errors[0])
+        assert sorted(e.seq for e in written) == list(range(1, 200))
+        assert book.balance(me.node_id) == 1 and book.balance(peer.node_id) == 199
+    assert run_forge("ledger", "verify", "--deep", "--ledger", str(db)).returncode == 0

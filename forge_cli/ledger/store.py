@@ -7,12 +7,14 @@ range of O(log n) peaks), so neither appends nor reopening read the whole ledger
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,12 @@ from forge_cli.ledger.entries import Entry
 APPLICATION_ID = 0x46524745  # "FRGE" in the SQLite header
 SCHEMA_VERSION = 1
 PARALLEL_SIGN_MIN = 64
+CORES = os.cpu_count() or 1
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS entries (
         seq INTEGER PRIMARY KEY, hash BLOB NOT NULL, entry BLOB NOT NULL, sig BLOB NOT NULL,
         kind TEXT NOT NULL, ts INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS entries_kind ON entries (kind, seq)",
     "CREATE TABLE IF NOT EXISTS bodies (hash TEXT PRIMARY KEY, data BLOB NOT NULL) WITHOUT ROWID",
     """CREATE TABLE IF NOT EXISTS merkle_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL,
         hash BLOB NOT NULL, PRIMARY KEY (level, idx)) WITHOUT ROWID""",
@@ -54,6 +56,21 @@ class Draft:
     parent: int | None = None
     bodies: Sequence[bytes] = field(default_factory=tuple)
     ts: int | None = None
+
+
+def _sign_all(signer: identity.Identity, hashes: Sequence[bytes]) -> list[bytes]:
+    return [signer.sign(h) for h in hashes]
+
+
+def _sign_many(signer: identity.Identity, hashes: Sequence[bytes]) -> list[bytes]:
+    if len(hashes) < PARALLEL_SIGN_MIN or CORES == 1:
+        return _sign_all(signer, hashes)
+    # libsodium releases the GIL, so a large batch is signed on every core.
+    step = -(-len(hashes) // CORES)
+    with ThreadPoolExecutor(CORES) as pool:
+        parts = pool.map(_sign_all, [signer] * CORES,
+                         [hashes[i:i + step] for i in range(0, len(hashes), step)])
+        return [sig for part in parts for sig in part]
 
 
 def now_ms() -> int:
@@ -88,6 +105,9 @@ class Ledger:
         self.signer = signer
         self._lock_fd = lock_fd
         self._state = views.SqliteState(conn)
+        self._queue_lock = threading.Lock()
+        self._queue: list[tuple[Draft, Future[Entry]]] = []
+        self._leading = False
         self._load_tip()
 
     # -- opening ---------------------------------------------------------------------------
@@ -303,63 +323,133 @@ class Ledger:
 
     def append(self, kind: str, data: dict[str, Any], *, parent: int | None = None,
                bodies: Sequence[bytes] = (), ts: int | None = None) -> Entry:
-        """Append one entry durably (one transaction, one commit). Returns it."""
-        return self.append_many([Draft(kind, data, parent, bodies, ts)])[0]
+        """Append one entry durably and return it.
+
+        Safe to call from many threads: calls that arrive while a commit is in flight are
+        written together in the next one (group commit), and each returns only once its own
+        entry is durable. A rejected entry raises EntryRejected for its caller alone.
+        """
+        future: Future[Entry] = Future()
+        with self._queue_lock:
+            self._queue.append((Draft(kind, data, parent, bodies, ts), future))
+            lead, self._leading = not self._leading, True
+        if lead:
+            self._lead()
+        return future.result()
+
+    def _lead(self) -> None:
+        batch: list[tuple[Draft, Future[Entry]]] = []
+        try:
+            while True:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                    if not batch:
+                        self._leading = False
+                        return
+                try:
+                    results = self._write([draft for draft, _ in batch], atomic=False)
+                except Exception as exc:  # I/O error: every caller in this commit hears of it
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        except BaseException as exc:  # interrupted: nobody may be left waiting
+            with self._queue_lock:
+                waiting, self._queue, self._leading = batch + self._queue, [], False
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(LedgerError(f"append interrupted: {exc!r}"))
+            raise
 
     def append_many(self, drafts: Sequence[Draft]) -> list[Entry]:
         """Append entries in one transaction: all of them are written, or none."""
-        signer = self._writer()
-        built: list[tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]] = []
-        prev, seq = self.head, self.size
-        for draft in drafts:
-            entries.check_draft(draft.kind, draft.data)
-            if draft.parent is not None and not 0 <= draft.parent < seq:
-                raise EntryRejected(f"parent {draft.parent} is not an earlier seq than {seq}")
-            body_map = {entries.body_hash(b): bytes(b) for b in draft.bodies}
-            fields, raw, leaf = entries.build(
-                seq=seq, ts=now_ms() if draft.ts is None else draft.ts, kind=draft.kind,
-                actor=signer.node_id, parent=draft.parent, data=draft.data,
-                bodies=list(body_map), prev=prev.hex(),
-            )
-            built.append((fields, raw, leaf, body_map))
-            prev, seq = leaf, seq + 1
-        hashes = [leaf for _, _, leaf, _ in built]
-        if len(hashes) >= PARALLEL_SIGN_MIN and (os.cpu_count() or 1) > 1:
-            # libsodium releases the GIL, so signing a batch spreads over the cores.
-            with ThreadPoolExecutor(os.cpu_count()) as pool:
-                sigs = list(pool.map(signer.sign, hashes, chunksize=256))
-        else:
-            sigs = [signer.sign(h) for h in hashes]
-        records = [(fields, raw, leaf, sig, body_map)
-                   for (fields, raw, leaf, body_map), sig in zip(built, sigs)]
-        return self._commit(records)
+        return self._write(drafts, atomic=True)  # type: ignore[return-value]
 
-    def _commit(self, records: Sequence[tuple[dict[str, Any], bytes, bytes, bytes,
-                                                 dict[str, bytes]]]) -> list[Entry]:
-        """Write already-built, signed records in one transaction, or nothing."""
+    def _build(self, draft: Draft, actor: str, seq: int,
+               prev: bytes) -> tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]:
+        entries.check_draft(draft.kind, draft.data)
+        if draft.parent is not None and not 0 <= draft.parent < seq:
+            raise EntryRejected(f"parent {draft.parent} is not an earlier seq than {seq}")
+        body_map = {entries.body_hash(b): bytes(b) for b in draft.bodies}
+        fields, raw, leaf = entries.build(
+            seq=seq, ts=now_ms() if draft.ts is None else draft.ts, kind=draft.kind,
+            actor=actor, parent=draft.parent, data=draft.data, bodies=list(body_map),
+            prev=prev.hex(),
+        )
+        return fields, raw, leaf, body_map
+
+    def _write(self, drafts: Sequence[Draft], *, atomic: bool) -> list[Entry | EntryRejected]:
+        """Build, check, sign and commit drafts in one transaction.
+
+        atomic: the first rejected draft aborts all; otherwise it is left out and reported in
+        its place in the result list.
+        """
+        signer = self._writer()
         rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        prev, seq = self.head, self.size
+        built: list[tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]] = []
+        results: list[int | EntryRejected] = []
+        with self._transaction():
+            for draft in drafts:
+                mark = self._state.mark()
+                try:
+                    record = self._build(draft, signer.node_id, seq, prev)
+                    views.apply(self._state, record[0])
+                except EntryRejected as exc:
+                    if atomic:
+                        raise
+                    self._state.undo(mark)
+                    results.append(exc)
+                    continue
+                results.append(len(built))
+                built.append(record)
+                prev, seq = record[2], seq + 1
+            sigs = _sign_many(signer, [leaf for _, _, leaf, _ in built])
+            written = self._insert(rng, [(fields, raw, leaf, sig, body_map) for
+                                         (fields, raw, leaf, body_map), sig in zip(built, sigs)])
+        self._advance(rng, written)
+        return [written[r] if isinstance(r, int) else r for r in results]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            out = []
-            for fields, raw, leaf, sig, body_map in records:
-                views.apply(self._state, fields)
-                conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                             (fields["seq"], leaf, raw, sig, fields["kind"], fields["ts"]))
-                conn.executemany("INSERT OR IGNORE INTO bodies VALUES (?, ?)", body_map.items())
-                if fields["kind"] == "redact":
-                    conn.execute("DELETE FROM bodies WHERE hash = ?", (fields["data"]["body"],))
-                conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?)", rng.append(leaf))
-                out.append(Entry(raw=raw, hash=leaf, sig=sig, fields=fields))
-            conn.execute("COMMIT")
+            yield
+            self._state.flush()
+            self.conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._state.discard()
+            self.conn.execute("ROLLBACK")
             raise
-        if out:
-            self._range = rng
-            self.size = out[-1].seq + 1
-            self.head = out[-1].hash
+
+    def _insert(self, rng: merkle.CompactRange, records: Sequence[
+            tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
+        """Insert signed records whose views are already applied (inside a transaction)."""
+        rows, bodies, nodes, redacted, out = [], [], [], [], []
+        for fields, raw, leaf, sig, body_map in records:
+            rows.append((fields["seq"], leaf, raw, sig, fields["kind"], fields["ts"]))
+            bodies.extend(body_map.items())
+            if fields["kind"] == "redact":
+                redacted.append((fields["data"]["body"],))
+            nodes.extend(rng.append(leaf))
+            out.append(Entry(raw=raw, hash=leaf, sig=sig, fields=fields))
+        conn = self.conn
+        conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)", rows)
+        if bodies:
+            conn.executemany("INSERT OR IGNORE INTO bodies VALUES (?, ?)", bodies)
+        if redacted:
+            conn.executemany("DELETE FROM bodies WHERE hash = ?", redacted)
+        if nodes:
+            conn.executemany("INSERT INTO merkle_nodes VALUES (?, ?, ?)", nodes)
         return out
+
+    def _advance(self, rng: merkle.CompactRange, written: list[Entry]) -> None:
+        if written:
+            self._range = rng
+            self.size = written[-1].seq + 1
+            self.head = written[-1].hash
 
     def import_records(self, records: Sequence[tuple[bytes, bytes, dict[str, bytes]]], *,
                        expect_roots: dict[int, bytes] | None = None) -> int:
@@ -372,7 +462,7 @@ class Ledger:
         self._writer()
         prev, seq = self.head, self.size
         wanted = dict(expect_roots or {})
-        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+        probe = merkle.CompactRange(self._range.size, list(self._range.peaks))
         checked = []
         for raw, sig, body_map in records:
             leaf = entries.leaf_hash(raw)
@@ -402,9 +492,9 @@ class Ledger:
             if reason:
                 raise EntryRejected(f"entry {seq}: {reason}; nothing was imported")
             checked.append((fields, raw, leaf, sig, body_map))
-            rng.append(leaf)
+            probe.append(leaf)
             prev, seq = leaf, seq + 1
-            if seq in wanted and wanted.pop(seq) != rng.root():
+            if seq in wanted and wanted.pop(seq) != probe.root():
                 raise EntryRejected(f"the first {seq} entries do not hash to the root the file "
                                     "claims; nothing was imported")
         redacted = {f["data"]["body"] for f, *_ in checked if f["kind"] == "redact"}
@@ -417,7 +507,12 @@ class Ledger:
             if size > seq or self.root(size) != root:
                 raise EntryRejected(f"the file claims a root for size {size} that its entries "
                                     "do not have; nothing was imported")
-        self._commit(checked)
+        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+        with self._transaction():
+            for fields, *_ in checked:
+                views.apply(self._state, fields)
+            written = self._insert(rng, checked)
+        self._advance(rng, written)
         return len(checked)
 
     def checkpoint(self) -> str:

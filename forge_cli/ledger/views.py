@@ -136,25 +136,66 @@ class MemoryState:
         return {name: rows.get((name,), (0,))[0] for name in ("granted", "burned")}
 
 
+_ABSENT = object()
+
+
 class SqliteState:
-    """Views held in the ledger's tables, read and written inside the append transaction."""
+    """Views held in the ledger's tables, written back once per append transaction.
+
+    Reads go through a cache of the rows this transaction touched, so a batch that moves CU
+    between the same accounts a thousand times writes each row once.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self._pending: dict[tuple[str, Row], Row | None] = {}
+        self._journal: list[tuple[tuple[str, Row], Any]] = []  # (key, pending value before)
+        self._sql = {view.table: self._statements(view) for view in VIEWS}
+
+    @staticmethod
+    def _statements(view: View) -> tuple[str, str, str]:
+        where = " AND ".join(f"{k} = ?" for k in view.key)
+        marks = ", ".join("?" * (len(view.key) + len(view.value)))
+        return (f"SELECT {', '.join(view.value)} FROM {view.table} WHERE {where}",
+                f"INSERT OR REPLACE INTO {view.table} VALUES ({marks})",
+                f"DELETE FROM {view.table} WHERE {where}")
 
     def get(self, view: View, key: Row) -> Row | None:
-        where = " AND ".join(f"{k} = ?" for k in view.key)
-        return self.conn.execute(
-            f"SELECT {', '.join(view.value)} FROM {view.table} WHERE {where}", key
-        ).fetchone()
+        try:
+            return self._pending[(view.table, key)]
+        except KeyError:
+            return self.conn.execute(self._sql[view.table][0], key).fetchone()
 
     def put(self, view: View, key: Row, value: Row | None) -> None:
-        if value is None:
-            where = " AND ".join(f"{k} = ?" for k in view.key)
-            self.conn.execute(f"DELETE FROM {view.table} WHERE {where}", key)
-        else:
-            marks = ", ".join("?" * (len(key) + len(value)))
-            self.conn.execute(f"INSERT OR REPLACE INTO {view.table} VALUES ({marks})", key + value)
+        slot = (view.table, key)
+        self._journal.append((slot, self._pending.get(slot, _ABSENT)))
+        self._pending[slot] = value
+
+    def mark(self) -> int:
+        return len(self._journal)
+
+    def undo(self, mark: int) -> None:
+        """Forget the puts made since `mark` (one rejected entry in a group commit)."""
+        while len(self._journal) > mark:
+            slot, before = self._journal.pop()
+            if before is _ABSENT:
+                del self._pending[slot]
+            else:
+                self._pending[slot] = before
+
+    def flush(self) -> None:
+        """Write the pending rows (inside the caller's transaction)."""
+        for (table, key), value in self._pending.items():
+            _, replace, delete = self._sql[table]
+            if value is None:
+                self.conn.execute(delete, key)
+            else:
+                self.conn.execute(replace, key + value)
+        self.discard()
+
+    def discard(self) -> None:
+        self._pending.clear()
+        self._journal.clear()
 
 
 def table_rows(conn: sqlite3.Connection, view: View) -> dict[Row, Row]:

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Ledger throughput against the physical limits measured in the same run.
+
+    python bench/ledger_bench.py -n 100000 [--json] [--durable 1000]
+
+Limits: raw SQLite commits/s (WAL, synchronous=FULL, one row per commit, same disk) and raw
+PyNaCl Ed25519 verifies/s on one core. Every forge figure is printed next to its limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nacl.signing import SigningKey  # noqa: E402
+
+from forge_cli.identity import Identity  # noqa: E402
+from forge_cli.ledger import verify as verifier  # noqa: E402
+from forge_cli.ledger.store import Draft, Ledger  # noqa: E402
+
+
+def raw_sqlite_commits_per_s(folder: Path, count: int) -> float:
+    conn = sqlite3.connect(folder / "raw.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    payload = os.urandom(300)
+    start = time.perf_counter()
+    for i in range(count):
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t VALUES (?, ?)", (i, payload))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return count / elapsed
+
+
+def raw_nacl_verifies_per_s(count: int) -> float:
+    key = SigningKey.generate()
+    message = os.urandom(32)
+    signature = key.sign(message).signature
+    verify_key = key.verify_key
+    start = time.perf_counter()
+    for _ in range(count):
+        verify_key.verify(message, signature)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=100_000, help="ledger size (entries)")
+    parser.add_argument("--durable", type=int, default=1000,
+                        help="how many durable single appends (and raw commits) to time")
+    parser.add_argument("--callers", type=int, default=8,
+                        help="concurrent callers for the group-commit durable figure")
+    parser.add_argument("--batch", type=int, default=1000, help="entries per batched append")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="forge-bench-", dir=args.dir))
+    me, peer = Identity.generate(), Identity.generate()
+    out: dict[str, float | int] = {"n": args.n}
+
+    out["sqlite_commits_per_s"] = raw_sqlite_commits_per_s(folder, args.durable)
+    out["nacl_verifies_per_s"] = raw_nacl_verifies_per_s(20_000)
+
+    db = folder / "ledger.db"
+    book = Ledger.open_writer(db, me)
+    book.append("grant", {"account": me.node_id, "cu": 10**15})
+    remaining = args.n - 1 - args.durable
+    start = time.perf_counter()
+    done = 0
+    while done < remaining:
+        step = min(args.batch, remaining - done)
+        book.append_many([Draft("transfer", {"from": me.node_id, "to": peer.node_id, "cu": 1})
+                          for _ in range(step)])
+        done += step
+    out["batched_appends_per_s"] = remaining / (time.perf_counter() - start)
+
+    # Durable appends: each call returns only after its own commit (fsync) is done. One caller
+    # in a loop pays a commit per entry; callers arriving together share one (group commit),
+    # which is what a node serving many requests does.
+    half = args.durable // 2
+    start = time.perf_counter()
+    for _ in range(half):
+        book.append("transfer", {"from": me.node_id, "to": peer.node_id, "cu": 1})
+    out["durable_appends_1_caller_per_s"] = half / (time.perf_counter() - start)
+    callers = args.callers
+    per_caller = (args.durable - half) // callers
+
+    def caller() -> None:
+        for _ in range(per_caller):
+            book.append("transfer", {"from": me.node_id, "to": peer.node_id, "cu": 1})
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["durable_appends_per_s"] = per_caller * callers / (time.perf_counter() - start)
+    out["durable_callers"] = callers
+    for _ in range(args.durable - half - per_caller * callers):
+        book.append("note", {"text": "pad to n"})
+
+    start = time.perf_counter()
+    book.checkpoint()
+    out["checkpoint_ms"] = (time.perf_counter() - start) * 1000
+    start = time.perf_counter()
+    book.root()
+    out["root_ms"] = (time.perf_counter() - start) * 1000
+    assert book.size == args.n, (book.size, args.n)
+    book.close()
+
+    start = time.perf_counter()
+    reader = Ledger.open_reader(db)
+    reader.root()
+    out["reopen_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report = verifier.verify(reader)
+    out["verify_entries_per_s"] = args.n / (time.perf_counter() - start)
+    assert report.ok, report.findings[:3]
+    start = time.perf_counter()
+    report = verifier.verify(reader, deep=True)
+    out["deep_verify_entries_per_s"] = args.n / (time.perf_counter() - start)
+    assert report.ok, report.findings[:3]
+    reader.close()
+
+    out["durable_vs_sqlite"] = out["durable_appends_per_s"] / out["sqlite_commits_per_s"]
+    out["durable_1_caller_vs_sqlite"] = (out["durable_appends_1_caller_per_s"]
+                                         / out["sqlite_commits_per_s"])
+    out["verify_vs_nacl"] = out["verify_entries_per_s"] / out["nacl_verifies_per_s"]
+    out["cores"] = os.cpu_count() or 1
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return
+    print(f"ledger of {args.n:,} entries in {folder}  ({out['cores']} cores)")
+    print(f"raw SQLite WAL FULL commits {out['sqlite_commits_per_s']:,.0f}/s (one row per commit)")
+    print(f"durable appends   {out['durable_appends_per_s']:>10,.0f}/s   {callers} concurrent callers "
+          f"(group commit)   ratio {out['durable_vs_sqlite']:.2f}x (target >= 0.8)")
+    print(f"durable appends   {out['durable_appends_1_caller_per_s']:>10,.0f}/s   1 caller, a commit "
+          f"per entry   ratio {out['durable_1_caller_vs_sqlite']:.2f}x")
+    print(f"batched appends   {out['batched_appends_per_s']:>10,.0f}/s   (target >= 15,000/s, "
+          f"batches of {args.batch})")
+    print(f"verify            {out['verify_entries_per_s']:>10,.0f}/s   raw PyNaCl verifies "
+          f"{out['nacl_verifies_per_s']:,.0f}/s on one core   ratio {out['verify_vs_nacl']:.2f}x "
+          "(target >= 0.7)")
+    print(f"verify --deep     {out['deep_verify_entries_per_s']:>10,.0f}/s")
+    print(f"checkpoint        {out['checkpoint_ms']:>10.2f} ms (sign + store; root alone "
+          f"{out['root_ms']:.3f} ms; target < 5 ms)")
+    print(f"reopen            {out['reopen_s']:>10.4f} s  (target < 0.5 s)")
+
+
+if __name__ == "__main__":
+    main()
