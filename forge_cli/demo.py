@@ -12,7 +12,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 from forge_cli import config, identity
 from forge_cli.ledger import entries
