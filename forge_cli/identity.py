@@ -6,6 +6,7 @@ and never regenerated: a file that is too open or malformed is an error for a pe
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ class Identity:
 
     signing_key: SigningKey
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         return bytes(self.signing_key.verify_key)
 
-    @property
+    @functools.cached_property
     def node_id(self) -> str:
         """The account name everywhere in forge: the hex public key."""
         return self.public_key.hex()

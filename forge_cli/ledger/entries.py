@@ -70,7 +70,11 @@ def build(
     """The entry fields, their canonical bytes and leaf hash (unsigned)."""
     fields = {"v": VERSION, "seq": seq, "ts": ts, "kind": kind, "actor": actor,
               "parent": parent, "data": data, "bodies": bodies, "prev": prev}
-    raw = canonical.encode(fields)
+    # Only `data` comes from outside; the envelope is ints and hex strings built here.
+    canonical.check(data)
+    if not (type(seq) is type(ts) is int and isinstance(kind, str) and kind.isascii()):
+        raise canonical.CanonicalError("entry envelope has a seq, ts or kind of the wrong type")
+    raw = canonical.dumps_checked_parts(fields)
     return fields, raw, leaf_hash(raw)
 
 

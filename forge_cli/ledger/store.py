@@ -62,15 +62,30 @@ def _sign_all(signer: identity.Identity, hashes: Sequence[bytes]) -> list[bytes]
     return [signer.sign(h) for h in hashes]
 
 
-def _sign_many(signer: identity.Identity, hashes: Sequence[bytes]) -> list[bytes]:
-    if len(hashes) < PARALLEL_SIGN_MIN or CORES == 1:
-        return _sign_all(signer, hashes)
-    # libsodium releases the GIL, so a large batch is signed on every core.
-    step = -(-len(hashes) // CORES)
-    with ThreadPoolExecutor(CORES) as pool:
-        parts = pool.map(_sign_all, [signer] * CORES,
-                         [hashes[i:i + step] for i in range(0, len(hashes), step)])
-        return [sig for part in parts for sig in part]
+class _Signer:
+    """Signs leaf hashes as they are built: inline for a few, on a thread pool for many.
+
+    libsodium releases the GIL, so chunks handed to the pool are signed on the other cores
+    while this thread goes on building (encoding, hashing) the next entries.
+    """
+
+    CHUNK = 128
+
+    def __init__(self, signer: identity.Identity, pool: ThreadPoolExecutor | None) -> None:
+        self.signer, self.pool = signer, pool
+        self.parts: list[Future[list[bytes]] | list[bytes]] = []
+        self.waiting: list[bytes] = []
+
+    def add(self, leaf: bytes) -> None:
+        self.waiting.append(leaf)
+        if self.pool is not None and len(self.waiting) >= self.CHUNK:
+            self.parts.append(self.pool.submit(_sign_all, self.signer, self.waiting))
+            self.waiting = []
+
+    def signatures(self) -> list[bytes]:
+        self.parts.append(_sign_all(self.signer, self.waiting))
+        return [sig for part in self.parts
+                for sig in (part.result() if isinstance(part, Future) else part)]
 
 
 def now_ms() -> int:
@@ -108,6 +123,7 @@ class Ledger:
         self._queue_lock = threading.Lock()
         self._queue: list[tuple[Draft, Future[Entry]]] = []
         self._leading = False
+        self._sign_pool: ThreadPoolExecutor | None = None
         self._load_tip()
 
     # -- opening ---------------------------------------------------------------------------
@@ -169,7 +185,17 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{path} has ledger schema {version}; this forge reads {SCHEMA_VERSION}")
 
+    def _pool(self) -> ThreadPoolExecutor | None:
+        if CORES == 1:
+            return None
+        if self._sign_pool is None:
+            self._sign_pool = ThreadPoolExecutor(CORES, thread_name_prefix="forge-sign")
+        return self._sign_pool
+
     def close(self) -> None:
+        if self._sign_pool is not None:
+            self._sign_pool.shutdown()
+            self._sign_pool = None
         self.conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -391,6 +417,7 @@ class Ledger:
         prev, seq = self.head, self.size
         built: list[tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]] = []
         results: list[int | EntryRejected] = []
+        signing = _Signer(signer, self._pool() if len(drafts) >= PARALLEL_SIGN_MIN else None)
         with self._transaction():
             for draft in drafts:
                 mark = self._state.mark()
@@ -403,10 +430,11 @@ class Ledger:
                     self._state.undo(mark)
                     results.append(exc)
                     continue
+                signing.add(record[2])
                 results.append(len(built))
                 built.append(record)
                 prev, seq = record[2], seq + 1
-            sigs = _sign_many(signer, [leaf for _, _, leaf, _ in built])
+            sigs = signing.signatures()
             written = self._insert(rng, [(fields, raw, leaf, sig, body_map) for
                                          (fields, raw, leaf, body_map), sig in zip(built, sigs)])
         self._advance(rng, written)
