@@ -204,7 +204,9 @@ def test_saved_checkpoint_that_does_not_verify_exits_1(ledger_copy, run_forge, t
     with sqlite3.connect(db) as conn:
         text = conn.execute("SELECT note FROM checkpoints ORDER BY size DESC").fetchone()[0]
     forged = tmp_path / "forged.txt"
-    forged.write_text(text.replace(text.split("\n")[1], "3", 1))
+    lines = text.split("\n")
+    lines[1] = "3"  # claim a smaller tree under the original signature
+    forged.write_text("\n".join(lines))
     result = run_forge("ledger", "verify", "--ledger", str(db), "--checkpoint", str(forged))
     assert result.returncode == 1
     assert "does not verify" in result.stderr
