@@ -236,3 +236,32 @@ def test_redaction_removes_the_body_and_verify_tells_redacted_from_missing(tmp_p
     findings = json.loads(result.stdout)["findings"]
     assert result.returncode == 1
     assert [(f["seq"], "missing (not redacted)" in f["reason"]) for f in findings] == [(2, True)]
+
+
+def test_cosign_command_witnesses_another_nodes_log(run_forge, tmp_path):
+    other = Identity.generate()
+    theirs = tmp_path / "theirs.db"
+    with Ledger.open_writer(theirs, other) as log:
+        log.append_many([Draft("note", {"text": str(i)}) for i in range(4)])
+        first = tmp_path / "first.txt"
+        first.write_text(log.checkpoint())
+        log.append_many([Draft("note", {"text": str(i)}) for i in range(4, 7)])
+        second = tmp_path / "second.txt"
+        second.write_text(log.checkpoint())
+        vkey = log.latest_checkpoint()[3]
+    proof = tmp_path / "proof.json"
+    made = run_forge("ledger", "consistency", "4", "7", "--json", "--ledger", str(theirs))
+    assert made.returncode == 0, made.stderr
+    proof.write_text(made.stdout)
+    mine = tmp_path / "mine.db"
+    first_cosigned = run_forge("ledger", "cosign", str(first), "--key", vkey, "--ledger", str(mine))
+    assert first_cosigned.returncode == 0, first_cosigned.stderr
+    assert first_cosigned.stdout.count("\u2014 ") == 2  # the log's signature and ours
+    refused = run_forge("ledger", "cosign", str(second), "--key", vkey, "--ledger", str(mine))
+    assert refused.returncode == 1 and "not consistent" in refused.stderr
+    accepted = run_forge("ledger", "cosign", str(second), "--key", vkey, "--proof", str(proof),
+                         "--ledger", str(mine))
+    assert accepted.returncode == 0, accepted.stderr
+    rolled_back = run_forge("ledger", "cosign", str(first), "--key", vkey, "--ledger", str(mine))
+    assert rolled_back.returncode == 1 and "shrank" in rolled_back.stderr
+    assert run_forge("ledger", "verify", "--deep", "--ledger", str(mine)).returncode == 0

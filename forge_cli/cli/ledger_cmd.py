@@ -231,7 +231,9 @@ def checkpoint(ledger: Path | None = LedgerOpt) -> None:
     """
     with _writer(ledger) as book:
         text = book.checkpoint()
+        vkey = book.latest_checkpoint()[3]
     sys.stdout.write(text)
+    sys.stderr.write(f"verifier key: {vkey}\n")
 
 
 @app.command()
@@ -305,6 +307,33 @@ def causal(
     for depth, e in enumerate(reversed(chain)):
         typer.echo(f"{'  ' * depth}{e.seq:>6}  {e.kind:<9} {_summary(e.fields)}")
     typer.echo("children: " + (", ".join(map(str, children)) if children else "none"))
+
+
+@app.command()
+def cosign(
+    checkpoint: Path = typer.Argument(..., help="Another node's checkpoint note."),
+    key: str = typer.Option(..., "--key", help="That log's verifier key (name+id+base64)."),
+    proof: Path | None = typer.Option(
+        None, "--proof", help="JSON from that node's `forge ledger consistency OLD NEW --json`, "
+        "OLD being the size this node last cosigned; not needed the first time."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Witness another log: cosign its checkpoint if it extends the last one seen, and print it.
+
+    Refuses (exit 1) a checkpoint that shrinks the log or is not consistent with the last
+    one this node cosigned: that is how forks and rewritten history are caught.
+    """
+    try:
+        text = checkpoint.read_text(encoding="utf-8")
+        nodes = []
+        if proof is not None:
+            nodes = [bytes.fromhex(h) for h in json.loads(proof.read_text(encoding="utf-8"))["proof"]]
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{proof} is not the JSON of `forge ledger consistency --json`: {exc}") from exc
+    with _writer(ledger) as book:
+        sys.stdout.write(book.witness(text, key, nodes))
 
 
 @app.command("export")
