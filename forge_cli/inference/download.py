@@ -40,6 +40,29 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why `endpoint` cannot be reached (None if a TCP connection opens).
+
+    huggingface_hub retries a refused connection with backoff for ~25 s; one quick connect
+    tells the same in a moment. Behind a proxy the probe proves nothing, so it is skipped.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(endpoint)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except socket.gaierror:
+        return f"cannot resolve {host}"
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
 def _pick_file(files: list[str], ref: ModelRef) -> str:
     ggufs = [f for f in files if f.lower().endswith(".gguf") and "/" not in f]
     wanted = [f for f in ggufs if catalog._matches_quant(f, ref.quant or "")]
@@ -76,6 +99,11 @@ def pull(name: str, *, progress: bool = True) -> tuple[ModelRef, Path, bool]:
     if constants.HF_HUB_OFFLINE:
         raise OfflineError(f"cannot download {ref.name} ({where}): HF_HUB_OFFLINE is set",
                            hint=_offline_hint(ref))
+
+    reason = _unreachable(constants.ENDPOINT)
+    if reason:
+        raise OfflineError(f"cannot download {ref.name} ({where}): Hugging Face is not reachable "
+                           f"({reason})", hint=_offline_hint(ref))
 
     local_dir = catalog.repo_local_dir(ref.repo) if catalog.models_dir() else None
     created = local_dir is not None and not local_dir.exists()

@@ -1,5 +1,6 @@
-"""Chat templates: render a conversation with the GGUF's own Jinja template, or ChatML when
-the file has none (what llama.cpp itself falls back to).
+"""Chat templates: render a conversation with the GGUF's own Jinja template; when the file has
+none, Gemma's turn format for Gemma models (their vocabulary has its tokens) and ChatML for
+the rest (what llama.cpp itself falls back to).
 
 Templates run in Jinja's sandbox: a model file is data, and its template must not reach Python.
 """
@@ -20,6 +21,21 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CHATML_STOPS = ("<|im_end|>", "<|im_start|>")
+# Gemma has no system role: the system text opens the first user turn.
+GEMMA = (
+    "{{ bos_token }}{% set pending = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set pending.system = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if message['role'] != 'assistant' %}{{ pending.system }}"
+    "{% set pending.system = '' %}{% endif %}"
+    "{{ message['content'] + '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_STOPS = ("<end_of_turn>", "<start_of_turn>")
 
 
 @dataclass(frozen=True)
@@ -27,13 +43,13 @@ class ChatTemplate:
     """A template plus what it needs: the special-token texts and extra stop strings."""
 
     source: str
-    origin: str  # "gguf" or "fallback (ChatML)"
+    origin: str  # "gguf", "fallback (ChatML)" or "fallback (Gemma)"
     bos_token: str = ""
     eos_token: str = ""
 
     @property
     def stops(self) -> tuple[str, ...]:
-        return CHATML_STOPS if self.source == CHATML else ()
+        return {CHATML: CHATML_STOPS, GEMMA: GEMMA_STOPS}.get(self.source, ())
 
     def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` ([{"role": "user", "content": "hi"}, …])."""
@@ -76,8 +92,10 @@ def render(source: str, messages: list[dict[str, str]], *, bos_token: str = "",
 
 
 def for_model(metadata: dict[str, str], bos_token: str, eos_token: str) -> ChatTemplate:
-    """The GGUF's template (tokenizer.chat_template), or ChatML when it has none."""
+    """The GGUF's template (tokenizer.chat_template), or a fallback when it has none."""
     source = (metadata.get("tokenizer.chat_template") or "").strip()
     if source:
         return ChatTemplate(source, "gguf", bos_token, eos_token)
+    if metadata.get("general.architecture", "").startswith("gemma"):
+        return ChatTemplate(GEMMA, "fallback (Gemma)", bos_token, eos_token)
     return ChatTemplate(CHATML, "fallback (ChatML)", bos_token, eos_token)
