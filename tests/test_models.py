@@ -150,3 +150,29 @@ def test_unknown_model_exits_2_with_suggestions(run_forge):
     done = run_forge("models", "show", "llama3.2:2b")
     assert done.returncode == 2 and "unknown model 'llama3.2:2b'" in done.stderr
     assert "llama3.2:1b" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_models_in_the_hugging_face_cache_are_found_pulled_and_removed(run_forge, tmp_path: Path,
+                                                                      tiny_gguf: Path):
+    # The cache layout huggingface_hub writes: a blob, and a snapshot symlink to it.
+    hf_home = tmp_path / "hf"
+    repo_dir = hf_home / "hub" / "models--someone--Tiny-GGUF"
+    blob = repo_dir / "blobs" / "0123abcd"
+    blob.parent.mkdir(parents=True)
+    shutil.copy(tiny_gguf, blob)
+    snapshot = repo_dir / "snapshots" / "c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot / "Tiny-Q4_K_M.gguf").symlink_to(blob)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("c0ffee")
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+
+    shown = run_forge("models", "show", "hf.co/someone/Tiny-GGUF", "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["path"] == str(snapshot / "Tiny-Q4_K_M.gguf")
+    pulled = run_forge("models", "pull", "hf.co/someone/Tiny-GGUF:q4_k_m", env=env)
+    assert pulled.returncode == 0 and "already present" in pulled.stdout
+    assert run_forge("models", "path", env=env).stdout.strip() == str(hf_home / "hub")
+    removed = run_forge("models", "rm", "hf.co/someone/Tiny-GGUF", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert not blob.exists() and not (snapshot / "Tiny-Q4_K_M.gguf").exists()

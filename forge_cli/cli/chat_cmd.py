@@ -18,7 +18,7 @@ def chat(
                                      help="Model name or .gguf path [default: models.default]."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: int | None = typer.Option(
-        None, "--max-tokens", "-n", min=1, help="Most tokens to generate [default: chat.max_tokens]."
+        None, "--max-tokens", "-n", min=1, help="Most tokens to generate [default: chat.max_tokens]"
     ),
     temperature: float | None = typer.Option(None, "--temperature", "-t", min=0.0,
                                              help="Sampling temperature; 0 is greedy."),
@@ -98,8 +98,8 @@ def _one_shot(engine, path: Path, system, text, sampling, no_stream, as_json, ve
     result = stream.completion
     if as_json:
         data = result.as_dict() if result else {"text": "".join(pieces)}
-        data.update(model=engine.name, model_path=str(path),
-                    load_ms=round(engine.load_s * 1000, 3))
+        data.update(model=engine.name, model_path=str(path), gpu_offload=engine.gpu_offload,
+                    n_gpu_layers=engine.n_gpu_layers, load_ms=round(engine.load_s * 1000, 3))
         if interrupted:
             data["finish_reason"] = "cancelled"
         sys.stdout.write(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")
