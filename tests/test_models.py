@@ -59,6 +59,13 @@ def test_gguf_header_reader_reports_template_params_and_size(tiny_gguf: Path):
     assert info.n_params > 100_000 and info.needed_size == info.file_size
 
 
+def test_block_sizes_agree_with_the_gguf_package():
+    import gguf
+
+    for kind, sizes in gguf.GGML_QUANT_SIZES.items():
+        assert gguf_meta._BLOCKS[int(kind)] == tuple(sizes), kind.name
+
+
 def test_truncated_gguf_is_reported_with_expected_and_found_sizes(tiny_gguf: Path,
                                                                    tmp_path: Path):
     cut = tmp_path / "cut.gguf"
