@@ -42,6 +42,7 @@ KEYS: dict[str, Key] = {
         ),
         Key("models.dir", str, "", "GGUF download folder; empty means the Hugging Face cache"),
         Key("models.default", str, "gemma3:270m", "model used when -m is not given"),
+        Key("models.n_ctx", int, 4096, "context window llama.cpp allocates, in tokens"),
         Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat"),
         Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000"),
         Key("node.host", str, "127.0.0.1", "address forge node binds to"),

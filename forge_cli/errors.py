@@ -8,6 +8,7 @@
     ├── StorageError                a file could not be read or written
     ├── ModelError                  a model file is missing, corrupt or cannot be loaded
     │   └── OfflineError            a download was needed but the network is not available
+    ├── EngineBusy                  the model's request queue is full (HTTP 429)
     ├── LedgerError                 the ledger cannot be opened or used
     │   ├── LedgerLocked            another process holds the writer lock
     │   ├── EntryRejected           an append broke a rule (balance, nonce, schema); nothing written
@@ -66,6 +67,10 @@ class ModelError(ForgeError):
 
 class OfflineError(ModelError):
     """A download was needed while offline (HF_HUB_OFFLINE=1 or no network)."""
+
+
+class EngineBusy(ForgeError):
+    """The engine's bounded request queue is full; the caller may retry later."""
 
 
 class LedgerError(ForgeError):

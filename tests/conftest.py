@@ -48,3 +48,14 @@ def run_forge(forge_home: Path) -> Callable[..., subprocess.CompletedProcess[str
         )
 
     return run
+
+
+# --- inference: the tiny GGUF model (tests/gguf_model.py) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight llama GGUF (byte tokens, a chat template), built once per session."""
+    from tests.gguf_model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")

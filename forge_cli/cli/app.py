@@ -7,7 +7,7 @@ import sys
 import typer
 
 from forge_cli import __version__
-from forge_cli.cli import config_cmd, ledger_cmd, wallet_cmd
+from forge_cli.cli import chat_cmd, config_cmd, ledger_cmd, models_cmd, wallet_cmd
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
 
@@ -40,6 +40,8 @@ def _root(
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(ledger_cmd.app, name="ledger")
 app.command("wallet")(wallet_cmd.wallet)
+app.add_typer(models_cmd.app, name="models")
+app.command("chat")(chat_cmd.chat)
 
 
 def main(argv: list[str] | None = None) -> None:
