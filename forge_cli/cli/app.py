@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from forge_cli import __version__
+from forge_cli import version as forge_version
 from forge_cli.cli import chat_cmd, config_cmd, ledger_cmd, models_cmd, wallet_cmd
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
@@ -24,7 +24,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"forge {__version__}")
+        typer.echo(f"forge {forge_version()}")
         raise typer.Exit()
 
 
@@ -37,11 +37,11 @@ def _root(
     """Exit codes: 0 ok, 1 a check failed (tamper, denied spend), 2 usage, config, I/O or lock."""
 
 
-app.add_typer(config_cmd.app, name="config")
-app.add_typer(ledger_cmd.app, name="ledger")
-app.command("wallet")(wallet_cmd.wallet)
-app.add_typer(models_cmd.app, name="models")
 app.command("chat")(chat_cmd.chat)
+app.add_typer(models_cmd.app, name="models")
+app.command("wallet")(wallet_cmd.wallet)
+app.add_typer(ledger_cmd.app, name="ledger")
+app.add_typer(config_cmd.app, name="config")
 
 
 def main(argv: list[str] | None = None) -> None:
