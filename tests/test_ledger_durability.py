@@ -154,3 +154,22 @@ def test_concurrent_appends_share_commits_and_reject_only_the_bad_one(tmp_path, 
         assert sorted(e.seq for e in written) == list(range(1, 200))
         assert book.balance(me.node_id) == 1 and book.balance(peer.node_id) == 199
     assert run_forge("ledger", "verify", "--deep", "--ledger", str(db)).returncode == 0
+
+
+def test_large_batches_signed_by_the_helper_process_verify(tmp_path, run_forge):
+    """Batches of 512+ entries are signed on a helper process; if it dies, inline takes over."""
+    from forge_cli.ledger.store import Draft
+
+    me = Identity.generate()
+    db = tmp_path / "l.db"
+    with Ledger.open_writer(db, me) as book:
+        book.append_many([Draft("note", {"text": f"a{i}"}) for i in range(700)])
+        worker = book._sign_pool
+        assert worker is not None and worker.proc is not None, "a helper process signed"
+        worker.proc.kill()  # the helper goes away between batches...
+        worker.proc.wait()
+        book.append_many([Draft("note", {"text": f"b{i}"}) for i in range(600)])
+        assert book.size == 1300
+    result = run_forge("ledger", "verify", "--json", "--ledger", str(db))
+    assert result.returncode == 0, result.stdout
+    assert json.loads(result.stdout)["signatures"] == 1300

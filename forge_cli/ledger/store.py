@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,11 @@ from forge_cli import canonical, identity
 from forge_cli.errors import EntryRejected, LedgerError, LedgerLocked, ProofFailed, UsageError
 from forge_cli.ledger import entries, merkle, note, views
 from forge_cli.ledger.entries import Entry
+from forge_cli.ledger.signworker import SignWorker
 
 APPLICATION_ID = 0x46524745  # "FRGE" in the SQLite header
 SCHEMA_VERSION = 1
-PARALLEL_SIGN_MIN = 64
+PARALLEL_SIGN_MIN = 512  # batches this large are signed on a helper process
 CORES = os.cpu_count() or 1
 
 SCHEMA = [
@@ -58,34 +59,33 @@ class Draft:
     ts: int | None = None
 
 
-def _sign_all(signer: identity.Identity, hashes: Sequence[bytes]) -> list[bytes]:
-    return [signer.sign(h) for h in hashes]
-
-
 class _Signer:
-    """Signs leaf hashes as they are built: inline for a few, on a thread pool for many.
+    """Signs leaf hashes as they are built: inline, or for a large batch on a helper process
+    (see `signworker` for why not threads)."""
 
-    libsodium releases the GIL, so chunks handed to the pool are signed on the other cores
-    while this thread goes on building (encoding, hashing) the next entries.
-    """
+    CHUNK = 64
 
-    CHUNK = 128
-
-    def __init__(self, signer: identity.Identity, pool: ThreadPoolExecutor | None) -> None:
-        self.signer, self.pool = signer, pool
-        self.parts: list[Future[list[bytes]] | list[bytes]] = []
+    def __init__(self, signer: identity.Identity, worker: SignWorker | None) -> None:
+        self.signer = signer
+        self.batch = worker.batch() if worker is not None else None
+        self.inline: list[bytes] = []
         self.waiting: list[bytes] = []
 
     def add(self, leaf: bytes) -> None:
+        if self.batch is None:
+            self.inline.append(self.signer.sign(leaf))
+            return
         self.waiting.append(leaf)
-        if self.pool is not None and len(self.waiting) >= self.CHUNK:
-            self.parts.append(self.pool.submit(_sign_all, self.signer, self.waiting))
+        if len(self.waiting) >= self.CHUNK:
+            self.batch.send(self.waiting)
             self.waiting = []
 
     def signatures(self) -> list[bytes]:
-        self.parts.append(_sign_all(self.signer, self.waiting))
-        return [sig for part in self.parts
-                for sig in (part.result() if isinstance(part, Future) else part)]
+        if self.batch is None:
+            return self.inline
+        if self.waiting:
+            self.batch.send(self.waiting)
+        return self.batch.signatures()
 
 
 def now_ms() -> int:
@@ -123,7 +123,7 @@ class Ledger:
         self._queue_lock = threading.Lock()
         self._queue: list[tuple[Draft, Future[Entry]]] = []
         self._leading = False
-        self._sign_pool: ThreadPoolExecutor | None = None
+        self._sign_pool: SignWorker | None = None
         self._load_tip()
 
     # -- opening ---------------------------------------------------------------------------
@@ -185,16 +185,17 @@ class Ledger:
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{path} has ledger schema {version}; this forge reads {SCHEMA_VERSION}")
 
-    def _pool(self) -> ThreadPoolExecutor | None:
-        if CORES == 1:
+    def _pool(self) -> SignWorker | None:
+        """The signing process for large batches (started on first use, kept until close)."""
+        if CORES == 1 or self.signer is None:
             return None
         if self._sign_pool is None:
-            self._sign_pool = ThreadPoolExecutor(CORES, thread_name_prefix="forge-sign")
+            self._sign_pool = SignWorker(self.signer)
         return self._sign_pool
 
     def close(self) -> None:
         if self._sign_pool is not None:
-            self._sign_pool.shutdown()
+            self._sign_pool.close()
             self._sign_pool = None
         self.conn.close()
         if self._lock_fd is not None:
