@@ -102,11 +102,16 @@ def test_truncated_model_exits_2_without_traceback(run_forge, tiny_gguf: Path, t
     assert "Traceback" not in done.stderr
 
 
-def test_node_option_says_the_node_api_is_not_there_yet(run_forge, tiny_gguf: Path):
-    for done in (run_forge("chat", "--node", "http://127.0.0.1:3001", "hi", input=""),
-                 run_forge("chat", "hi", input="", env={"FORGE_NODE": "http://127.0.0.1:3001"})):
+def test_node_option_with_no_node_there_is_a_clear_error(run_forge, tiny_gguf: Path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once this closes
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for done in (run_forge("chat", "--node", url, "hi", input=""),
+                 run_forge("chat", "hi", input="", env={"FORGE_NODE": url})):
         assert done.returncode == 2
-        assert "not available in this version" in done.stderr and "Traceback" not in done.stderr
+        assert "no forge node answers at" in done.stderr and "Traceback" not in done.stderr
 
 
 # -- on a terminal ---------------------------------------------------------------------------

@@ -29,17 +29,18 @@ def chat(
                                  help="Tokens/s, time to first token and token counts on stderr."),
     node: str | None = typer.Option(None, "--node", envvar="FORGE_NODE",
                                     help="Buy the inference from a forge node at URL."),
+    token: str | None = typer.Option(None, "--token", envvar="FORGE_TOKEN",
+                                     help="Consumer token for --node (`forge wallet agent "
+                                     "create NAME` makes one)."),
 ) -> None:
     """Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without one on a TTY.
 
     Examples: forge chat "why is the sky blue?" · git diff | forge chat -s "describe this change"
     """
     if node:
-        raise UsageError(
-            f"--node {node}: buying inference from a node is not available in this version of "
-            "forge (the node API does not exist yet)",
-            hint="drop --node (and FORGE_NODE) to run the model locally",
-        )
+        _buy(node, token, prompt, model, system, max_tokens, temperature, seed, no_stream,
+             as_json, verbose)
+        return
     from forge_cli.inference import catalog
     from forge_cli.inference.engine import Engine, Sampling
 
@@ -69,6 +70,63 @@ def chat(
             _one_shot(engine, path, system, text, sampling, no_stream, as_json, verbose)
     finally:
         engine.close()
+
+
+def _buy(url, token, prompt, model, system, max_tokens, temperature, seed, no_stream,  # noqa: ANN001
+         as_json, verbose) -> None:  # noqa: ANN001
+    """One-shot chat bought from a node: stream the reply, then the CU cost and new balance."""
+    import time
+
+    from forge_cli.client import Client, default_token
+
+    if not prompt and sys.stdin.isatty():
+        raise UsageError("--node needs a prompt (argument or stdin); the REPL runs locally",
+                         hint='forge chat --node URL "your question"')
+    text = _one_shot_prompt(prompt)
+    settings = config.load()
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": text}]
+    payload = {"messages": messages,
+               "max_tokens": max_tokens or settings["chat.max_tokens"],
+               "temperature": (settings["chat.temperature_milli"] / 1000 if temperature is None
+                               else temperature)}
+    if model:
+        payload["model"] = model
+    if seed is not None:
+        payload["seed"] = seed
+    client = Client(url, token or default_token())
+    show = not (no_stream or as_json)
+    pieces: list[str] = []
+    final: dict = {}
+    started = time.perf_counter()
+    first = None
+    for chunk in client.stream_chat(payload):
+        delta = chunk["choices"][0].get("delta", {}).get("content") if chunk["choices"] else None
+        if delta:
+            first = first or time.perf_counter()
+            pieces.append(delta)
+            if show:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        if "x_forge" in chunk:
+            final = chunk
+    reply = "".join(pieces)
+    x_forge = final.get("x_forge", {})
+    usage = final.get("usage", {})
+    if as_json:
+        sys.stdout.write(json.dumps({"text": reply, "model": final.get("model"), "usage": usage,
+                                     "x_forge": x_forge}, ensure_ascii=False, sort_keys=True)
+                         + "\n")
+    else:
+        sys.stdout.write(("" if show else reply) + "\n")
+        sys.stderr.write(f"cost {x_forge.get('cu_cost')} CU at "
+                         f"{x_forge.get('price_ucu_per_token', 0) / 1e6:.2f} CU/token · balance "
+                         f"{x_forge.get('balance')} CU · trade #{x_forge.get('trade_seq')}\n")
+    if verbose:
+        elapsed = time.perf_counter() - started
+        ttft = (first - started) * 1000 if first else 0
+        sys.stderr.write(f"{usage.get('completion_tokens', 0)} tokens in {elapsed:.2f} s, "
+                         f"first token {ttft:.0f} ms (over HTTP)\n")
 
 
 def _one_shot_prompt(prompt: list[str] | None) -> str:

@@ -323,6 +323,10 @@ class Ledger:
         row = self._state.get(views.ACCOUNTS, (account,))
         return 0 if row is None else row[0]
 
+    def has_account(self, account: str) -> bool:
+        """True once any CU has reached `account` (its row stays, at 0, when spent down)."""
+        return self._state.get(views.ACCOUNTS, (account,)) is not None
+
     def balances(self) -> dict[str, int]:
         return {key[0]: value[0] for key, value in views.table_rows(self.conn, views.ACCOUNTS).items()}
 

@@ -1,0 +1,1 @@
+"""The node: an aiohttp server selling inference, where every request is a signed trade."""

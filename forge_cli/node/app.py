@@ -1,0 +1,99 @@
+"""The node's aiohttp application: routes, middlewares, start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from forge_cli.errors import UsageError
+from forge_cli.node import routes_economy, routes_ledger, routes_openai, routes_safety, routes_system
+from forge_cli.node.events import EventBus
+from forge_cli.node.service import LoadedModel, Node
+from forge_cli.node.web import (
+    MAX_BODY,
+    NODE,
+    AuthThrottle,
+    Route,
+    auth_middleware,
+    errors_middleware,
+    openapi,
+)
+
+ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_ledger.ROUTES,
+                       *routes_safety.ROUTES, *routes_system.ROUTES]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def make_app(node: Node) -> web.Application:
+    """The node's web application (tests run it on loopback with aiohttp's test server)."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware(AuthThrottle())],
+                          client_max_size=MAX_BODY)
+    app[NODE] = node
+    app["openapi"] = openapi(ROUTES)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    async def start(app: web.Application) -> None:
+        node.events = EventBus(asyncio.get_running_loop())
+
+    async def stop(app: web.Application) -> None:
+        if node.events is not None:
+            node.events.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    return app
+
+
+def load_models(names: list[str], *, n_ctx: int) -> list[LoadedModel]:
+    from forge_cli.inference import catalog, gguf_meta
+    from forge_cli.inference.engine import Engine
+
+    loaded = []
+    for name in names:
+        ref, path = catalog.find_model_file(name)
+        engine = Engine(path, name=ref.name, n_ctx=n_ctx)
+        params = ref.params or gguf_meta.read_info(path).n_params
+        loaded.append(LoadedModel(ref.name, engine, engine.sha256, params, path))
+    return loaded
+
+
+def check_bind(host: str, token_file: Path) -> None:
+    """A node reachable from other machines must have a token that was set up on purpose."""
+    if host not in LOOPBACK and not token_file.exists():
+        raise UsageError(
+            f"refusing to listen on {host} without an API token configured: anyone on the "
+            "network could spend from this node",
+            hint=f"create one first with `forge wallet token` (it is written to {token_file}), "
+            "or bind to 127.0.0.1")
+
+
+def serve(node: Node, host: str, port: int, *, announce: Any = None) -> None:
+    """Run until SIGINT/SIGTERM; in-flight requests finish or are cancelled cleanly."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = make_app(node)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        if announce is not None:
+            announce(site)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("forge.node").info("shutting down: finishing in-flight requests")
+        await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.close()

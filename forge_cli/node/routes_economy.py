@@ -1,0 +1,146 @@
+"""Economy read routes: balance, pricing, trades, network, providers, route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from forge_cli.errors import UsageError
+from forge_cli.ledger import entries
+from forge_cli.node.service import Node
+from forge_cli.node.web import NODE, Route, bad_request
+
+MODES = ("cost", "quality", "balanced")
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"query parameter {name} must be an integer, found {raw!r}") from None
+    if not low <= value <= high:
+        raise bad_request(f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+def _account_query(request: web.Request) -> str:
+    who = request["who"]
+    account = request.query.get("account")
+    if account is None or account == who.account_hex:
+        return who.account_hex
+    if not who.is_operator:
+        raise web.HTTPForbidden(reason="only the operator may read another account")
+    if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
+        raise bad_request("account must be a 64-digit lowercase hex public key")
+    return account
+
+
+def _account_totals(node: Node, account: str) -> dict[str, int]:
+    earned = spent = 0
+    for entry in node.reader.iter_entries(kind="trade"):
+        terms = entry.data["terms"]
+        if terms["provider"] == account:
+            earned += terms["cu"]
+        if terms["consumer"] == account:
+            spent += terms["cu"]
+    return {"earned": earned, "spent": spent}
+
+
+async def balance(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    account = _account_query(request)
+    current = node.balance(account)
+    reserved = node.reserved.get(account, 0)
+    totals = _account_totals(node, account)
+    return web.json_response({
+        "account": account, "balance": current, "reserved": reserved,
+        "available": current - reserved, **totals, "reputation": 5000,
+    })
+
+
+async def pricing(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    out = []
+    for model in node.models.values():
+        price = node.price(model)
+        out.append({
+            "model": model.name, "params": model.params, "price_ucu_per_token": price,
+            "cu_per_token": price / 1_000_000, "market": node.markets[model.name].snapshot(model.params),
+            "estimate_cu": {"100": entries.trade_cost(100, price),
+                            "1000": entries.trade_cost(1000, price)},
+            "prompt_tokens": "free: only completion tokens are charged",
+            "formula": "cu = ceil(completion_tokens × price_ucu_per_token / 1e6)",
+        })
+    return web.json_response({"models": out})
+
+
+async def trades(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    limit = _int_query(request, "limit", 50, 1, 1000)
+    account = request.query.get("account")
+    found: list[dict[str, Any]] = []
+    for entry in node.reader.iter_entries(kind="trade"):
+        terms = entry.data["terms"]
+        if account and account not in (terms["provider"], terms["consumer"]):
+            continue
+        found.append({"seq": entry.seq, "hash": entry.hash.hex(), **terms,
+                      "provider_sig": entry.data["provider_sig"],
+                      "consumer_sig": entry.data["consumer_sig"]})
+    return web.json_response({"trades": found[-limit:][::-1], "count": len(found)})
+
+
+async def network(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    volume = count = 0
+    for entry in node.reader.iter_entries(kind="trade"):
+        volume += entry.data["terms"]["cu"]
+        count += 1
+    latest = node.ledger.latest_checkpoint()
+    return web.json_response({
+        "node_id": node.node_id, "ledger_size": node.ledger.size,
+        "merkle_root": node.ledger.root().hex(), "trades": count, "trade_volume_cu": volume,
+        "checkpoint": latest[2] if latest else None, "vkey": latest[3] if latest else None,
+    })
+
+
+def _providers(node: Node) -> list[dict[str, Any]]:
+    return [{"node_id": node.node_id, "model": m.name, "model_sha256": m.sha256,
+             "params": m.params, "price_ucu_per_token": node.price(m), "local": True,
+             "reputation": 5000} for m in node.models.values()]
+
+
+async def providers(request: web.Request) -> web.Response:
+    return web.json_response({"providers": _providers(request.app[NODE])})
+
+
+async def route(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    model = request.query.get("model")
+    mode = request.query.get("mode", "balanced")
+    if mode not in MODES:
+        raise bad_request(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
+    max_cu = _int_query(request, "max_cu", 2**62, 0, 2**62)
+    candidates = [p for p in _providers(node) if model in (None, p["model"])]
+    if model is not None and not candidates:
+        raise UsageError(f"no provider serves model {model!r}")
+    affordable = [p for p in candidates if entries.trade_cost(1, p["price_ucu_per_token"]) <= max_cu]
+    key = {"cost": lambda p: (p["price_ucu_per_token"], -p["reputation"]),
+           "quality": lambda p: (-p["params"], -p["reputation"]),
+           "balanced": lambda p: (p["price_ucu_per_token"] / max(1, p["reputation"]), -p["params"])}
+    ranked = sorted(affordable, key=key[mode])
+    return web.json_response({"mode": mode, "max_cu": max_cu, "choice": ranked[0] if ranked else None,
+                              "candidates": ranked})
+
+
+ROUTES = [
+    Route("GET", "/v1/forge/balance", balance, "Caller's balance, reserved and available CU"),
+    Route("GET", "/v1/forge/pricing", pricing, "Prices, their market inputs, and estimates"),
+    Route("GET", "/v1/forge/trades", trades, "Recent trades (?limit, ?account)"),
+    Route("GET", "/v1/forge/network", network, "Totals, Merkle root and latest checkpoint"),
+    Route("GET", "/v1/forge/providers", providers, "Providers known to this node"),
+    Route("GET", "/v1/forge/route", route, "Best provider for ?model&max_cu&mode"),
+]

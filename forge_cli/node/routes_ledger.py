@@ -1,0 +1,73 @@
+"""Ledger routes: checkpoints, entries, inclusion and consistency proofs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from forge_cli.node.routes_economy import _int_query
+from forge_cli.node.service import Node
+from forge_cli.node.web import NODE, Route, bad_request
+
+
+async def checkpoint(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    text = await node.on_ledger(node.ledger.checkpoint)
+    latest = node.ledger.latest_checkpoint()
+    return web.json_response({"size": latest[0], "root": latest[1].hex(), "note": text,
+                              "vkey": latest[3]})
+
+
+async def entries_(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    size = node.ledger.size
+    start = _int_query(request, "start", max(0, size - 50), 0, max(size, 0))
+    limit = _int_query(request, "limit", 50, 1, 1000)
+    out = [e.to_json() for e in node.reader.iter_entries(start, min(size, start + limit))]
+    return web.json_response({"size": size, "entries": out})
+
+
+def _seq(request: web.Request) -> int:
+    raw = request.match_info["seq"]
+    if not raw.isdigit():
+        raise bad_request(f"seq must be a non-negative integer, found {raw!r}")
+    return int(raw)
+
+
+async def entry(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    seq = _seq(request)
+    if seq >= node.ledger.size:
+        raise web.HTTPNotFound(reason=f"no entry {seq}")
+    return web.json_response(node.reader.entry(seq).to_json())
+
+
+async def proof(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    seq = _seq(request)
+    size = _int_query(request, "size", node.ledger.size, 1, node.ledger.size)
+    if seq >= size:
+        raise web.HTTPNotFound(reason=f"no entry {seq} in a tree of size {size}")
+    nodes = await node.on_ledger(node.ledger.inclusion_proof, seq, size)
+    root = await node.on_ledger(node.ledger.root, size)
+    return web.json_response({"seq": seq, "size": size, "leaf_hash": node.reader.entry(seq).hash.hex(),
+                              "root": root.hex(), "proof": [n.hex() for n in nodes]})
+
+
+async def consistency(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    new = _int_query(request, "new", node.ledger.size, 0, node.ledger.size)
+    old = _int_query(request, "old", 0, 0, new)
+    nodes = await node.on_ledger(node.ledger.consistency_proof, old, new)
+    old_root = await node.on_ledger(node.ledger.root, old)
+    new_root = await node.on_ledger(node.ledger.root, new)
+    return web.json_response({"old_size": old, "new_size": new, "old_root": old_root.hex(),
+                              "new_root": new_root.hex(), "proof": [n.hex() for n in nodes]})
+
+
+ROUTES = [
+    Route("GET", "/v1/forge/ledger/checkpoint", checkpoint, "Sign and return a checkpoint"),
+    Route("GET", "/v1/forge/ledger/entries", entries_, "Entries (?start, ?limit)"),
+    Route("GET", "/v1/forge/ledger/entry/{seq}", entry, "One entry"),
+    Route("GET", "/v1/forge/ledger/proof/{seq}", proof, "Inclusion proof (?size)"),
+    Route("GET", "/v1/forge/ledger/consistency", consistency, "Consistency proof (?old, ?new)"),
+]

@@ -1,0 +1,88 @@
+"""Safety routes: status, kill switch, policies, approvals (operator-only writes)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from forge_cli.node.service import Node
+from forge_cli.node.web import NODE, Route, bad_request, field, read_json
+
+POLICY_FIELDS = ("per_request_cap_cu", "hourly_budget_cu", "lifetime_budget_cu",
+                 "approval_threshold_cu")
+
+
+def _operator(request: web.Request) -> None:
+    if not request["who"].is_operator:
+        raise web.HTTPForbidden(reason="only the node operator may change safety settings")
+
+
+async def status(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    who = request["who"]
+    account = None if who.is_operator else who.account_hex
+    return web.json_response(await node.on_ledger(node.safety.status, account))
+
+
+async def kill(request: web.Request) -> web.Response:
+    _operator(request)
+    node: Node = request.app[NODE]
+    body = await read_json(request)
+    activate = field(body, "activate", bool, default=True)
+    reason = field(body, "reason", str, default="")
+    if activate:
+        if not reason.strip():
+            raise bad_request("activating the kill switch needs a reason")
+        await node.on_ledger(node.safety.kill, reason)
+    else:
+        await node.on_ledger(node.safety.resume, reason)
+    node.metrics.kill_switch.set(1 if activate else 0)
+    node.publish_safety()
+    return web.json_response(await node.on_ledger(node.safety.status, None))
+
+
+async def policy(request: web.Request) -> web.Response:
+    _operator(request)
+    node: Node = request.app[NODE]
+    body = await read_json(request)
+    account = field(body, "account", str, default="*")
+    values = {}
+    for name in POLICY_FIELDS:
+        value = field(body, name, int, default=None)
+        if value is not None:
+            if value <= 0:
+                raise bad_request(f"{name} must be a positive integer, found {value}")
+            values[name] = value
+    if not values:
+        raise bad_request(f"give at least one of {', '.join(POLICY_FIELDS)}")
+    await node.on_ledger(node.safety.set_policy, account, **values)
+    node.publish_safety()
+    return web.json_response(await node.on_ledger(node.safety.status, None if account == "*"
+                                                  else account))
+
+
+async def approve(request: web.Request) -> web.Response:
+    _operator(request)
+    node: Node = request.app[NODE]
+    body = await read_json(request)
+    approval_id = field(body, "id", str, required=True)
+    deny = field(body, "deny", bool, default=False)
+    if deny:
+        await node.on_ledger(node.safety.deny, approval_id)
+    else:
+        await node.on_ledger(node.safety.approve, approval_id)
+    node.publish_safety()
+    return web.json_response({"id": approval_id, "status": "denied" if deny else "approved"})
+
+
+async def pending(request: web.Request) -> web.Response:
+    node: Node = request.app[NODE]
+    return web.json_response({"pending": await node.on_ledger(node.safety.pending)})
+
+
+ROUTES = [
+    Route("GET", "/v1/forge/safety", status, "Kill switch, breaker, policy, budgets, approvals"),
+    Route("POST", "/v1/forge/kill", kill, "Kill switch on/off {activate, reason} (operator)"),
+    Route("POST", "/v1/forge/policy", policy, "Set a spending policy (operator)"),
+    Route("POST", "/v1/forge/approve", approve, "Approve or deny a pending spend (operator)"),
+    Route("GET", "/v1/forge/approvals", pending, "Pending approvals"),
+]

@@ -1,0 +1,235 @@
+"""HTTP plumbing shared by the routes: JSON errors, bearer auth, request parsing, the route table.
+
+Every error leaves as the OpenAI envelope `{"error": {"message", "type", "code"}}` with its
+status, including aiohttp's own 404/405/413; no handler ever answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from forge_cli.errors import ApprovalRequired, EngineBusy, ForgeError, SpendDenied
+
+log = logging.getLogger("forge.node")
+
+NODE = web.AppKey("node", object)
+PUBLIC = {"/health", "/metrics", "/openapi.json"}
+AUTH_FAILURES_PER_MINUTE = 20
+MAX_BODY = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    public: bool = False
+
+
+def error_response(status: int, message: str, kind: str, code: str | None = None,
+                   headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": code, **extra}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _kind(status: int) -> str:
+    return {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_cu",
+            403: "permission_denied", 404: "not_found_error", 405: "invalid_request_error",
+            413: "request_too_large", 422: "invalid_request_error", 423: "kill_switch",
+            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+
+
+def forge_error_response(exc: ForgeError) -> web.Response:
+    status = getattr(exc, "http_status", 400)
+    extra: dict[str, Any] = {}
+    headers = None
+    code = type(exc).__name__
+    if isinstance(exc, SpendDenied):
+        extra["gate"] = getattr(exc, "gate", None)
+    if isinstance(exc, ApprovalRequired):
+        extra["approval_id"] = exc.approval_id
+    if isinstance(exc, EngineBusy):
+        headers = {"Retry-After": "1"}
+    message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+    return error_response(status, message, _kind(status), code, headers, **extra)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ForgeError as exc:
+        response = forge_error_response(exc)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status < 400:
+            raise
+        message = {404: f"no route {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}",
+                   413: f"request body is larger than {MAX_BODY:,} bytes"}.get(
+            exc.status, exc.reason)
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return error_response(exc.status, message, _kind(exc.status), None, headers)
+    except (ConnectionResetError, ConnectionError):
+        status = 499  # the client went away; nothing to answer
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal error; the node log has the details",
+                              "server_error", "internal_error")
+    finally:
+        who = request.get("who")
+        node = request.app.get(NODE)
+        if node is not None and request.path not in ("/metrics",):
+            node.metrics.requests.labels(request.match_info.route.resource.canonical
+                                         if request.match_info.route.resource else "unknown",
+                                         str(status)).inc()
+        log.info("%s %s %s account=%s %d %.1fms", request.remote, request.method, request.path,
+                 who.account_hex[:12] if who is not None else "-",
+                 status, (time.perf_counter() - started) * 1000)
+
+
+class AuthThrottle:
+    """Failed-auth counting per client address (never global, so one bad client locks out
+    only itself)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.failures: dict[str, list[float]] = {}
+
+    def blocked_for(self, address: str) -> int:
+        now = self.clock()
+        recent = [t for t in self.failures.get(address, []) if now - t < 60]
+        self.failures[address] = recent
+        if len(recent) >= AUTH_FAILURES_PER_MINUTE:
+            return int(60 - (now - recent[0])) + 1
+        return 0
+
+    def failed(self, address: str) -> None:
+        self.failures.setdefault(address, []).append(self.clock())
+        if len(self.failures) > 10_000:  # forget the oldest addresses, bounded memory
+            for key in list(self.failures)[:5_000]:
+                del self.failures[key]
+
+
+def auth_middleware(throttle: AuthThrottle) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC:
+            return await handler(request)
+        address = request.remote or "?"
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        node = request.app[NODE]
+        who = node.accounts.resolve(token.strip()) if scheme.lower() == "bearer" and token else None
+        if who is None:
+            # Only failures are throttled, per address: a client behind the same address
+            # with a valid token is not locked out by someone else's guessing.
+            wait = throttle.blocked_for(address)
+            if wait:
+                return error_response(429, f"too many failed authentications from {address}; "
+                                      f"retry in {wait} s", "rate_limit_error", "auth_throttled",
+                                      {"Retry-After": str(wait)})
+            throttle.failed(address)
+            reason = "missing bearer token" if not header else "invalid or revoked token"
+            return error_response(401, f"{reason}; send `Authorization: Bearer <token>`",
+                                  "authentication_error", "invalid_token")
+        request["who"] = who
+        return await handler(request)
+
+    return middleware
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"body must be a JSON object, found {type(body).__name__}")
+    return body
+
+
+class BadRequest(ForgeError):
+    http_status = 400
+
+
+def bad_request(message: str) -> BadRequest:
+    return BadRequest(message)
+
+
+def field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], *,
+          default: Any = None, required: bool = False) -> Any:
+    """body[name] if present and of the right JSON type (bool is not a number)."""
+    if name not in body or body[name] is None:
+        if required:
+            raise bad_request(f"missing required field {name!r}")
+        return default
+    value = body[name]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise bad_request(f"{name!r} must be {_names(kinds)}, found a boolean")
+    if not isinstance(value, kinds):
+        raise bad_request(f"{name!r} must be {_names(kinds)}, found {type(value).__name__}")
+    return value
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "an array", dict: "an object"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
+
+
+def openapi(routes: list[Route]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for route in routes:
+        op: dict[str, Any] = {
+            "summary": route.summary,
+            "responses": {"200": {"description": "OK"},
+                          "default": {"description": "error",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Error"}}}}},
+        }
+        if not route.public:
+            op["security"] = [{"bearer": []}]
+        if route.method == "POST":
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"type": "object"}}}}
+        params = [part[1:-1] for part in route.path.split("/") if part.startswith("{")]
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                 "schema": {"type": "integer", "minimum": 0}} for p in params]
+        paths.setdefault(route.path, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "forge node", "version": "1"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "properties": {"error": {
+                "type": "object", "properties": {"message": {"type": "string"},
+                                                 "type": {"type": "string"},
+                                                 "code": {"type": "string", "nullable": True}}}}}},
+        },
+    }

@@ -1,0 +1,89 @@
+"""A real `forge node` in a subprocess on 127.0.0.1 (ephemeral port), and helpers to use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO, forge_env
+
+START_TIMEOUT = 60
+
+
+class NodeProcess:
+    def __init__(self, home: Path, model: Path, *extra: str) -> None:
+        self.home = home
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "forge_cli", "node", "-m", str(model), "--port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env=forge_env(home),
+        )
+        self.url = self._wait_for_url()
+        self.operator_token = (home / "api_token").read_text().strip()
+
+    def _wait_for_url(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"node exited: {self.proc.wait()} {self.proc.stderr.read()}")
+            if line.startswith("forge node listening on "):
+                return line.split()[-1]
+        raise RuntimeError("node did not start in time")
+
+    def request(self, method: str, path: str, body: Any = None, token: str | None = None,
+                raw: bytes | None = None, headers: dict[str, str] | None = None
+                ) -> tuple[int, dict[str, str], Any]:
+        """(status, headers, parsed JSON or text) — never raises on HTTP errors."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as response:
+                status, head, payload = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            status, head, payload = err.code, dict(err.headers), err.read()
+        text = payload.decode("utf-8", errors="replace")
+        try:
+            return status, head, json.loads(text)
+        except ValueError:
+            return status, head, text
+
+    def agent(self, name: str) -> dict[str, str]:
+        """Create a consumer account with `forge wallet agent create` (works while running)."""
+        done = subprocess.run([sys.executable, "-m", "forge_cli", "wallet", "agent", "create", name,
+                               "--json"], capture_output=True, text=True, cwd=REPO,
+                              env=forge_env(self.home), timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream:
+                    stream.close()
+
+    def __enter__(self) -> NodeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,163 @@
+"""A real node on 127.0.0.1 with the tiny GGUF, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+
+from forge_cli.ledger.store import Ledger
+from tests.conftest import REPO, forge_env
+from tests.node_harness import NodeProcess
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
+    home = tmp_path_factory.mktemp("node-home")
+    with NodeProcess(home, tiny_gguf) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def alice(node: NodeProcess) -> dict[str, str]:
+    return node.agent("alice")
+
+
+def client(node: NodeProcess, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node.url + "/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def balance(node: NodeProcess, token: str) -> int:
+    status, _, body = node.request("GET", "/v1/forge/balance", token=token)
+    assert status == 200, body
+    return body["balance"]
+
+
+def test_models_lists_the_loaded_model(node, alice):
+    models = client(node, alice["token"]).models.list()
+    assert [m.id for m in models.data] == ["tiny-llama.gguf"] or len(models.data) == 1
+
+
+def test_chat_completion_is_a_trade_that_moves_balances_exactly(node, alice):
+    before = balance(node, alice["token"])
+    reply = client(node, alice["token"]).chat.completions.create(
+        model=client(node, alice["token"]).models.list().data[0].id,
+        messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0, seed=1)
+    x = reply.model_extra["x_forge"]
+    assert reply.usage.completion_tokens >= 1
+    assert x["cu_cost"] >= 1 and x["trade_seq"] is not None
+    after = balance(node, alice["token"])
+    assert before - after == x["cu_cost"] == x["cu_cost"]
+    assert x["balance"] == after
+    status, _, entry = node.request("GET", f"/v1/forge/ledger/entry/{x['trade_seq']}",
+                                    token=alice["token"])
+    terms = entry["entry"]["data"]["terms"]
+    assert status == 200 and terms["consumer"] == alice["account"]
+    assert terms["completion_tokens"] == reply.usage.completion_tokens
+    assert terms["cu"] == x["cu_cost"]
+
+
+def test_streaming_carries_x_forge_in_the_last_chunk(node, alice):
+    stream = client(node, alice["token"]).chat.completions.create(
+        messages=[{"role": "user", "content": "stream please"}], model="",
+        max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[-1].model_extra.get("x_forge") is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    x = chunks[-1].model_extra["x_forge"]
+    assert x["cu_cost"] >= 1 and len(text) > 0
+    assert x["balance"] == balance(node, alice["token"])
+
+
+def test_completions_route_works_with_the_openai_client(node, alice):
+    done = client(node, alice["token"]).completions.create(
+        model="", prompt="Once upon", max_tokens=5, temperature=0)
+    assert done.choices[0].text is not None
+    assert done.model_extra["x_forge"]["cu_cost"] == done.usage.completion_tokens
+
+
+def test_operator_token_buying_is_a_refused_self_trade(node):
+    status, _, body = node.request("POST", "/v1/chat/completions", token=node.operator_token,
+                                   body={"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 403
+    assert "self-trade" in body["error"]["message"] and "agent" in body["error"]["message"]
+
+
+def test_new_account_gets_the_free_tier_grant(node):
+    bob = node.agent("bob")
+    assert balance(node, bob["token"]) == 0  # nothing until the first purchase
+    reply = client(node, bob["token"]).chat.completions.create(
+        model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert balance(node, bob["token"]) == 1000 - reply.model_extra["x_forge"]["cu_cost"]
+
+
+def test_quote_above_balance_is_402(node):
+    carol = node.agent("carol")
+    status, _, body = node.request(
+        "POST", "/v1/chat/completions", token=carol["token"],
+        body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500})
+    assert status == 402
+    assert "below the quote" in body["error"]["message"]
+
+
+def test_chat_cli_buys_from_the_node_and_prints_cost_and_balance(node, alice):
+    done = subprocess.run(
+        [sys.executable, "-m", "forge_cli", "chat", "--node", node.url, "--token", alice["token"],
+         "--max-tokens", "6", "--json", "hi there"],
+        capture_output=True, text=True, cwd=REPO, env=forge_env(node.home), timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["x_forge"]["balance"] == balance(node, alice["token"])
+    plain = subprocess.run(
+        [sys.executable, "-m", "forge_cli", "chat", "--node", node.url, "--max-tokens", "4", "hi"],
+        capture_output=True, text=True, cwd=REPO, env=forge_env(node.home, FORGE_TOKEN=alice["token"]),
+        timeout=120)
+    assert plain.returncode == 0 and "CU" in plain.stderr and "balance" in plain.stderr
+
+
+def test_mixed_workload_of_200_requests_then_deep_verify(node):
+    accounts = [node.agent(f"load{i}") for i in range(3)]
+    errors: list[BaseException] = []
+    spent = {a["account"]: 0 for a in accounts}
+    lock = threading.Lock()
+
+    def work(account: dict[str, str], n: int) -> None:
+        api = client(node, account["token"])
+        try:
+            for i in range(n):
+                if i % 3 == 0:
+                    chunks = list(api.chat.completions.create(
+                        model="", messages=[{"role": "user", "content": f"s{i}"}], max_tokens=3,
+                        stream=True))
+                    cost = chunks[-1].model_extra["x_forge"]["cu_cost"]
+                else:
+                    reply = api.chat.completions.create(
+                        model="", messages=[{"role": "user", "content": f"q{i}"}], max_tokens=3)
+                    cost = reply.model_extra["x_forge"]["cu_cost"]
+                with lock:
+                    spent[account["account"]] += cost
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(a, n)) for a, n in zip(accounts, (67, 67, 66))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    for account in accounts:
+        assert balance(node, account["token"]) == 1000 - spent[account["account"]]
+    ledger = node.home / "ledger.db"
+    done = subprocess.run([sys.executable, "-m", "forge_cli", "ledger", "verify", "--deep",
+                           "--ledger", str(ledger)], capture_output=True, text=True, cwd=REPO,
+                          env=forge_env(node.home), timeout=300)
+    assert done.returncode == 0, done.stderr
+    with Ledger.open_reader(ledger) as book:
+        trades = [e for e in book.iter_entries(kind="trade")
+                  if e.data["terms"]["consumer"] in spent]
+    assert len(trades) == 200

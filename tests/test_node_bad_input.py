@@ -1,0 +1,138 @@
+"""Every route answers bad input with the right 4xx and a JSON error: never a 500, never text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.node_harness import NodeProcess
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
+    home = tmp_path_factory.mktemp("bad-input-home")
+    with NodeProcess(home, tiny_gguf) as running:
+        running.consumer = running.agent("dave")["token"]
+        yield running
+
+
+def assert_json_error(status: int, body: object, expected: int) -> None:
+    assert status == expected, body
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    assert body["error"]["message"] and body["error"]["type"]
+
+
+CHAT = "/v1/chat/completions"
+GOOD = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+BAD_BODIES = [
+    (CHAT, b"{not json", 400),
+    (CHAT, b"[1, 2, 3]", 400),
+    (CHAT, b'"a string"', 400),
+    (CHAT, json.dumps({}).encode(), 400),
+    (CHAT, json.dumps({"messages": []}).encode(), 400),
+    (CHAT, json.dumps({"messages": "hi"}).encode(), 400),
+    (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "max_tokens": -1}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "max_tokens": 10**9}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "max_tokens": "ten"}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "max_tokens": True}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "temperature": 9}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "top_p": 0}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "seed": -3}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "stop": [1, 2]}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "stream": "yes"}).encode(), 400),
+    (CHAT, json.dumps({**GOOD, "model": "no-such-model"}).encode(), 404),
+    (CHAT, json.dumps({**GOOD, "model": 7}).encode(), 400),
+    ("/v1/completions", json.dumps({"prompt": 3}).encode(), 400),
+    ("/v1/completions", json.dumps({"max_tokens": 2}).encode(), 400),
+    ("/v1/forge/kill", b"{oops", 403),  # a consumer may not even try
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "expected"), BAD_BODIES,
+                         ids=[f"{i}-{p.rsplit('/', 1)[-1]}" for i, (p, _, _) in enumerate(BAD_BODIES)])
+def test_malformed_requests_get_a_json_4xx(node, path, raw, expected):
+    status, _, body = node.request("POST", path, raw=raw, token=node.consumer)
+    assert_json_error(status, body, expected)
+
+
+def test_two_megabyte_body_is_413(node):
+    raw = json.dumps({"messages": [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]}).encode()
+    status, _, body = node.request("POST", CHAT, raw=raw, token=node.consumer)
+    assert_json_error(status, body, 413)
+
+
+ROUTES = [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/v1/completions"),
+          ("GET", "/v1/forge/balance"), ("GET", "/v1/forge/pricing"), ("GET", "/v1/forge/trades"),
+          ("GET", "/v1/forge/network"), ("GET", "/v1/forge/providers"), ("GET", "/v1/forge/route"),
+          ("GET", "/v1/forge/safety"), ("POST", "/v1/forge/kill"), ("POST", "/v1/forge/policy"),
+          ("POST", "/v1/forge/approve"), ("GET", "/v1/forge/ledger/checkpoint"),
+          ("GET", "/v1/forge/ledger/entries"), ("GET", "/v1/forge/ledger/entry/0"),
+          ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/ledger/consistency"),
+          ("GET", "/v1/forge/events")]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_missing_or_bad_token_is_401_on_every_private_route(node, method, path):
+    for token in (None, "not-a-token", node.consumer + "x"):
+        status, _, body = node.request(method, path, token=token, body={} if method == "POST" else None)
+        # After 20 failures a minute from one address the answer becomes 429 (throttled).
+        assert_json_error(status, body, 401 if status != 429 else 429)
+
+
+def test_public_routes_need_no_token(node):
+    for path in ("/health", "/metrics", "/openapi.json"):
+        status, _, body = node.request("GET", path)
+        assert status == 200, (path, body)
+    status, _, spec = node.request("GET", "/openapi.json")
+    described = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    for method, path in ROUTES:
+        template = path.replace("/0", "/{seq}") if "/ledger/entry" in path or "/ledger/proof" in path \
+            else path
+        assert (method, template) in described, (method, template)
+
+
+def test_unknown_route_and_wrong_method_are_json(node):
+    status, _, body = node.request("GET", "/v1/nope", token=node.consumer)
+    assert_json_error(status, body, 404)
+    status, headers, body = node.request("GET", CHAT, token=node.consumer)
+    assert_json_error(status, body, 405)
+    assert "POST" in headers.get("Allow", "")
+
+
+@pytest.mark.parametrize("query", ["?limit=abc", "?limit=0", "?limit=100000"])
+def test_bad_query_parameters_are_400(node, query):
+    status, _, body = node.request("GET", "/v1/forge/trades" + query, token=node.consumer)
+    assert_json_error(status, body, 400)
+
+
+def test_bad_ledger_paths_are_400_or_404(node):
+    for path, expected in (("/v1/forge/ledger/entry/abc", 400), ("/v1/forge/ledger/entry/99999", 404),
+                           ("/v1/forge/ledger/proof/99999", 400),
+                           ("/v1/forge/ledger/consistency?old=5&new=2", 400),
+                           ("/v1/forge/route?mode=fastest", 400)):
+        status, _, body = node.request("GET", path, token=node.consumer)
+        assert status in (expected, 404) if expected == 404 else status == expected, (path, body)
+        assert_json_error(status, body, status)
+
+
+def test_another_accounts_balance_is_operator_only(node):
+    status, _, body = node.request("GET", "/v1/forge/balance?account=" + "ab" * 32,
+                                   token=node.consumer)
+    assert_json_error(status, body, 403)
+    status, _, body = node.request("GET", "/v1/forge/balance?account=" + "ab" * 32,
+                                   token=node.operator_token)
+    assert status == 200 and body["balance"] == 0
+
+
+def test_failed_auth_is_throttled_per_client_address(node):
+    for _ in range(25):
+        status, _, _ = node.request("GET", "/v1/forge/balance", token="wrong")
+    assert status == 429
+    status, headers, body = node.request("GET", "/v1/forge/balance", token="wrong")
+    assert_json_error(status, body, 429)
+    assert int(headers["Retry-After"]) >= 1
