@@ -39,7 +39,7 @@ def _root(
 
 app.command("chat")(chat_cmd.chat)
 app.add_typer(models_cmd.app, name="models")
-app.command("wallet")(wallet_cmd.wallet)
+app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(config_cmd.app, name="config")
 
