@@ -49,6 +49,13 @@ KEYS: dict[str, Key] = {
         Key("node.port", int, 3001, "port forge node listens on"),
         Key("node.url", str, "", "node that `forge chat --node` buys from by default"),
         Key("mesh.interfaces", list, ["127.0.0.1"], "addresses zeroconf binds to"),
+        Key("safety.per_request_cap_cu", int, 5_000,
+            "default largest single spend, in CU (a `policy` entry overrides it per account)"),
+        Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour"),
+        Key("safety.lifetime_budget_cu", int, 200_000, "default CU an account may ever spend"),
+        Key("safety.approval_threshold_cu", int, 2_000,
+            "default spend above which a person must approve (keep it below the cap)"),
+        Key("safety.approval_ttl_s", int, 900, "seconds an approval request waits for a person"),
     ]
 }
 

@@ -1,23 +1,31 @@
-"""Every error forge raises on purpose, in one tree, each mapped to one exit code.
+"""Every error forge raises on purpose, in one tree, each mapped to one exit code and status.
 
-    ForgeError                      anything forge reports to a user (exit 2 unless noted)
-    ├── UsageError                  bad arguments or input the user can fix
-    │   └── UnknownModel            a model name that resolves to nothing
-    ├── ConfigError                 config.toml or FORGE_* holds an unknown key or a wrong type
-    ├── IdentityError               a key file is missing, unreadable, malformed or too open
-    ├── StorageError                a file could not be read or written
-    ├── ModelError                  a model file is missing, corrupt or cannot be loaded
-    │   └── OfflineError            a download was needed but the network is not available
-    ├── EngineBusy                  the model's request queue is full (HTTP 429)
-    ├── LedgerError                 the ledger cannot be opened or used
-    │   ├── LedgerLocked            another process holds the writer lock
-    │   ├── EntryRejected           an append broke a rule (balance, nonce, schema); nothing written
-    │   └── CheckFailed             exit 1: a check ran and the answer is "no"
-    │       ├── TamperDetected      the ledger or an imported file does not verify
-    │       └── ProofFailed         a Merkle proof or checkpoint does not verify
-    └── SpendDenied                 exit 1: a safety gate or the balance refused a spend
+                                    exit HTTP
+    ForgeError                      2    400  anything forge reports to a user
+    ├── UsageError                  2    400  bad arguments or input the user can fix
+    │   ├── UnknownModel            2    404  a model name that resolves to nothing
+    │   └── SelfTrade               2    403  the operator buying from its own node
+    ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key or a wrong type
+    ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
+    ├── StorageError                2    500  a file could not be read or written
+    ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
+    │   └── OfflineError            2    503  a download was needed but the network is not available
+    ├── EngineBusy                  2    429  the model's request queue is full
+    ├── LedgerError                 2    500  the ledger cannot be opened or used
+    │   ├── LedgerLocked            2    500  another process holds the writer lock
+    │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
+    │   └── CheckFailed             1    422  a check ran and the answer is "no"
+    │       ├── TamperDetected      1    500  the ledger or an imported file does not verify
+    │       └── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
+    └── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
+        ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
+        ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
+        ├── SpendCapExceeded        1    403  gate "per_request_cap": one spend above the cap
+        ├── BreakerOpen             1    403  gate "circuit_breaker": too many errors or spends
+        ├── BudgetExceeded          1    403  gate "hourly_budget" or "lifetime_budget"
+        └── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
 
-The CLI maps each class to an exit code in `exit_code_for`; the node maps them to HTTP statuses.
+The CLI maps each class to an exit code in `exit_code_for`; the node answers with `http_status`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class ForgeError(Exception):
     """Base class: an expected failure with a message meant for a person."""
 
     exit_code = EXIT_USAGE
+    http_status = 400
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -48,6 +57,14 @@ class UsageError(ForgeError):
 class UnknownModel(UsageError):
     """A model name that is neither in the catalog, a hf.co reference nor a .gguf path."""
 
+    http_status = 404
+
+
+class SelfTrade(UsageError):
+    """The operator token buying inference from its own node: nothing would change hands."""
+
+    http_status = 403
+
 
 class ConfigError(ForgeError):
     """config.toml or a FORGE_* variable holds an unknown key or a value of the wrong type."""
@@ -60,9 +77,13 @@ class IdentityError(ForgeError):
 class StorageError(ForgeError):
     """A file or directory could not be read or written."""
 
+    http_status = 500
+
 
 class ModelError(ForgeError):
     """A model file is missing, truncated or not a GGUF llama.cpp can load."""
+
+    http_status = 503
 
 
 class OfflineError(ModelError):
@@ -72,9 +93,13 @@ class OfflineError(ModelError):
 class EngineBusy(ForgeError):
     """The engine's bounded request queue is full; the caller may retry later."""
 
+    http_status = 429
+
 
 class LedgerError(ForgeError):
     """The ledger cannot be opened, read or written."""
+
+    http_status = 500
 
 
 class LedgerLocked(LedgerError):
@@ -84,15 +109,20 @@ class LedgerLocked(LedgerError):
 class EntryRejected(LedgerError):
     """An append broke a ledger rule; the transaction was rolled back and nothing was written."""
 
+    http_status = 409
+
 
 class CheckFailed(ForgeError):
     """A check ran to the end and failed (exit 1), as opposed to not being able to run."""
 
     exit_code = EXIT_CHECK_FAILED
+    http_status = 422
 
 
 class TamperDetected(CheckFailed, LedgerError):
     """The ledger, or a file offered for import, does not verify."""
+
+    http_status = 500
 
 
 class ProofFailed(CheckFailed, LedgerError):
@@ -100,9 +130,59 @@ class ProofFailed(CheckFailed, LedgerError):
 
 
 class SpendDenied(ForgeError):
-    """A spend was refused by a safety gate or by the balance."""
+    """A spend was refused by a safety gate or by the balance; `gate` names which."""
 
     exit_code = EXIT_CHECK_FAILED
+    http_status = 403
+    gate = "unknown"
+
+    def __init__(self, message: str, *, gate: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        if gate is not None:
+            self.gate = gate
+
+
+class InsufficientCU(SpendDenied):
+    """The consumer's available balance cannot cover the quoted maximum cost."""
+
+    http_status = 402
+    gate = "balance"
+
+
+class KillSwitchActive(SpendDenied):
+    """The kill switch is on: no spend of any kind succeeds until it is lifted."""
+
+    http_status = 423
+    gate = "kill_switch"
+
+
+class SpendCapExceeded(SpendDenied):
+    """One spend is larger than the account's per-request cap."""
+
+    gate = "per_request_cap"
+
+
+class BreakerOpen(SpendDenied):
+    """The circuit breaker tripped (consecutive errors or a burst of spends) and has not reset."""
+
+    gate = "circuit_breaker"
+
+
+class BudgetExceeded(SpendDenied):
+    """The spend would take the account over its hourly or lifetime budget (`gate` says which)."""
+
+    gate = "hourly_budget"
+
+
+class ApprovalRequired(SpendDenied):
+    """The spend is above the approval threshold: a person must approve `approval_id` first."""
+
+    http_status = 202
+    gate = "approval"
+
+    def __init__(self, message: str, *, approval_id: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.approval_id = approval_id
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -27,7 +27,7 @@ def signed_trade(provider: Identity, consumer: Identity, *, tokens: int = 40,
 
 def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
     """A ledger whose every table holds rows: grants, transfer, trades, bodies, a redaction,
-    Merkle nodes, two checkpoints and a witnessed foreign log."""
+    kill switch, policy, approval, Merkle nodes, two checkpoints and a witnessed foreign log."""
     consumer, stranger = Identity.generate(), Identity.generate()
     foreign_owner = Identity.generate()
     with Ledger.open_writer(path.with_name("foreign.db"), foreign_owner) as foreign:
@@ -52,6 +52,15 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         book.append("burn", {"account": stranger.node_id, "cu": 5})
         book.append_many([Draft("note", {"text": f"n{i}"}, bodies=[f"b{i}".encode()])
                           for i in range(8)])
+        book.append("kill", {"active": True, "reason": "drill"})
+        book.append("kill", {"active": False, "reason": "drill over"})
+        book.append("policy", {"account": "*", "per_request_cap_cu": 500, "hourly_budget_cu": 2000,
+                               "lifetime_budget_cu": 10_000, "approval_threshold_cu": 200})
+        far = 4_000_000_000_000
+        book.append("approval", {"id": "apr-1", "account": consumer.node_id, "cu": 300,
+                                 "status": "requested", "expires_ms": far})
+        book.append("approval", {"id": "apr-1", "account": consumer.node_id, "cu": 300,
+                                 "status": "approved"})
         book.checkpoint()
         book.witness(first_note, foreign_vkey)
         book.witness(second_note, foreign_vkey, proof)

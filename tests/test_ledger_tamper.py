@@ -91,6 +91,13 @@ TABLE_COLUMNS = [
     ("accounts", "account"), ("accounts", "balance"), ("supply", "name"), ("supply", "cu"),
     ("trade_nonces", "consumer"), ("trade_nonces", "nonce"), ("trade_nonces", "seq"),
     ("redactions", "body"), ("redactions", "seq"), ("body_refs", "body"), ("body_refs", "seq"),
+    ("trade_totals", "account"), ("trade_totals", "spent"), ("trade_totals", "earned"),
+    ("kill_switch", "name"), ("kill_switch", "active"), ("kill_switch", "reason"),
+    ("kill_switch", "seq"),
+    ("policies", "account"), ("policies", "per_request_cap_cu"), ("policies", "hourly_budget_cu"),
+    ("policies", "lifetime_budget_cu"), ("policies", "approval_threshold_cu"), ("policies", "seq"),
+    ("approvals", "id"), ("approvals", "account"), ("approvals", "cu"), ("approvals", "status"),
+    ("approvals", "expires_ms"), ("approvals", "seq"),
 ]
 
 

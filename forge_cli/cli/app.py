@@ -7,7 +7,15 @@ import sys
 import typer
 
 from forge_cli import version as forge_version
-from forge_cli.cli import chat_cmd, config_cmd, ledger_cmd, models_cmd, node_cmd, wallet_cmd
+from forge_cli.cli import (
+    chat_cmd,
+    config_cmd,
+    ledger_cmd,
+    models_cmd,
+    node_cmd,
+    safety_cmd,
+    wallet_cmd,
+)
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
 
@@ -40,8 +48,9 @@ def _root(
 app.command("chat")(chat_cmd.chat)
 app.command("node")(node_cmd.node)
 app.add_typer(models_cmd.app, name="models")
-app.command("wallet")(wallet_cmd.wallet)
+app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")
+app.add_typer(safety_cmd.app, name="safety")
 app.add_typer(config_cmd.app, name="config")
 
 

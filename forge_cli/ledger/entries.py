@@ -226,6 +226,52 @@ def _note(data: dict[str, Any]) -> str | None:
                   None if isinstance(data.get("text"), str) else "data.text is not text")
 
 
+def _text(data: dict[str, Any], key: str, limit: int = 1000) -> str | None:
+    value = data.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        return f"data.{key} must be text of at most {limit} characters"
+    return None
+
+
+def _kill(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"active", "reason"}),
+                  None if type(data.get("active")) is bool else "data.active must be true or false",
+                  _text(data, "reason"))
+
+
+POLICY_LIMITS = ("per_request_cap_cu", "hourly_budget_cu", "lifetime_budget_cu",
+                 "approval_threshold_cu")
+
+
+def _policy(data: dict[str, Any]) -> str | None:
+    reason = _exact_keys(data, {"account", *POLICY_LIMITS})
+    if reason is None and data["account"] != "*":
+        reason = _account(data, "account")
+        if reason:
+            reason = "data.account must be an account (64-digit hex public key) or '*'"
+    return _first(reason, *(_positive(data, key) for key in POLICY_LIMITS))
+
+
+APPROVAL_STATUSES = ("requested", "approved", "denied", "expired", "used")
+_APPROVAL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _approval(data: dict[str, Any]) -> str | None:
+    status = data.get("status")
+    # A request says when it lapses; a decision about it carries no deadline of its own.
+    required = {"id", "account", "cu", "status"} | ({"expires_ms"} if status == "requested" else set())
+    reason = _first(
+        _exact_keys(data, required), _account(data, "account"), _positive(data, "cu"),
+        None if status in APPROVAL_STATUSES else
+        f"data.status must be one of {', '.join(APPROVAL_STATUSES)}, found {status!r}",
+        None if isinstance(data.get("id"), str) and _APPROVAL_ID.fullmatch(data["id"])
+        else "data.id must be 1 to 64 letters, digits, '_' or '-'",
+    )
+    if reason is None and "expires_ms" in data:
+        reason = _positive(data, "expires_ms")
+    return reason
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "grant": _mint,
     "burn": _mint,
@@ -233,6 +279,9 @@ KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "trade": _trade,
     "redact": _redact,
     "note": _note,
+    "kill": _kill,
+    "policy": _policy,
+    "approval": _approval,
 }
 
 

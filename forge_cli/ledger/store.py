@@ -146,8 +146,12 @@ class Ledger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             conn.execute("BEGIN IMMEDIATE")
+            existing = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
             for ddl in SCHEMA:
                 conn.execute(ddl)
+            if "entries" in existing:
+                cls._backfill(conn, [v for v in views.VIEWS if v.table not in existing])
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -158,6 +162,23 @@ class Ledger:
         except BaseException:
             os.close(fd)
             raise
+
+    @staticmethod
+    def _backfill(conn: sqlite3.Connection, new: list[views.View]) -> None:
+        """Fill view tables added by a newer forge by replaying the entries already stored."""
+        if not new:
+            return
+        state = views.MemoryState()
+        try:
+            for (raw,) in conn.execute("SELECT entry FROM entries ORDER BY seq"):
+                state.apply(canonical.decode(raw))
+        except (UsageError, EntryRejected) as exc:
+            raise LedgerError(f"cannot build the new tables {', '.join(v.table for v in new)} "
+                              f"by replay: {exc}", hint="run `forge ledger verify --deep`") from exc
+        for view in new:
+            marks = ", ".join("?" * (len(view.key) + len(view.value)))
+            conn.executemany(f"INSERT INTO {view.table} VALUES ({marks})",
+                             [key + value for key, value in state.tables[view.table].items()])
 
     @classmethod
     def open_reader(cls, path: str | os.PathLike[str]) -> Ledger:
@@ -326,6 +347,10 @@ class Ledger:
     def has_account(self, account: str) -> bool:
         """True once any CU has reached `account` (its row stays, at 0, when spent down)."""
         return self._state.get(views.ACCOUNTS, (account,)) is not None
+
+    def row(self, view: views.View, key: views.Row) -> views.Row | None:
+        """One row of a materialised view (its value columns), or None."""
+        return self._state.get(view, key)
 
     def balances(self) -> dict[str, int]:
         return {key[0]: value[0] for key, value in views.table_rows(self.conn, views.ACCOUNTS).items()}

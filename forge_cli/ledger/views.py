@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forge_cli.errors import EntryRejected
+from forge_cli.ledger.entries import POLICY_LIMITS
 
 Row = tuple[Any, ...]
 
@@ -37,7 +38,23 @@ SUPPLY = View("supply", ("name",), ("cu",), ("TEXT", "INTEGER"))  # 'granted', '
 TRADE_NONCES = View("trade_nonces", ("consumer", "nonce"), ("seq",), ("TEXT", "TEXT", "INTEGER"))
 REDACTIONS = View("redactions", ("body",), ("seq",), ("TEXT", "INTEGER"))
 BODY_REFS = View("body_refs", ("body",), ("seq",), ("TEXT", "INTEGER"))  # first seq naming it
-VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS)
+# Lifetime trade totals per account, so budgets and /balance need no scan.
+TRADE_TOTALS = View("trade_totals", ("account",), ("spent", "earned"), ("TEXT", "INTEGER", "INTEGER"))
+# One row, name 'global': the latest `kill` entry.
+KILL_SWITCH = View("kill_switch", ("name",), ("active", "reason", "seq"),
+                   ("TEXT", "INTEGER", "TEXT", "INTEGER"))
+# The latest `policy` entry per account ('*' is every account without its own).
+POLICIES = View("policies", ("account",), (*POLICY_LIMITS, "seq"), ("TEXT",) + ("INTEGER",) * 5)
+# Each approval's current state; seq is the entry that put it there.
+APPROVALS = View("approvals", ("id",), ("account", "cu", "status", "expires_ms", "seq"),
+                 ("TEXT", "TEXT", "INTEGER", "TEXT", "INTEGER", "INTEGER"))
+VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS, TRADE_TOTALS,
+                           KILL_SWITCH, POLICIES, APPROVALS)
+KILL_KEY = ("global",)
+
+# Which status an approval may move to from which (anything else is rejected by the fold).
+APPROVAL_MOVES = {"approved": "requested", "denied": "requested", "expired": "requested",
+                  "used": "approved"}
 
 
 class State(Protocol):
@@ -66,6 +83,38 @@ def _debit(state: State, account: str, cu: int, seq: int, why: str) -> None:
 def _add_supply(state: State, name: str, cu: int) -> None:
     row = state.get(SUPPLY, (name,))
     state.put(SUPPLY, (name,), ((row[0] if row else 0) + cu,))
+
+
+def _add_totals(state: State, account: str, spent: int, earned: int) -> None:
+    row = state.get(TRADE_TOTALS, (account,)) or (0, 0)
+    state.put(TRADE_TOTALS, (account,), (row[0] + spent, row[1] + earned))
+
+
+def _approval(state: State, data: dict[str, Any], seq: int, ts: int) -> None:
+    key, status = (data["id"],), data["status"]
+    row = state.get(APPROVALS, key)
+    if status == "requested":
+        if row is not None:
+            raise EntryRejected(f"seq {seq}: approval {data['id']!r} was already requested at "
+                                f"seq {row[4]}")
+        state.put(APPROVALS, key, (data["account"], data["cu"], status, data["expires_ms"], seq))
+        return
+    if row is None:
+        raise EntryRejected(f"seq {seq}: approval {data['id']!r} was never requested")
+    account, cu, current, expires_ms, at = row
+    if (account, cu) != (data["account"], data["cu"]):
+        raise EntryRejected(f"seq {seq}: approval {data['id']!r} is for {cu} CU by {account[:16]}…, "
+                            f"not {data['cu']} CU by {data['account'][:16]}…")
+    if current != APPROVAL_MOVES[status]:
+        raise EntryRejected(f"seq {seq}: approval {data['id']!r} is {current} (seq {at}); only a "
+                            f"{APPROVAL_MOVES[status]} approval can become {status}")
+    if status == "approved" and ts > expires_ms:
+        raise EntryRejected(f"seq {seq}: approval {data['id']!r} expired at {expires_ms} ms, "
+                            f"before this approval at {ts} ms")
+    if status == "expired" and ts < expires_ms:
+        raise EntryRejected(f"seq {seq}: approval {data['id']!r} does not expire until "
+                            f"{expires_ms} ms (entry ts {ts} ms)")
+    state.put(APPROVALS, key, (account, cu, status, expires_ms, seq))
 
 
 def apply(state: State, fields: dict[str, Any]) -> None:
@@ -99,6 +148,9 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         state.put(TRADE_NONCES, key, (seq,))
         _debit(state, terms["consumer"], terms["cu"], seq, "trade")
         _credit(state, terms["provider"], terms["cu"])
+        if terms["cu"]:
+            _add_totals(state, terms["consumer"], terms["cu"], 0)
+            _add_totals(state, terms["provider"], 0, terms["cu"])
     elif kind == "redact":
         body = data["body"]
         done = state.get(REDACTIONS, (body,))
@@ -108,6 +160,12 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         if first is None or first[0] >= seq:
             raise EntryRejected(f"seq {seq}: no entry before it references body {body[:16]}…")
         state.put(REDACTIONS, (body,), (seq,))
+    elif kind == "kill":
+        state.put(KILL_SWITCH, KILL_KEY, (int(data["active"]), data["reason"], seq))
+    elif kind == "policy":
+        state.put(POLICIES, (data["account"],), (*(data[k] for k in POLICY_LIMITS), seq))
+    elif kind == "approval":
+        _approval(state, data, seq, fields["ts"])
 
 
 class MemoryState:

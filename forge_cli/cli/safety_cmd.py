@@ -1,0 +1,175 @@
+"""`forge safety`: the kill switch, spending policies and approvals, from the shell.
+
+These write to the ledger directly. A running node holds the ledger's writer lock; until the
+node API client exists, the commands then say so and exit 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from forge_cli import config
+from forge_cli.cli.output import print_json
+from forge_cli.errors import LedgerLocked
+
+app = typer.Typer(
+    help="Safety controls on every spend: kill switch, per-account policies, approvals. "
+    "Gates, in order: kill switch, per-request cap, circuit breaker, hourly budget, "
+    "lifetime budget, approval.",
+    no_args_is_help=True,
+)
+policy_app = typer.Typer(help="Per-account spending limits (recorded in the ledger).",
+                         no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+LedgerOpt = typer.Option(None, "--ledger", help="Ledger file (default: FORGE_HOME/ledger.db).")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+
+
+@contextlib.contextmanager
+def _safety(path: Path | None) -> Iterator[Any]:
+    from forge_cli import identity
+    from forge_cli.economy.safety import Policy, Safety
+    from forge_cli.ledger.store import Ledger
+
+    signer = identity.load_or_create()
+    ledger_path = config.ledger_path(path)
+    try:
+        book = Ledger.open_writer(ledger_path, signer, synchronous=config.get("ledger.synchronous"))
+    except LedgerLocked as exc:
+        raise LedgerLocked(
+            f"ledger {ledger_path} is held by a running forge node; safety changes must go "
+            "through that node's API (`forge safety` will use it once the node client exists)",
+            hint="use POST /v1/forge/kill, /policy or /approve on the node, or stop the node",
+        ) from exc
+    with book:
+        yield Safety(book, defaults=Policy.from_config(),
+                     approval_ttl_ms=config.get("safety.approval_ttl_s") * 1000)
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _show_kill(state: dict[str, Any]) -> None:
+    if state["active"]:
+        typer.echo(f"kill switch  ON since seq {state['seq']}: {state['reason']}")
+    else:
+        typer.echo("kill switch  off" + (f" (since seq {state['seq']})" if state["seq"] is not None
+                                         else ""))
+
+
+@app.command()
+def status(
+    account: str | None = typer.Option(None, "--account", help="Also show this account's "
+                                       "policy and spending (64 hex digits)."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Kill switch, breaker, effective policy, spending and pending approvals."""
+    with _safety(ledger) as safety:
+        info = safety.status(account)
+    if as_json:
+        print_json(info)
+        return
+    _show_kill(info["kill_switch"])
+    breaker = info["breaker"]
+    typer.echo(f"breaker      {breaker['state']}" +
+               (f" ({breaker['reason']}; closes {_when(breaker['closes_ms'])})"
+                if breaker["state"] == "open" else ""))
+    policy = info["policy"]
+    typer.echo(f"policy       ({policy['source']}) cap {policy['per_request_cap_cu']:,} CU, "
+               f"hourly {policy['hourly_budget_cu']:,} CU, lifetime "
+               f"{policy['lifetime_budget_cu']:,} CU, approval above "
+               f"{policy['approval_threshold_cu']:,} CU")
+    if account is not None:
+        typer.echo(f"spent        {info['spent_last_hour_cu']:,} CU in the last hour, "
+                   f"{info['spent_lifetime_cu']:,} CU in all")
+    typer.echo(f"pending      {len(info['pending'])} approval(s)")
+    for approval in info["pending"]:
+        typer.echo(f"  {approval['id']}  {approval['cu']:,} CU  {approval['account'][:16]}…  "
+                   f"expires {_when(approval['expires_ms'])}")
+
+
+@app.command()
+def kill(
+    reason: str = typer.Option(..., "--reason", help="Why (recorded in the ledger)."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Stop every spend until `forge safety resume`."""
+    with _safety(ledger) as safety:
+        state = safety.kill(reason)
+    _show_kill(state)
+
+
+@app.command()
+def resume(
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the ledger)."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Lift the kill switch."""
+    with _safety(ledger) as safety:
+        state = safety.resume(reason)
+    _show_kill(state)
+
+
+@policy_app.command("set")
+def policy_set(
+    account: str = typer.Option("*", "--account", help="64 hex digits, or '*' for every "
+                                "account without its own policy."),
+    cap: int | None = typer.Option(None, "--cap", help="Largest single spend, CU."),
+    hourly: int | None = typer.Option(None, "--hourly", help="Budget per hour, CU."),
+    lifetime: int | None = typer.Option(None, "--lifetime", help="Budget for all time, CU."),
+    approval: int | None = typer.Option(None, "--approval", help="Spends above this need "
+                                        "a person's approval, CU."),
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Set limits for an account (limits not given keep their current value)."""
+    with _safety(ledger) as safety:
+        policy = safety.set_policy(account, per_request_cap_cu=cap, hourly_budget_cu=hourly,
+                                   lifetime_budget_cu=lifetime, approval_threshold_cu=approval)
+    typer.echo(f"policy for {account}: cap {policy.per_request_cap_cu:,} CU, hourly "
+               f"{policy.hourly_budget_cu:,} CU, lifetime {policy.lifetime_budget_cu:,} CU, "
+               f"approval above {policy.approval_threshold_cu:,} CU")
+
+
+@app.command()
+def approve(approval_id: str = typer.Argument(..., metavar="ID"),
+            ledger: Path | None = LedgerOpt) -> None:
+    """Approve a pending spend: the agent's retry then passes once."""
+    with _safety(ledger) as safety:
+        approval = safety.approve(approval_id)
+    typer.echo(f"approved {approval['id']}: {approval['cu']:,} CU for {approval['account'][:16]}… "
+               f"(seq {approval['seq']})")
+
+
+@app.command()
+def deny(approval_id: str = typer.Argument(..., metavar="ID"),
+         ledger: Path | None = LedgerOpt) -> None:
+    """Deny a pending spend."""
+    with _safety(ledger) as safety:
+        approval = safety.deny(approval_id)
+    typer.echo(f"denied {approval['id']}: {approval['cu']:,} CU for {approval['account'][:16]}… "
+               f"(seq {approval['seq']})")
+
+
+@app.command()
+def pending(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
+    """Spends waiting for a person's approval."""
+    with _safety(ledger) as safety:
+        rows = safety.pending()
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("no approvals pending")
+    for row in rows:
+        typer.echo(f"{row['id']}  {row['cu']:,} CU  {row['account']}  expires {_when(row['expires_ms'])}")
