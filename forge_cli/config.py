@@ -56,6 +56,10 @@ KEYS: dict[str, Key] = {
         Key("safety.approval_threshold_cu", int, 2_000,
             "default spend above which a person must approve (keep it below the cap)"),
         Key("safety.approval_ttl_s", int, 900, "seconds an approval request waits for a person"),
+        Key("safety.breaker_errors", int, 5, "consecutive failed requests that open the breaker"),
+        Key("safety.breaker_spends_per_minute", int, 30,
+            "spends in one minute above which the breaker opens"),
+        Key("safety.breaker_reset_s", int, 300, "seconds after which an open breaker closes"),
     ]
 }
 

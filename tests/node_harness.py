@@ -19,12 +19,13 @@ START_TIMEOUT = 60
 
 
 class NodeProcess:
-    def __init__(self, home: Path, model: Path, *extra: str) -> None:
+    def __init__(self, home: Path, model: Path, *extra: str, env: dict[str, str] | None = None
+                 ) -> None:
         self.home = home
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forge_cli", "node", "-m", str(model), "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env=forge_env(home),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+            env=forge_env(home, **(env or {})),
         )
         self.url = self._wait_for_url()
         self.operator_token = (home / "api_token").read_text().strip()
@@ -35,7 +36,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"node exited: {self.proc.wait()} {self.proc.stderr.read()}")
+                raise RuntimeError(f"node exited with {self.proc.wait()} before listening")
             if line.startswith("forge node listening on "):
                 return line.split()[-1]
         raise RuntimeError("node did not start in time")

@@ -19,7 +19,9 @@ from tests.node_harness import NodeProcess
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
     home = tmp_path_factory.mktemp("node-home")
-    with NodeProcess(home, tiny_gguf) as running:
+    # The breaker opens above 30 spends a minute node-wide; the workload below makes 200.
+    with NodeProcess(home, tiny_gguf, env={"FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE": "100000"}
+                     ) as running:
         yield running
 
 
@@ -44,7 +46,7 @@ def test_models_lists_the_loaded_model(node, alice):
 
 
 def test_chat_completion_is_a_trade_that_moves_balances_exactly(node, alice):
-    before = balance(node, alice["token"])
+    before = balance(node, alice["token"]) or 1000  # the free tier arrives with the first buy
     reply = client(node, alice["token"]).chat.completions.create(
         model=client(node, alice["token"]).models.list().data[0].id,
         messages=[{"role": "user", "content": "hello"}], max_tokens=12, temperature=0, seed=1)
@@ -52,7 +54,7 @@ def test_chat_completion_is_a_trade_that_moves_balances_exactly(node, alice):
     assert reply.usage.completion_tokens >= 1
     assert x["cu_cost"] >= 1 and x["trade_seq"] is not None
     after = balance(node, alice["token"])
-    assert before - after == x["cu_cost"] == x["cu_cost"]
+    assert before - after == x["cu_cost"]
     assert x["balance"] == after
     status, _, entry = node.request("GET", f"/v1/forge/ledger/entry/{x['trade_seq']}",
                                     token=alice["token"])
@@ -78,7 +80,8 @@ def test_completions_route_works_with_the_openai_client(node, alice):
     done = client(node, alice["token"]).completions.create(
         model="", prompt="Once upon", max_tokens=5, temperature=0)
     assert done.choices[0].text is not None
-    assert done.model_extra["x_forge"]["cu_cost"] == done.usage.completion_tokens
+    x = done.model_extra["x_forge"]
+    assert x["cu_cost"] == -(-done.usage.completion_tokens * x["price_ucu_per_token"] // 10**6)
 
 
 def test_operator_token_buying_is_a_refused_self_trade(node):
@@ -100,7 +103,7 @@ def test_quote_above_balance_is_402(node):
     carol = node.agent("carol")
     status, _, body = node.request(
         "POST", "/v1/chat/completions", token=carol["token"],
-        body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500})
+        body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000})
     assert status == 402
     assert "below the quote" in body["error"]["message"]
 

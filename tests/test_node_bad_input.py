@@ -112,12 +112,13 @@ def test_bad_query_parameters_are_400(node, query):
 
 def test_bad_ledger_paths_are_400_or_404(node):
     for path, expected in (("/v1/forge/ledger/entry/abc", 400), ("/v1/forge/ledger/entry/99999", 404),
-                           ("/v1/forge/ledger/proof/99999", 400),
+                           ("/v1/forge/ledger/proof/99999", 404),
                            ("/v1/forge/ledger/consistency?old=5&new=2", 400),
                            ("/v1/forge/route?mode=fastest", 400)):
         status, _, body = node.request("GET", path, token=node.consumer)
-        assert status in (expected, 404) if expected == 404 else status == expected, (path, body)
-        assert_json_error(status, body, status)
+        assert_json_error(status, body, expected)
+        if expected == 404:
+            assert "no entry" in body["error"]["message"]
 
 
 def test_another_accounts_balance_is_operator_only(node):

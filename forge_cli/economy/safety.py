@@ -84,6 +84,14 @@ class BreakerRules:
     max_spends_per_minute: int = 30
     reset_after_ms: int = 5 * MINUTE_MS
 
+    @classmethod
+    def from_config(cls) -> BreakerRules:
+        from forge_cli import config
+
+        values = config.load()
+        return cls(values["safety.breaker_errors"], values["safety.breaker_spends_per_minute"],
+                   values["safety.breaker_reset_s"] * 1000)
+
 
 def _cu(n: int) -> str:
     return f"{n:,} CU"
@@ -172,6 +180,10 @@ class Safety:
             self._tripped_at, self._trip_reason, self._errors = None, "", 0
             self._minute.clear()
         return self._tripped_at is not None
+
+    def breaker_is_open(self) -> bool:
+        with self._lock:
+            return self._breaker_open(self.clock())
 
     def record_spend(self, account: str, cu: int) -> None:
         """Count a spend that happened (the trade's CU) in the hourly window and the breaker."""

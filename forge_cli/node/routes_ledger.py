@@ -44,6 +44,8 @@ async def entry(request: web.Request) -> web.Response:
 async def proof(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     seq = _seq(request)
+    if seq >= node.ledger.size:
+        raise web.HTTPNotFound(reason=f"no entry {seq}; the ledger holds {node.ledger.size}")
     size = _int_query(request, "size", node.ledger.size, 1, node.ledger.size)
     if seq >= size:
         raise web.HTTPNotFound(reason=f"no entry {seq} in a tree of size {size}")

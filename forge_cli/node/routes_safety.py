@@ -35,6 +35,7 @@ async def kill(request: web.Request) -> web.Response:
         await node.on_ledger(node.safety.kill, reason)
     else:
         await node.on_ledger(node.safety.resume, reason)
+    node.killed = activate
     node.metrics.kill_switch.set(1 if activate else 0)
     node.publish_safety()
     return web.json_response(await node.on_ledger(node.safety.status, None))

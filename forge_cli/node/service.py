@@ -70,9 +70,10 @@ class Node:
 
     def __init__(self, *, home: Path, ledger_path: Path, signer: identity.Identity,
                  models: list[LoadedModel], clock: Callable[[], int] | None = None) -> None:
+        from forge_cli import config
         from forge_cli.economy.accounts import Accounts, operator_token
         from forge_cli.economy.pricing import Market
-        from forge_cli.economy.safety import Safety
+        from forge_cli.economy.safety import BreakerRules, Policy, Safety
         from forge_cli.node.metrics import Metrics
 
         self.home = home
@@ -87,7 +88,12 @@ class Node:
         self._pumps = ThreadPoolExecutor(32, thread_name_prefix="forge-pump")
         self.accounts = Accounts(home)
         self.operator_token = operator_token(home)
-        self.safety = Safety(self.ledger, clock=self.clock)
+        self.safety = Safety(self.ledger, clock=self.clock, defaults=Policy.from_config(),
+                             breaker=BreakerRules.from_config(),
+                             approval_ttl_ms=config.get("safety.approval_ttl_s") * 1000)
+        # The node is the ledger's only writer, so it knows the kill switch without asking:
+        # the flag is read on every streamed piece.
+        self.killed = bool(self.safety.kill_state()["active"])
         self.markets = {name: Market() for name in self.models}
         self.metrics = Metrics()
         self.reserved: dict[str, int] = {}
@@ -251,10 +257,10 @@ class Node:
 
     def safety_killed(self) -> bool:
         """The kill switch, read without touching the ledger (checked on every streamed piece)."""
-        return bool(self.safety.killed)
+        return self.killed
 
     def breaker_open(self) -> bool:
-        return bool(self.safety.breaker_open)
+        return self.safety.breaker_is_open()
 
     def publish_safety(self) -> None:
         if self.events is not None:

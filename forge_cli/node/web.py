@@ -80,10 +80,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = exc.status
         if exc.status < 400:
             raise
-        message = {404: f"no route {request.method} {request.path}",
-                   405: f"{request.method} is not allowed on {request.path}",
-                   413: f"request body is larger than {MAX_BODY:,} bytes"}.get(
-            exc.status, exc.reason)
+        defaults = {404: f"no route {request.method} {request.path}",
+                    405: f"{request.method} is not allowed on {request.path}",
+                    413: f"request body is larger than {MAX_BODY:,} bytes"}
+        custom = exc.reason not in ("Not Found", "Method Not Allowed", "Request Entity Too Large")
+        message = exc.reason if custom else defaults.get(exc.status, exc.reason)
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, message, _kind(exc.status), None, headers)
     except (ConnectionResetError, ConnectionError):
