@@ -54,5 +54,10 @@ def node(
         ]
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+        # Lets `forge safety` on this machine find the node that holds the ledger.
+        (home / "node.url").write_text(url + "\n", encoding="utf-8")
 
-    serve(node_, host, port, announce=announce)
+    try:
+        serve(node_, host, port, announce=announce)
+    finally:
+        (home / "node.url").unlink(missing_ok=True)

@@ -1,13 +1,15 @@
 """`forge safety`: the kill switch, spending policies and approvals, from the shell.
 
-These write to the ledger directly. A running node holds the ledger's writer lock; until the
-node API client exists, the commands then say so and exit 2.
+With no node running these write to the ledger directly. A running node holds the ledger's
+writer lock: the commands then go through its API (the URL it wrote to FORGE_HOME/node.url,
+or --node / FORGE_NODE), authenticated with the operator token.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,17 +42,69 @@ def _safety(path: Path | None) -> Iterator[Any]:
 
     signer = identity.load_or_create()
     ledger_path = config.ledger_path(path)
+    url = os.environ.get("FORGE_NODE")
+    if url:
+        yield _NodeSafety(url)
+        return
     try:
         book = Ledger.open_writer(ledger_path, signer, synchronous=config.get("ledger.synchronous"))
     except LedgerLocked as exc:
-        raise LedgerLocked(
-            f"ledger {ledger_path} is held by a running forge node; safety changes must go "
-            "through that node's API (`forge safety` will use it once the node client exists)",
-            hint="use POST /v1/forge/kill, /policy or /approve on the node, or stop the node",
-        ) from exc
+        running = _running_node_url()
+        if running is None:
+            raise LedgerLocked(
+                f"ledger {ledger_path} is held by another process, and no running node "
+                "announced its URL in FORGE_HOME/node.url",
+                hint="set FORGE_NODE=http://HOST:PORT to reach the node that holds it",
+            ) from exc
+        yield _NodeSafety(running)
+        return
     with book:
         yield Safety(book, defaults=Policy.from_config(),
                      approval_ttl_ms=config.get("safety.approval_ttl_s") * 1000)
+
+
+def _running_node_url() -> str | None:
+    try:
+        return (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+class _NodeSafety:
+    """The same calls as `Safety`, made on a running node's API with the operator token."""
+
+    def __init__(self, url: str) -> None:
+        from forge_cli.client import Client, default_token
+
+        self.client = Client(url, default_token())
+
+    def status(self, account: str | None = None) -> dict[str, Any]:
+        return self.client.get("/v1/forge/safety" + (f"?account={account}" if account else ""))
+
+    def kill(self, reason: str) -> dict[str, Any]:
+        return self.client.post("/v1/forge/kill", {"activate": True, "reason": reason})[
+            "kill_switch"]
+
+    def resume(self, reason: str = "") -> dict[str, Any]:
+        return self.client.post("/v1/forge/kill", {"activate": False, "reason": reason})[
+            "kill_switch"]
+
+    def set_policy(self, account: str, **limits: int | None) -> Any:
+        from forge_cli.economy.safety import Policy
+        from forge_cli.ledger.entries import POLICY_LIMITS
+
+        body = {"account": account, **{k: v for k, v in limits.items() if v is not None}}
+        policy = self.client.post("/v1/forge/policy", body)["policy"]
+        return Policy(**{name: policy[name] for name in POLICY_LIMITS})
+
+    def approve(self, approval_id: str) -> dict[str, Any]:
+        return self.client.post("/v1/forge/approve", {"id": approval_id})
+
+    def deny(self, approval_id: str) -> dict[str, Any]:
+        return self.client.post("/v1/forge/approve", {"id": approval_id, "deny": True})
+
+    def pending(self) -> list[dict[str, Any]]:
+        return self.client.get("/v1/forge/approvals")["pending"]
 
 
 def _when(ms: int | None) -> str:

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +124,8 @@ class Ledger:
         self._queue: list[tuple[Draft, Future[Entry]]] = []
         self._leading = False
         self._sign_pool: SignWorker | None = None
+        # Called with every entry once it is committed (the node's live feed listens here).
+        self.listeners: list[Callable[[Entry], None]] = []
         self._load_tip()
 
     # -- opening ---------------------------------------------------------------------------
@@ -508,6 +510,9 @@ class Ledger:
             self._range = rng
             self.size = written[-1].seq + 1
             self.head = written[-1].hash
+            for listener in self.listeners:
+                for entry in written:
+                    listener(entry)
 
     def import_records(self, records: Sequence[tuple[bytes, bytes, dict[str, bytes]]], *,
                        expect_roots: dict[int, bytes] | None = None) -> int:

@@ -107,11 +107,13 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             return await _stream(request, node, reservation, pump, pieces, body, chat, state)
         async for piece in pump:
             if node.safety_killed():
-                state["killed"] = True
-                raise KillSwitchActive("kill switch: activated while this request was "
-                                       "generating; it stops and nothing is charged",
-                                       gate="kill_switch")
+                break
             pieces.append(piece)
+        if node.safety_killed():  # also when it came between the last token and the trade
+            state["killed"] = True
+            raise KillSwitchActive("kill switch: activated while this request was "
+                                   "generating; it stops and nothing is charged",
+                                   gate="kill_switch")
     except BaseException:
         state["failed"] = True
         raise
@@ -190,6 +192,7 @@ async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
         pieces.append(piece)
         await response.write(chunk({"content": piece} if chat else piece, None))
     completion = await pump.close()
+    state["killed"] = state["killed"] or node.safety_killed()
     settled = await node.settle(reservation, None if state["killed"] else completion,
                                 request_bytes(body), "".join(pieces).encode())
     request["settled"] = settled

@@ -19,7 +19,7 @@ def _operator(request: web.Request) -> None:
 async def status(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     who = request["who"]
-    account = None if who.is_operator else who.account_hex
+    account = request.query.get("account") if who.is_operator else who.account_hex
     return web.json_response(await node.on_ledger(node.safety.status, account))
 
 
@@ -67,12 +67,10 @@ async def approve(request: web.Request) -> web.Response:
     body = await read_json(request)
     approval_id = field(body, "id", str, required=True)
     deny = field(body, "deny", bool, default=False)
-    if deny:
-        await node.on_ledger(node.safety.deny, approval_id)
-    else:
-        await node.on_ledger(node.safety.approve, approval_id)
+    decide = node.safety.deny if deny else node.safety.approve
+    approval = await node.on_ledger(decide, approval_id)
     node.publish_safety()
-    return web.json_response({"id": approval_id, "status": "denied" if deny else "approved"})
+    return web.json_response(approval)
 
 
 async def pending(request: web.Request) -> web.Response:

@@ -101,6 +101,7 @@ class Node:
         self.in_flight = 0
         self.events: Any = None  # EventBus, attached once the event loop runs
         self.metrics.ledger_size.set(self.ledger.size)
+        self.ledger.listeners.append(self._appended)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -153,9 +154,8 @@ class Node:
     def _ensure_grant(self, account: str) -> None:
         """A new account's free tier, once: a `grant` entry (on the ledger thread)."""
         if not self.ledger.has_account(account):
-            entry = self.ledger.append("grant", {"account": account, "cu": FREE_TIER_CU,
-                                                 "reason": "free tier"})
-            self._appended(entry)
+            self.ledger.append("grant", {"account": account, "cu": FREE_TIER_CU,
+                                         "reason": "free tier"})
 
     # -- the trade ---------------------------------------------------------------------------
 
@@ -247,7 +247,6 @@ class Node:
         entry = self.ledger.append("trade", data, bodies=[request, response])
         self.safety.record_spend(r.account, terms["cu"])
         self.safety.record_outcome(True)
-        self._appended(entry)
         return entry
 
     # -- generation --------------------------------------------------------------------------
