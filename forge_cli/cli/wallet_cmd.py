@@ -95,3 +95,17 @@ def agent_revoke(name: str = typer.Argument(..., help="The agent's name.")) -> N
         typer.echo(f"revoked the token of agent {name}")
     else:
         typer.echo(f"the token of agent {name} was already revoked")
+
+
+@app.command("token")
+def token(show: bool = typer.Option(False, "--show", help="Print the token itself (a secret).")
+          ) -> None:
+    """The operator token (FORGE_HOME/api_token, mode 0600): created if missing.
+
+    A node bound to a non-loopback address refuses to start until this exists.
+    """
+    from forge_cli.economy.accounts import operator_token
+
+    secret = operator_token(config.home())
+    path = config.home() / "api_token"
+    typer.echo(secret if show else str(path))

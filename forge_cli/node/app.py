@@ -57,9 +57,11 @@ def load_models(names: list[str], *, n_ctx: int) -> list[LoadedModel]:
     loaded = []
     for name in names:
         ref, path = catalog.find_model_file(name)
-        engine = Engine(path, name=ref.name, n_ctx=n_ctx)
+        # A local file is served under its file name: the path is the operator's business.
+        model_id = path.name if ref.kind == "path" else ref.name
+        engine = Engine(path, name=model_id, n_ctx=n_ctx)
         params = ref.params or gguf_meta.read_info(path).n_params
-        loaded.append(LoadedModel(ref.name, engine, engine.sha256, params, path))
+        loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
     return loaded
 
 
