@@ -92,6 +92,7 @@ TABLE_COLUMNS = [
     ("trade_nonces", "consumer"), ("trade_nonces", "nonce"), ("trade_nonces", "seq"),
     ("redactions", "body"), ("redactions", "seq"), ("body_refs", "body"), ("body_refs", "seq"),
     ("trade_totals", "account"), ("trade_totals", "spent"), ("trade_totals", "earned"),
+    ("trade_totals", "provided"),
     ("kill_switch", "name"), ("kill_switch", "active"), ("kill_switch", "reason"),
     ("kill_switch", "seq"),
     ("policies", "account"), ("policies", "per_request_cap_cu"), ("policies", "hourly_budget_cu"),

@@ -218,7 +218,7 @@ def test_lifetime_budget_uses_every_trade_ever(world):
         safety.check(world.account, 601)
     assert denied.value.gate == "lifetime_budget"
     assert str(denied.value) == "lifetime budget: 5,400 CU spent + 601 CU quoted exceeds 6,000 CU"
-    assert world.book.row(views.TRADE_TOTALS, (world.account,)) == (5_400, 0)
+    assert world.book.row(views.TRADE_TOTALS, (world.account,)) == (5_400, 0, 0)
     safety.check(world.account, 600)
 
 

@@ -39,7 +39,9 @@ TRADE_NONCES = View("trade_nonces", ("consumer", "nonce"), ("seq",), ("TEXT", "T
 REDACTIONS = View("redactions", ("body",), ("seq",), ("TEXT", "INTEGER"))
 BODY_REFS = View("body_refs", ("body",), ("seq",), ("TEXT", "INTEGER"))  # first seq naming it
 # Lifetime trade totals per account, so budgets and /balance need no scan.
-TRADE_TOTALS = View("trade_totals", ("account",), ("spent", "earned"), ("TEXT", "INTEGER", "INTEGER"))
+# CU spent as consumer, earned as provider, and the number of trades provided (reputation).
+TRADE_TOTALS = View("trade_totals", ("account",), ("spent", "earned", "provided"),
+                    ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
 # One row, name 'global': the latest `kill` entry.
 KILL_SWITCH = View("kill_switch", ("name",), ("active", "reason", "seq"),
                    ("TEXT", "INTEGER", "TEXT", "INTEGER"))
@@ -85,9 +87,9 @@ def _add_supply(state: State, name: str, cu: int) -> None:
     state.put(SUPPLY, (name,), ((row[0] if row else 0) + cu,))
 
 
-def _add_totals(state: State, account: str, spent: int, earned: int) -> None:
-    row = state.get(TRADE_TOTALS, (account,)) or (0, 0)
-    state.put(TRADE_TOTALS, (account,), (row[0] + spent, row[1] + earned))
+def _add_totals(state: State, account: str, spent: int, earned: int, provided: int) -> None:
+    row = state.get(TRADE_TOTALS, (account,)) or (0, 0, 0)
+    state.put(TRADE_TOTALS, (account,), (row[0] + spent, row[1] + earned, row[2] + provided))
 
 
 def _approval(state: State, data: dict[str, Any], seq: int, ts: int) -> None:
@@ -149,8 +151,8 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         _debit(state, terms["consumer"], terms["cu"], seq, "trade")
         _credit(state, terms["provider"], terms["cu"])
         if terms["cu"]:
-            _add_totals(state, terms["consumer"], terms["cu"], 0)
-            _add_totals(state, terms["provider"], 0, terms["cu"])
+            _add_totals(state, terms["consumer"], terms["cu"], 0, 0)
+            _add_totals(state, terms["provider"], 0, terms["cu"], 1)
     elif kind == "redact":
         body = data["body"]
         done = state.get(REDACTIONS, (body,))

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from forge_cli.errors import UsageError
-from forge_cli.ledger import entries
+from forge_cli.ledger import entries, views
 from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, bad_request
 
@@ -39,27 +39,25 @@ def _account_query(request: web.Request) -> str:
     return account
 
 
-def _account_totals(node: Node, account: str) -> dict[str, int]:
-    earned = spent = 0
-    for entry in node.reader.iter_entries(kind="trade"):
-        terms = entry.data["terms"]
-        if terms["provider"] == account:
-            earned += terms["cu"]
-        if terms["consumer"] == account:
-            spent += terms["cu"]
-    return {"earned": earned, "spent": spent}
-
-
 async def balance(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     account = _account_query(request)
     current = node.balance(account)
     reserved = node.reserved.get(account, 0)
-    totals = _account_totals(node, account)
+    spent, earned, provided = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
     return web.json_response({
         "account": account, "balance": current, "reserved": reserved,
-        "available": current - reserved, **totals, "reputation": 5000,
+        "available": current - reserved, "earned": earned, "spent": spent,
+        "reputation": reputation(provided),
     })
+
+
+def reputation(provided: int) -> int:
+    """Basis points: 5000 to start, +100 per dual-signed trade provided, within 0..10000.
+
+    (Loan defaults, −2000 each, come with the lending pool.)
+    """
+    return max(0, min(10_000, 5_000 + 100 * provided))
 
 
 async def pricing(request: web.Request) -> web.Response:
@@ -110,7 +108,9 @@ async def network(request: web.Request) -> web.Response:
 def _providers(node: Node) -> list[dict[str, Any]]:
     return [{"node_id": node.node_id, "model": m.name, "model_sha256": m.sha256,
              "params": m.params, "price_ucu_per_token": node.price(m), "local": True,
-             "reputation": 5000} for m in node.models.values()]
+             "reputation": reputation((node.reader.row(views.TRADE_TOTALS, (node.node_id,))
+                                       or (0, 0, 0))[2])}
+            for m in node.models.values()]
 
 
 async def providers(request: web.Request) -> web.Response:
