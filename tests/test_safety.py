@@ -422,7 +422,7 @@ def test_new_view_tables_are_rebuilt_by_replay_on_open(world):
         conn.execute("DROP TABLE trade_totals")
         conn.execute("DROP TABLE policies")
     world.book = Ledger.open_writer(world.path, world.node)
-    assert world.book.row(views.TRADE_TOTALS, (world.account,)) == (70, 0)
+    assert world.book.row(views.TRADE_TOTALS, (world.account,)) == (70, 0, 0)
     assert world.book.row(views.POLICIES, ("*",))[0] == 77
 
 
@@ -466,10 +466,10 @@ def test_cli_pending_approve_and_deny(run_forge, forge_home):
     assert run_forge("safety", "pending").stdout.strip() == "no approvals pending"
 
 
-def test_cli_says_a_node_holds_the_ledger(run_forge, forge_home):
+def test_cli_says_who_holds_the_ledger_when_no_node_url_is_known(run_forge, forge_home):
     node = load_or_create(forge_home / "node.key") if forge_home.mkdir(parents=True) is None else None
-    with Ledger.open_writer(forge_home / "ledger.db", node):  # as a running node does
+    with Ledger.open_writer(forge_home / "ledger.db", node):  # a writer that announced no URL
         result = run_forge("safety", "kill", "--reason", "x")
     assert result.returncode == 2
-    assert "running forge node" in result.stderr and "node's API" in result.stderr
+    assert "held by another process" in result.stderr and "FORGE_NODE" in result.stderr
     assert "Traceback" not in result.stderr
