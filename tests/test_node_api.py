@@ -164,3 +164,27 @@ def test_mixed_workload_of_200_requests_then_deep_verify(node):
         trades = [e for e in book.iter_entries(kind="trade")
                   if e.data["terms"]["consumer"] in spent]
     assert len(trades) == 200
+
+
+def test_economy_read_routes_reflect_the_trades(node, alice):
+    client(node, alice["token"]).chat.completions.create(
+        model="", messages=[{"role": "user", "content": "one more"}], max_tokens=3)
+    status, _, trades = node.request("GET", f"/v1/forge/trades?limit=5&account={alice['account']}",
+                                     token=alice["token"])
+    assert status == 200 and trades["trades"], trades
+    newest = trades["trades"][0]
+    assert newest["consumer"] == alice["account"] and len(newest["consumer_sig"]) == 128
+    status, _, network = node.request("GET", "/v1/forge/network", token=alice["token"])
+    assert network["trades"] >= 1 and network["ledger_size"] >= newest["seq"] + 1
+    status, _, pricing = node.request("GET", "/v1/forge/pricing", token=alice["token"])
+    model = pricing["models"][0]
+    assert model["estimate_cu"]["100"] == -(-100 * model["price_ucu_per_token"] // 10**6)
+    status, _, route = node.request("GET", "/v1/forge/route?mode=cost", token=alice["token"])
+    assert route["choice"]["model"] == model["model"]
+    status, _, proof = node.request("GET", f"/v1/forge/ledger/proof/{newest['seq']}",
+                                    token=alice["token"])
+    from forge_cli.ledger import merkle
+
+    assert merkle.verify_inclusion(bytes.fromhex(proof["leaf_hash"]), proof["seq"], proof["size"],
+                                   [bytes.fromhex(p) for p in proof["proof"]],
+                                   bytes.fromhex(proof["root"]))

@@ -231,6 +231,11 @@ class Ledger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def refresh(self) -> None:
+        """Catch up with what the writer committed since this reader opened (cheap)."""
+        if self._lock_fd is None:
+            self._load_tip()
+
     def _load_tip(self) -> None:
         row = self.conn.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         self.size = 0 if row is None else row[0] + 1
@@ -309,7 +314,9 @@ class Ledger:
     def iter_rows(self, start: int = 0, end: int | None = None,
                   batch: int = 2048) -> Iterator[list[tuple[Any, ...]]]:
         """Raw rows (seq, hash, entry, sig, kind, ts) in seq order, a batch at a time."""
-        end = self.size if end is None else end
+        if end is None:
+            self.refresh()
+            end = self.size
         pos = start
         while pos < end:
             rows = self.conn.execute(
@@ -327,7 +334,9 @@ class Ledger:
             for rows in self.iter_rows(start, end):
                 yield from (self._entry(row) for row in rows)
             return
-        end = self.size if end is None else end
+        if end is None:
+            self.refresh()
+            end = self.size
         for row in self.conn.execute(
             "SELECT seq, hash, entry, sig FROM entries WHERE kind = ? AND seq >= ? AND seq < ? "
             "ORDER BY seq", (kind, start, end)
