@@ -124,6 +124,8 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
                 reservation, None if state["killed"] else completion, request_bytes(body),
                 "".join(pieces).encode(), failed=state["failed"])
         _observe(node, completion)
+        request["trade_log"] = {"model": model.name, "cu": request["settled"].cu,
+                                "tokens": completion.completion_tokens if completion else 0}
     return web.json_response(_full_response(body, model.name, completion, "".join(pieces),
                                             request["settled"].x_forge(), chat))
 

@@ -101,8 +101,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             node.metrics.requests.labels(request.match_info.route.resource.canonical
                                          if request.match_info.route.resource else "unknown",
                                          str(status)).inc()
-        log.info("%s %s %s account=%s %d %.1fms", request.remote, request.method, request.path,
-                 who.account_hex[:12] if who is not None else "-",
+        trade = request.get("trade_log", {})
+        log.info("%s %s %s account=%s model=%s tokens=%s cu=%s status=%d %.1fms", request.remote,
+                 request.method, request.path, who.account_hex[:12] if who is not None else "-",
+                 trade.get("model", "-"), trade.get("tokens", "-"), trade.get("cu", "-"),
                  status, (time.perf_counter() - started) * 1000)
 
 
