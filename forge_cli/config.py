@@ -47,6 +47,7 @@ KEYS: dict[str, Key] = {
         Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000"),
         Key("node.host", str, "127.0.0.1", "address forge node binds to"),
         Key("node.port", int, 3001, "port forge node listens on"),
+        Key("node.queue", int, 16, "requests that may wait for a model before 429 Busy"),
         Key("node.url", str, "", "node that `forge chat --node` buys from by default"),
         Key("mesh.interfaces", list, ["127.0.0.1"], "addresses zeroconf binds to"),
         Key("safety.per_request_cap_cu", int, 5_000,

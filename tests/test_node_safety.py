@@ -211,3 +211,72 @@ def test_sigkill_mid_workload_loses_no_acknowledged_trade(tmp_path: Path, tiny_g
             assert entry.kind == "trade" and entry.data["terms"]["consumer"] == account
     with NodeProcess(home, tiny_gguf, env=env) as again:  # and it serves again
         assert ask(again, agents[0]["token"])[0] == 200
+
+
+def _stream_request(node: NodeProcess, token: str, max_tokens: int) -> urllib.request.Request:
+    return urllib.request.Request(node.url + CHAT, method="POST", data=json.dumps({
+        "messages": [{"role": "user", "content": "go on"}], "max_tokens": max_tokens,
+        "temperature": 0, "stream": True}).encode(), headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+
+
+def test_full_queue_is_429_with_retry_after(tmp_path: Path, tiny_gguf: Path):
+    with NodeProcess(tmp_path / "home", tiny_gguf, env={"FORGE_NODE_QUEUE": "1"}) as running:
+        agents = [running.agent(f"q{i}") for i in range(4)]
+        for agent in agents:  # fund them first: the free tier arrives with the first buy
+            assert ask(running, agent["token"], max_tokens=1)[0] == 200
+        outcomes: list[int] = []
+        headers: list[dict[str, str]] = []
+
+        def long_one(agent: dict[str, str]) -> None:
+            status, head, _ = ask(running, agent["token"], max_tokens=800)
+            outcomes.append(status)
+            headers.append(head)
+
+        threads = [threading.Thread(target=long_one, args=(a,)) for a in agents]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert 429 in outcomes and 200 in outcomes, outcomes
+        busy = headers[outcomes.index(429)]
+        assert int(busy["Retry-After"]) >= 1
+
+
+def test_client_that_disconnects_mid_stream_pays_only_for_tokens_produced(node):
+    bob = node.agent("bob")
+    assert ask(node, bob["token"], max_tokens=1)[0] == 200
+    before = node.request("GET", "/v1/forge/balance", token=bob["token"])[2]["balance"]
+    with urllib.request.urlopen(_stream_request(node, bob["token"], 900), timeout=60) as response:
+        for _ in range(3):
+            response.readline()
+    # Gone: the node notices, cancels the generation and settles what was produced.
+    trade = None
+    for _ in range(200):
+        trades = node.request("GET", f"/v1/forge/trades?account={bob['account']}",
+                              token=bob["token"])[2]["trades"]
+        if len(trades) == 2:
+            trade = trades[0]
+            break
+        threading.Event().wait(0.05)
+    assert trade is not None, "the cut-off stream was settled as a trade"
+    assert 1 <= trade["completion_tokens"] < 900
+    after = node.request("GET", "/v1/forge/balance", token=bob["token"])[2]["balance"]
+    assert before - after == trade["cu"]
+
+
+def test_sigterm_lets_the_node_stop_cleanly_mid_stream(tmp_path: Path, tiny_gguf: Path):
+    home = tmp_path / "home"
+    running = NodeProcess(home, tiny_gguf)
+    bob = running.agent("bob")
+    assert ask(running, bob["token"], max_tokens=1)[0] == 200
+    with urllib.request.urlopen(_stream_request(running, bob["token"], 900), timeout=60) as response:
+        response.readline()
+        code = running.stop(signal.SIGTERM)
+        rest = response.read()  # the stream ends (finished or cut), the node does not hang
+    assert code == 0
+    assert rest is not None
+    verify = subprocess.run([sys.executable, "-m", "forge_cli", "ledger", "verify", "--deep",
+                             "--ledger", str(home / "ledger.db")], capture_output=True,
+                            text=True, cwd=REPO, env=forge_env(home), timeout=120)
+    assert verify.returncode == 0, verify.stderr

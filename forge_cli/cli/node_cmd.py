@@ -36,7 +36,8 @@ def node(
     token_file = home / "api_token"
     check_bind(host, token_file)
     signer = identity.load_or_create()
-    models = load_models(model or [settings["models.default"]], n_ctx=settings["models.n_ctx"])
+    models = load_models(model or [settings["models.default"]], n_ctx=settings["models.n_ctx"],
+                         queue=settings["node.queue"])
     node_ = Node(home=home, ledger_path=config.ledger_path(ledger), signer=signer, models=models)
 
     def announce(site) -> None:  # noqa: ANN001

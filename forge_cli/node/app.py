@@ -50,7 +50,7 @@ def make_app(node: Node) -> web.Application:
     return app
 
 
-def load_models(names: list[str], *, n_ctx: int) -> list[LoadedModel]:
+def load_models(names: list[str], *, n_ctx: int, queue: int = 16) -> list[LoadedModel]:
     from forge_cli.inference import catalog, gguf_meta
     from forge_cli.inference.engine import Engine
 
@@ -59,7 +59,7 @@ def load_models(names: list[str], *, n_ctx: int) -> list[LoadedModel]:
         ref, path = catalog.find_model_file(name)
         # A local file is served under its file name: the path is the operator's business.
         model_id = path.name if ref.kind == "path" else ref.name
-        engine = Engine(path, name=model_id, n_ctx=n_ctx)
+        engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue)
         params = ref.params or gguf_meta.read_info(path).n_params
         loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
     return loaded
