@@ -176,6 +176,10 @@ def test_economy_read_routes_reflect_the_trades(node, alice):
     assert newest["consumer"] == alice["account"] and len(newest["consumer_sig"]) == 128
     status, _, network = node.request("GET", "/v1/forge/network", token=alice["token"])
     assert network["trades"] >= 1 and network["ledger_size"] >= newest["seq"] + 1
+    from forge_cli.ledger import note
+
+    signed = note.open_checkpoint(network["checkpoint"], note.Verifier.parse(network["vkey"]))
+    assert signed.size == network["ledger_size"] and signed.root.hex() == network["merkle_root"]
     status, _, pricing = node.request("GET", "/v1/forge/pricing", token=alice["token"])
     model = pricing["models"][0]
     assert model["estimate_cu"]["100"] == -(-100 * model["price_ucu_per_token"] // 10**6)

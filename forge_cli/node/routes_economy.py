@@ -97,11 +97,11 @@ async def network(request: web.Request) -> web.Response:
     for entry in node.reader.iter_entries(kind="trade"):
         volume += entry.data["terms"]["cu"]
         count += 1
-    latest = node.ledger.latest_checkpoint()
+    note = await node.on_ledger(node.ledger.checkpoint)  # reused while the size is the same
+    size, root, _, vkey = node.ledger.latest_checkpoint()
     return web.json_response({
-        "node_id": node.node_id, "ledger_size": node.ledger.size,
-        "merkle_root": node.ledger.root().hex(), "trades": count, "trade_volume_cu": volume,
-        "checkpoint": latest[2] if latest else None, "vkey": latest[3] if latest else None,
+        "node_id": node.node_id, "ledger_size": size, "merkle_root": root.hex(),
+        "trades": count, "trade_volume_cu": volume, "checkpoint": note, "vkey": vkey,
     })
 
 
