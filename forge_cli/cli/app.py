@@ -14,6 +14,7 @@ from forge_cli.cli import (
     models_cmd,
     node_cmd,
     safety_cmd,
+    tui_cmd,
     wallet_cmd,
 )
 from forge_cli.cli.output import print_error
@@ -52,6 +53,7 @@ app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(safety_cmd.app, name="safety")
 app.add_typer(config_cmd.app, name="config")
+app.command("tui")(tui_cmd.tui)
 
 
 def main(argv: list[str] | None = None) -> None:
