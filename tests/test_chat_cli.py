@@ -161,15 +161,15 @@ class Terminal:
         A SIGINT that lands between readline printing its prompt and it starting to wait is
         lost inside readline; a person presses Ctrl-C again, and so does this, a few times.
         """
-        for _ in range(5):
+        for _ in range(10):  # bounded: at most about a minute on a loaded machine
             if self.proc.poll() is not None:
                 return
             self.interrupt()
             try:
                 if needle is None:
-                    self.proc.wait(timeout=3)
+                    self.proc.wait(timeout=6)
                     return
-                self.read_until(needle, timeout=3)
+                self.read_until(needle, timeout=6)
                 return
             except (AssertionError, subprocess.TimeoutExpired):
                 continue
