@@ -192,3 +192,9 @@ def test_economy_read_routes_reflect_the_trades(node, alice):
     assert merkle.verify_inclusion(bytes.fromhex(proof["leaf_hash"]), proof["seq"], proof["size"],
                                    [bytes.fromhex(p) for p in proof["proof"]],
                                    bytes.fromhex(proof["root"]))
+
+
+def test_reading_the_price_does_not_move_it(node, alice):
+    prices = [node.request("GET", "/v1/forge/pricing", token=alice["token"])[2]["models"][0]
+              ["price_ucu_per_token"] for _ in range(3)]
+    assert prices[0] == prices[1] == prices[2]

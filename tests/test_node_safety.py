@@ -229,7 +229,7 @@ def test_full_queue_is_429_with_retry_after(tmp_path: Path, tiny_gguf: Path):
         headers: list[dict[str, str]] = []
 
         def long_one(agent: dict[str, str]) -> None:
-            status, head, _ = ask(running, agent["token"], max_tokens=800)
+            status, head, _ = ask(running, agent["token"], max_tokens=500)
             outcomes.append(status)
             headers.append(head)
 

@@ -137,8 +137,13 @@ class Node:
         return found
 
     def price(self, model: LoadedModel) -> int:
+        """The current price (reading it changes nothing)."""
+        return self.markets[model.name].price_ucu(model.params)
+
+    def quote(self, model: LoadedModel) -> int:
+        """The price for a request arriving now: demand (queued + running) moves the market."""
         market = self.markets[model.name]
-        market.observe(demand=self.in_flight, supply=1)
+        market.observe(demand=self.in_flight + 1, supply=1)
         price = market.price_ucu(model.params)
         self.metrics.price.labels(model.name).set(price)
         return price
@@ -168,7 +173,7 @@ class Node:
                 hint="create a consumer account with `forge wallet agent create NAME` and use "
                 "its token")
         account = who.account_hex
-        price = self.price(model)
+        price = self.quote(model)
         max_cu = entries.trade_cost(max_tokens, price)
         await self.on_ledger(self._ensure_grant, account)
         with self._reserve_lock:
