@@ -193,3 +193,26 @@ def test_a_defaulted_borrower_is_refused_for_credit_then_an_overdue_loan_default
            "default_halt")
     denied(post(node, "/v1/forge/borrow", carol, amount=10, term_hours=1, collateral=10),
            "default_halt")
+
+
+def test_forge_loan_cli_goes_through_the_running_node(funded, run_forge):
+    node, p = funded
+    as_alice = {"FORGE_TOKEN": p["alice"]["token"]}
+    as_bob = {"FORGE_TOKEN": p["bob"]["token"]}
+
+    def forge(*args: str, env: dict[str, str]):
+        done = run_forge("loan", *args, "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert forge("lend", "5000", env=as_alice)["shares"] == 5000
+    loan = forge("borrow", "1000", "--term", "12", "--collateral", "400", env=as_bob)
+    assert forge("list", env=as_bob)["loans"][0]["loan_id"] == loan["loan_id"]
+    assert forge("credit", env=as_bob)["credit_bp"] == 2000
+    assert forge("repay", str(loan["loan_id"]), env=as_bob)["interest"] == 5
+    assert forge("pool", env=as_alice)["lender"]["gain"] == 5
+    assert forge("withdraw", "--amount", "5005", env=as_alice)["cu"] == 5005
+    refused = run_forge("loan", "borrow", "10", "--term", "200", "--collateral", "10", env=as_bob)
+    assert refused.returncode == 1 and "term" in refused.stderr
+    text = run_forge("loan", "pool", env=as_alice)
+    assert text.returncode == 0 and "shares" in text.stdout
