@@ -15,6 +15,7 @@ from forge_cli.cli import (
     models_cmd,
     node_cmd,
     safety_cmd,
+    settle_cmd,
     wallet_cmd,
 )
 from forge_cli.cli.output import print_error
@@ -53,6 +54,7 @@ app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(safety_cmd.app, name="safety")
 app.add_typer(loan_cmd.app, name="loan")
+app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
 
 

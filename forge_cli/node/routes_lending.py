@@ -124,6 +124,25 @@ async def credit(request: web.Request) -> web.Response:
     return web.json_response(await node.on_ledger(node.lending.credit, account))
 
 
+async def settlement(request: web.Request) -> web.Response:
+    """A signed statement of ?hours=24 back from now, or of ?from=&to= (unix ms)."""
+    from forge_cli.economy import settlement as stmt
+    from forge_cli.node.routes_economy import _int_query
+
+    node: Node = request.app[NODE]
+    now = node.clock()
+    price = _int_query(request, "price", stmt.DEFAULT_PRICE_MSAT, 0, 10**9)
+    if "from" in request.query or "to" in request.query:
+        start = _int_query(request, "from", 0, 0, 2**62)
+        end = _int_query(request, "to", now + 1, 0, 2**62)
+    else:
+        start, end = now - _int_query(request, "hours", 24, 1, 24 * 3660) * 3_600_000, now + 1
+    if start >= end:
+        raise bad_request(f"from {start} must be before to {end}")
+    doc = await node.on_ledger(stmt.build, node.ledger, start, end, price_msat=price, now_ms=now)
+    return web.json_response(doc)
+
+
 ROUTES = [
     Route("POST", "/v1/forge/lend", lend, "Deposit {amount} CU into the pool for shares"),
     Route("POST", "/v1/forge/withdraw", withdraw, "Redeem {shares} or {amount} CU from the pool"),
@@ -132,4 +151,6 @@ ROUTES = [
     Route("GET", "/v1/forge/pool", pool, "Pool cash, lent, shares, and the caller's stake"),
     Route("GET", "/v1/forge/loans", loans, "The caller's loans (?account, or ?all=1 for the operator)"),
     Route("GET", "/v1/forge/credit", credit, "Credit score and each of its components"),
+    Route("GET", "/v1/forge/settlement", settlement,
+          "Signed settlement statement (?hours=24 or ?from&to ms, ?price msat/CU)"),
 ]
