@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 DEMO_HOME ?= $(CURDIR)/demo-home
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(VENV)/.installed-demo
 
 bench: $(VENV)/.installed-demo
 	$(BIN)/python bench/ledger_bench.py -n 100000
+
+# Regenerate completions/ and man/forge.1 from the command tree (a test fails when they are stale).
+docs: $(STAMP)
+	$(BIN)/python -m forge_cli.cli.docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

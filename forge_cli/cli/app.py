@@ -16,6 +16,7 @@ from forge_cli.cli import (
     node_cmd,
     safety_cmd,
     settle_cmd,
+    tui_cmd,
     wallet_cmd,
 )
 from forge_cli.cli.output import print_error
@@ -56,6 +57,7 @@ app.add_typer(safety_cmd.app, name="safety")
 app.add_typer(loan_cmd.app, name="loan")
 app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
+app.command("tui")(tui_cmd.tui)
 
 
 def main(argv: list[str] | None = None) -> None:

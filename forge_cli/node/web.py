@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from forge_cli.errors import ApprovalRequired, EngineBusy, ForgeError, SpendDenied
+from forge_cli.errors import ApprovalRequired, EngineBusy, ForgeError, SpendDenied, UsageError
 
 log = logging.getLogger("forge.node")
 
@@ -174,12 +174,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-class BadRequest(ForgeError):
-    http_status = 400
-
-
-def bad_request(message: str) -> BadRequest:
-    return BadRequest(message)
+def bad_request(message: str) -> UsageError:
+    """A 400 naming what is wrong with the request."""
+    return UsageError(message)
 
 
 def field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], *,

@@ -1,0 +1,1 @@
+"""Dashboard screens: help, confirmation, trade detail."""

@@ -1,0 +1,104 @@
+"""What the dashboard shows, as plain data: one `Snapshot` per poll, fed to every panel.
+
+Keeping it plain is what makes the panels testable with recorded data (snapshot tests) and
+the live app a thin loop: fetch → Snapshot → `panel.show(snapshot)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from tui.client import NodeClient
+
+PRICE_HISTORY = 120
+
+
+@dataclass
+class Snapshot:
+    connection: str = "connecting"          # "connected", "disconnected, retrying", "token refused"
+    message: str = ""                        # why, when not connected
+    now_ms: int = 0                          # the clock the panels use for "ago" and "due in"
+    health: dict[str, Any] = field(default_factory=dict)
+    balance: dict[str, Any] = field(default_factory=dict)
+    pricing: list[dict[str, Any]] = field(default_factory=list)
+    trades: list[dict[str, Any]] = field(default_factory=list)
+    network: dict[str, Any] = field(default_factory=dict)
+    safety: dict[str, Any] = field(default_factory=dict)
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # per policy account: spent vs budget
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[dict[str, Any]] | None = None  # None: the node has no /peers route (no mesh)
+    pool: dict[str, Any] | None = None          # None: no lending pool on this node
+    loans: list[dict[str, Any]] | None = None
+    verified: str = ""                          # "verified ✓" or "verify failed: …"
+    price_history: list[int] = field(default_factory=list)   # µCU/token, oldest first
+    demand_history: list[int] = field(default_factory=list)  # ppm
+
+    @property
+    def online(self) -> bool:
+        return self.connection == "connected"
+
+
+async def fetch(client: NodeClient, previous: Snapshot, now_ms: int) -> Snapshot:
+    """One poll of every route the panels need (raises NodeDown / TokenRefused)."""
+    (health, balance, pricing, trades, network, safety, pending, peers, pool, loans) = await asyncio.gather(
+        client.get("/health"), client.get("/v1/forge/balance"), client.get("/v1/forge/pricing"),
+        client.get("/v1/forge/trades?limit=200"), client.get("/v1/forge/network"),
+        client.get("/v1/forge/safety"), client.get("/v1/forge/approvals"),
+        client.get("/v1/forge/peers"), client.get("/v1/forge/pool"), client.get("/v1/forge/loans"),
+    )
+    safety = safety or {}
+    budgets = []
+    for policy in safety.get("policies", []):
+        status = await client.get(f"/v1/forge/safety?account={policy['account']}") or {}
+        budgets.append({"account": policy["account"],
+                        "spent_last_hour_cu": status.get("spent_last_hour_cu", 0),
+                        "hourly_budget_cu": policy.get("hourly_budget_cu", 0),
+                        "spent_lifetime_cu": status.get("spent_lifetime_cu", 0),
+                        "lifetime_budget_cu": policy.get("lifetime_budget_cu", 0)})
+    models = (pricing or {}).get("models", [])
+    prices, demand = list(previous.price_history), list(previous.demand_history)
+    if models:
+        prices.append(int(models[0]["price_ucu_per_token"]))
+        demand.append(int(models[0].get("market", {}).get("demand_ratio_ppm", 0)))
+    return Snapshot(
+        connection="connected", now_ms=now_ms, health=health or {}, balance=balance or {},
+        pricing=models, trades=(trades or {}).get("trades", []), network=network or {}, safety=safety,
+        budgets=budgets, pending=(pending or {}).get("pending", []),
+        peers=_listing(peers, "peers"), pool=pool, loans=_listing(loans, "loans"),
+        verified=previous.verified, price_history=prices[-PRICE_HISTORY:],
+        demand_history=demand[-PRICE_HISTORY:],
+    )
+
+
+def _listing(payload: Any, key: str) -> list[dict[str, Any]] | None:
+    if payload is None:
+        return None
+    if isinstance(payload, list):
+        return payload
+    return list(payload.get(key, []))
+
+
+async def verify(client: NodeClient, network: dict[str, Any]) -> str:
+    """Check the node's signed checkpoint and the newest entry's inclusion proof against it."""
+    from forge_cli.errors import ForgeError
+    from forge_cli.ledger import merkle, note
+
+    try:
+        verifier = note.Verifier.parse(network["vkey"])
+        if verifier.public_key.hex() != network["node_id"]:
+            return "verify failed: the checkpoint key is not the node's"
+        checkpoint = note.open_checkpoint(network["checkpoint"], verifier)
+        if checkpoint.root.hex() != network["merkle_root"] or checkpoint.size != network["ledger_size"]:
+            return "verify failed: the checkpoint does not match the root the node reports"
+        if checkpoint.size == 0:
+            return "verified ✓"
+        seq = checkpoint.size - 1
+        proof = await client.get(f"/v1/forge/ledger/proof/{seq}?size={checkpoint.size}")
+        ok = proof is not None and merkle.verify_inclusion(
+            bytes.fromhex(proof["leaf_hash"]), seq, checkpoint.size,
+            [bytes.fromhex(h) for h in proof["proof"]], checkpoint.root)
+        return "verified ✓" if ok else f"verify failed: entry {seq} is not in the signed tree"
+    except (ForgeError, KeyError, ValueError, TypeError) as exc:
+        return f"verify failed: {exc}"

@@ -1,0 +1,47 @@
+"""The base of every tab: a notice line (connection trouble, empty states) above the content."""
+
+from __future__ import annotations
+
+import time
+
+from textual.containers import Vertical
+from textual.widgets import Static
+
+from tui.state import Snapshot
+
+
+def short(account: str | None, n: int = 8) -> str:
+    return (account or "?")[:n]
+
+
+def clock(ts_ms: int) -> str:
+    """UTC wall-clock time of a ledger timestamp (UTC so recorded snapshots render the same anywhere)."""
+    return time.strftime("%H:%M:%S", time.gmtime(ts_ms / 1000))
+
+
+def bar(used: int, total: int, width: int = 20) -> str:
+    if total <= 0:
+        return "░" * width
+    filled = min(width, round(width * used / total))
+    return "█" * filled + "░" * (width - filled)
+
+
+class Panel(Vertical):
+    DEFAULT_CSS = """
+    Panel { height: 1fr; }
+    Panel > .notice { color: $warning; height: auto; display: none; }
+    Panel > .notice.shown { display: block; }
+    """
+
+    def notice(self) -> Static:
+        return self.query_one(".notice", Static)
+
+    def show_connection(self, snapshot: Snapshot) -> bool:
+        """Show the connection notice when offline; True when the data can be trusted as live."""
+        box = self.notice()
+        if snapshot.online:
+            box.remove_class("shown")
+            return True
+        box.update(f"{snapshot.connection}: {snapshot.message}" if snapshot.message else snapshot.connection)
+        box.add_class("shown")
+        return False

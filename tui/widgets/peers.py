@@ -1,0 +1,45 @@
+"""Peers on the mesh: id, models, price, reputation, last seen, flagged forks."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from tui.state import Snapshot
+from tui.widgets.panel import Panel, short
+
+NO_MESH = "no peers: the mesh is not running"
+
+
+class PeersPanel(Panel):
+    DEFAULT_CSS = """
+    PeersPanel #peers-state { height: auto; margin: 0 1; }
+    PeersPanel DataTable { height: 1fr; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static(classes="notice")
+        yield Static(NO_MESH, id="peers-state")
+        table: DataTable = DataTable(id="peers-table", cursor_type="row")
+        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "last seen", "fork")
+        yield table
+
+    def show(self, snapshot: Snapshot) -> None:
+        self.show_connection(snapshot)
+        table = self.query_one(DataTable)
+        table.clear()
+        state = self.query_one("#peers-state", Static)
+        if snapshot.peers is None:
+            state.update(NO_MESH)
+            table.display = False
+            return
+        count = len(snapshot.peers)
+        state.update(f"{count} peers" if count else "the mesh is running; no peers seen")
+        table.display = True
+        for peer in snapshot.peers:
+            seen = peer.get("last_seen_ms")
+            ago = "-" if seen is None else f"{max(0, snapshot.now_ms - int(seen)) // 1000}s ago"
+            models = peer.get("models", [])
+            names = ", ".join(m if isinstance(m, str) else m.get("name", "?") for m in models)
+            table.add_row(short(peer.get("node_id")), names, str(peer.get("price_ucu_per_token", "-")),
+                          str(peer.get("reputation", "-")), ago, "FORK" if peer.get("flagged") else "")
