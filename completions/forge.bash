@@ -9,7 +9,7 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:tui") cmdpath="$cmdpath tui" ;;
@@ -17,6 +17,8 @@ _forge() {
             "forge:wallet") cmdpath="$cmdpath wallet" ;;
             "forge:ledger") cmdpath="$cmdpath ledger" ;;
             "forge:safety") cmdpath="$cmdpath safety" ;;
+            "forge:loan") cmdpath="$cmdpath loan" ;;
+            "forge:settle") cmdpath="$cmdpath settle" ;;
             "forge:config") cmdpath="$cmdpath config" ;;
             "forge models:list") cmdpath="$cmdpath list" ;;
             "forge models:pull") cmdpath="$cmdpath pull" ;;
@@ -48,6 +50,14 @@ _forge() {
             "forge safety:pending") cmdpath="$cmdpath pending" ;;
             "forge safety:policy") cmdpath="$cmdpath policy" ;;
             "forge safety policy:set") cmdpath="$cmdpath set" ;;
+            "forge loan:lend") cmdpath="$cmdpath lend" ;;
+            "forge loan:withdraw") cmdpath="$cmdpath withdraw" ;;
+            "forge loan:borrow") cmdpath="$cmdpath borrow" ;;
+            "forge loan:repay") cmdpath="$cmdpath repay" ;;
+            "forge loan:list") cmdpath="$cmdpath list" ;;
+            "forge loan:pool") cmdpath="$cmdpath pool" ;;
+            "forge loan:credit") cmdpath="$cmdpath credit" ;;
+            "forge settle:verify") cmdpath="$cmdpath verify" ;;
             "forge config:path") cmdpath="$cmdpath path" ;;
             "forge config:show") cmdpath="$cmdpath show" ;;
             "forge config:get") cmdpath="$cmdpath get" ;;
@@ -106,13 +116,35 @@ _forge() {
         "forge safety policy set:--lifetime") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge safety policy set:--approval") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge safety policy set:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan lend:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan lend:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan withdraw:--shares") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan withdraw:--amount") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan withdraw:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan withdraw:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan borrow:--term") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan borrow:--collateral") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan borrow:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan borrow:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan repay:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan repay:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan list:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan list:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan pool:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan pool:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan credit:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge loan credit:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge settle:--hours") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge settle:--out") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge settle:--format") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge settle:--price") COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$cmdpath" in
         "forge")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--version -V --install-completion --show-completion --help" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "chat node tui models wallet ledger safety config" -- "$cur"))
+                COMPREPLY=($(compgen -W "chat node tui models wallet ledger safety loan settle config" -- "$cur"))
             fi ;;
         "forge chat")
             if [[ "$cur" == -* ]]; then
@@ -301,6 +333,58 @@ _forge() {
         "forge safety policy set")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--account --cap --hourly --lifetime --approval --ledger --help" -- "$cur"))
+            fi ;;
+        "forge loan")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "lend withdraw borrow repay list pool credit" -- "$cur"))
+            fi ;;
+        "forge loan lend")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge loan withdraw")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--shares --amount --json --node --token --help" -- "$cur"))
+            fi ;;
+        "forge loan borrow")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--term --collateral --json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge loan repay")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge loan list")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--all --json --node --token --help" -- "$cur"))
+            fi ;;
+        "forge loan pool")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --node --token --help" -- "$cur"))
+            fi ;;
+        "forge loan credit")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --node --token --help" -- "$cur"))
+            fi ;;
+        "forge settle")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--hours --out --format --price --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "verify" -- "$cur"))
+            fi ;;
+        "forge settle verify")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         "forge config")
             if [[ "$cur" == -* ]]; then

@@ -7,7 +7,7 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
             ('forge:tui') cmdpath="$cmdpath tui" ;;
@@ -15,6 +15,8 @@ _forge() {
             ('forge:wallet') cmdpath="$cmdpath wallet" ;;
             ('forge:ledger') cmdpath="$cmdpath ledger" ;;
             ('forge:safety') cmdpath="$cmdpath safety" ;;
+            ('forge:loan') cmdpath="$cmdpath loan" ;;
+            ('forge:settle') cmdpath="$cmdpath settle" ;;
             ('forge:config') cmdpath="$cmdpath config" ;;
             ('forge models:list') cmdpath="$cmdpath list" ;;
             ('forge models:pull') cmdpath="$cmdpath pull" ;;
@@ -46,6 +48,14 @@ _forge() {
             ('forge safety:pending') cmdpath="$cmdpath pending" ;;
             ('forge safety:policy') cmdpath="$cmdpath policy" ;;
             ('forge safety policy:set') cmdpath="$cmdpath set" ;;
+            ('forge loan:lend') cmdpath="$cmdpath lend" ;;
+            ('forge loan:withdraw') cmdpath="$cmdpath withdraw" ;;
+            ('forge loan:borrow') cmdpath="$cmdpath borrow" ;;
+            ('forge loan:repay') cmdpath="$cmdpath repay" ;;
+            ('forge loan:list') cmdpath="$cmdpath list" ;;
+            ('forge loan:pool') cmdpath="$cmdpath pool" ;;
+            ('forge loan:credit') cmdpath="$cmdpath credit" ;;
+            ('forge settle:verify') cmdpath="$cmdpath verify" ;;
             ('forge config:path') cmdpath="$cmdpath path" ;;
             ('forge config:show') cmdpath="$cmdpath show" ;;
             ('forge config:get') cmdpath="$cmdpath get" ;;
@@ -104,6 +114,28 @@ _forge() {
         ('forge safety policy set:--lifetime') _files; return ;;
         ('forge safety policy set:--approval') _files; return ;;
         ('forge safety policy set:--ledger') _files; return ;;
+        ('forge loan lend:--node') _files; return ;;
+        ('forge loan lend:--token') _files; return ;;
+        ('forge loan withdraw:--shares') _files; return ;;
+        ('forge loan withdraw:--amount') _files; return ;;
+        ('forge loan withdraw:--node') _files; return ;;
+        ('forge loan withdraw:--token') _files; return ;;
+        ('forge loan borrow:--term') _files; return ;;
+        ('forge loan borrow:--collateral') _files; return ;;
+        ('forge loan borrow:--node') _files; return ;;
+        ('forge loan borrow:--token') _files; return ;;
+        ('forge loan repay:--node') _files; return ;;
+        ('forge loan repay:--token') _files; return ;;
+        ('forge loan list:--node') _files; return ;;
+        ('forge loan list:--token') _files; return ;;
+        ('forge loan pool:--node') _files; return ;;
+        ('forge loan pool:--token') _files; return ;;
+        ('forge loan credit:--node') _files; return ;;
+        ('forge loan credit:--token') _files; return ;;
+        ('forge settle:--hours') _files; return ;;
+        ('forge settle:--out') _files; return ;;
+        ('forge settle:--format') _files; return ;;
+        ('forge settle:--price') _files; return ;;
     esac
     case "$cmdpath" in
         ('forge')
@@ -111,7 +143,7 @@ _forge() {
                 items=('--version:Print the version.' '-V:Print the version.' '--install-completion:Install completion for the current shell.' '--show-completion:Show completion for the current shell, to copy it or customize the installation.' '--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).')
+                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).')
                 _describe -t commands command items
             fi ;;
         ('forge chat')
@@ -344,6 +376,70 @@ _forge() {
             if [[ "$PREFIX" == -* ]]; then
                 items=('--account:64 hex digits, or '\''*'\'' for every account without its own policy.' '--cap:Largest single spend, CU.' '--hourly:Budget per hour, CU.' '--lifetime:Budget for all time, CU.' '--approval:Spends above this need a person'\''s approval, CU.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
                 _describe -t options option items
+            fi ;;
+        ('forge loan')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                items=('lend:Deposit CU into the pool for shares at its current value.' 'withdraw:Redeem shares (or enough shares for an amount of CU) at the pool'\''s value.' 'borrow:Borrow from the pool against collateral.' 'repay:Repay a loan: principal + interest; the collateral comes back.' 'list:Your loans (or all of them, for the operator).' 'pool:The pool'\''s cash, lent principal, shares, and your stake.' 'credit:Your credit score and each component (basis points).')
+                _describe -t commands command items
+            fi ;;
+        ('forge loan lend')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge loan withdraw')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--shares:Shares to redeem.' '--amount:CU to take out.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge loan borrow')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--term:Term in hours (at most 168).' '--collateral:CU put in escrow.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge loan repay')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge loan list')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--all:Every loan (operator).' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge loan pool')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge loan credit')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge settle')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--hours:Window: this many hours back from now.' '--out:Write the statement here (default stdout).' '--format:json (the signed statement) or csv (per-account totals).' '--price:Reference payout, msat per CU.' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                items=('verify:Check a statement offline: signature, checkpoint, every proof and every total.')
+                _describe -t commands command items
+            fi ;;
+        ('forge settle verify')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Findings as JSON.' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
             fi ;;
         ('forge config')
             if [[ "$PREFIX" == -* ]]; then

@@ -61,6 +61,9 @@ KEYS: dict[str, Key] = {
         Key("safety.breaker_spends_per_minute", int, 30,
             "spends in one minute above which the breaker opens"),
         Key("safety.breaker_reset_s", int, 300, "seconds after which an open breaker closes"),
+        Key("lending.sweep_s", int, 30, "seconds between the node's checks for overdue loans"),
+        Key("lending.heartbeat_s", int, 3600,
+            "seconds between the node's heartbeat entries (the uptime part of credit)"),
     ]
 }
 

@@ -23,7 +23,10 @@
         ├── SpendCapExceeded        1    403  gate "per_request_cap": one spend above the cap
         ├── BreakerOpen             1    403  gate "circuit_breaker": too many errors or spends
         ├── BudgetExceeded          1    403  gate "hourly_budget" or "lifetime_budget"
-        └── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
+        ├── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
+        └── LendingDenied           1    403  a lending rule refused: gate "credit", "collateral_ratio",
+                                              "term", "pool_share", "reserve", "rate_limit" (429),
+                                              "default_halt" or "liquidity"
 
 The CLI maps each class to an exit code in `exit_code_for`; the node answers with `http_status`.
 """
@@ -183,6 +186,23 @@ class ApprovalRequired(SpendDenied):
     def __init__(self, message: str, *, approval_id: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.approval_id = approval_id
+
+
+LENDING_GATES = ("credit", "collateral_ratio", "term", "pool_share", "reserve", "rate_limit",
+                 "default_halt", "liquidity")
+
+
+class LendingDenied(SpendDenied):
+    """A lending-pool rule refused a borrow or withdrawal; `gate` names the rule."""
+
+    gate = "credit"
+
+    def __init__(self, message: str, *, gate: str, hint: str | None = None) -> None:
+        if gate not in LENDING_GATES:
+            raise ValueError(f"unknown lending gate {gate!r}")
+        super().__init__(message, gate=gate, hint=hint)
+        if gate == "rate_limit":
+            self.http_status = 429
 
 
 def exit_code_for(exc: BaseException) -> int:

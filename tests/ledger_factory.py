@@ -61,6 +61,28 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
                                  "status": "requested", "expires_ms": far})
         book.append("approval", {"id": "apr-1", "account": consumer.node_id, "cu": 300,
                                  "status": "approved"})
+        # Lending: a deposit, a loan repaid after 2 hours, a loan that defaults, a withdrawal.
+        t0, hour = 1_800_000_000_000, entries.HOUR_MS
+        book.append("heartbeat", {"account": owner.node_id}, ts=t0)
+        book.append("deposit", {"account": owner.node_id, "cu": 500, "shares": 500}, ts=t0)
+        rate = entries.rate_ppm(2000)
+        loan = book.append("borrow", {"account": consumer.node_id, "principal": 100,
+                                      "collateral": 50, "term_hours": 5, "credit_bp": 2000,
+                                      "rate_ppm": rate}, ts=t0)
+        book.append("repay", {"loan_id": loan.seq, "account": consumer.node_id,
+                              "interest": entries.interest_cu(100, rate, t0, t0 + 2 * hour)},
+                    parent=loan.seq, ts=t0 + 2 * hour)
+        bad = book.append("borrow", {"account": consumer.node_id, "principal": 90,
+                                     "collateral": 30, "term_hours": 1, "credit_bp": 2000,
+                                     "rate_ppm": rate}, ts=t0 + 2 * hour)
+        book.append("default", {"loan_id": bad.seq, "account": consumer.node_id,
+                                "burn": entries.default_burn(30)}, parent=bad.seq,
+                    ts=t0 + 4 * hour)
+        book.append("borrow", {"account": consumer.node_id, "principal": 60, "collateral": 20,
+                               "term_hours": 168, "credit_bp": 2000, "rate_ppm": rate},
+                    ts=t0 + 4 * hour)  # left open: escrow holds its collateral
+        book.append("withdraw", {"account": owner.node_id, "shares": 100, "cu": 87},
+                    ts=t0 + 5 * hour)
         book.checkpoint()
         book.witness(first_note, foreign_vkey)
         book.witness(second_note, foreign_vkey, proof)

@@ -99,6 +99,16 @@ TABLE_COLUMNS = [
     ("policies", "lifetime_budget_cu"), ("policies", "approval_threshold_cu"), ("policies", "seq"),
     ("approvals", "id"), ("approvals", "account"), ("approvals", "cu"), ("approvals", "status"),
     ("approvals", "expires_ms"), ("approvals", "seq"),
+    ("pool", "name"), ("pool", "cash"), ("pool", "lent"), ("pool", "shares"),
+    ("lenders", "account"), ("lenders", "shares"), ("lenders", "deposited"),
+    ("lenders", "withdrawn"),
+    *(("loans", c) for c in ("loan_id", "account", "principal", "collateral", "rate_ppm",
+                             "start_ms", "due_ms", "status", "interest", "closed_ms")),
+    ("escrow", "account"), ("escrow", "cu"),
+    ("loan_history", "account"), ("loan_history", "borrowed"), ("loan_history", "repaid"),
+    ("loan_history", "defaulted"),
+    ("heartbeats", "account"), ("heartbeats", "hour"), ("heartbeats", "seq"),
+    ("first_seen", "account"), ("first_seen", "ts"),
 ]
 
 

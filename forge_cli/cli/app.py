@@ -11,9 +11,11 @@ from forge_cli.cli import (
     chat_cmd,
     config_cmd,
     ledger_cmd,
+    loan_cmd,
     models_cmd,
     node_cmd,
     safety_cmd,
+    settle_cmd,
     tui_cmd,
     wallet_cmd,
 )
@@ -52,6 +54,8 @@ app.add_typer(models_cmd.app, name="models")
 app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")
 app.add_typer(safety_cmd.app, name="safety")
+app.add_typer(loan_cmd.app, name="loan")
+app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
 app.command("tui")(tui_cmd.tui)
 

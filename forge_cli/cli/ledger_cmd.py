@@ -197,6 +197,8 @@ def replay(
         "size": end, "root": root, "balances": state.balances(), "supply": state.supply(),
         "kinds": dict(kinds), "trades": len(state.tables[views.TRADE_NONCES.table]),
         "redacted_bodies": len(state.tables[views.REDACTIONS.table]),
+        "escrow": sum(v[0] for v in state.tables[views.ESCROW.table].values()),
+        "pool": dict(zip(("cash", "lent", "shares"), views.pool_row(state))),
     }
     if as_json:
         print_json(result)
@@ -204,6 +206,8 @@ def replay(
     typer.echo(f"state after seq {end - 1} ({end} entries), root {root}")
     typer.echo(f"supply   granted {result['supply']['granted']} CU, burned "
                f"{result['supply']['burned']} CU")
+    typer.echo(f"lending  pool {result['pool']['cash']} CU cash + {result['pool']['lent']} CU lent, "
+               f"escrow {result['escrow']} CU")
     typer.echo("kinds    " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     for account, balance in sorted(result["balances"].items(), key=lambda kv: -kv[1]):
         typer.echo(f"  {account}  {balance:>12} CU")

@@ -272,6 +272,94 @@ def _approval(data: dict[str, Any]) -> str | None:
     return reason
 
 
+# -- lending (DESIGN §4): the rules every entry of these kinds obeys on its own; the rules that
+# need the pool's state (shares, interest, due dates) are checked by the fold in `views`.
+
+HOUR_MS = 3_600_000
+PPM = 1_000_000
+MAX_TERM_HOURS = 168
+MAX_LEVERAGE = 3  # principal ≤ 3 × collateral
+BASE_RATE_PPM = 1_000  # 0.1 % per hour
+CREDIT_RATE_PPM = 5_000  # + (1 − credit) × 0.5 % per hour
+DEFAULT_BURN_PPM = 100_000  # 10 % of the collateral of a defaulted loan is burned
+
+
+def rate_ppm(credit_bp: int) -> int:
+    """Hourly interest in ppm for a credit score in basis points, rounded up (pool's favour).
+
+    >>> rate_ppm(10_000), rate_ppm(2_000), rate_ppm(0)
+    (1000, 5000, 6000)
+    """
+    return BASE_RATE_PPM + -(-(10_000 - credit_bp) * CREDIT_RATE_PPM // 10_000)
+
+
+def loan_hours(start_ms: int, end_ms: int) -> int:
+    """Hours of interest owed: every started hour counts, and at least one."""
+    return max(1, -(-(end_ms - start_ms) // HOUR_MS))
+
+
+def interest_cu(principal: int, rate: int, start_ms: int, end_ms: int) -> int:
+    """Simple interest in CU, rounded up in the pool's favour: ceil(p × rate × hours / 1e6)."""
+    return -(-principal * rate * loan_hours(start_ms, end_ms) // PPM)
+
+
+def default_burn(collateral: int) -> int:
+    """CU burned when a loan defaults: 10 % of the collateral, rounded up."""
+    return -(-collateral * DEFAULT_BURN_PPM // PPM)
+
+
+def _nonneg(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if type(value) is not int or value < 0:
+        return f"data.{key} must be a non-negative integer, found {value!r}"
+    return None
+
+
+def _deposit(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"account", "cu", "shares"}), _account(data, "account"),
+                  _positive(data, "cu"), _positive(data, "shares"))
+
+
+def _withdraw(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"account", "cu", "shares"}), _account(data, "account"),
+                  _nonneg(data, "cu"), _positive(data, "shares"))
+
+
+def _borrow(data: dict[str, Any]) -> str | None:
+    reason = _first(
+        _exact_keys(data, {"account", "principal", "collateral", "term_hours", "credit_bp",
+                           "rate_ppm"}),
+        _account(data, "account"), _positive(data, "principal"), _positive(data, "collateral"),
+        _positive(data, "term_hours"), _nonneg(data, "credit_bp"), _positive(data, "rate_ppm"))
+    if reason:
+        return reason
+    if data["term_hours"] > MAX_TERM_HOURS:
+        return f"data.term_hours {data['term_hours']} is above {MAX_TERM_HOURS}"
+    if data["credit_bp"] > 10_000:
+        return f"data.credit_bp {data['credit_bp']} is above 10000"
+    if data["principal"] > MAX_LEVERAGE * data["collateral"]:
+        return (f"data.principal {data['principal']} is more than {MAX_LEVERAGE} × collateral "
+                f"{data['collateral']}")
+    if data["rate_ppm"] != rate_ppm(data["credit_bp"]):
+        return (f"data.rate_ppm is {data['rate_ppm']} but credit {data['credit_bp']} bp gives "
+                f"{rate_ppm(data['credit_bp'])}")
+    return None
+
+
+def _repay(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"loan_id", "account", "interest"}),
+                  _nonneg(data, "loan_id"), _account(data, "account"), _nonneg(data, "interest"))
+
+
+def _default(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"loan_id", "account", "burn"}),
+                  _nonneg(data, "loan_id"), _account(data, "account"), _nonneg(data, "burn"))
+
+
+def _heartbeat(data: dict[str, Any]) -> str | None:
+    return _first(_exact_keys(data, {"account"}), _account(data, "account"))
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "grant": _mint,
     "burn": _mint,
@@ -282,6 +370,12 @@ KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "kill": _kill,
     "policy": _policy,
     "approval": _approval,
+    "deposit": _deposit,
+    "withdraw": _withdraw,
+    "borrow": _borrow,
+    "repay": _repay,
+    "default": _default,
+    "heartbeat": _heartbeat,
 }
 
 

@@ -228,14 +228,32 @@ class _Verifier:
             for problem in views.diff(view, views.table_rows(conn, view),
                                       self.state.tables[view.table]):
                 self.find(None, view.table, problem)
-        balances = self.state.balances()
-        supply = self.state.supply()
-        if sum(balances.values()) != supply["granted"] - supply["burned"]:
-            self.find(None, "accounts", "CU is not conserved: balances do not sum to grants − burns")
-        for account, balance in balances.items():
-            if balance < 0:
-                self.find(None, "accounts", f"{account[:16]}… has a negative balance")
+        self._conservation()
         self._deep_witnessed(conn)
+
+    def _conservation(self) -> None:
+        """Σ balances + Σ escrow + pool cash = Σ grants − Σ burns, and nothing negative.
+
+        Checked on the final state; only when it fails is the ledger replayed once more,
+        checking after every entry, to name the first entry that breaks it.
+        """
+        if _conserved(self.state) is None:
+            return
+        state = views.MemoryState()
+        try:
+            for entry in self.ledger.iter_entries():
+                try:
+                    state.apply(entry.fields)
+                except (EntryRejected, KeyError, TypeError):
+                    continue  # already reported as a broken rule
+                problem = _conserved(state)
+                if problem:
+                    self.find(entry.seq, "accounts", f"CU is not conserved after this "
+                              f"{entry.kind} entry: {problem}")
+                    return
+        except ForgeError:
+            pass  # an unreadable entry, already reported
+        self.find(None, "accounts", f"CU is not conserved: {_conserved(self.state)}")
 
     def _deep_merkle(self, conn: sqlite3.Connection) -> None:
         stored = {(lv, ix): h for lv, ix, h in conn.execute("SELECT level, idx, hash FROM merkle_nodes")}
@@ -274,6 +292,20 @@ class _Verifier:
                 continue
             if (cp.origin, cp.size, cp.root) != (origin, size, root):
                 self.find(None, "witnessed", f"log {origin}: columns differ from the cosigned note")
+
+
+def _conserved(state: views.MemoryState) -> str | None:
+    """Why `state` breaks conservation, or None."""
+    for view in (views.ACCOUNTS, views.ESCROW, views.POOL, views.LENDERS):
+        for key, value in state.tables[view.table].items():
+            if any(isinstance(v, int) and v < 0 for v in value):
+                return f"{view.table} row {key[0][:16]}… is negative {value!r}"
+    supply = state.supply()
+    held, minted = state.held(), supply["granted"] - supply["burned"]
+    if held != minted:
+        return (f"balances + escrow + pool hold {held} CU but grants − burns are {minted} CU "
+                f"(off by {held - minted})")
+    return None
 
 
 def open_saved_checkpoint(note_text: str, vkey: str | None = None) -> note.Checkpoint:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forge_cli.errors import EntryRejected
+from forge_cli.ledger import entries as _kinds
 from forge_cli.ledger.entries import POLICY_LIMITS
 
 Row = tuple[Any, ...]
@@ -50,9 +51,33 @@ POLICIES = View("policies", ("account",), (*POLICY_LIMITS, "seq"), ("TEXT",) + (
 # Each approval's current state; seq is the entry that put it there.
 APPROVALS = View("approvals", ("id",), ("account", "cu", "status", "expires_ms", "seq"),
                  ("TEXT", "TEXT", "INTEGER", "TEXT", "INTEGER", "INTEGER"))
+# Lending. One row, name 'pool': CU held by the pool (cash), principal lent out and not yet
+# repaid or defaulted (lent), and the shares in issue. The pool's value is cash + lent.
+POOL = View("pool", ("name",), ("cash", "lent", "shares"), ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
+# Per lender: shares held, and CU put in and taken out over all time (their gain is
+# withdrawn + value of shares − deposited).
+LENDERS = View("lenders", ("account",), ("shares", "deposited", "withdrawn"),
+               ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
+# Every loan, keyed by the seq of its `borrow` entry. closed_ms is 0 while open.
+LOANS = View("loans", ("loan_id",),
+             ("account", "principal", "collateral", "rate_ppm", "start_ms", "due_ms", "status",
+              "interest", "closed_ms"),
+             ("INTEGER", "TEXT", "INTEGER", "INTEGER", "INTEGER", "INTEGER", "INTEGER", "TEXT",
+              "INTEGER", "INTEGER"))
+# Collateral held in escrow per borrower (CU that is neither a balance nor the pool's).
+ESCROW = View("escrow", ("account",), ("cu",), ("TEXT", "INTEGER"))
+# Per borrower: loans taken, repaid and defaulted (credit history and reputation).
+LOAN_HISTORY = View("loan_history", ("account",), ("borrowed", "repaid", "defaulted"),
+                    ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
+# The hours (unix ms // 3,600,000) in which an account's node wrote a heartbeat (uptime).
+HEARTBEATS = View("heartbeats", ("account", "hour"), ("seq",), ("TEXT", "INTEGER", "INTEGER"))
+# When CU first reached an account (credit age).
+FIRST_SEEN = View("first_seen", ("account",), ("ts",), ("TEXT", "INTEGER"))
 VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS, TRADE_TOTALS,
-                           KILL_SWITCH, POLICIES, APPROVALS)
+                           KILL_SWITCH, POLICIES, APPROVALS, POOL, LENDERS, LOANS, ESCROW,
+                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN)
 KILL_KEY = ("global",)
+POOL_KEY = ("pool",)
 
 # Which status an approval may move to from which (anything else is rejected by the fold).
 APPROVAL_MOVES = {"approved": "requested", "denied": "requested", "expired": "requested",
@@ -119,6 +144,108 @@ def _approval(state: State, data: dict[str, Any], seq: int, ts: int) -> None:
     state.put(APPROVALS, key, (account, cu, status, expires_ms, seq))
 
 
+def _seen(state: State, account: str, ts: int) -> None:
+    if state.get(FIRST_SEEN, (account,)) is None:
+        state.put(FIRST_SEEN, (account,), (ts,))
+
+
+def _add(state: State, view: View, key: Row, *deltas: int) -> None:
+    row = state.get(view, key) or (0,) * len(deltas)
+    state.put(view, key, tuple(a + b for a, b in zip(row, deltas)))
+
+
+def pool_row(state: State) -> tuple[int, int, int]:
+    """(cash, lent, shares) of the pool."""
+    row = state.get(POOL, POOL_KEY)
+    return (row[0], row[1], row[2]) if row else (0, 0, 0)
+
+
+def shares_for_deposit(cu: int, cash: int, lent: int, shares: int) -> int:
+    """Shares minted for `cu`: 1:1 into an empty pool, else floor(cu × shares / value)."""
+    value = cash + lent
+    return cu if shares == 0 else cu * shares // value if value > 0 else 0
+
+
+def cu_for_shares(redeemed: int, cash: int, lent: int, shares: int) -> int:
+    """CU paid for redeeming shares: floor(redeemed × value / shares) (the pool keeps dust)."""
+    return redeemed * (cash + lent) // shares if shares else 0
+
+
+def _lending(state: State, kind: str, data: dict[str, Any], seq: int, ts: int) -> None:
+    cash, lent, shares = pool_row(state)
+    if kind == "deposit":
+        want = shares_for_deposit(data["cu"], cash, lent, shares)
+        if data["shares"] != want or want == 0:
+            raise EntryRejected(f"seq {seq}: deposit of {data['cu']} CU mints {want} shares at the "
+                                f"pool's value {cash + lent} CU / {shares} shares, not {data['shares']}")
+        _debit(state, data["account"], data["cu"], seq, "deposit")
+        state.put(POOL, POOL_KEY, (cash + data["cu"], lent, shares + want))
+        _add(state, LENDERS, (data["account"],), want, data["cu"], 0)
+    elif kind == "withdraw":
+        held = (state.get(LENDERS, (data["account"],)) or (0, 0, 0))[0]
+        if data["shares"] > held:
+            raise EntryRejected(f"seq {seq}: withdraw of {data['shares']} shares by "
+                                f"{data['account'][:16]}…, who holds {held}")
+        want = cu_for_shares(data["shares"], cash, lent, shares)
+        if data["cu"] != want:
+            raise EntryRejected(f"seq {seq}: {data['shares']} shares redeem {want} CU, not {data['cu']}")
+        if want > cash:
+            raise EntryRejected(f"seq {seq}: withdraw of {want} CU but the pool holds {cash} CU")
+        state.put(POOL, POOL_KEY, (cash - want, lent, shares - data["shares"]))
+        _add(state, LENDERS, (data["account"],), -data["shares"], 0, want)
+        _credit(state, data["account"], want)
+    elif kind == "borrow":
+        account, principal, collateral = data["account"], data["principal"], data["collateral"]
+        if principal > cash:
+            raise EntryRejected(f"seq {seq}: borrow of {principal} CU but the pool holds {cash} CU")
+        _debit(state, account, collateral, seq, "borrow (collateral)")
+        _add(state, ESCROW, (account,), collateral)
+        state.put(POOL, POOL_KEY, (cash - principal, lent + principal, shares))
+        _credit(state, account, principal)
+        due = ts + data["term_hours"] * _kinds.HOUR_MS
+        state.put(LOANS, (seq,), (account, principal, collateral, data["rate_ppm"], ts, due,
+                                  "open", 0, 0))
+        _add(state, LOAN_HISTORY, (account,), 1, 0, 0)
+    else:  # repay, default
+        loan = state.get(LOANS, (data["loan_id"],))
+        if loan is None or loan[6] != "open" or loan[0] != data["account"]:
+            what = "no such loan" if loan is None else (
+                f"it is {loan[6]}" if loan[6] != "open" else f"it is {loan[0][:16]}…'s")
+            raise EntryRejected(f"seq {seq}: {kind} of loan {data['loan_id']} by "
+                                f"{data['account'][:16]}…: {what}")
+        account, principal, collateral, rate, start, due = loan[:6]
+        if kind == "repay":
+            if ts > due:
+                raise EntryRejected(f"seq {seq}: loan {data['loan_id']} was due at {due} ms; "
+                                    f"at {ts} ms it can only default")
+            interest = _kinds.interest_cu(principal, rate, start, ts)
+            if data["interest"] != interest:
+                raise EntryRejected(f"seq {seq}: loan {data['loan_id']} owes {interest} CU of "
+                                    f"interest at {ts} ms, not {data['interest']}")
+            _add(state, ESCROW, (account,), -collateral)
+            _credit(state, account, collateral)
+            _debit(state, account, principal + interest, seq, "repay")
+            state.put(POOL, POOL_KEY, (cash + principal + interest, lent - principal, shares))
+            state.put(LOANS, (data["loan_id"],), (*loan[:6], "repaid", interest, ts))
+            _add(state, LOAN_HISTORY, (account,), 0, 1, 0)
+        else:
+            if ts <= due:
+                raise EntryRejected(f"seq {seq}: loan {data['loan_id']} is not due until {due} ms "
+                                    f"(entry ts {ts} ms)")
+            burn = _kinds.default_burn(collateral)
+            if data["burn"] != burn:
+                raise EntryRejected(f"seq {seq}: default of loan {data['loan_id']} burns {burn} CU "
+                                    f"of its {collateral} CU collateral, not {data['burn']}")
+            _add(state, ESCROW, (account,), -collateral)
+            state.put(POOL, POOL_KEY, (cash + collateral - burn, lent - principal, shares))
+            _add_supply(state, "burned", burn)
+            state.put(LOANS, (data["loan_id"],), (*loan[:6], "defaulted", 0, ts))
+            _add(state, LOAN_HISTORY, (account,), 0, 0, 1)
+
+
+LENDING_KINDS = frozenset({"deposit", "withdraw", "borrow", "repay", "default"})
+
+
 def apply(state: State, fields: dict[str, Any]) -> None:
     """Fold one (already well-formed) entry into the views; EntryRejected breaks a rule."""
     kind, data, seq = fields["kind"], fields["data"], fields["seq"]
@@ -129,7 +256,13 @@ def apply(state: State, fields: dict[str, Any]) -> None:
                                 "and cannot be stored again")
         if state.get(BODY_REFS, (body,)) is None:
             state.put(BODY_REFS, (body,), (seq,))
-    if kind == "grant":
+    ts = fields["ts"]
+    if kind in LENDING_KINDS:
+        _lending(state, kind, data, seq, ts)
+    elif kind == "heartbeat":
+        state.put(HEARTBEATS, (data["account"], ts // _kinds.HOUR_MS), (seq,))
+    elif kind == "grant":
+        _seen(state, data["account"], ts)
         _credit(state, data["account"], data["cu"])
         _add_supply(state, "granted", data["cu"])
     elif kind == "burn":
@@ -137,6 +270,7 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         _add_supply(state, "burned", data["cu"])
     elif kind == "transfer":
         _debit(state, data["from"], data["cu"], seq, "transfer")
+        _seen(state, data["to"], ts)
         _credit(state, data["to"], data["cu"])
     elif kind == "trade":
         terms = data["terms"]
@@ -149,6 +283,7 @@ def apply(state: State, fields: dict[str, Any]) -> None:
             )
         state.put(TRADE_NONCES, key, (seq,))
         _debit(state, terms["consumer"], terms["cu"], seq, "trade")
+        _seen(state, terms["provider"], ts)
         _credit(state, terms["provider"], terms["cu"])
         if terms["cu"]:
             _add_totals(state, terms["consumer"], terms["cu"], 0, 0)
@@ -194,6 +329,12 @@ class MemoryState:
     def supply(self) -> dict[str, int]:
         rows = self.tables[SUPPLY.table]
         return {name: rows.get((name,), (0,))[0] for name in ("granted", "burned")}
+
+    def held(self) -> int:
+        """Σ balances + Σ escrow + pool cash: what conservation says grants − burns must be."""
+        return (sum(v[0] for v in self.tables[ACCOUNTS.table].values())
+                + sum(v[0] for v in self.tables[ESCROW.table].values())
+                + pool_row(self)[0])
 
 
 _ABSENT = object()

@@ -11,7 +11,14 @@ from typing import Any
 from aiohttp import web
 
 from forge_cli.errors import UsageError
-from forge_cli.node import routes_economy, routes_ledger, routes_openai, routes_safety, routes_system
+from forge_cli.node import (
+    routes_economy,
+    routes_ledger,
+    routes_lending,
+    routes_openai,
+    routes_safety,
+    routes_system,
+)
 from forge_cli.node.events import EventBus
 from forge_cli.node.service import LoadedModel, Node
 from forge_cli.node.web import (
@@ -24,9 +31,10 @@ from forge_cli.node.web import (
     openapi,
 )
 
-ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_ledger.ROUTES,
-                       *routes_safety.ROUTES, *routes_system.ROUTES]
+ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
+                       *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_system.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TIMERS = web.AppKey("timers", list)
 
 
 def make_app(node: Node) -> web.Application:
@@ -40,8 +48,12 @@ def make_app(node: Node) -> web.Application:
 
     async def start(app: web.Application) -> None:
         node.events = EventBus(asyncio.get_running_loop())
+        app[TIMERS] = [asyncio.create_task(routes_lending.sweeper(node)),
+                       asyncio.create_task(routes_lending.heartbeats(node))]
 
     async def stop(app: web.Application) -> None:
+        for task in app.get(TIMERS, []):
+            task.cancel()
         if node.events is not None:
             node.events.close()
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import UsageError
 from forge_cli.ledger import entries, views
 from forge_cli.node.service import Node
@@ -44,20 +45,13 @@ async def balance(request: web.Request) -> web.Response:
     account = _account_query(request)
     current = node.balance(account)
     reserved = node.reserved.get(account, 0)
-    spent, earned, provided = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
+    spent, earned, _ = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
+    escrow = (node.reader.row(views.ESCROW, (account,)) or (0,))[0]
     return web.json_response({
         "account": account, "balance": current, "reserved": reserved,
-        "available": current - reserved, "earned": earned, "spent": spent,
-        "reputation": reputation(provided),
+        "available": current - reserved, "earned": earned, "spent": spent, "escrow": escrow,
+        "reputation": account_reputation(node.reader, account),
     })
-
-
-def reputation(provided: int) -> int:
-    """Basis points: 5000 to start, +100 per dual-signed trade provided, within 0..10000.
-
-    (Loan defaults, −2000 each, come with the lending pool.)
-    """
-    return max(0, min(10_000, 5_000 + 100 * provided))
 
 
 async def pricing(request: web.Request) -> web.Response:
@@ -108,8 +102,7 @@ async def network(request: web.Request) -> web.Response:
 def _providers(node: Node) -> list[dict[str, Any]]:
     return [{"node_id": node.node_id, "model": m.name, "model_sha256": m.sha256,
              "params": m.params, "price_ucu_per_token": node.price(m), "local": True,
-             "reputation": reputation((node.reader.row(views.TRADE_TOTALS, (node.node_id,))
-                                       or (0, 0, 0))[2])}
+             "reputation": account_reputation(node.reader, node.node_id)}
             for m in node.models.values()]
 
 

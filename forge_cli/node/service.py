@@ -94,6 +94,9 @@ class Node:
         # The node is the ledger's only writer, so it knows the kill switch without asking:
         # the flag is read on every streamed piece.
         self.killed = bool(self.safety.kill_state()["active"])
+        from forge_cli.economy.lending import Lending
+
+        self.lending = Lending(self.ledger, self.safety, clock=self.clock, host=self.node_id)
         self.markets = {name: Market() for name in self.models}
         self.metrics = Metrics()
         self.reserved: dict[str, int] = {}
@@ -155,6 +158,10 @@ class Node:
 
     def available(self, account: str) -> int:
         return self.balance(account) - self.reserved.get(account, 0)
+
+    def ensure_grant(self, account: str) -> None:
+        """The free tier for a new account (on the ledger thread); the lending routes use it."""
+        self._ensure_grant(account)
 
     def _ensure_grant(self, account: str) -> None:
         """A new account's free tier, once: a `grant` entry (on the ledger thread)."""
