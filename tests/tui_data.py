@@ -56,12 +56,16 @@ def recorded(**overrides) -> Snapshot:
     return snapshot
 
 
-POOL = {"size_cu": 50_000, "lent_cu": 12_500}
+# The shapes of GET /v1/forge/pool and /v1/forge/loans (forge_cli.economy.lending).
+POOL = {"cash": 37_500, "lent": 12_500, "value": 50_000, "shares": 50_000, "reserve_pct": 30,
+        "max_loan_pct": 20, "open_loans": 1}
 LOANS = [
-    {"id": "loan_0001", "borrower": ALICE, "principal_cu": 2_000, "collateral_cu": 1_000,
-     "due_ms": NOW_MS + 5 * 3_600_000 + 30 * 60_000, "status": "active"},
-    {"id": "loan_0002", "borrower": BOB, "principal_cu": 500, "collateral_cu": 300,
-     "due_ms": NOW_MS - 2 * 3_600_000, "status": "defaulted"},
+    {"loan_id": 17, "account": ALICE, "principal": 2_000, "collateral": 1_000, "rate_ppm": 5_000,
+     "start_ms": NOW_MS - 3_600_000, "due_ms": NOW_MS + 5 * 3_600_000 + 30 * 60_000,
+     "status": "open", "interest": 0, "closed_ms": None, "owed_now": 2_010},
+    {"loan_id": 9, "account": BOB, "principal": 500, "collateral": 300, "rate_ppm": 5_000,
+     "start_ms": NOW_MS - 30 * 3_600_000, "due_ms": NOW_MS - 2 * 3_600_000,
+     "status": "defaulted", "interest": 0, "closed_ms": NOW_MS - 2 * 3_600_000},
 ]
 PEERS = [
     {"node_id": ALICE, "models": ["tiny.gguf", "qwen2.5:0.5b"], "price_ucu_per_token": 900_000,

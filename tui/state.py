@@ -46,7 +46,7 @@ async def fetch(client: NodeClient, previous: Snapshot, now_ms: int) -> Snapshot
         client.get("/health"), client.get("/v1/forge/balance"), client.get("/v1/forge/pricing"),
         client.get("/v1/forge/trades?limit=200"), client.get("/v1/forge/network"),
         client.get("/v1/forge/safety"), client.get("/v1/forge/approvals"),
-        client.get("/v1/forge/peers"), client.get("/v1/forge/pool"), client.get("/v1/forge/loans"),
+        client.get("/v1/forge/peers"), client.get("/v1/forge/pool"), client.get("/v1/forge/loans?all=1"),
     )
     safety = safety or {}
     budgets = []

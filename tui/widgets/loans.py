@@ -33,20 +33,22 @@ class LoansPanel(Panel):
             self.query_one("#pool", Static).update(NO_POOL)
             table.display = False
             return
-        size = int(pool.get("size_cu", pool.get("total_cu", 0)))
-        lent = int(pool.get("lent_cu", pool.get("outstanding_cu", 0)))
+        size = int(pool.get("value", 0))  # cash + lent (forge_cli.economy.lending.pool)
+        lent = int(pool.get("lent", 0))
         loans = snapshot.loans or []
         defaults = sum(1 for loan in loans if loan.get("status") == "defaulted")
         self.query_one("#pool", Static).update(
             f"pool {size:,} CU  lent {lent:,} CU  utilisation {bar(lent, size)} "
             f"{(100 * lent // size) if size else 0}%  active "
-            f"{sum(1 for loan in loans if loan.get('status') == 'active')}  defaults {defaults}")
+            f"{sum(1 for loan in loans if loan.get('status') == 'open')}  defaults {defaults}")
         table.display = True
         for loan in loans:
             due = loan.get("due_ms")
             left = "-" if due is None else _due(int(due) - snapshot.now_ms)
-            table.add_row(str(loan.get("id", "?"))[:12], short(loan.get("borrower")),
-                          str(loan.get("principal_cu", "?")), str(loan.get("collateral_cu", "?")),
+            if loan.get("status") != "open":
+                left = "-"
+            table.add_row(f"#{loan.get('loan_id', '?')}", short(loan.get("account")),
+                          str(loan.get("principal", "?")), str(loan.get("collateral", "?")),
                           left, str(loan.get("status", "?")))
 
 
