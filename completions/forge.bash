@@ -414,7 +414,7 @@ _forge() {
             fi ;;
         "forge config keys")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--json --help" -- "$cur"))
             fi ;;
     esac
 }

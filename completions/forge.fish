@@ -254,4 +254,5 @@ complete -c forge -n '__forge_at \'forge config get\'' -l help -d 'Show this mes
 complete -c forge -n '__forge_at \'forge config get\'' -F
 complete -c forge -n '__forge_at \'forge config set\'' -l help -d 'Show this message and exit.'
 complete -c forge -n '__forge_at \'forge config set\'' -F
+complete -c forge -n '__forge_at \'forge config keys\'' -l json -d 'A JSON list.'
 complete -c forge -n '__forge_at \'forge config keys\'' -l help -d 'Show this message and exit.'

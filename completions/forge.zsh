@@ -475,7 +475,7 @@ _forge() {
             fi ;;
         ('forge config keys')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--help:Show this message and exit.')
+                items=('--json:A JSON list.' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
     esac

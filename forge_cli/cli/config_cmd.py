@@ -50,8 +50,13 @@ def set_(
 
 
 @app.command("keys")
-def keys() -> None:
+def keys(as_json: bool = typer.Option(False, "--json", help="A JSON list.")) -> None:
     """List every known key with its type, default and meaning."""
+    if as_json:
+        print_json([{"key": k.name, "type": k.type.__name__, "default": k.default,
+                     "choices": list(k.choices), "env": k.env, "help": k.help}
+                    for k in config.KEYS.values()])
+        return
     for key in config.KEYS.values():
         choices = f" ({'|'.join(key.choices)})" if key.choices else ""
         typer.echo(f"{key.name}  [{key.type.__name__}{choices}, default {json.dumps(key.default)}]"
