@@ -242,3 +242,33 @@ def test_missing_ledger_is_exit_2(run_forge, tmp_path):
     result = run_forge("ledger", "verify", "--ledger", str(tmp_path / "nope.db"))
     assert result.returncode == 2
     assert "no ledger at" in result.stderr
+
+
+def test_a_validly_signed_entry_that_breaks_a_rule_is_named_by_deep_verify(tmp_path, run_forge):
+    """A buggy writer: it signs and chains an overspending transfer without applying its rule.
+
+    The chain and every signature are sound, so plain verify passes; the replay in
+    --deep names the entry that spends CU its account never had.
+    """
+    from forge_cli.ledger import merkle
+    from forge_cli.ledger.store import Draft, Ledger
+
+    me = Identity.generate()
+    db = tmp_path / "buggy.db"
+    with Ledger.open_writer(db, me) as book:
+        book.append("grant", {"account": me.node_id, "cu": 10})
+        fields, raw, leaf, bodies = book._build(
+            Draft("transfer", {"from": me.node_id, "to": "ab" * 32, "cu": 50}),
+            me.node_id, book.size, book.head)
+        rng = merkle.CompactRange(book.size, list(book._range.peaks))
+        with book._transaction():  # the bug: views.apply is skipped
+            written = book._insert(rng, [(fields, raw, leaf, me.sign(leaf), bodies)])
+        book._advance(rng, written)
+        book.append("note", {"text": "written after the bad one"})
+    plain, _ = verify(run_forge, db)
+    assert plain == 0
+    code, report = verify(run_forge, db, "--deep")
+    assert code == 1
+    named = [f for f in report["findings"] if f["seq"] is not None]
+    assert named[0]["seq"] == 1
+    assert "breaks a ledger rule" in named[0]["reason"] and "balance" in named[0]["reason"]
