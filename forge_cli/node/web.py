@@ -60,6 +60,8 @@ def forge_error_response(exc: ForgeError) -> web.Response:
         extra["approval_id"] = exc.approval_id
     if isinstance(exc, EngineBusy):
         headers = {"Retry-After": "1"}
+    elif status == 429:  # a per-minute limit (new loans): the window frees up within a minute
+        headers = {"Retry-After": "60"}
     message = exc.message + (f" ({exc.hint})" if exc.hint else "")
     return error_response(status, message, _kind(status), code, headers, **extra)
 
