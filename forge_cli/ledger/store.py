@@ -343,6 +343,13 @@ class Ledger:
         ):
             yield self._entry(row)
 
+    def iter_newest(self, kind: str) -> Iterator[Entry]:
+        """Entries of one kind, newest first (stop early: this walks back from the tail)."""
+        cursor = self.conn.execute(
+            "SELECT seq, hash, entry, sig FROM entries WHERE kind = ? ORDER BY seq DESC", (kind,))
+        for row in cursor:
+            yield self._entry(row)
+
     def body(self, body_hash: str) -> bytes | None:
         row = self.conn.execute("SELECT data FROM bodies WHERE hash = ?", (body_hash,)).fetchone()
         return None if row is None else row[0]
