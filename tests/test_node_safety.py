@@ -241,6 +241,8 @@ def test_full_queue_is_429_with_retry_after(tmp_path: Path, tiny_gguf: Path):
         assert 429 in outcomes and 200 in outcomes, outcomes
         busy = headers[outcomes.index(429)]
         assert int(busy["Retry-After"]) >= 1
+        status = running.request("GET", "/v1/forge/safety", token=running.operator_token)[2]
+        assert status["breaker"]["consecutive_errors"] == 0  # busy is not a failure of ours
 
 
 def test_client_that_disconnects_mid_stream_pays_only_for_tokens_produced(node):

@@ -6,6 +6,7 @@ after it (for the tokens actually produced); the response carries `x_forge`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from forge_cli.errors import KillSwitchActive
+from forge_cli.errors import EngineBusy, KillSwitchActive
 from forge_cli.node.service import Node, request_bytes
 from forge_cli.node.web import NODE, Route, bad_request, field, read_json
 
@@ -114,8 +115,11 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             raise KillSwitchActive("kill switch: activated while this request was "
                                    "generating; it stops and nothing is charged",
                                    gate="kill_switch")
-    except BaseException:
-        state["failed"] = True
+    except BaseException as exc:
+        # The breaker counts the node's own failures, not a busy queue, a kill switch or a
+        # client that went away.
+        state["failed"] = not isinstance(exc, (EngineBusy, KillSwitchActive, ConnectionError,
+                                               asyncio.CancelledError))
         raise
     finally:
         completion = await pump.close() if pump is not None else None
