@@ -7,9 +7,11 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
+            ('forge:seed') cmdpath="$cmdpath seed" ;;
+            ('forge:peers') cmdpath="$cmdpath peers" ;;
             ('forge:tui') cmdpath="$cmdpath tui" ;;
             ('forge:models') cmdpath="$cmdpath models" ;;
             ('forge:wallet') cmdpath="$cmdpath wallet" ;;
@@ -75,6 +77,16 @@ _forge() {
         ('forge node:--host') _files; return ;;
         ('forge node:--port'|'forge node:-p') _files; return ;;
         ('forge node:--ledger') _files; return ;;
+        ('forge node:--interface') _files; return ;;
+        ('forge node:--peer') _files; return ;;
+        ('forge seed:--model'|'forge seed:-m') _files; return ;;
+        ('forge seed:--host') _files; return ;;
+        ('forge seed:--port'|'forge seed:-p') _files; return ;;
+        ('forge seed:--ledger') _files; return ;;
+        ('forge seed:--interface') _files; return ;;
+        ('forge seed:--peer') _files; return ;;
+        ('forge peers:--node') _files; return ;;
+        ('forge peers:--token') _files; return ;;
         ('forge tui:--node'|'forge tui:-n') _files; return ;;
         ('forge tui:--token'|'forge tui:-t') _files; return ;;
         ('forge tui:--poll') _files; return ;;
@@ -143,7 +155,7 @@ _forge() {
                 items=('--version:Print the version.' '-V:Print the version.' '--install-completion:Install completion for the current shell.' '--show-completion:Show completion for the current shell, to copy it or customize the installation.' '--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).')
+                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'seed:Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.' 'peers:Peers the running node found on the mesh (it must run with --mesh or be a seed).' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).')
                 _describe -t commands command items
             fi ;;
         ('forge chat')
@@ -155,7 +167,17 @@ _forge() {
             fi ;;
         ('forge node')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--help:Show this message and exit.')
+                items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--mesh:Join the mesh: advertise this node, find peers (`forge seed` is `forge node -...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge seed')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge peers')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
         ('forge tui')

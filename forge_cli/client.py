@@ -125,5 +125,20 @@ def _from_envelope(envelope: dict[str, Any], status: int) -> ForgeError:
     return error
 
 
+def running_node(node: str | None, token: str | None, needed_for: str) -> Client:
+    """A client of --node URL, else FORGE_NODE, else the node that wrote FORGE_HOME/node.url,
+    authenticated with --token, FORGE_TOKEN or the operator token."""
+    url = node or os.environ.get("FORGE_NODE")
+    if not url:
+        try:
+            url = (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
+        except OSError:
+            url = None
+    if not url:
+        raise UsageError(f"no running node: {needed_for}",
+                         hint="start one with `forge node`, or pass --node URL")
+    return Client(url, token or default_token())
+
+
 def token_file_hint(home: Path) -> str:
     return f"pass --token, set FORGE_TOKEN, or read the operator token from {home / 'api_token'}"

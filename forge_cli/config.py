@@ -50,6 +50,12 @@ KEYS: dict[str, Key] = {
         Key("node.queue", int, 16, "requests that may wait for a model before 429 Busy"),
         Key("node.url", str, "", "node that `forge chat --node` buys from by default"),
         Key("mesh.interfaces", list, ["127.0.0.1"], "addresses zeroconf binds to"),
+        Key("mesh.mdns", bool, True,
+            "advertise and browse with mDNS (false: static peers only, for networks that "
+            "block multicast)"),
+        Key("mesh.peers", list, [], "node URLs probed as peers without mDNS (static peers)"),
+        Key("mesh.probe_s", int, 5, "seconds between /health probes of each peer"),
+        Key("mesh.expire_s", int, 30, "seconds a peer may go unanswered before it is dropped"),
         Key("safety.per_request_cap_cu", int, 5_000,
             "default largest single spend, in CU (a `policy` entry overrides it per account)"),
         Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour"),

@@ -4,6 +4,7 @@
     ForgeError                      2    400  anything forge reports to a user
     ├── UsageError                  2    400  bad arguments or input the user can fix
     │   ├── UnknownModel            2    404  a model name that resolves to nothing
+    │   ├── MeshNotRunning          2    404  a mesh route on a node started without --mesh
     │   └── SelfTrade               2    403  the operator buying from its own node
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key or a wrong type
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
@@ -59,6 +60,12 @@ class UsageError(ForgeError):
 
 class UnknownModel(UsageError):
     """A model name that is neither in the catalog, a hf.co reference nor a .gguf path."""
+
+    http_status = 404
+
+
+class MeshNotRunning(UsageError):
+    """A mesh route asked of a node that was started without `--mesh`."""
 
     http_status = 404
 

@@ -19,12 +19,14 @@ START_TIMEOUT = 60
 
 
 class NodeProcess:
-    def __init__(self, home: Path, model: Path, *extra: str, env: dict[str, str] | None = None
-                 ) -> None:
+    def __init__(self, home: Path, model: Path, *extra: str, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        """`log`: a file that receives the node's stderr (its log lines); discarded without."""
         self.home = home
+        self._log = log.open("w") if log is not None else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forge_cli", "node", "-m", str(model), "--port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=self._log or subprocess.DEVNULL, text=True, cwd=REPO,
             env=forge_env(home, **(env or {})),
         )
         self.url = self._wait_for_url()
@@ -79,7 +81,7 @@ class NodeProcess:
         try:
             return self.proc.wait(timeout=60)
         finally:
-            for stream in (self.proc.stdout, self.proc.stderr):
+            for stream in (self.proc.stdout, self.proc.stderr, self._log):
                 if stream:
                     stream.close()
 

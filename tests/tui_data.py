@@ -67,9 +67,19 @@ LOANS = [
      "start_ms": NOW_MS - 30 * 3_600_000, "due_ms": NOW_MS - 2 * 3_600_000,
      "status": "defaulted", "interest": 0, "closed_ms": NOW_MS - 2 * 3_600_000},
 ]
-PEERS = [
-    {"node_id": ALICE, "models": ["tiny.gguf", "qwen2.5:0.5b"], "price_ucu_per_token": 900_000,
-     "reputation": 5300, "last_seen_ms": NOW_MS - 4_000, "flagged": False},
-    {"node_id": BOB, "models": ["smollm2:135m"], "price_ucu_per_token": 1_000_000, "reputation": 3000,
-     "last_seen_ms": NOW_MS - 95_000, "flagged": True},
+PEERS = [  # the shape of GET /v1/forge/peers
+    {"node_id": ALICE, "url": "http://192.168.1.20:3001",
+     "models": [{"name": "tiny.gguf", "sha256": "5f3a9c0e1b2d4f60", "params": 4_352,
+                 "price_ucu_per_token": 900_000},
+                {"name": "qwen2.5:0.5b", "sha256": "0c1d2e3f40516273", "params": 494_032_768,
+                 "price_ucu_per_token": 1_400_000}],
+     "price_ucu_per_token": 900_000, "reputation": 5300, "last_seen_ms": NOW_MS - 4_000,
+     "latency_ms": 3, "flagged": False, "flag_reason": None, "source": "mdns"},
+    {"node_id": BOB, "url": "http://10.0.0.7:3001",
+     "models": [{"name": "smollm2:135m", "sha256": "9e8d7c6b5a493827", "params": 134_515_008,
+                 "price_ucu_per_token": 1_000_000}],
+     "price_ucu_per_token": 1_000_000, "reputation": 3000, "last_seen_ms": NOW_MS - 95_000,
+     "latency_ms": 41, "flagged": True,
+     "flag_reason": "duplicate node id: this peer uses our node key (a copied FORGE_HOME?)",
+     "source": "static"},
 ]

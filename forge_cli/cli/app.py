@@ -14,7 +14,9 @@ from forge_cli.cli import (
     loan_cmd,
     models_cmd,
     node_cmd,
+    peers_cmd,
     safety_cmd,
+    seed_cmd,
     settle_cmd,
     tui_cmd,
     wallet_cmd,
@@ -50,6 +52,8 @@ def _root(
 
 app.command("chat")(chat_cmd.chat)
 app.command("node")(node_cmd.node)
+app.command("seed")(seed_cmd.seed)
+app.command("peers")(peers_cmd.peers)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(wallet_cmd.app, name="wallet")
 app.add_typer(ledger_cmd.app, name="ledger")

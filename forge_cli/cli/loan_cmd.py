@@ -7,12 +7,10 @@ of FORGE_TOKEN or, by default, the operator's.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import typer
 
-from forge_cli import config
 from forge_cli.cli.output import print_json
 from forge_cli.errors import UsageError
 
@@ -25,18 +23,9 @@ TokenOpt = typer.Option(None, "--token", help="API token (default: FORGE_TOKEN o
 
 
 def _client(node: str | None, token: str | None) -> Any:
-    from forge_cli.client import Client, default_token
+    from forge_cli.client import running_node
 
-    url = node or os.environ.get("FORGE_NODE")
-    if not url:
-        try:
-            url = (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
-        except OSError:
-            url = None
-    if not url:
-        raise UsageError("no running node: lending goes through the node that holds the ledger",
-                         hint="start one with `forge node`, or pass --node URL")
-    return Client(url, token or default_token())
+    return running_node(node, token, "lending goes through the node that holds the ledger")
 
 
 def _show(data: Any, as_json: bool, text: str) -> None:

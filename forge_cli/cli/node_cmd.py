@@ -1,4 +1,7 @@
-"""`forge node`: the long-running node (OpenAI-compatible API + economy API + metrics)."""
+"""`forge node`: the long-running node (OpenAI-compatible API + economy API + metrics).
+
+`run_node` is shared with `forge seed`, which is `forge node --mesh`.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,28 @@ import typer
 
 from forge_cli import config
 
+ModelOpt = typer.Option(None, "--model", "-m",
+                        help="Model to serve (repeat for several) [default: models.default].")
+HostOpt = typer.Option(None, "--host", help="Address to bind [default: node.host].")
+PortOpt = typer.Option(None, "--port", "-p", min=0, max=65535,
+                       help="Port [default: node.port]; 0 picks a free one.")
+LedgerOpt = typer.Option(None, "--ledger", help="Ledger file.")
+InterfaceOpt = typer.Option(None, "--interface",
+                            help="Address mDNS binds to (repeat for several) "
+                            "[default: mesh.interfaces].")
+PeerOpt = typer.Option(None, "--peer", help="URL of a node to probe as a peer without mDNS "
+                       "(repeat for several; adds to mesh.peers).")
+
 
 def node(
-    model: list[str] = typer.Option(None, "--model", "-m",
-                                    help="Model to serve (repeat for several) [default: "
-                                    "models.default]."),
-    host: str | None = typer.Option(None, "--host", help="Address to bind [default: node.host]."),
-    port: int | None = typer.Option(None, "--port", "-p", min=0, max=65535,
-                                    help="Port [default: node.port]; 0 picks a free one."),
-    ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file."),
+    model: list[str] = ModelOpt,
+    host: str | None = HostOpt,
+    port: int | None = PortOpt,
+    ledger: Path | None = LedgerOpt,
+    mesh: bool = typer.Option(False, "--mesh", help="Join the mesh: advertise this node, "
+                              "find peers (`forge seed` is `forge node --mesh`)."),
+    interface: list[str] = InterfaceOpt,
+    peer: list[str] = PeerOpt,
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -25,6 +41,18 @@ def node(
     `forge wallet agent create NAME`. Stop with Ctrl-C or SIGTERM; every acknowledged trade
     is already durable.
     """
+    if (interface or peer) and not mesh:
+        from forge_cli.errors import UsageError
+
+        raise UsageError("--interface and --peer configure the mesh, which is off",
+                         hint="add --mesh, or use `forge seed`")
+    run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer)
+
+
+def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
+             *, mesh: bool, interfaces: list[str] | None = None,
+             peers: list[str] | None = None) -> None:
+    """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers)."""
     from forge_cli import identity
     from forge_cli.node.app import check_bind, load_models, serve
     from forge_cli.node.service import Node
@@ -39,6 +67,14 @@ def node(
     models = load_models(model or [settings["models.default"]], n_ctx=settings["models.n_ctx"],
                          queue=settings["node.queue"])
     node_ = Node(home=home, ledger_path=config.ledger_path(ledger), signer=signer, models=models)
+    if mesh:
+        from forge_cli.mesh.discovery import Mesh, Offer
+
+        node_.mesh = Mesh(signer.node_id, lambda: [Offer.from_json(o) for o in node_.offers()],
+                          interfaces=interfaces or settings["mesh.interfaces"],
+                          static_peers=[*settings["mesh.peers"], *(peers or [])],
+                          mdns=settings["mesh.mdns"], probe_s=settings["mesh.probe_s"],
+                          expire_s=settings["mesh.expire_s"])
 
     def announce(site) -> None:  # noqa: ANN001
         bound = site._server.sockets[0].getsockname()  # the real port when 0 was asked
@@ -51,6 +87,7 @@ def node(
               f"gpu offload {'on' if offload[m.name] else 'off'})" for m in models),
             f"  token     {token_file}  (operator; consumers need agent tokens)",
             f"  ledger    {node_.ledger.path}  ({node_.ledger.size} entries)",
+            f"  mesh      {node_.mesh.describe() if node_.mesh else 'off (start with --mesh)'}",
             f"  docs      {url}/openapi.json   metrics {url}/metrics",
         ]
         sys.stdout.write("\n".join(lines) + "\n")

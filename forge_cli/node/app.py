@@ -15,6 +15,7 @@ from forge_cli.node import (
     routes_economy,
     routes_ledger,
     routes_lending,
+    routes_mesh,
     routes_openai,
     routes_safety,
     routes_system,
@@ -32,7 +33,8 @@ from forge_cli.node.web import (
 )
 
 ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
-                       *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_system.ROUTES]
+                       *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
+                       *routes_system.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS = web.AppKey("timers", list)
 
@@ -52,6 +54,8 @@ def make_app(node: Node) -> web.Application:
                        asyncio.create_task(routes_lending.heartbeats(node))]
 
     async def stop(app: web.Application) -> None:
+        if node.mesh is not None:
+            await node.mesh.stop()  # withdraw the advertisement before the API goes away
         for task in app.get(TIMERS, []):
             task.cancel()
         if node.events is not None:
@@ -97,6 +101,8 @@ def serve(node: Node, host: str, port: int, *, announce: Any = None) -> None:
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
+        if node.mesh is not None:
+            await node.mesh.start(site._server.sockets[0].getsockname()[1])
         if announce is not None:
             announce(site)
         stop = asyncio.Event()

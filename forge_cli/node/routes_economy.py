@@ -9,6 +9,7 @@ from aiohttp import web
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import UsageError
 from forge_cli.ledger import entries, views
+from forge_cli.node import routes_mesh
 from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, bad_request
 
@@ -105,10 +106,19 @@ async def network(request: web.Request) -> web.Response:
 
 
 def _providers(node: Node) -> list[dict[str, Any]]:
-    return [{"node_id": node.node_id, "model": m.name, "model_sha256": m.sha256,
-             "params": m.params, "price_ucu_per_token": node.price(m), "local": True,
-             "reputation": account_reputation(node.reader, node.node_id)}
-            for m in node.models.values()]
+    """This node's models, then (with --mesh) every model an unflagged peer offers."""
+    local = [{"node_id": node.node_id, "model": m.name, "model_sha256": m.sha256,
+              "params": m.params, "price_ucu_per_token": node.price(m), "local": True,
+              "reputation": account_reputation(node.reader, node.node_id)}
+             for m in node.models.values()]
+    if node.mesh is None:
+        return local
+    remote = [{"node_id": peer["node_id"], "model": offer["name"], "model_sha256": offer["sha256"],
+               "params": offer["params"], "price_ucu_per_token": offer["price_ucu_per_token"],
+               "local": False, "reputation": peer["reputation"], "url": peer["url"]}
+              for peer in routes_mesh.peer_table(node) if not peer["flagged"]
+              for offer in peer["models"] if offer["price_ucu_per_token"] > 0]
+    return local + remote
 
 
 async def providers(request: web.Request) -> web.Response:

@@ -15,8 +15,12 @@ KEEPALIVE_S = 15
 
 async def health(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    return web.json_response({"status": "ok", "node_id": node.node_id,
-                              "models": sorted(node.models), "ledger_size": node.ledger.size})
+    body = {"status": "ok", "node_id": node.node_id, "models": sorted(node.models),
+            "ledger_size": node.ledger.size, "offers": node.offers()}
+    if node.mesh is not None:
+        # Lets a peer that was given our URL tell us apart from a copy of us (same node id).
+        body["mesh_instance"] = node.mesh.name
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

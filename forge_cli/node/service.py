@@ -103,6 +103,7 @@ class Node:
         self._reserve_lock = threading.Lock()
         self.in_flight = 0
         self.events: Any = None  # EventBus, attached once the event loop runs
+        self.mesh: Any = None  # forge_cli.mesh.discovery.Mesh, with `forge node --mesh`
         self.metrics.ledger_size.set(self.ledger.size)
         self.ledger.listeners.append(self._appended)
 
@@ -142,6 +143,11 @@ class Node:
     def price(self, model: LoadedModel) -> int:
         """The current price (reading it changes nothing)."""
         return self.markets[model.name].price_ucu(model.params)
+
+    def offers(self) -> list[dict[str, Any]]:
+        """What this node sells, as /health and the mesh advertise it."""
+        return [{"model": m.name, "sha256": m.sha256[:16], "params": m.params,
+                 "price_ucu_per_token": self.price(m)} for m in self.models.values()]
 
     def quote(self, model: LoadedModel) -> int:
         """The price for a request arriving now: demand (queued + running) moves the market."""

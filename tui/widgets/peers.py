@@ -1,4 +1,4 @@
-"""Peers on the mesh: id, models, price, reputation, last seen, flagged forks."""
+"""Peers on the mesh: id, models, price, reputation, last seen, latency, flagged peers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class PeersPanel(Panel):
         yield Static(classes="notice")
         yield Static(NO_MESH, id="peers-state")
         table: DataTable = DataTable(id="peers-table", cursor_type="row")
-        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "last seen", "fork")
+        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "last seen", "latency", "flag")
         yield table
 
     def show(self, snapshot: Snapshot) -> None:
@@ -41,5 +41,19 @@ class PeersPanel(Panel):
             ago = "-" if seen is None else f"{max(0, snapshot.now_ms - int(seen)) // 1000}s ago"
             models = peer.get("models", [])
             names = ", ".join(m if isinstance(m, str) else m.get("name", "?") for m in models)
-            table.add_row(short(peer.get("node_id")), names, str(peer.get("price_ucu_per_token", "-")),
-                          str(peer.get("reputation", "-")), ago, "FORK" if peer.get("flagged") else "")
+            latency = peer.get("latency_ms")
+            table.add_row(short(peer.get("node_id")), names, _or_dash(peer.get("price_ucu_per_token")),
+                          _or_dash(peer.get("reputation")), ago, "-" if latency is None else f"{latency} ms",
+                          _flag(peer))
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _flag(peer: dict) -> str:
+    """A short word for why a peer is flagged (duplicate node id now; forked logs later)."""
+    if not peer.get("flagged"):
+        return ""
+    reason = str(peer.get("flag_reason") or "")
+    return "DUPLICATE ID" if reason.startswith("duplicate") else "FLAGGED"

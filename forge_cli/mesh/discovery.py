@@ -1,0 +1,321 @@
+"""Finding peers: a zeroconf advertisement of this node, a browser for others, and static peers.
+
+Every candidate, whether mDNS found it or `--peer` named it, is probed with `GET /health`; the
+peer table holds the ones that answered within the expiry window. A peer advertising our own
+node id (a copied FORGE_HOME) is logged at error level and flagged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from forge_cli.errors import ConfigError
+
+log = logging.getLogger("forge.mesh")
+
+SERVICE = "_forge._tcp.local."
+PROTOCOL = 1
+RESOLVE_MS = 3000
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One model a node sells: its name, sha256 prefix, size and current price."""
+
+    model: str
+    sha256: str
+    params: int
+    price_ucu_per_token: int
+
+    def txt(self) -> str:
+        return f"{self.sha256} {self.price_ucu_per_token} {self.params} {self.model}"
+
+    @classmethod
+    def from_txt(cls, text: str) -> Offer:
+        sha, price, params, model = text.split(" ", 3)
+        return cls(model, sha, int(params), int(price))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Offer:
+        return cls(str(data["model"]), str(data["sha256"])[:16], int(data["params"]),
+                   int(data["price_ucu_per_token"]))
+
+
+@dataclass
+class Peer:
+    url: str
+    source: str  # "mdns" | "static"
+    node_id: str | None = None
+    offers: list[Offer] = field(default_factory=list)
+    instance: str | None = None  # the mDNS service name, when mDNS found it
+    found_ms: int = 0
+    last_seen_ms: int | None = None
+    latency_ms: int | None = None
+    flag: str | None = None  # why this peer is not trusted (duplicate node id)
+
+    @property
+    def price_ucu_per_token(self) -> int | None:
+        return min((o.price_ucu_per_token for o in self.offers), default=None)
+
+    def to_json(self, reputation: int | None = None, flag: str | None = None) -> dict[str, Any]:
+        reason = flag or self.flag
+        return {"node_id": self.node_id, "url": self.url,
+                "models": [{"name": o.model, "sha256": o.sha256, "params": o.params,
+                            "price_ucu_per_token": o.price_ucu_per_token} for o in self.offers],
+                "price_ucu_per_token": self.price_ucu_per_token, "reputation": reputation,
+                "last_seen_ms": self.last_seen_ms, "latency_ms": self.latency_ms,
+                "flagged": reason is not None, "flag_reason": reason, "source": self.source}
+
+
+def normalise_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+class Mesh:
+    """This node's view of the LAN: advertise, browse, probe, expire.
+
+    Example (inside the node's event loop)::
+
+        mesh = Mesh(node_id, offers, interfaces=["127.0.0.1"], probe_s=5, expire_s=30)
+        await mesh.start(port=3001)
+        mesh.peers()   # the peers that answered /health within the last 30 s
+        await mesh.stop()
+    """
+
+    def __init__(self, node_id: str, offers: Callable[[], list[Offer]], *, interfaces: list[str],
+                 static_peers: Sequence[str] = (), mdns: bool = True, probe_s: float = 5,
+                 expire_s: float = 30,
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        for address in interfaces:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ConfigError(f"mesh interface {address!r} is not an IP address; expected "
+                                  "an address of this machine such as 127.0.0.1") from None
+        self.node_id = node_id
+        self.offers = offers
+        self.interfaces = list(interfaces)
+        self.mdns = mdns
+        self.probe_s = probe_s
+        self.expire_ms = int(expire_s * 1000)
+        self.clock = clock
+        # Unique per run, so a copy of this node (same key, same id) is told apart from us.
+        self.name = f"forge-{node_id[:12]}-{secrets.token_hex(4)}"
+        self.instance = f"{self.name}.{SERVICE}"
+        self.candidates: dict[str, Peer] = {}
+        self.static = [normalise_url(u) for u in static_peers]
+        self._reported: set[str] = set()
+        self._zc: Any = None
+        self._info: Any = None
+        self._browser: Any = None
+        self._session: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_task: asyncio.Task[Any] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, port: int) -> None:
+        """Advertise on `port` (the API's bound port), browse, and start probing."""
+        import aiohttp
+
+        self.port = port
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+            total=max(1.0, self.probe_s)))
+        now = self.clock()
+        for url in self.static:
+            self.candidates[url] = Peer(url, "static", found_ms=now)
+        if self.mdns:
+            await self._start_zeroconf(port)
+        self._loop_task = asyncio.create_task(self._probe_loop())
+
+    async def _start_zeroconf(self, port: int) -> None:
+        from zeroconf import IPVersion
+        from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+        v6 = [a for a in self.interfaces if ipaddress.ip_address(a).version == 6]
+        version = IPVersion.All if v6 and len(v6) < len(self.interfaces) else \
+            IPVersion.V6Only if v6 else IPVersion.V4Only
+        try:
+            self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=version)
+            self._info = AsyncServiceInfo(SERVICE, self.instance, port=port,
+                                          properties=self._txt(),
+                                          parsed_addresses=self.interfaces,
+                                          server=f"{self.name}.local.")
+            await self._zc.async_register_service(self._info)
+        except OSError as exc:
+            raise ConfigError(f"cannot start mDNS on {', '.join(self.interfaces)}: {exc}",
+                              hint="set mesh.interfaces (or --interface) to addresses of this "
+                              "machine, or turn mDNS off with mesh.mdns = false") from exc
+        self._browser = AsyncServiceBrowser(self._zc.zeroconf, [SERVICE],
+                                            handlers=[self._on_service])
+
+    async def stop(self) -> None:
+        """Withdraw the advertisement (a goodbye packet) and stop browsing and probing."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._browser is not None:
+            await self._browser.async_cancel()
+        if self._zc is not None:
+            await self._zc.async_unregister_all_services()
+            await self._zc.async_close()
+        if self._session is not None:
+            await self._session.close()
+        self._zc = self._browser = self._session = self._loop_task = None
+
+    def _txt(self) -> dict[str, str]:
+        txt = {"id": self.node_id, "proto": str(PROTOCOL), "port": str(self.port)}
+        offers = self.offers()
+        txt["price"] = str(min((o.price_ucu_per_token for o in offers), default=0))
+        txt["models"] = str(len(offers))
+        for i, offer in enumerate(offers):
+            txt[f"m{i}"] = offer.txt()[:255]
+        return txt
+
+    # -- mDNS --------------------------------------------------------------------------------
+
+    def _on_service(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        from zeroconf import ServiceStateChange
+
+        if name == self.instance:
+            return
+        if state_change is ServiceStateChange.Removed:
+            for url, peer in list(self.candidates.items()):
+                if peer.instance == name and peer.source == "mdns":
+                    log.info("peer %s withdrew (%s)", url, name)
+                    del self.candidates[url]
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, name: str) -> None:
+        from zeroconf.asyncio import AsyncServiceInfo
+
+        info = AsyncServiceInfo(SERVICE, name)
+        if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
+            log.warning("could not resolve mDNS service %s", name)
+            return
+        txt = {k.decode(): (v or b"").decode("utf-8", "replace") for k, v in info.properties.items()}
+        addresses = info.parsed_addresses()
+        if not addresses:
+            return
+        host = addresses[0]
+        host = f"[{host}]" if ":" in host else host
+        port = int(txt.get("port") or info.port)
+        url = f"http://{host}:{port}"
+        try:
+            offers = [Offer.from_txt(txt[f"m{i}"]) for i in range(int(txt.get("models", "0")))]
+        except (KeyError, ValueError):
+            log.warning("peer %s advertises malformed model records; ignoring them", url)
+            offers = []
+        peer = self.candidates.get(url)
+        if peer is None:
+            peer = self.candidates[url] = Peer(url, "mdns", found_ms=self.clock())
+            log.info("found peer %s via mDNS (%s)", url, name)
+        peer.instance = name
+        peer.node_id = txt.get("id") or peer.node_id
+        peer.offers = offers or peer.offers
+        self._check_duplicate(peer)
+
+    # -- probing -----------------------------------------------------------------------------
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self.probe_s)
+
+    async def probe_all(self) -> None:
+        """Probe every candidate once and expire the ones silent for longer than the window."""
+        await asyncio.gather(*(self._probe(p) for p in list(self.candidates.values())))
+        now = self.clock()
+        for url, peer in list(self.candidates.items()):
+            silent_since = peer.last_seen_ms if peer.last_seen_ms is not None else peer.found_ms
+            if now - silent_since <= self.expire_ms:
+                continue
+            if peer.source == "static":
+                if peer.last_seen_ms is not None:
+                    log.warning("static peer %s stopped answering; still probing it", url)
+                peer.last_seen_ms = None
+                peer.found_ms = now
+            else:
+                log.warning("peer %s stopped answering /health; dropped", url)
+                del self.candidates[url]
+
+    async def _probe(self, peer: Peer) -> None:
+        import aiohttp
+
+        started = time.perf_counter()
+        try:
+            async with self._session.get(peer.url + "/health") as response:
+                if response.status != 200:
+                    return
+                health = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        if health.get("mesh_instance") == self.name:
+            self.candidates.pop(peer.url, None)  # a static peer that is this node
+            return
+        peer.latency_ms = max(0, round((time.perf_counter() - started) * 1000))
+        peer.last_seen_ms = self.clock()
+        peer.node_id = str(health.get("node_id") or peer.node_id)
+        try:
+            offers = [Offer.from_json(o) for o in health.get("offers", [])]
+        except (KeyError, TypeError, ValueError):
+            offers = []
+        if offers:
+            peer.offers = offers
+        elif not peer.offers:
+            peer.offers = [Offer(str(m), "", 0, 0) for m in health.get("models", [])]
+        self._check_duplicate(peer)
+
+    def _check_duplicate(self, peer: Peer) -> None:
+        if peer.node_id != self.node_id:
+            return
+        peer.flag = "duplicate node id: this peer uses our node key (a copied FORGE_HOME?)"
+        if peer.url not in self._reported:
+            self._reported.add(peer.url)
+            log.error("DUPLICATE NODE ID: peer %s advertises this node's own id %s; was "
+                      "FORGE_HOME (node.key) copied? Its trades cannot be told apart from ours",
+                      peer.url, self.node_id)
+
+    # -- the table ---------------------------------------------------------------------------
+
+    def peers(self) -> list[Peer]:
+        """The peers that answered /health within the expiry window, newest first."""
+        return sorted((p for p in self.candidates.values() if p.last_seen_ms is not None),
+                      key=lambda p: (p.node_id or "", p.url))
+
+    def table(self, reputation: Callable[[str], int | None] = lambda _: None
+              ) -> list[dict[str, Any]]:
+        """The peer table as JSON, with two peers sharing one node id flagged as well."""
+        peers = self.peers()
+        counts: dict[str | None, int] = {}
+        for peer in peers:
+            counts[peer.node_id] = counts.get(peer.node_id, 0) + 1
+        rows = []
+        for peer in peers:
+            shared = None
+            if peer.node_id is not None and counts[peer.node_id] > 1:
+                shared = f"duplicate node id: {counts[peer.node_id]} peers advertise it"
+            rep = reputation(peer.node_id) if peer.node_id else None
+            rows.append(peer.to_json(rep, peer.flag or shared))
+        return rows
+
+    def describe(self) -> str:
+        """One line for the node's start-up banner."""
+        where = ", ".join(self.interfaces) if self.mdns else "off (static peers only)"
+        static = f"; static peers {', '.join(self.static)}" if self.static else ""
+        return (f"mDNS {SERVICE} on {where}{static} "
+                f"(probe every {self.probe_s:g}s, expire after {self.expire_ms / 1000:g}s)")

@@ -1,0 +1,29 @@
+"""The mesh as the node sees it: the peer table (404 when the node runs without `--mesh`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from forge_cli.economy.credit import account_reputation
+from forge_cli.errors import MeshNotRunning
+from forge_cli.node.service import Node
+from forge_cli.node.web import NODE, Route
+
+
+def peer_table(node: Node) -> list[dict[str, Any]]:
+    """The mesh's peers with the reputation this node's ledger gives each (raises when off)."""
+    if node.mesh is None:
+        raise MeshNotRunning("mesh is not running on this node",
+                             hint="start it with `forge node --mesh` or `forge seed`")
+    return node.mesh.table(lambda node_id: account_reputation(node.reader, node_id))
+
+
+async def peers(request: web.Request) -> web.Response:
+    return web.json_response({"peers": peer_table(request.app[NODE])})
+
+
+ROUTES = [
+    Route("GET", "/v1/forge/peers", peers, "Peers found on the mesh (404 without --mesh)"),
+]
