@@ -125,15 +125,23 @@ def _from_envelope(envelope: dict[str, Any], status: int) -> ForgeError:
     return error
 
 
+def announced_node_url() -> str | None:
+    """The URL a running node on this machine wrote to FORGE_HOME/node.url, if any."""
+    try:
+        return (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def node_url(explicit: str | None = None) -> str | None:
+    """--node URL, else FORGE_NODE, else the node that announced itself in FORGE_HOME."""
+    return explicit or os.environ.get("FORGE_NODE", "").strip() or announced_node_url()
+
+
 def running_node(node: str | None, token: str | None, needed_for: str) -> Client:
-    """A client of --node URL, else FORGE_NODE, else the node that wrote FORGE_HOME/node.url,
-    authenticated with --token, FORGE_TOKEN or the operator token."""
-    url = node or os.environ.get("FORGE_NODE")
-    if not url:
-        try:
-            url = (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
-        except OSError:
-            url = None
+    """A client of `node_url(node)`, authenticated with --token, FORGE_TOKEN or the operator
+    token."""
+    url = node_url(node)
     if not url:
         raise UsageError(f"no running node: {needed_for}",
                          hint="start one with `forge node`, or pass --node URL")

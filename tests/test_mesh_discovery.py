@@ -73,7 +73,8 @@ def test_three_nodes_discover_each_other_and_drop_stopped_ones(nodes, tmp_path):
     assert seen["source"] == "mdns" and seen["flagged"] is False
     assert [m["name"] for m in seen["models"]] == ["tiny-llama.gguf"]
     assert len(seen["models"][0]["sha256"]) == 16
-    assert seen["price_ucu_per_token"] > 0 and seen["latency_ms"] >= 0
+    probe_ms = seen["latency_ms"]  # present and sane; its size is the bench's business
+    assert seen["price_ucu_per_token"] > 0 and probe_ms >= 0
     assert seen["reputation"] is not None and seen["last_seen_ms"] > 0
 
     status, _, body = a.request("GET", "/v1/forge/providers", token=a.operator_token)

@@ -49,7 +49,9 @@ def _safety(path: Path | None) -> Iterator[Any]:
     try:
         book = Ledger.open_writer(ledger_path, signer, synchronous=config.get("ledger.synchronous"))
     except LedgerLocked as exc:
-        running = _running_node_url()
+        from forge_cli.client import announced_node_url
+
+        running = announced_node_url()
         if running is None:
             raise LedgerLocked(
                 f"ledger {ledger_path} is held by another process, and no running node "
@@ -61,13 +63,6 @@ def _safety(path: Path | None) -> Iterator[Any]:
     with book:
         yield Safety(book, defaults=Policy.from_config(),
                      approval_ttl_ms=config.get("safety.approval_ttl_s") * 1000)
-
-
-def _running_node_url() -> str | None:
-    try:
-        return (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
 
 
 class _NodeSafety:
@@ -200,9 +195,7 @@ def approve(approval_id: str = typer.Argument(..., metavar="ID"),
             ledger: Path | None = LedgerOpt) -> None:
     """Approve a pending spend: the agent's retry then passes once."""
     with _safety(ledger) as safety:
-        approval = safety.approve(approval_id)
-    typer.echo(f"approved {approval['id']}: {approval['cu']:,} CU for {approval['account'][:16]}… "
-               f"(seq {approval['seq']})")
+        _decided("approved", safety.approve(approval_id))
 
 
 @app.command()
@@ -210,8 +203,11 @@ def deny(approval_id: str = typer.Argument(..., metavar="ID"),
          ledger: Path | None = LedgerOpt) -> None:
     """Deny a pending spend."""
     with _safety(ledger) as safety:
-        approval = safety.deny(approval_id)
-    typer.echo(f"denied {approval['id']}: {approval['cu']:,} CU for {approval['account'][:16]}… "
+        _decided("denied", safety.deny(approval_id))
+
+
+def _decided(verb: str, approval: dict[str, Any]) -> None:
+    typer.echo(f"{verb} {approval['id']}: {approval['cu']:,} CU for {approval['account'][:16]}… "
                f"(seq {approval['seq']})")
 
 

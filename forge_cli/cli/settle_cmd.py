@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 import urllib.parse
@@ -26,22 +25,13 @@ app = typer.Typer(help="Signed settlement statements for a time window; `verify`
                   "offline.", invoke_without_command=True)
 
 
-def _node_url() -> str | None:
-    url = os.environ.get("FORGE_NODE")
-    if url:
-        return url
-    try:
-        return (config.home() / "node.url").read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
 def _statement(hours: int, price: int) -> dict:
     from forge_cli import identity
+    from forge_cli.client import node_url
     from forge_cli.economy import settlement
     from forge_cli.ledger.store import Ledger
 
-    url = _node_url()
+    url = node_url()
     if url is None:
         now = time.time_ns() // 1_000_000
         try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from forge_cli import config
@@ -12,17 +10,10 @@ from forge_cli.client import default_token
 
 def resolve_node_url(node: str | None) -> str:
     """--node, else FORGE_NODE, else FORGE_HOME/node.url (a running node writes it), else config."""
-    if node:
-        return node
-    if os.environ.get("FORGE_NODE"):
-        return os.environ["FORGE_NODE"].strip()
-    try:
-        written = (config.home() / "node.url").read_text(encoding="utf-8").strip()
-    except OSError:
-        written = ""
-    if written:
-        return written
-    return config.get("node.url") or f"http://127.0.0.1:{config.get('node.port')}"
+    from forge_cli.client import node_url
+
+    return (node_url(node) or config.get("node.url")
+            or f"http://127.0.0.1:{config.get('node.port')}")
 
 
 def tui(
