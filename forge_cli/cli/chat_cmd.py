@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def _repl(engine, system, sampling, verbose) -> None:  # noqa: ANN001
     collector = MultiLine()
     sys.stderr.write(f"forge chat with {engine.name} — /help for commands, /exit to leave\n")
     armed = False  # a Ctrl-C at an empty prompt arms the exit; a second one leaves
+    end = ""
     while True:
         try:
             line = input("... " if collector.pending else ">>> ")
@@ -200,11 +202,15 @@ def _repl(engine, system, sampling, verbose) -> None:  # noqa: ANN001
             break
         except KeyboardInterrupt:
             if armed:
-                sys.stderr.write("\n")
+                end = "\n"
                 break
             collector = MultiLine()
             armed = True
-            sys.stderr.write("\n(Ctrl-C again or /exit to leave)\n")
+            try:
+                sys.stderr.write("\n(Ctrl-C again or /exit to leave)\n")
+            except KeyboardInterrupt:  # the second press came before the hint was out
+                end = "\n"
+                break
             continue
         armed = False
         message = collector.feed(line)
@@ -232,6 +238,10 @@ def _repl(engine, system, sampling, verbose) -> None:  # noqa: ANN001
         if not command.text.strip():
             continue
         _repl_turn(engine, conversation, command.text, sampling, verbose)
+    # Leaving is decided: a Ctrl-C pressed again while the model unloads must not turn a
+    # clean exit into an interrupted one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.stderr.write(end)
     _close_history(history)
 
 
