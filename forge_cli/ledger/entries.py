@@ -205,6 +205,12 @@ def _trade(data: dict[str, Any]) -> str | None:
     return None
 
 
+def trade_id(data: dict[str, Any]) -> str:
+    """A dual-signed trade's identity across nodes: SHA-256 of its canonical `data`
+    (terms and both signatures). Both parties' ledgers and every network view agree on it."""
+    return hashlib.sha256(canonical.encode(data)).hexdigest()
+
+
 def trade_signature_problem(data: dict[str, Any]) -> str | None:
     """Why a (well-formed) trade's two signatures fail, or None when both verify."""
     message = trade_message(data["terms"])

@@ -41,7 +41,8 @@ TIMERS = web.AppKey("timers", list)
 
 def make_app(node: Node) -> web.Application:
     """The node's web application (tests run it on loopback with aiohttp's test server)."""
-    app = web.Application(middlewares=[errors_middleware, auth_middleware(AuthThrottle())],
+    public = {route.path for route in ROUTES if route.public}
+    app = web.Application(middlewares=[errors_middleware, auth_middleware(AuthThrottle(), public)],
                           client_max_size=MAX_BODY)
     app[NODE] = node
     app["openapi"] = openapi(ROUTES)

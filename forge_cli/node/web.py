@@ -133,10 +133,17 @@ class AuthThrottle:
                 del self.failures[key]
 
 
-def auth_middleware(throttle: AuthThrottle) -> Any:
+def auth_middleware(throttle: AuthThrottle, public: set[str] = PUBLIC) -> Any:
+    """Bearer tokens on every route but the `public` ones (path templates).
+
+    Public routes are liveness, metrics and the API description, plus the mesh's peer-to-peer
+    routes, which authenticate by Ed25519 signatures over what they carry instead of tokens.
+    """
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC:
+        resource = request.match_info.route.resource
+        if request.path in public or (resource is not None and resource.canonical in public):
             return await handler(request)
         address = request.remote or "?"
         header = request.headers.get("Authorization", "")
