@@ -1,0 +1,350 @@
+"""The network view: every dual-signed trade this node has verified, its own and its peers'.
+
+Kept in its own SQLite file (FORGE_HOME/network.db, WAL, synchronous=NORMAL): it is a cache
+that the node's own ledger and its peers' gossip can always rebuild, so a power cut that
+loses its tail costs a re-pull, never money. It also keeps what gossip remembers per peer:
+the pull cursor, the last verified checkpoint, and a fork flag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forge_cli import canonical
+from forge_cli.errors import StorageError, TradeRejected
+from forge_cli.ledger import entries, merkle
+
+log = logging.getLogger("forge.network")
+
+OWN = "ledger"  # the `source` of trades read from this node's own ledger
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS trades (
+        seq INTEGER PRIMARY KEY,          -- arrival order here, from 1: what pulls page by
+        id BLOB NOT NULL UNIQUE,          -- entries.trade_id: sha256 of the canonical data
+        leaf BLOB NOT NULL,               -- RFC 9162 leaf hash of the canonical data
+        data BLOB NOT NULL,               -- canonical {terms, provider_sig, consumer_sig}
+        provider TEXT NOT NULL, consumer TEXT NOT NULL, nonce TEXT NOT NULL,
+        cu INTEGER NOT NULL, source TEXT NOT NULL, ts INTEGER NOT NULL,
+        UNIQUE (consumer, nonce))""",
+    "CREATE INDEX IF NOT EXISTS trades_by_id ON trades (id, leaf)",
+    """CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY,
+        earned INTEGER NOT NULL DEFAULT 0, spent INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS peers (node_id TEXT PRIMARY KEY,
+        cursor INTEGER NOT NULL DEFAULT 0,
+        cp_size INTEGER, cp_root BLOB, cp_note TEXT,
+        flag TEXT, flagged_ms INTEGER) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+]
+
+ACCEPTED, DUPLICATE = "accepted", "duplicate"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A trade that passed every check that needs no database: shape, encoding, signatures."""
+
+    id: bytes
+    raw: bytes
+    terms: dict[str, Any]
+
+
+def check_trade(data: Any) -> Checked:
+    """A trade's identity and canonical bytes if it is well-formed and both signatures verify;
+    TradeRejected naming the first problem otherwise."""
+    if not isinstance(data, dict):
+        raise TradeRejected(f"a trade is an object {{terms, provider_sig, consumer_sig}}, "
+                            f"found {type(data).__name__}")
+    reason = entries.KINDS["trade"](data)
+    if reason:
+        raise TradeRejected(f"malformed trade: {reason}")
+    try:
+        raw = canonical.encode(data)
+    except canonical.CanonicalError as exc:
+        raise TradeRejected(f"malformed trade: {exc}") from None
+    reason = entries.trade_signature_problem(data)
+    if reason:
+        raise TradeRejected(f"forged trade: {reason}")
+    return Checked(hashlib.sha256(raw).digest(), raw, data["terms"])
+
+
+@dataclass
+class PeerState:
+    node_id: str
+    cursor: int = 0
+    cp_size: int | None = None
+    cp_root: bytes | None = None
+    cp_note: str | None = None
+    flag: str | None = None
+    flagged_ms: int | None = None
+
+
+class NetworkView:
+    """The set of verified dual-signed trades, with an order-independent Merkle root.
+
+    Example::
+
+        view = NetworkView.open(home / "network.db")
+        view.add(trade_data, source=peer_node_id)   # "accepted" or "duplicate", or raises
+        view.count(), view.root().hex(), view.balance(account)
+
+    The root is `merkle.root` over the canonical bytes of every trade, taken in order of
+    trade id (sha256 of those bytes): two honest nodes that verified the same set of trades
+    compute the same root, whatever order the trades reached them in.
+
+    Thread-safe: one connection behind a lock. Signatures are verified before the lock is
+    taken, so verifying threads do not wait for each other.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self.lock = threading.Lock()
+        self._root: bytes | None = None  # cached until the next trade arrives
+        # Called (outside the lock) with each batch of newly accepted trades' arrival seqs.
+        self.listeners: list[Callable[[list[int]], None]] = []
+
+    @classmethod
+    def open(cls, path: str | Path) -> NetworkView:
+        path = Path(path)
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            for ddl in SCHEMA:
+                conn.execute(ddl)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the network view {path}: {exc}") from exc
+        return cls(path, conn)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+    # -- adding trades -----------------------------------------------------------------------
+
+    def add(self, data: Any, source: str) -> str:
+        """Verify one trade and add it: "accepted", or "duplicate" when this exact trade is
+        already here; TradeRejected (HTTP 422) naming why it is not acceptable."""
+        outcome = self.add_many([data], source)[0]
+        if isinstance(outcome, TradeRejected):
+            raise outcome
+        return outcome
+
+    def add_many(self, batch: Sequence[Any], source: str) -> list[str | TradeRejected]:
+        """Verify and add a batch in one transaction; one outcome per trade, in order."""
+        outcomes: list[str | TradeRejected] = []
+        checked: list[tuple[int, Checked]] = []
+        for i, data in enumerate(batch):
+            try:
+                checked.append((i, check_trade(data)))
+                outcomes.append(ACCEPTED)
+            except TradeRejected as exc:
+                outcomes.append(exc)
+        if checked:
+            for i, outcome in self._insert(checked, source):
+                outcomes[i] = outcome
+        return outcomes
+
+    def add_own(self, data: dict[str, Any], ledger_seq: int) -> str:
+        """A trade from this node's own ledger, which verified it before appending: recorded
+        without verifying again, and the ledger position remembered for the next backfill."""
+        raw = canonical.encode(data)
+        item = Checked(hashlib.sha256(raw).digest(), raw, data["terms"])
+        (_, outcome), = self._insert([(0, item)], OWN, ledger_next=ledger_seq + 1)
+        if isinstance(outcome, TradeRejected):
+            raise outcome
+        return outcome
+
+    def _insert(self, items: Iterable[tuple[int, Checked]], source: str,
+                ledger_next: int | None = None) -> list[tuple[int, str | TradeRejected]]:
+        results: list[tuple[int, str | TradeRejected]] = []
+        new: list[int] = []
+        now = time.time_ns() // 1_000_000
+        with self.lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for i, item in items:
+                    terms = item.terms
+                    if conn.execute("SELECT 1 FROM trades WHERE id = ?", (item.id,)).fetchone():
+                        results.append((i, DUPLICATE))
+                        continue
+                    clash = conn.execute("SELECT id FROM trades WHERE consumer = ? AND nonce = ?",
+                                         (terms["consumer"], terms["nonce"])).fetchone()
+                    if clash:
+                        results.append((i, TradeRejected(
+                            f"replayed nonce: consumer {terms['consumer'][:16]}… already used "
+                            f"nonce {terms['nonce']!r} in trade {clash[0].hex()[:16]}…")))
+                        continue
+                    cur = conn.execute(
+                        "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
+                        "source, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
+                         terms["consumer"], terms["nonce"], terms["cu"], source, now))
+                    new.append(cur.lastrowid)
+                    for account, column in ((terms["provider"], "earned"),
+                                            (terms["consumer"], "spent")):
+                        conn.execute(f"INSERT INTO accounts (account, {column}) VALUES (?, ?) "
+                                     f"ON CONFLICT (account) DO UPDATE SET "
+                                     f"{column} = {column} + excluded.{column}",
+                                     (account, terms["cu"]))
+                    results.append((i, ACCEPTED))
+                if ledger_next is not None:
+                    self._set_meta("ledger_next", ledger_next)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if new:
+                self._root = None
+        if new:
+            for listener in self.listeners:
+                listener(new)
+        return results
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def follow(self, ledger: Any) -> None:
+        """Take in `ledger`'s trades: those appended since the last run now, then each new one
+        as the ledger commits it (a listener on the ledger's writer thread)."""
+        self.backfill(ledger)
+
+        def on_append(entry: Any) -> None:
+            if entry.kind != "trade":
+                return
+            try:
+                self.add_own(entry.data, entry.seq)
+            except TradeRejected as exc:  # our ledger accepted it: the view must not lose it
+                log.error("trade at ledger seq %d conflicts with the network view: %s",
+                          entry.seq, exc)
+
+        ledger.listeners.append(on_append)
+
+    def backfill(self, ledger: Any) -> int:
+        """Add the trades of `ledger` (a forge Ledger) appended since the last backfill;
+        returns how many were new here."""
+        with self.lock:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'ledger_next'").fetchone()
+        start = row[0] if row else 0
+        added = 0
+        for seq, raw in ledger.conn.execute(
+                "SELECT seq, entry FROM entries WHERE kind = 'trade' AND seq >= ? ORDER BY seq",
+                (start,)):
+            data = canonical.decode(bytes(raw))["data"]
+            added += self.add_own(data, seq) == ACCEPTED
+        with self.lock:
+            self._set_meta("ledger_next", max(start, ledger.size))
+        return added
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def count(self) -> int:
+        with self.lock:
+            return self.conn.execute("SELECT coalesce(max(seq), 0) FROM trades").fetchone()[0]
+
+    def root(self) -> bytes:
+        """MTH of the trades' canonical bytes in trade-id order (cached until the next add)."""
+        with self.lock:
+            if self._root is None:
+                peaks = merkle.CompactRange()
+                for (leaf,) in self.conn.execute("SELECT leaf FROM trades ORDER BY id"):
+                    peaks.append(bytes(leaf))
+                self._root = peaks.root()
+            return self._root
+
+    def since(self, cursor: int, limit: int) -> tuple[list[bytes], int]:
+        """Up to `limit` trades' canonical bytes in arrival order after the first `cursor`
+        (0: from the start), and the cursor to ask for next."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT seq, data FROM trades WHERE seq > ? ORDER BY seq LIMIT ?",
+                (cursor, limit)).fetchall()
+        return [bytes(data) for _, data in rows], (rows[-1][0] if rows else cursor)
+
+    def pending_for(self, cursor: int, peer: str, limit: int) -> tuple[list[bytes], int]:
+        """What to push to `peer` from position `cursor`: trades it did not send us."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT seq, data, source FROM trades WHERE seq > ? ORDER BY seq LIMIT ?",
+                (cursor, limit)).fetchall()
+        return ([bytes(data) for _, data, source in rows if source != peer],
+                rows[-1][0] if rows else cursor)
+
+    def contains(self, trade_id: str) -> bool:
+        with self.lock:
+            return self.conn.execute("SELECT 1 FROM trades WHERE id = ?",
+                                     (bytes.fromhex(trade_id),)).fetchone() is not None
+
+    def balance(self, account: str) -> int:
+        """What `account` earned minus what it spent over every trade in the view (DESIGN §7
+        remote balances; the free-tier allowance is the caller's to add)."""
+        with self.lock:
+            row = self.conn.execute("SELECT earned - spent FROM accounts WHERE account = ?",
+                                    (account,)).fetchone()
+        return row[0] if row else 0
+
+    def accounts(self) -> int:
+        with self.lock:
+            return self.conn.execute("SELECT count(*) FROM accounts").fetchone()[0]
+
+    def summary(self) -> dict[str, Any]:
+        """Count, root and what gossip knows, for GET /v1/forge/network."""
+        root = self.root().hex()
+        with self.lock:
+            own = self.conn.execute("SELECT count(*) FROM trades WHERE source = ?",
+                                    (OWN,)).fetchone()[0]
+            total = self.conn.execute("SELECT coalesce(max(seq), 0) FROM trades").fetchone()[0]
+            flagged = [{"node_id": node_id, "flag_reason": flag, "flagged_ms": at}
+                       for node_id, flag, at in self.conn.execute(
+                           "SELECT node_id, flag, flagged_ms FROM peers WHERE flag IS NOT NULL "
+                           "ORDER BY node_id")]
+            accounts = self.conn.execute("SELECT count(*) FROM accounts").fetchone()[0]
+        return {"trades": total, "root": root, "own_trades": own, "foreign_trades": total - own,
+                "accounts": accounts, "flagged_peers": flagged}
+
+    # -- per-peer gossip state -------------------------------------------------------------
+
+    def peer(self, node_id: str) -> PeerState:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT cursor, cp_size, cp_root, cp_note, flag, flagged_ms FROM peers "
+                "WHERE node_id = ?", (node_id,)).fetchone()
+        if row is None:
+            return PeerState(node_id)
+        cursor, size, root, text, flag, at = row
+        return PeerState(node_id, cursor, size, bytes(root) if root is not None else None,
+                         text, flag, at)
+
+    def set_cursor(self, node_id: str, cursor: int) -> None:
+        """Remember how far this node has pulled from `node_id`'s network view."""
+        self._upsert(node_id, "cursor = ?", cursor)
+
+    def save_checkpoint(self, node_id: str, size: int, root: bytes, note_text: str) -> None:
+        """Remember the last verified checkpoint of `node_id`'s ledger."""
+        self._upsert(node_id, "cp_size = ?, cp_root = ?, cp_note = ?", size, root, note_text)
+
+    def flag(self, node_id: str, reason: str) -> None:
+        """Mark `node_id` untrusted for good (its log forked)."""
+        self._upsert(node_id, "flag = ?, flagged_ms = ?", reason, time.time_ns() // 1_000_000)
+
+    def _upsert(self, node_id: str, assignments: str, *values: Any) -> None:
+        with self.lock:
+            self.conn.execute("INSERT OR IGNORE INTO peers (node_id) VALUES (?)", (node_id,))
+            self.conn.execute(f"UPDATE peers SET {assignments} WHERE node_id = ?",
+                              (*values, node_id))
+
+    def flags(self) -> dict[str, str]:
+        """node id → why that peer is flagged, for every flagged peer."""
+        with self.lock:
+            return dict(self.conn.execute(
+                "SELECT node_id, flag FROM peers WHERE flag IS NOT NULL").fetchall())
