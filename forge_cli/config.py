@@ -56,6 +56,10 @@ KEYS: dict[str, Key] = {
         Key("mesh.peers", list, [], "node URLs probed as peers without mDNS (static peers)"),
         Key("mesh.probe_s", int, 5, "seconds between /health probes of each peer"),
         Key("mesh.expire_s", int, 30, "seconds a peer may go unanswered before it is dropped"),
+        Key("mesh.gossip_s", int, 10,
+            "seconds between gossip rounds: pull from each peer and check its checkpoint "
+            "(new trades are pushed at once)"),
+        Key("mesh.gossip_batch", int, 200, "trades per gossip push or pull page (1 to 500)"),
         Key("safety.per_request_cap_cu", int, 5_000,
             "default largest single spend, in CU (a `policy` entry overrides it per account)"),
         Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour"),

@@ -70,10 +70,13 @@ ROUTES = [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/v1/completions"),
           ("GET", "/v1/forge/balance"), ("GET", "/v1/forge/pricing"), ("GET", "/v1/forge/trades"),
           ("GET", "/v1/forge/network"), ("GET", "/v1/forge/providers"), ("GET", "/v1/forge/route"),
           ("GET", "/v1/forge/safety"), ("POST", "/v1/forge/kill"), ("POST", "/v1/forge/policy"),
-          ("POST", "/v1/forge/approve"), ("GET", "/v1/forge/ledger/checkpoint"),
+          ("POST", "/v1/forge/approve"),
           ("GET", "/v1/forge/ledger/entries"), ("GET", "/v1/forge/ledger/entry/0"),
-          ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/ledger/consistency"),
-          ("GET", "/v1/forge/events")]
+          ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/events")]
+# Peers read each other's checkpoints and consistency proofs (hashes only) and gossip trades
+# (verified by their signatures) without tokens.
+MESH_PUBLIC = [("GET", "/v1/forge/ledger/checkpoint"), ("GET", "/v1/forge/ledger/consistency"),
+               ("GET", "/v1/forge/gossip/trades"), ("POST", "/v1/forge/gossip/trades")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -90,10 +93,21 @@ def test_public_routes_need_no_token(node):
         assert status == 200, (path, body)
     status, _, spec = node.request("GET", "/openapi.json")
     described = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
-    for method, path in ROUTES:
+    for method, path in ROUTES + MESH_PUBLIC:
         template = path.replace("/0", "/{seq}") if "/ledger/entry" in path or "/ledger/proof" in path \
             else path
         assert (method, template) in described, (method, template)
+
+
+def test_checkpoint_and_consistency_are_public_for_peers(node):
+    status, _, body = node.request("GET", "/v1/forge/ledger/checkpoint")
+    assert status == 200 and body["note"].startswith("forge.local/")
+    status, _, body = node.request("GET", f"/v1/forge/ledger/consistency?old=0&new={body['size']}")
+    assert status == 200 and body["proof"] == []
+    # Gossip runs only in the mesh: without --mesh its routes are 404, with no token asked.
+    status, _, body = node.request("POST", "/v1/forge/gossip/trades", {"trades": []})
+    assert_json_error(status, body, 404)
+    assert "gossip runs only on a node in the mesh" in body["error"]["message"]
 
 
 def test_unknown_route_and_wrong_method_are_json(node):

@@ -75,6 +75,10 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
                           static_peers=[*settings["mesh.peers"], *(peers or [])],
                           mdns=settings["mesh.mdns"], probe_s=settings["mesh.probe_s"],
                           expire_s=settings["mesh.expire_s"])
+        from forge_cli.mesh.gossip import Gossip
+
+        node_.gossip = Gossip(node_.network, node_.mesh, round_s=settings["mesh.gossip_s"],
+                              batch=settings["mesh.gossip_batch"])
 
     def announce(site) -> None:  # noqa: ANN001
         bound = site._server.sockets[0].getsockname()  # the real port when 0 was asked
@@ -88,6 +92,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             f"  token     {token_file}  (operator; consumers need agent tokens)",
             f"  ledger    {node_.ledger.path}  ({node_.ledger.size} entries)",
             f"  mesh      {node_.mesh.describe() if node_.mesh else 'off (start with --mesh)'}",
+            *([f"  gossip    {node_.gossip.describe()}; network view {node_.network.path}"]
+              if node_.gossip else []),
             f"  docs      {url}/openapi.json   metrics {url}/metrics",
         ]
         sys.stdout.write("\n".join(lines) + "\n")

@@ -113,6 +113,8 @@ class Mesh:
         self.candidates: dict[str, Peer] = {}
         self.static = [normalise_url(u) for u in static_peers]
         self._reported: set[str] = set()
+        # node id → why it is not trusted (a forked log); gossip sets these and persists them.
+        self.flags: dict[str, str] = {}
         self._zc: Any = None
         self._info: Any = None
         self._browser: Any = None
@@ -297,6 +299,22 @@ class Mesh:
         return sorted((p for p in self.candidates.values() if p.last_seen_ms is not None),
                       key=lambda p: (p.node_id or "", p.url))
 
+    def flag_peer(self, node_id: str, reason: str) -> None:
+        """Stop trusting every peer that presents `node_id` (shown in the table with `reason`)."""
+        self.flags[node_id] = reason
+
+    def flag_of(self, peer: Peer) -> str | None:
+        """Why `peer` is not trusted, or None: a duplicate node id or a flag on its node id."""
+        return peer.flag or (self.flags.get(peer.node_id) if peer.node_id else None)
+
+    def trusted_peers(self) -> list[Peer]:
+        """Peers with a known node id shown by no other peer and no flag: the ones to gossip
+        and trade with."""
+        peers = self.peers()
+        ids = [p.node_id for p in peers]
+        return [p for p in peers
+                if p.node_id and ids.count(p.node_id) == 1 and self.flag_of(p) is None]
+
     def table(self, reputation: Callable[[str], int | None] = lambda _: None
               ) -> list[dict[str, Any]]:
         """The peer table as JSON, with two peers sharing one node id flagged as well."""
@@ -310,7 +328,7 @@ class Mesh:
             if peer.node_id is not None and counts[peer.node_id] > 1:
                 shared = f"duplicate node id: {counts[peer.node_id]} peers advertise it"
             rep = reputation(peer.node_id) if peer.node_id else None
-            rows.append(peer.to_json(rep, peer.flag or shared))
+            rows.append(peer.to_json(rep, self.flag_of(peer) or shared))
         return rows
 
     def describe(self) -> str:

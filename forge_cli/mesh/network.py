@@ -39,7 +39,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY,
         earned INTEGER NOT NULL DEFAULT 0, spent INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS peers (node_id TEXT PRIMARY KEY,
-        cursor INTEGER NOT NULL DEFAULT 0,
+        cursor INTEGER NOT NULL DEFAULT 0,  -- how far we pulled from its view
+        pushed INTEGER NOT NULL DEFAULT 0,  -- how far into ours it was pushed
         cp_size INTEGER, cp_root BLOB, cp_note TEXT,
         flag TEXT, flagged_ms INTEGER) WITHOUT ROWID""",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -54,12 +55,23 @@ class Checked:
 
     id: bytes
     raw: bytes
-    terms: dict[str, Any]
+    data: dict[str, Any]
+
+    @property
+    def terms(self) -> dict[str, Any]:
+        return self.data["terms"]
 
 
 def check_trade(data: Any) -> Checked:
     """A trade's identity and canonical bytes if it is well-formed and both signatures verify;
     TradeRejected naming the first problem otherwise."""
+    item = parse_trade(data)
+    verify_trade(item)
+    return item
+
+
+def parse_trade(data: Any) -> Checked:
+    """A well-formed trade's identity and canonical bytes, signatures not yet checked."""
     if not isinstance(data, dict):
         raise TradeRejected(f"a trade is an object {{terms, provider_sig, consumer_sig}}, "
                             f"found {type(data).__name__}")
@@ -70,16 +82,21 @@ def check_trade(data: Any) -> Checked:
         raw = canonical.encode(data)
     except canonical.CanonicalError as exc:
         raise TradeRejected(f"malformed trade: {exc}") from None
-    reason = entries.trade_signature_problem(data)
+    return Checked(hashlib.sha256(raw).digest(), raw, data)
+
+
+def verify_trade(item: Checked) -> None:
+    """TradeRejected unless both parties' signatures over the terms verify."""
+    reason = entries.trade_signature_problem(item.data)
     if reason:
         raise TradeRejected(f"forged trade: {reason}")
-    return Checked(hashlib.sha256(raw).digest(), raw, data["terms"])
 
 
 @dataclass
 class PeerState:
     node_id: str
     cursor: int = 0
+    pushed: int = 0
     cp_size: int | None = None
     cp_root: bytes | None = None
     cp_note: str | None = None
@@ -142,23 +159,45 @@ class NetworkView:
     def add_many(self, batch: Sequence[Any], source: str) -> list[str | TradeRejected]:
         """Verify and add a batch in one transaction; one outcome per trade, in order."""
         outcomes: list[str | TradeRejected] = []
-        checked: list[tuple[int, Checked]] = []
+        parsed: list[tuple[int, Checked]] = []
         for i, data in enumerate(batch):
             try:
-                checked.append((i, check_trade(data)))
+                parsed.append((i, parse_trade(data)))
                 outcomes.append(ACCEPTED)
             except TradeRejected as exc:
                 outcomes.append(exc)
+        # A trade already here is the same bytes we verified once: skip its signatures (a
+        # peer pushing history we pulled costs a lookup, not two verifies).
+        known = self._known([item.id for _, item in parsed])
+        checked: list[tuple[int, Checked]] = []
+        for i, item in parsed:
+            if item.id in known:
+                outcomes[i] = DUPLICATE
+                continue
+            try:
+                verify_trade(item)
+                checked.append((i, item))
+            except TradeRejected as exc:
+                outcomes[i] = exc
         if checked:
             for i, outcome in self._insert(checked, source):
                 outcomes[i] = outcome
         return outcomes
 
+    def _known(self, ids: list[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        with self.lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                found.update(bytes(row[0]) for row in self.conn.execute(
+                    f"SELECT id FROM trades WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def add_own(self, data: dict[str, Any], ledger_seq: int) -> str:
         """A trade from this node's own ledger, which verified it before appending: recorded
         without verifying again, and the ledger position remembered for the next backfill."""
         raw = canonical.encode(data)
-        item = Checked(hashlib.sha256(raw).digest(), raw, data["terms"])
+        item = Checked(hashlib.sha256(raw).digest(), raw, data)
         (_, outcome), = self._insert([(0, item)], OWN, ledger_next=ledger_seq + 1)
         if isinstance(outcome, TradeRejected):
             raise outcome
@@ -317,17 +356,21 @@ class NetworkView:
     def peer(self, node_id: str) -> PeerState:
         with self.lock:
             row = self.conn.execute(
-                "SELECT cursor, cp_size, cp_root, cp_note, flag, flagged_ms FROM peers "
+                "SELECT cursor, pushed, cp_size, cp_root, cp_note, flag, flagged_ms FROM peers "
                 "WHERE node_id = ?", (node_id,)).fetchone()
         if row is None:
             return PeerState(node_id)
-        cursor, size, root, text, flag, at = row
-        return PeerState(node_id, cursor, size, bytes(root) if root is not None else None,
-                         text, flag, at)
+        cursor, pushed, size, root, text, flag, at = row
+        return PeerState(node_id, cursor, pushed, size,
+                         bytes(root) if root is not None else None, text, flag, at)
 
     def set_cursor(self, node_id: str, cursor: int) -> None:
         """Remember how far this node has pulled from `node_id`'s network view."""
         self._upsert(node_id, "cursor = ?", cursor)
+
+    def set_pushed(self, node_id: str, pushed: int) -> None:
+        """Remember how far into this view `node_id` has been pushed."""
+        self._upsert(node_id, "pushed = ?", pushed)
 
     def save_checkpoint(self, node_id: str, size: int, root: bytes, note_text: str) -> None:
         """Remember the last verified checkpoint of `node_id`'s ledger."""

@@ -13,6 +13,7 @@ from aiohttp import web
 from forge_cli.errors import UsageError
 from forge_cli.node import (
     routes_economy,
+    routes_gossip,
     routes_ledger,
     routes_lending,
     routes_mesh,
@@ -34,7 +35,7 @@ from forge_cli.node.web import (
 
 ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
                        *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
-                       *routes_system.ROUTES]
+                       *routes_gossip.ROUTES, *routes_system.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS = web.AppKey("timers", list)
 
@@ -55,6 +56,8 @@ def make_app(node: Node) -> web.Application:
                        asyncio.create_task(routes_lending.heartbeats(node))]
 
     async def stop(app: web.Application) -> None:
+        if node.gossip is not None:
+            await node.gossip.stop()
         if node.mesh is not None:
             await node.mesh.stop()  # withdraw the advertisement before the API goes away
         for task in app.get(TIMERS, []):
@@ -104,6 +107,8 @@ def serve(node: Node, host: str, port: int, *, announce: Any = None) -> None:
         await site.start()
         if node.mesh is not None:
             await node.mesh.start(site._server.sockets[0].getsockname()[1])
+        if node.gossip is not None:
+            await node.gossip.start()
         if announce is not None:
             announce(site)
         stop = asyncio.Event()

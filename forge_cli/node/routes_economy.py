@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -96,12 +97,16 @@ def _trade_count(node: Node) -> int:
 async def network(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     count = _trade_count(node)
+    view = await asyncio.to_thread(node.network.summary)
     volume = node.reader.conn.execute("SELECT coalesce(sum(earned), 0) FROM trade_totals").fetchone()[0]
     note = await node.on_ledger(node.ledger.checkpoint)  # reused while the size is the same
     size, root, _, vkey = node.ledger.latest_checkpoint()
+    # `trades` and `root` are the network view's (every verified trade, ours and gossiped);
+    # `merkle_root` and `ledger_trades` are this node's own ledger.
     return web.json_response({
         "node_id": node.node_id, "ledger_size": size, "merkle_root": root.hex(),
-        "trades": count, "trade_volume_cu": volume, "checkpoint": note, "vkey": vkey,
+        "ledger_trades": count, "trade_volume_cu": volume, "checkpoint": note, "vkey": vkey,
+        **view,
     })
 
 

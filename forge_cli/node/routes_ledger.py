@@ -67,9 +67,12 @@ async def consistency(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    Route("GET", "/v1/forge/ledger/checkpoint", checkpoint, "Sign and return a checkpoint"),
+    # Public: peers check each other's logs for forks, and these reveal only hashes.
+    Route("GET", "/v1/forge/ledger/checkpoint", checkpoint, "Sign and return a checkpoint",
+          public=True),
     Route("GET", "/v1/forge/ledger/entries", entries_, "Entries (?start, ?limit)"),
     Route("GET", "/v1/forge/ledger/entry/{seq}", entry, "One entry"),
     Route("GET", "/v1/forge/ledger/proof/{seq}", proof, "Inclusion proof (?size)"),
-    Route("GET", "/v1/forge/ledger/consistency", consistency, "Consistency proof (?old, ?new)"),
+    Route("GET", "/v1/forge/ledger/consistency", consistency, "Consistency proof (?old, ?new)",
+          public=True),
 ]

@@ -104,6 +104,12 @@ class Node:
         self.in_flight = 0
         self.events: Any = None  # EventBus, attached once the event loop runs
         self.mesh: Any = None  # forge_cli.mesh.discovery.Mesh, with `forge node --mesh`
+        self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
+        from forge_cli.mesh.network import NetworkView
+
+        # Every verified dual-signed trade: ours (followed from the ledger) and gossiped ones.
+        self.network = NetworkView.open(home / "network.db")
+        self.network.follow(self.ledger)
         self.metrics.ledger_size.set(self.ledger.size)
         self.ledger.listeners.append(self._appended)
 
@@ -126,6 +132,7 @@ class Node:
         self._ledger_thread.shutdown(wait=True)
         self.reader.close()
         self.ledger.close()
+        self.network.close()
 
     # -- models and prices -------------------------------------------------------------------
 

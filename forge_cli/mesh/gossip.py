@@ -1,0 +1,269 @@
+"""Gossip: push new trades to peers, pull what they have, and watch their logs for forks.
+
+Each round pushes every trusted peer the trades it has not been sent (never back to the peer
+a trade came from), pulls from each peer's stored cursor, and checks the peer's signed
+checkpoint for consistency with the last one seen. A failed call is logged and retried next
+round; a fork flags the peer for good (persisted in the network view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from forge_cli import canonical
+from forge_cli.errors import ConfigError, ForgeError, TradeRejected
+from forge_cli.ledger import merkle, note
+from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
+
+log = logging.getLogger("forge.gossip")
+
+MAX_BATCH = 500  # trades per POST or pull page, both ways (a trade is ~0.9 kB of JSON)
+PAGES_PER_ROUND = 20  # pull at most this many pages from one peer per round
+PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
+
+
+def check_settings(round_s: int, batch: int) -> None:
+    if round_s < 1:
+        raise ConfigError(f"mesh.gossip_s must be at least 1 second, found {round_s}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ConfigError(f"mesh.gossip_batch must be between 1 and {MAX_BATCH}, found {batch}")
+
+
+class Gossip:
+    """The node's gossip rounds over `mesh.trusted_peers()`.
+
+    Example (inside the node's event loop, once the mesh has started)::
+
+        gossip = Gossip(view, mesh, round_s=10, batch=200)
+        await gossip.start()     # rounds every 10 s, and a push as soon as a trade arrives
+        await gossip.stop()
+    """
+
+    def __init__(self, view: NetworkView, mesh: Any, *, round_s: int = 10,
+                 batch: int = 200) -> None:
+        check_settings(round_s, batch)
+        self.view = view
+        self.mesh = mesh
+        self.round_s = round_s
+        self.batch = batch
+        self.seen: set[str] = set()       # node ids pulled from and checked at least once
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._session: Any = None
+        self._last_full = 0.0
+        self._listener: Any = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        wake = self._wake
+        self._listener = lambda _new: loop.call_soon_threadsafe(wake.set)
+        self.view.listeners.append(self._listener)
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        for node_id, reason in (await asyncio.to_thread(self.view.flags)).items():
+            self.mesh.flag_peer(node_id, reason)
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._listener in self.view.listeners:
+            self.view.listeners.remove(self._listener)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        self._task = self._session = None
+
+    def describe(self) -> str:
+        return f"gossip every {self.round_s}s, up to {self.batch} trades a message"
+
+    # -- rounds ------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, self.round_s))
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            full = time.monotonic() - self._last_full >= self.round_s
+            if full:
+                self._last_full = time.monotonic()
+            try:
+                await self.round(full=full)
+            except Exception:  # a bug in one round must not end gossip for good
+                log.exception("gossip round failed; trying again next round")
+
+    async def round(self, *, full: bool = True) -> None:
+        """Push to every trusted peer; pull from and check new peers, or all when `full`."""
+        peers = self.mesh.trusted_peers()
+        await asyncio.gather(*(self._peer_round(p, full) for p in peers))
+
+    async def _peer_round(self, peer: Any, full: bool) -> None:
+        node_id = peer.node_id
+        if full or node_id not in self.seen:
+            self.seen.add(node_id)
+            if not await self._guard(peer, "checkpoint check", self.check_checkpoint(peer)):
+                return
+            if self.mesh.flag_of(peer) is not None:
+                return
+            await self._guard(peer, "pull", self.pull(peer))
+        await self._guard(peer, "push", self.push(peer))
+
+    async def _guard(self, peer: Any, what: str, job: Any) -> bool:
+        import aiohttp
+
+        try:
+            await job
+            return True
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError,
+                ForgeError) as exc:
+            log.warning("gossip %s with %s failed (%s: %s); retrying next round", what,
+                        peer.url, type(exc).__name__, exc)
+            return False
+
+    # -- push and pull -----------------------------------------------------------------------
+
+    async def push(self, peer: Any) -> int:
+        """Send `peer` the trades it has not been sent yet; returns how many.
+
+        A new peer is sent our whole history too (a peer that knows us only as a static
+        `--peer` never pulls from us); what it already has costs it a lookup each.
+        """
+        cursor = (await asyncio.to_thread(self.view.peer, peer.node_id)).pushed
+        sent = 0
+        for _ in range(PAGES_PER_ROUND):
+            batch, after = await asyncio.to_thread(self.view.pending_for, cursor, peer.node_id,
+                                                   self.batch)
+            if after == cursor:
+                return sent
+            if batch:
+                body = b'{"from":"' + self.mesh.node_id.encode() + b'","trades":[' + \
+                    b",".join(batch) + b"]}"
+                async with self._session.post(peer.url + PUSH_PATH, data=body, headers={
+                        "Content-Type": "application/json"}) as response:
+                    answer = await response.json()
+                    if response.status != 200:
+                        raise ValueError(f"HTTP {response.status}: "
+                                         f"{answer.get('error', {}).get('message')}")
+                if answer.get("rejected"):
+                    log.warning("peer %s rejected %d of the trades we pushed: %s", peer.url,
+                                answer["rejected"], answer.get("rejections", [])[:3])
+                sent += len(batch)
+            cursor = after
+            await asyncio.to_thread(self.view.set_pushed, peer.node_id, cursor)
+        return sent
+
+    async def pull(self, peer: Any) -> int:
+        """Fetch `peer`'s trades after our stored cursor and add them; returns how many were new."""
+        state = await asyncio.to_thread(self.view.peer, peer.node_id)
+        cursor, added = state.cursor, 0
+        for _ in range(PAGES_PER_ROUND):
+            async with self._session.get(peer.url + PULL_PATH, params={
+                    "since": str(cursor), "limit": str(self.batch)}) as response:
+                if response.status != 200:
+                    raise ValueError(f"HTTP {response.status} from {PULL_PATH}")
+                page = await response.json()
+            count, trades, after = int(page["count"]), page["trades"], int(page["next"])
+            if count < cursor:
+                log.warning("peer %s now holds %d trades, fewer than our cursor %d (its "
+                            "network view was reset?); pulling from the start", peer.url,
+                            count, cursor)
+                cursor = 0
+                continue
+            if not isinstance(trades, list) or len(trades) > self.batch or after < cursor:
+                raise ValueError("malformed pull page")
+            if trades:
+                outcomes = await asyncio.to_thread(self.view.add_many, trades, peer.node_id)
+                added += sum(o == ACCEPTED for o in outcomes)
+                bad = [o for o in outcomes if isinstance(o, TradeRejected)]
+                if bad:
+                    log.warning("peer %s served %d trades we reject, e.g. %s", peer.url,
+                                len(bad), bad[0])
+            cursor = after
+            await asyncio.to_thread(self.view.set_cursor, peer.node_id, cursor)
+            if not trades or after >= count:
+                break
+        if added:
+            log.info("pulled %d new trades from %s", added, peer.url)
+        return added
+
+    async def receive(self, trades: list[Any], source: str) -> dict[str, Any]:
+        """Verify and add a pushed batch; counts and a reason for each rejected trade."""
+        outcomes = await asyncio.to_thread(self.view.add_many, trades, source)
+        return tally(outcomes)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    async def check_checkpoint(self, peer: Any) -> None:
+        """Fetch `peer`'s signed checkpoint, verify it against its node id, and prove it
+        consistent with the last one seen; flag the peer if it is not."""
+        node_id = peer.node_id
+        async with self._session.get(peer.url + "/v1/forge/ledger/checkpoint") as response:
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status} from the checkpoint route")
+            body = await response.json()
+        verifier = note.Verifier(note.origin_for(node_id), bytes.fromhex(node_id))
+        try:
+            cp = note.open_checkpoint(body["note"], verifier)
+        except ForgeError as exc:
+            await self.flag(peer, f"bad checkpoint: {exc}")
+            return
+        last = await asyncio.to_thread(self.view.peer, node_id)
+        if last.cp_size is None or last.cp_root is None:
+            await asyncio.to_thread(self.view.save_checkpoint, node_id, cp.size, cp.root,
+                                    body["note"])
+            return
+        if cp.size < last.cp_size:
+            await self.flag(peer, f"log fork: checkpoint {cp.size} is smaller than checkpoint "
+                            f"{last.cp_size} seen earlier (its tail was truncated)")
+            return
+        if cp.size == last.cp_size:
+            if cp.root != last.cp_root:
+                await self.flag(peer, f"log fork: checkpoint {cp.size} has root "
+                                f"{cp.root.hex()[:16]}… but root {last.cp_root.hex()[:16]}… "
+                                f"was seen earlier at the same size")
+            return
+        async with self._session.get(peer.url + "/v1/forge/ledger/consistency", params={
+                "old": str(last.cp_size), "new": str(cp.size)}) as response:
+            if response.status != 200:
+                raise ValueError(f"HTTP {response.status} from the consistency route")
+            proof = await response.json()
+        try:
+            path = [bytes.fromhex(h) for h in proof["proof"]]
+        except (TypeError, ValueError):
+            path = None
+        if path is None or not merkle.verify_consistency(last.cp_size, cp.size, last.cp_root,
+                                                         cp.root, path):
+            await self.flag(peer, f"log fork: checkpoint {cp.size} is not consistent with "
+                            f"checkpoint {last.cp_size} seen earlier")
+            return
+        await asyncio.to_thread(self.view.save_checkpoint, node_id, cp.size, cp.root,
+                                body["note"])
+
+    async def flag(self, peer: Any, reason: str) -> None:
+        log.error("PEER FLAGGED: %s (node %s): %s; no more gossip or trade with it", peer.url,
+                  peer.node_id, reason)
+        self.mesh.flag_peer(peer.node_id, reason)
+        await asyncio.to_thread(self.view.flag, peer.node_id, reason)
+
+
+def tally(outcomes: list[Any]) -> dict[str, Any]:
+    """The answer to a pushed batch: counts, and why each rejected trade was refused."""
+    rejections = [{"index": i, "reason": str(o)} for i, o in enumerate(outcomes)
+                  if isinstance(o, TradeRejected)]
+    return {"accepted": sum(o == ACCEPTED for o in outcomes),
+            "duplicate": sum(o == DUPLICATE for o in outcomes),
+            "rejected": len(rejections), "rejections": rejections}
+
+
+def encode_page(trades: list[bytes], after: int, count: int, node_id: str) -> bytes:
+    """A pull page as JSON, splicing the stored canonical trade bytes in unchanged."""
+    head = canonical.encode({"count": count, "next": after, "node_id": node_id})
+    return head[:-1] + b',"trades":[' + b",".join(trades) + b"]}"
