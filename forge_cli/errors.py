@@ -12,6 +12,7 @@
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
     │   └── OfflineError            2    503  a download was needed but the network is not available
     ├── EngineBusy                  2    429  the model's request queue is full
+    │   └── GossipBusy              2    429  too many gossiped batches are waiting to be verified
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
     │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
@@ -105,6 +106,10 @@ class EngineBusy(ForgeError):
     """The engine's bounded request queue is full; the caller may retry later."""
 
     http_status = 429
+
+
+class GossipBusy(EngineBusy):
+    """Too many pushed trade batches are already waiting for verification; retry shortly."""
 
 
 class LedgerError(ForgeError):

@@ -252,3 +252,16 @@ def test_a_peer_whose_log_forks_is_flagged_and_stays_flagged(nodes, forked_peers
     assert wait_for("the restarted node flagging from memory",
                     lambda: flag_of(again, diverging.url)).startswith("log fork: checkpoint 7")
     assert node_id(again) == first_id
+
+
+@pytest.mark.parametrize(("round_s", "batch", "message"), [
+    (0, 200, "mesh.gossip_s must be at least 1 second, found 0"),
+    (10, 0, "mesh.gossip_batch must be between 1 and 500, found 0"),
+    (10, 501, "mesh.gossip_batch must be between 1 and 500, found 501")])
+def test_gossip_settings_out_of_range_are_config_errors(tmp_path, round_s, batch, message):
+    from forge_cli.errors import ConfigError
+    from forge_cli.mesh.gossip import Gossip
+    from forge_cli.mesh.network import NetworkView
+
+    with pytest.raises(ConfigError, match=message):
+        Gossip(NetworkView.open(tmp_path / "n.db"), mesh=None, round_s=round_s, batch=batch)

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from forge_cli import canonical
-from forge_cli.errors import ConfigError, ForgeError, TradeRejected
+from forge_cli.errors import ConfigError, ForgeError, GossipBusy, TradeRejected
 from forge_cli.ledger import merkle, note
 from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
 
 log = logging.getLogger("forge.gossip")
 
 MAX_BATCH = 500  # trades per POST or pull page, both ways (a trade is ~0.9 kB of JSON)
-PAGES_PER_ROUND = 20  # pull at most this many pages from one peer per round
+PAGES_PER_ROUND = 20  # pull or push at most this many pages per peer per round
+MAX_WAITING = 8  # pushed batches queued for verification before the next one gets 429
 PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_settings(round_s: int, batch: int) -> None:
@@ -55,6 +59,10 @@ class Gossip:
         self._session: Any = None
         self._last_full = 0.0
         self._listener: Any = None
+        # One verifying thread: signature checks hold the GIL, so two threads only contend;
+        # batches from several pushers queue here instead (at most MAX_WAITING of them).
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="forge-gossip")
+        self._waiting = 0
 
     async def start(self) -> None:
         import aiohttp
@@ -78,6 +86,7 @@ class Gossip:
         if self._session is not None:
             await self._session.close()
         self._task = self._session = None
+        self._verifier.shutdown(wait=True, cancel_futures=True)
 
     def describe(self) -> str:
         return f"gossip every {self.round_s}s, up to {self.batch} trades a message"
@@ -107,6 +116,8 @@ class Gossip:
 
     async def _peer_round(self, peer: Any, full: bool) -> None:
         node_id = peer.node_id
+        if not _HEX64.fullmatch(node_id):
+            return  # not a node key: nothing it signs could be checked
         if full or node_id not in self.seen:
             self.seen.add(node_id)
             if not await self._guard(peer, "checkpoint check", self.check_checkpoint(peer)):
@@ -180,7 +191,7 @@ class Gossip:
             if not isinstance(trades, list) or len(trades) > self.batch or after < cursor:
                 raise ValueError("malformed pull page")
             if trades:
-                outcomes = await asyncio.to_thread(self.view.add_many, trades, peer.node_id)
+                outcomes = await self._add(trades, peer.node_id)
                 added += sum(o == ACCEPTED for o in outcomes)
                 bad = [o for o in outcomes if isinstance(o, TradeRejected)]
                 if bad:
@@ -196,8 +207,18 @@ class Gossip:
 
     async def receive(self, trades: list[Any], source: str) -> dict[str, Any]:
         """Verify and add a pushed batch; counts and a reason for each rejected trade."""
-        outcomes = await asyncio.to_thread(self.view.add_many, trades, source)
-        return tally(outcomes)
+        if self._waiting >= MAX_WAITING:
+            raise GossipBusy(f"{self._waiting} gossip batches are already waiting to be "
+                             "verified; push again shortly")
+        return tally(await self._add(trades, source))
+
+    async def _add(self, trades: list[Any], source: str) -> list[Any]:
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self.view.add_many, trades, source)
+        finally:
+            self._waiting -= 1
 
     # -- checkpoints -------------------------------------------------------------------------
 

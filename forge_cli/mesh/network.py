@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forge_cli import canonical
+from forge_cli import canonical, identity
 from forge_cli.errors import StorageError, TradeRejected
 from forge_cli.ledger import entries, merkle
 
@@ -87,9 +87,12 @@ def parse_trade(data: Any) -> Checked:
 
 def verify_trade(item: Checked) -> None:
     """TradeRejected unless both parties' signatures over the terms verify."""
-    reason = entries.trade_signature_problem(item.data)
-    if reason:
-        raise TradeRejected(f"forged trade: {reason}")
+    # entries.trade_message, minus a second canonical check of terms `parse_trade` checked.
+    message = entries.TRADE_DOMAIN + canonical.dumps_checked_parts(item.terms)
+    for party in ("provider", "consumer"):
+        if not identity.verify_hex(item.terms[party], message, item.data[f"{party}_sig"]):
+            raise TradeRejected(
+                f"forged trade: {party} signature over the trade terms does not verify")
 
 
 @dataclass
@@ -214,21 +217,15 @@ class NetworkView:
             try:
                 for i, item in items:
                     terms = item.terms
-                    if conn.execute("SELECT 1 FROM trades WHERE id = ?", (item.id,)).fetchone():
-                        results.append((i, DUPLICATE))
+                    try:
+                        cur = conn.execute(
+                            "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
+                            "source, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
+                             terms["consumer"], terms["nonce"], terms["cu"], source, now))
+                    except sqlite3.IntegrityError:  # the trade, or its (consumer, nonce), is here
+                        results.append((i, self._conflict(item)))
                         continue
-                    clash = conn.execute("SELECT id FROM trades WHERE consumer = ? AND nonce = ?",
-                                         (terms["consumer"], terms["nonce"])).fetchone()
-                    if clash:
-                        results.append((i, TradeRejected(
-                            f"replayed nonce: consumer {terms['consumer'][:16]}… already used "
-                            f"nonce {terms['nonce']!r} in trade {clash[0].hex()[:16]}…")))
-                        continue
-                    cur = conn.execute(
-                        "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
-                        "source, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
-                         terms["consumer"], terms["nonce"], terms["cu"], source, now))
                     new.append(cur.lastrowid)
                     for account, column in ((terms["provider"], "earned"),
                                             (terms["consumer"], "spent")):
@@ -249,6 +246,15 @@ class NetworkView:
             for listener in self.listeners:
                 listener(new)
         return results
+
+    def _conflict(self, item: Checked) -> str | TradeRejected:
+        if self.conn.execute("SELECT 1 FROM trades WHERE id = ?", (item.id,)).fetchone():
+            return DUPLICATE
+        consumer, nonce = item.terms["consumer"], item.terms["nonce"]
+        (clash,) = self.conn.execute("SELECT id FROM trades WHERE consumer = ? AND nonce = ?",
+                                     (consumer, nonce)).fetchone()
+        return TradeRejected(f"replayed nonce: consumer {consumer[:16]}… already used nonce "
+                             f"{nonce!r} in trade {bytes(clash).hex()[:16]}…")
 
     def _set_meta(self, key: str, value: int) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
