@@ -168,6 +168,8 @@ class FakePeer:
         return web.json_response({"status": "ok", "node_id": self.key.node_id, "models": []})
 
     async def checkpoint(self, request: web.Request) -> web.Response:
+        if not self.ledgers:  # a peer that answers /health but fails every gossip call
+            return web.json_response({"error": {"message": "boom"}}, status=500)
         note = self.ledger.checkpoint()
         self.checkpoints_served += 1
         size = self.ledger.size
@@ -183,6 +185,8 @@ class FakePeer:
                                   "proof": [p.hex() for p in proof]})
 
     async def trades(self, request: web.Request) -> web.Response:
+        if not self.ledgers:
+            return web.Response(text="not json", status=200)
         return web.json_response({"count": 0, "next": 0, "trades": []})
 
     def close(self) -> None:
@@ -229,12 +233,21 @@ def node_peers(node: NodeProcess) -> list[dict[str, Any]]:
 
 def test_a_peer_whose_log_forks_is_flagged_and_stays_flagged(nodes, forked_peers, tmp_path):
     diverging, truncated = forked_peers
-    node = nodes("a", "--peer", diverging.url, "--peer", truncated.url, env=STATIC)
+    broken = FakePeer(Identity.generate(), [])
+    node = nodes("a", "--peer", diverging.url, "--peer", truncated.url, "--peer", broken.url,
+                 env=STATIC)
     reason = wait_for("the diverging log flagged", lambda: flag_of(node, diverging.url))
     assert reason == "log fork: checkpoint 7 is not consistent with checkpoint 5 seen earlier"
     reason = wait_for("the truncated log flagged", lambda: flag_of(node, truncated.url))
     assert reason.startswith("log fork: checkpoint 4 is smaller than checkpoint 6 seen earlier")
     assert "PEER FLAGGED" in (tmp_path / "a.log").read_text()
+    # A peer whose gossip calls fail is retried, not flagged, and holds up no one.
+    log = wait_for("the broken peer's failures logged", lambda: (
+        text := (tmp_path / "a.log").read_text()).count(f"with {broken.url} failed") >= 4 and text)
+    assert f"gossip checkpoint check with {broken.url} failed" in log
+    assert f"gossip pull with {broken.url} failed" in log
+    assert flag_of(node, broken.url) is None
+    broken.close()
     flagged = {p["node_id"]: p["flag_reason"] for p in network(node)["flagged_peers"]}
     assert flagged[diverging.key.node_id].startswith("log fork: checkpoint 7")
     # A flagged peer is no provider, and `forge peers` says why.

@@ -53,11 +53,11 @@ class Gossip:
         self.mesh = mesh
         self.round_s = round_s
         self.batch = batch
-        self.seen: set[str] = set()       # node ids pulled from and checked at least once
+        self.checked_at: dict[str, float] = {}  # node id → monotonic time of its last pull
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[Any] | None = None
+        self._peer_tasks: dict[str, asyncio.Task[Any]] = {}  # at most one job per peer
         self._session: Any = None
-        self._last_full = 0.0
         self._listener: Any = None
         # One verifying thread: signature checks hold the GIL, so two threads only contend;
         # batches from several pushers queue here instead (at most MAX_WAITING of them).
@@ -80,9 +80,10 @@ class Gossip:
     async def stop(self) -> None:
         if self._listener in self.view.listeners:
             self.view.listeners.remove(self._listener)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._peer_tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self._task = self._session = None
@@ -101,31 +102,37 @@ class Gossip:
             except TimeoutError:
                 pass
             self._wake.clear()
-            full = time.monotonic() - self._last_full >= self.round_s
-            if full:
-                self._last_full = time.monotonic()
-            try:
-                await self.round(full=full)
-            except Exception:  # a bug in one round must not end gossip for good
-                log.exception("gossip round failed; trying again next round")
+            self.round()
 
-    async def round(self, *, full: bool = True) -> None:
-        """Push to every trusted peer; pull from and check new peers, or all when `full`."""
-        peers = self.mesh.trusted_peers()
-        await asyncio.gather(*(self._peer_round(p, full) for p in peers))
+    def round(self) -> list[asyncio.Task[Any]]:
+        """Start a job for every trusted peer that has none running (a slow peer delays
+        only itself): push what is new, and every `round_s` (at once for a new peer) check
+        its checkpoint and pull."""
+        started = []
+        for peer in self.mesh.trusted_peers():
+            running = self._peer_tasks.get(peer.node_id)
+            if running is None or running.done():
+                task = asyncio.create_task(self._peer_round(peer))
+                self._peer_tasks[peer.node_id] = task
+                started.append(task)
+        return started
 
-    async def _peer_round(self, peer: Any, full: bool) -> None:
+    async def _peer_round(self, peer: Any) -> None:
         node_id = peer.node_id
         if not _HEX64.fullmatch(node_id):
             return  # not a node key: nothing it signs could be checked
-        if full or node_id not in self.seen:
-            self.seen.add(node_id)
-            if not await self._guard(peer, "checkpoint check", self.check_checkpoint(peer)):
-                return
-            if self.mesh.flag_of(peer) is not None:
-                return
-            await self._guard(peer, "pull", self.pull(peer))
-        await self._guard(peer, "push", self.push(peer))
+        try:
+            now = time.monotonic()
+            last = self.checked_at.get(node_id)
+            if last is None or now - last >= self.round_s:
+                self.checked_at[node_id] = now
+                await self._guard(peer, "checkpoint check", self.check_checkpoint(peer))
+                if self.mesh.flag_of(peer) is not None:
+                    return
+                await self._guard(peer, "pull", self.pull(peer))
+            await self._guard(peer, "push", self.push(peer))
+        except Exception:  # a bug must not end gossip with this peer for good
+            log.exception("gossip with %s failed; trying again next round", peer.url)
 
     async def _guard(self, peer: Any, what: str, job: Any) -> bool:
         import aiohttp
