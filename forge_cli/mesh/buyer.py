@@ -47,8 +47,10 @@ class Purchase:
     trade_seq: int  # in the consumer's ledger
     provider_trade_seq: int | None
     balance: int
-    first_piece_s: float
-    total_s: float
+    first_piece_s: float  # from the quote request to the first piece
+    total_s: float  # from the quote request to the trade in the consumer's ledger
+    last_piece_s: float = 0.0  # from the quote request to the last piece
+    settle_s: float = 0.0  # from the provider's terms to the trade in the consumer's ledger
 
     @property
     def cu(self) -> int:
@@ -183,6 +185,7 @@ class Buyer:
         tokens = 0
         final: dict[str, Any] | None = None
         first = None
+        last = terms_at = 0.0
         try:
             async with self.session.post(
                     seller.url + "/v1/forge/p2p/chat",
@@ -201,14 +204,16 @@ class Buyer:
                         break
                     event = json.loads(body)
                     if "text" in event:
+                        last = time.perf_counter() - started
                         if first is None:
-                            first = time.perf_counter() - started
+                            first = last
                         pieces.append(event["text"])
                         tokens = int(event.get("tokens", tokens))
-                        if on_piece is not None:
+                        if on_piece is not None and event["text"]:
                             on_piece(event["text"])
                     elif "terms" in event:
                         final = event
+                        terms_at = time.perf_counter()
                     elif "error" in event:
                         raise ProviderFailed(f"provider {seller.short()} stopped: "
                                              f"{_error_message(event, 502)}")
@@ -231,8 +236,10 @@ class Buyer:
                 "consumer_sig": self.signer.sign(entries.trade_message(terms)).hex()}
         ack = await self._post(seller, "/v1/forge/p2p/settle", data)
         seq, balance = await self.wallet.record(data, request_bytes, text.encode())
+        done = time.perf_counter()
         return Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,
-                        first if first is not None else 0.0, time.perf_counter() - started)
+                        first if first is not None else 0.0, done - started, last,
+                        done - terms_at)
 
 
 def _error_message(data: Any, status: int) -> str:
