@@ -209,3 +209,16 @@ def test_p2p_routes_need_no_token_but_ledger_reads_still_do(nodes):
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(a.url + "/v1/forge/balance", timeout=30)
     assert info.value.code == 401
+
+
+def test_the_workers_own_kill_switch_stops_a_p2p_spend_before_any_quote_is_paid(nodes, tmp_path):
+    a = nodes("a", env={"FORGE_MESH_MDNS": "false"})
+    home = tmp_path / "w"
+    killed = subprocess.run([sys.executable, "-m", "forge_cli", "safety", "kill", "--reason",
+                             "drill"], capture_output=True, text=True, cwd=REPO,
+                            env=forge_env(home), timeout=60)
+    assert killed.returncode == 0, killed.stderr
+    done = worker(home, "--peer", a.url, "-n", "4", "--wait", str(WAIT_S), "hi",
+                  env={"FORGE_MESH_MDNS": "false"})
+    assert done.returncode == 1 and "kill switch" in done.stderr, done.stderr
+    assert not entries_of(home, "trade") and not entries_of(tmp_path / "a", "trade")
