@@ -13,6 +13,7 @@ from forge_cli.cli import (
     config_cmd,
     ledger_cmd,
     loan_cmd,
+    mcp_cmd,
     models_cmd,
     node_cmd,
     peers_cmd,
@@ -64,6 +65,7 @@ app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
 app.command("tui")(tui_cmd.tui)
 app.add_typer(agent_cmd.app, name="agent")
+app.command("mcp")(mcp_cmd.mcp)
 
 
 def main(argv: list[str] | None = None) -> None:
