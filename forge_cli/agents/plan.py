@@ -13,16 +13,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from forge_cli.errors import CheckFailed
+from forge_cli.errors import PlanRejected
 
 MAX_TASKS = 32
 MAX_PROMPT = 4000
 TASK_KEYS = {"id", "prompt", "deps", "model", "max_tokens", "expect"}
 _ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
-
-class PlanRejected(CheckFailed):
-    """A plan (from a file or the coordinator model) is malformed or not a DAG; it is recorded."""
+__all__ = ["Plan", "PlanRejected", "Task", "extract_json", "parse"]
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ class Run:
         self.spent = 0  # CU of settled calls
         self.held = 0  # CU held for calls started and not yet settled
         self.calls = 0  # calls started (or being started)
-        self.in_flight = 0
+        self.in_flight = 0  # calls started and not yet settled (they hold `held`)
         self.halt: tuple[str, str, int] | None = None  # gate, reason, calls in flight then
         self.request_seq = 0
         self.plan_seq: int | None = None
@@ -150,12 +150,13 @@ class Run:
         # Held before the first await, so calls started side by side cannot both squeeze in.
         self.held += hold
         self.calls += 1
+        self.in_flight += 1
         try:
             try:
                 reservation = await self._open(model, max_tokens)
             except SpendDenied as exc:
                 self.calls -= 1
-                self._stop(exc.gate, exc.message)
+                self._stop(exc.gate, exc.message, own=1)
             self.held += reservation.max_cu - hold
             hold = reservation.max_cu
             if limits.budget_cu is not None and self.spent + self.held > limits.budget_cu:
@@ -165,14 +166,11 @@ class Run:
                 self.held -= hold
                 hold = 0
                 self._stop("budget", self._over_budget(reservation.max_cu, label,
-                                                       "at the price quoted just now"))
-            self.in_flight += 1
-            try:
-                return await self._generate(reservation, messages, max_tokens, label, opened)
-            finally:
-                self.in_flight -= 1
+                                                       "at the price quoted just now"), own=1)
+            return await self._generate(reservation, messages, max_tokens, label, opened)
         finally:
             self.held -= hold
+            self.in_flight -= 1
 
     def _check_budget(self, cu: int, label: str, how: str) -> None:
         budget = self.limits.budget_cu
@@ -180,8 +178,7 @@ class Run:
             self._stop("budget", self._over_budget(cu, label, how))
 
     def _over_budget(self, cu: int, label: str, how: str) -> str:
-        in_flight = f" + {self.held:,} CU held by {self.in_flight} call(s) in flight" \
-            if self.held else ""
+        in_flight = f" + {self.held:,} CU held by calls in flight" if self.held else ""
         return (f"budget: {self.spent:,} CU spent{in_flight} + {cu:,} CU for {label} ({how}) "
                 f"would exceed the budget of {self.limits.budget_cu:,} CU; {label} was not "
                 "started")

@@ -60,7 +60,10 @@ def _run_id(request: web.Request) -> str:
 
 def _summary(node: Node, run: str) -> dict[str, Any]:
     node.reader.refresh()
-    return record.summarize(node.reader, run)
+    try:
+        return record.summarize(node.reader, run)
+    except UsageError as exc:  # no such run
+        raise web.HTTPNotFound(reason=exc.message) from None
 
 
 async def start(request: web.Request) -> web.Response:
@@ -83,7 +86,7 @@ async def resume(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     old = _run_id(request)
     body = await read_json(request)
-    node.reader.refresh()
+    _summary(node, old)  # 404 for a run that does not exist
     state = runs.resumable(node.reader, old)
     caller = request["who"]
     if caller.is_operator:
