@@ -218,6 +218,39 @@ class LendingDenied(SpendDenied):
             self.http_status = 429
 
 
+class MeshError(ForgeError):
+    """A peer-to-peer purchase or sale failed; nothing was recorded for it."""
+
+    exit_code = EXIT_CHECK_FAILED
+    http_status = 502
+
+
+class NoProvider(MeshError):
+    """No reachable, unflagged peer sells the model asked for."""
+
+    http_status = 503
+
+
+class ProviderFailed(MeshError):
+    """The provider could not be reached, refused, or stopped before its signed terms came."""
+
+
+class TermsRejected(MeshError):
+    """The provider's signed trade terms do not match the quote or what was received."""
+
+
+class BadIntent(MeshError):
+    """A consumer's quote, intent or countersignature is malformed, forged or expired."""
+
+    http_status = 422
+
+
+class Replay(MeshError):
+    """A nonce or trade that was already used or settled was offered again."""
+
+    http_status = 409
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The process exit code for an exception that reached the CLI boundary."""
     return exc.exit_code if isinstance(exc, ForgeError) else EXIT_USAGE

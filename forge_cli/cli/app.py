@@ -22,6 +22,7 @@ from forge_cli.cli import (
     settle_cmd,
     tui_cmd,
     wallet_cmd,
+    worker_cmd,
 )
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
@@ -55,6 +56,7 @@ def _root(
 app.command("chat")(chat_cmd.chat)
 app.command("node")(node_cmd.node)
 app.command("seed")(seed_cmd.seed)
+app.command("worker")(worker_cmd.worker)
 app.command("peers")(peers_cmd.peers)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(wallet_cmd.app, name="wallet")

@@ -366,6 +366,20 @@ def _heartbeat(data: dict[str, Any]) -> str | None:
     return _first(_exact_keys(data, {"account"}), _account(data, "account"))
 
 
+def _unsettled(data: dict[str, Any]) -> str | None:
+    """Terms a provider signed and served that the consumer never countersigned: no CU moves."""
+    reason = _first(_exact_keys(data, {"terms", "provider_sig", "reason"}),
+                    check_terms(data.get("terms")), _text(data, "reason"))
+    if reason:
+        return reason
+    if not isinstance(data["provider_sig"], str) or not _HEX128.fullmatch(data["provider_sig"]):
+        return "data.provider_sig is not a 64-byte hex signature"
+    if not identity.verify_hex(data["terms"]["provider"], trade_message(data["terms"]),
+                               data["provider_sig"]):
+        return "provider signature over the trade terms does not verify"
+    return None
+
+
 # -- agent runs (issue #8): one kind, one `step` per entry; `parent` is the causal parent ----
 
 AGENT_STEPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -456,6 +470,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "repay": _repay,
     "default": _default,
     "heartbeat": _heartbeat,
+    "unsettled": _unsettled,
     "agent": _agent,
 }
 
