@@ -226,7 +226,7 @@ def replay(
         root = book.root(end).hex()
     result = {
         "size": end, "root": root, "balances": state.balances(), "supply": state.supply(),
-        "kinds": dict(kinds), "trades": len(state.tables[views.TRADE_NONCES.table]),
+        "kinds": dict(kinds), "trades": kinds["trade"],
         "redacted_bodies": len(state.tables[views.REDACTIONS.table]),
         "escrow": sum(v[0] for v in state.tables[views.ESCROW.table].values()),
         "pool": dict(zip(("cash", "lent", "shares"), views.pool_row(state))),

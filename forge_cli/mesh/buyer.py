@@ -146,13 +146,15 @@ class Buyer:
         return {"quote": quote, "quote_sig": sig}
 
     async def buy(self, seller: Seller, payload: dict[str, Any],
-                  on_piece: Callable[[str], Any] | None = None,
-                  max_cu: int | None = None) -> Purchase:
+                  on_piece: Callable[[str], Any] | None = None, max_cu: int | None = None,
+                  signed_quote: dict[str, Any] | None = None) -> Purchase:
         """Buy one chat completion. `payload` holds model, messages and sampling fields
-        (OpenAI names); `on_piece` sees the reply as it streams."""
+        (OpenAI names); `on_piece` sees the reply as it streams; `signed_quote` is one
+        already obtained with `quote` (a new one is asked for without it)."""
         started = time.perf_counter()
         model, max_tokens = payload["model"], int(payload.get("max_tokens") or 256)
-        signed_quote = await self.quote(seller, model, max_tokens)
+        if signed_quote is None:
+            signed_quote = await self.quote(seller, model, max_tokens)
         quote = signed_quote["quote"]
         if max_cu is not None and quote["max_cu"] > max_cu:
             raise InsufficientCU(f"provider {seller.short()} quotes up to {quote['max_cu']} CU, "
