@@ -17,7 +17,8 @@
     │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
     │   └── CheckFailed             1    422  a check ran and the answer is "no"
     │       ├── TamperDetected      1    500  the ledger or an imported file does not verify
-    │       └── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
+    │       ├── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
+    │       └── PlanRejected        1    422  an agent plan is malformed or not a DAG (recorded)
     └── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
         ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
         ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
@@ -137,6 +138,11 @@ class TamperDetected(CheckFailed, LedgerError):
 
 class ProofFailed(CheckFailed, LedgerError):
     """A Merkle inclusion/consistency proof or a signed checkpoint does not verify."""
+
+
+class PlanRejected(CheckFailed):
+    """An agent plan (from a file or the coordinator model) is malformed or has a cycle, an
+    unknown or a duplicate task; the rejection is recorded in the ledger."""
 
 
 class SpendDenied(ForgeError):

@@ -8,10 +8,12 @@ import typer
 
 from forge_cli import version as forge_version
 from forge_cli.cli import (
+    agent_cmd,
     chat_cmd,
     config_cmd,
     ledger_cmd,
     loan_cmd,
+    mcp_cmd,
     models_cmd,
     node_cmd,
     peers_cmd,
@@ -64,6 +66,8 @@ app.add_typer(loan_cmd.app, name="loan")
 app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
 app.command("tui")(tui_cmd.tui)
+app.add_typer(agent_cmd.app, name="agent")
+app.command("mcp")(mcp_cmd.mcp)
 
 
 def main(argv: list[str] | None = None) -> None:

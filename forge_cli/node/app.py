@@ -12,6 +12,7 @@ from aiohttp import web
 
 from forge_cli.errors import UsageError
 from forge_cli.node import (
+    routes_agent,
     routes_economy,
     routes_ledger,
     routes_lending,
@@ -35,7 +36,7 @@ from forge_cli.node.web import (
 
 ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
                        *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
-                       *routes_p2p.ROUTES, *routes_system.ROUTES]
+                       *routes_p2p.ROUTES, *routes_system.ROUTES, *routes_agent.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS = web.AppKey("timers", list)
 
