@@ -222,3 +222,34 @@ def test_the_workers_own_kill_switch_stops_a_p2p_spend_before_any_quote_is_paid(
                   env={"FORGE_MESH_MDNS": "false"})
     assert done.returncode == 1 and "kill switch" in done.stderr, done.stderr
     assert not entries_of(home, "trade") and not entries_of(tmp_path / "a", "trade")
+
+
+def test_an_agent_task_naming_a_peers_model_is_bought_from_that_peer(nodes, tmp_path, tiny_gguf):
+    a = nodes("a", env={"FORGE_MESH_MDNS": "false"})
+    other = tmp_path / "other.gguf"
+    shutil.copy(tiny_gguf, other)
+    b = nodes("b", "--peer", a.url, model=other, env={"FORGE_MESH_MDNS": "false"})
+    wait_for("b sees a", lambda: any(p["url"] == a.url for p in
+                                     b.request("GET", "/v1/forge/peers",
+                                               token=b.operator_token)[2]["peers"]))
+    b.agent("ann")
+    plan = {"tasks": [{"id": "far", "prompt": "say something", "model": tiny_gguf.name,
+                       "max_tokens": 5},
+                      {"id": "near", "prompt": "sum it up", "deps": ["far"], "max_tokens": 5}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    done = subprocess.run(
+        [sys.executable, "-m", "forge_cli", "agent", "run", "--account", "ann", "--plan",
+         str(tmp_path / "plan.json"), "--max-tokens", "5", "--mode", "cost", "--json", "go"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env=forge_env(tmp_path / "b", FORGE_NODE=b.url))
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)["run"]
+    steps = [e for e in entries_of(tmp_path / "b", "agent") if e.data["run"] == run]
+    far = next(e for e in steps if e.data["step"] == "result" and e.data["task"] == "far")
+    near = next(e for e in steps if e.data["step"] == "result" and e.data["task"] == "near")
+    assert far.data["model"] == tiny_gguf.name and near.data["model"] == other.name
+    # The far task was a peer-to-peer purchase: a's ledger holds it, bought by b's node.
+    [p2p] = [e.data for e in entries_of(tmp_path / "a", "trade")]
+    assert p2p["terms"]["consumer"] == health(b)["node_id"]
+    assert p2p in [e.data for e in entries_of(tmp_path / "b", "trade")]
+    assert far.data["cu"] == p2p["terms"]["cu"]  # ann paid b what b paid a

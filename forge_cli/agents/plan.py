@@ -126,8 +126,8 @@ def _task(i: int, item: Any, models: set[str], limit: int) -> Task:
         raise PlanRejected(f"{where} depends on itself (a cycle)")
     model = item.get("model")
     if model is not None and (not isinstance(model, str) or model not in models):
-        raise PlanRejected(f"{where}: model {model!r} is not served by this node (it serves "
-                           f"{', '.join(sorted(models)) or 'nothing'})")
+        raise PlanRejected(f"{where}: model {model!r} is not served by this node or offered by "
+                           f"a mesh peer (known: {', '.join(sorted(models)) or 'nothing'})")
     max_tokens = item.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= limit):
         raise PlanRejected(f"{where}: max_tokens must be an integer between 1 and {limit}, "

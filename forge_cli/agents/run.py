@@ -64,6 +64,7 @@ class Limits:
     max_tokens: int = 256
     concurrency: int = 4
     approval_wait_s: int = 0
+    mode: str = "balanced"  # how a task on a peer's model picks the peer: cost|quality|balanced
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,32 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Remote:
+    """A task placed on a mesh peer: bought like a forwarded request (forge_cli.node.forwarding)."""
+
+    name: str
+    params: int = 0
+
+
+def remote_models(node: Any) -> set[str]:
+    """Models that unflagged mesh peers offer and this node does not serve."""
+    if node.mesh is None:
+        return set()
+    from forge_cli.node import forwarding
+
+    return {s.model for s in forwarding.all_sellers(node)} - set(node.models)
+
+
 def placement(node: Any, task: plans.Task, default: Any) -> list[Any]:
     """Where a task runs, in the order to try: its own model (or the run's), then one stronger
     model (more parameters) to escalate to when the result fails validation.
 
-    This is the seam for mesh routing: a peer's offer chosen like `/v1/forge/route` could be
-    returned here once buying from peers exists; today every task runs on this node.
+    A task naming a model only mesh peers offer is bought from the best peer (`Remote`,
+    routed by the run's mode like `/v1/forge/route`); everything else runs on this node.
     """
+    if task.model and task.model not in node.models:
+        return [Remote(task.model)]
     first = node.model(task.model) if task.model else default
     stronger = [m for m in node.models.values() if m.params > first.params]
     return [first] + ([max(stronger, key=lambda m: m.params)] if stronger else [])
@@ -144,7 +164,15 @@ class Run:
         if limits.max_calls is not None and self.calls >= limits.max_calls:
             self._stop("max_calls", f"call limit: {self.calls} calls started of at most "
                        f"{limits.max_calls}; {label} was not started")
-        price = self.node.price(model)
+        if isinstance(model, Remote):
+            # A peer's advertised price, at the worst reputation surcharge (×2): the quote
+            # below can only be lower.
+            from forge_cli.node import forwarding
+
+            offers = [s.price_ucu_per_token for s in forwarding.sellers(self.node, model.name)]
+            price = 2 * max(offers, default=0)
+        else:
+            price = self.node.price(model)
         hold = trade_cost(max_tokens, price)
         self._check_budget(hold, label, f"up to {max_tokens} tokens at {price / 1e6:.2f} CU/token")
         # Held before the first await, so calls started side by side cannot both squeeze in.
@@ -184,10 +212,18 @@ class Run:
                 "started")
 
     async def _open(self, model: Any, max_tokens: int) -> Any:
-        """node.open, waiting up to approval_wait_s for a person when a spend needs approval."""
+        """node.open, waiting up to approval_wait_s for a person when a spend needs approval.
+        For a `Remote` model: a peer's quote and a reservation at it (`reservation.remote`)."""
         deadline = time.monotonic() + self.limits.approval_wait_s
         while True:
             try:
+                if isinstance(model, Remote):
+                    from forge_cli.node import forwarding
+
+                    reservation, seller, quote = await forwarding.reserve(
+                        self.node, self.who, model.name, max_tokens, self.limits.mode)
+                    reservation.remote = (seller, quote)
+                    return reservation
                 return await self.node.open(self.who, model, max_tokens)
             except ApprovalRequired as exc:
                 if time.monotonic() >= deadline:
@@ -224,7 +260,13 @@ class Run:
         try:
             if opened is not None:
                 await opened(reservation)
-            pump = node.pump(model.engine.chat(messages, sampling, block=False))
+            if reservation.remote is not None:
+                from forge_cli.node import forwarding
+
+                seller, quote = reservation.remote
+                pump = forwarding.RemotePump(forwarding.buyer(node), seller, payload, quote)
+            else:
+                pump = node.pump(model.engine.chat(messages, sampling, block=False))
             async for piece in pump:
                 if node.safety_killed():
                     break
@@ -349,7 +391,7 @@ async def _plan(run: Run, request: str, source: Any, resume: dict[str, Any] | No
             return None
         source, trade, cu = call.text, call.trade, call.cu
     try:
-        plan = plans.parse(source, models=set(node.models),
+        plan = plans.parse(source, models=set(node.models) | remote_models(node),
                            max_tokens_limit=min(m.engine.n_ctx for m in node.models.values()))
     except plans.PlanRejected as exc:
         text = source if isinstance(source, str) else _json(source)

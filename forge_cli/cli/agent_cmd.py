@@ -78,6 +78,8 @@ def run(
                                           help="Most tokens per call [default: 256]."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=16,
                                     help="Tasks of one wave running at once."),
+    mode: str = typer.Option("balanced", "--mode", help="How a task naming a model only mesh "
+                             "peers offer picks the peer: cost, quality or balanced."),
     wait_approval: int = WaitOpt,
     as_json: bool = JsonOpt,
     node: str | None = NodeOpt,
@@ -95,7 +97,7 @@ def run(
     why; `forge agent resume RUN` then re-runs only the tasks that did not pass.
     """
     body: dict[str, Any] = {"request": " ".join(request), "concurrency": concurrency,
-                            "approval_wait_s": wait_approval}
+                            "approval_wait_s": wait_approval, "mode": mode}
     if plan is not None:
         try:
             body["plan"] = plan.read_text(encoding="utf-8")

@@ -90,26 +90,34 @@ def buyer(node: Node) -> Any:
 
 
 def sellers(node: Node, model: str) -> list[Any]:
+    """Unflagged peers that offer `model` (none without --mesh)."""
+    return [s for s in all_sellers(node) if s.model == model]
+
+
+def all_sellers(node: Node) -> list[Any]:
     from forge_cli.economy.credit import account_reputation
     from forge_cli.mesh.buyer import Seller
 
     found = []
+    if node.mesh is None:
+        return found
     for peer in node.mesh.peers():
         if peer.flag or not peer.node_id or peer.node_id == node.node_id:
             continue
         for offer in peer.offers:
-            if offer.model == model and offer.price_ucu_per_token > 0:
+            if offer.price_ucu_per_token > 0:
                 found.append(Seller(peer.node_id, peer.url, offer.model, offer.params,
                                     offer.price_ucu_per_token,
                                     account_reputation(node.reader, peer.node_id)))
     return found
 
 
-async def start(node: Node, who: Any, model: str, payload: dict[str, Any], max_tokens: int,
-                mode: str = "balanced") -> tuple[Any, RemotePump, dict[str, Any]]:
-    """Quote from the best peer, reserve the local consumer's CU, start the purchase.
+async def reserve(node: Node, who: Any, model: str, max_tokens: int,
+                  mode: str = "balanced") -> tuple[Any, Any, dict[str, Any]]:
+    """Quote from the best peer for `mode` and reserve the local consumer's CU at that quote.
 
-    Returns (the local reservation or None for the operator, the pump, what to add to x_forge).
+    Returns (the local reservation, or None for the operator; the seller; its signed quote).
+    Nothing is bought yet: `RemotePump(buyer(node), seller, payload, signed_quote)` buys.
     """
     from forge_cli.mesh.buyer import choose
 
@@ -117,20 +125,29 @@ async def start(node: Node, who: Any, model: str, payload: dict[str, Any], max_t
     if not ranked:
         raise NoProvider(f"model {model!r} is not served here and no peer on the mesh offers it; "
                          f"this node serves {', '.join(sorted(node.models))}")
-    b = buyer(node)
     seller = ranked[0]
-    signed_quote = await b.quote(seller, model, max_tokens)
+    signed_quote = await buyer(node).quote(seller, model, max_tokens)
     quote = signed_quote["quote"]
     reservation = None
     if not who.is_operator:
         stand_in = LoadedModel(model, None, quote["model_sha256"], seller.params, None)  # type: ignore[arg-type]
         reservation = await node.reserve(who.account_hex, who.name, stand_in, max_tokens,
                                          price=quote["price_ucu_per_token"])
-    pump = RemotePump(b, seller, {**payload, "model": model, "max_tokens": max_tokens},
+    return reservation, seller, signed_quote
+
+
+async def start(node: Node, who: Any, model: str, payload: dict[str, Any], max_tokens: int,
+                mode: str = "balanced") -> tuple[Any, RemotePump, dict[str, Any]]:
+    """Quote, reserve and start buying: (reservation or None, the pump, x_forge.served_by)."""
+    reservation, seller, signed_quote = await reserve(node, who, model, max_tokens, mode)
+    pump = RemotePump(buyer(node), seller, {**payload, "model": model, "max_tokens": max_tokens},
                       signed_quote)
-    served_by = {"node_id": seller.node_id, "url": seller.url, "model": model,
-                 "price_ucu_per_token": quote["price_ucu_per_token"]}
-    return reservation, pump, served_by
+    return reservation, pump, served_by(seller, signed_quote)
+
+
+def served_by(seller: Any, signed_quote: dict[str, Any]) -> dict[str, Any]:
+    return {"node_id": seller.node_id, "url": seller.url, "model": seller.model,
+            "price_ucu_per_token": signed_quote["quote"]["price_ucu_per_token"]}
 
 
 def peer_trade(pump: RemotePump) -> dict[str, Any]:

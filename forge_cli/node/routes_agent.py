@@ -33,7 +33,17 @@ def _limits(node: Node, body: dict[str, Any], base: dict[str, Any] | None = None
         max_calls=_bounded(body, "max_calls", 1, 10_000, base.get("max_calls")),
         max_tokens=_bounded(body, "max_tokens", 1, n_ctx, base.get("max_tokens") or min(256, n_ctx)),
         concurrency=_bounded(body, "concurrency", 1, 16, 4),
-        approval_wait_s=_bounded(body, "approval_wait_s", 0, 3600, 0))
+        approval_wait_s=_bounded(body, "approval_wait_s", 0, 3600, 0),
+        mode=_mode(body))
+
+
+def _mode(body: dict[str, Any]) -> str:
+    from forge_cli.mesh.protocol import MODES
+
+    mode = body.get("mode", "balanced")
+    if mode not in MODES:
+        raise bad_request(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
+    return mode
 
 
 def _acting(node: Node, who: Any, name: str | None) -> Any:
@@ -114,7 +124,7 @@ async def show(request: web.Request) -> web.Response:
 ROUTES = [
     Route("POST", "/v1/forge/agent/runs", start,
           "Run an agent request {request, plan?, model?, account?, budget_cu?, max_calls?, "
-          "max_tokens?, concurrency?, approval_wait_s?}; returns the run summary"),
+          "max_tokens?, concurrency?, approval_wait_s?, mode?}; returns the run summary"),
     Route("POST", "/v1/forge/agent/runs/{run}/resume", resume,
           "Resume a run: reuse its passed results, re-run the rest (a new run)"),
     Route("GET", "/v1/forge/agent/runs/{run}", show, "A run's summary, from the ledger"),

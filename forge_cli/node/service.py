@@ -51,6 +51,7 @@ class Reservation:
     price_ucu: int
     max_cu: int
     started: float = field(default_factory=time.perf_counter)
+    remote: Any = None  # (seller, signed quote) when a mesh peer generates it
 
 
 @dataclass
