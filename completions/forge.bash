@@ -9,12 +9,14 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:seed") cmdpath="$cmdpath seed" ;;
+            "forge:worker") cmdpath="$cmdpath worker" ;;
             "forge:peers") cmdpath="$cmdpath peers" ;;
             "forge:tui") cmdpath="$cmdpath tui" ;;
+            "forge:mcp") cmdpath="$cmdpath mcp" ;;
             "forge:models") cmdpath="$cmdpath models" ;;
             "forge:wallet") cmdpath="$cmdpath wallet" ;;
             "forge:ledger") cmdpath="$cmdpath ledger" ;;
@@ -22,6 +24,7 @@ _forge() {
             "forge:loan") cmdpath="$cmdpath loan" ;;
             "forge:settle") cmdpath="$cmdpath settle" ;;
             "forge:config") cmdpath="$cmdpath config" ;;
+            "forge:agent") cmdpath="$cmdpath agent" ;;
             "forge models:list") cmdpath="$cmdpath list" ;;
             "forge models:pull") cmdpath="$cmdpath pull" ;;
             "forge models:show") cmdpath="$cmdpath show" ;;
@@ -65,6 +68,9 @@ _forge() {
             "forge config:get") cmdpath="$cmdpath get" ;;
             "forge config:set") cmdpath="$cmdpath set" ;;
             "forge config:keys") cmdpath="$cmdpath keys" ;;
+            "forge agent:run") cmdpath="$cmdpath run" ;;
+            "forge agent:resume") cmdpath="$cmdpath resume" ;;
+            "forge agent:show") cmdpath="$cmdpath show" ;;
         esac
     done
     case "$cmdpath:$prev" in
@@ -87,11 +93,24 @@ _forge() {
         "forge seed:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--peer") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--model"|"forge worker:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--seed") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--mode") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--max-tokens"|"forge worker:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--temperature"|"forge worker:-t") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--system"|"forge worker:-s") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--wait") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--retries") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--peer") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge worker:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge peers:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge peers:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge tui:--node"|"forge tui:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge tui:--token"|"forge tui:-t") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge tui:--poll") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge mcp:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge mcp:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge wallet:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger verify:--checkpoint") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger verify:--key") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -150,13 +169,30 @@ _forge() {
         "forge settle:--out") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge settle:--format") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge settle:--price") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--plan") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--budget") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--max-calls") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--model"|"forge agent run:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--account") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--max-tokens"|"forge agent run:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--concurrency") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--mode") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--wait-approval") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--budget") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--max-calls") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--wait-approval") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent show:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$cmdpath" in
         "forge")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--version -V --install-completion --show-completion --help" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "chat node seed peers tui models wallet ledger safety loan settle config" -- "$cur"))
+                COMPREPLY=($(compgen -W "chat node seed worker peers tui mcp models wallet ledger safety loan settle config agent" -- "$cur"))
             fi ;;
         "forge chat")
             if [[ "$cur" == -* ]]; then
@@ -172,6 +208,12 @@ _forge() {
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --interface --peer --help" -- "$cur"))
             fi ;;
+        "forge worker")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--model -m --seed --mode --max-tokens -n --temperature -t --system -s --wait --retries --json --interface --peer --ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
         "forge peers")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--json --node --token --help" -- "$cur"))
@@ -179,6 +221,10 @@ _forge() {
         "forge tui")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--node -n --token -t --poll --help" -- "$cur"))
+            fi ;;
+        "forge mcp")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--node --token --help" -- "$cur"))
             fi ;;
         "forge models")
             if [[ "$cur" == -* ]]; then
@@ -435,6 +481,30 @@ _forge() {
         "forge config keys")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--json --help" -- "$cur"))
+            fi ;;
+        "forge agent")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "run resume show" -- "$cur"))
+            fi ;;
+        "forge agent run")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--plan --budget --max-calls --model -m --account --max-tokens -n --concurrency --mode --wait-approval --json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge agent resume")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--budget --max-calls --wait-approval --json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge agent show")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
     esac
 }

@@ -7,12 +7,14 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
             ('forge:seed') cmdpath="$cmdpath seed" ;;
+            ('forge:worker') cmdpath="$cmdpath worker" ;;
             ('forge:peers') cmdpath="$cmdpath peers" ;;
             ('forge:tui') cmdpath="$cmdpath tui" ;;
+            ('forge:mcp') cmdpath="$cmdpath mcp" ;;
             ('forge:models') cmdpath="$cmdpath models" ;;
             ('forge:wallet') cmdpath="$cmdpath wallet" ;;
             ('forge:ledger') cmdpath="$cmdpath ledger" ;;
@@ -20,6 +22,7 @@ _forge() {
             ('forge:loan') cmdpath="$cmdpath loan" ;;
             ('forge:settle') cmdpath="$cmdpath settle" ;;
             ('forge:config') cmdpath="$cmdpath config" ;;
+            ('forge:agent') cmdpath="$cmdpath agent" ;;
             ('forge models:list') cmdpath="$cmdpath list" ;;
             ('forge models:pull') cmdpath="$cmdpath pull" ;;
             ('forge models:show') cmdpath="$cmdpath show" ;;
@@ -63,6 +66,9 @@ _forge() {
             ('forge config:get') cmdpath="$cmdpath get" ;;
             ('forge config:set') cmdpath="$cmdpath set" ;;
             ('forge config:keys') cmdpath="$cmdpath keys" ;;
+            ('forge agent:run') cmdpath="$cmdpath run" ;;
+            ('forge agent:resume') cmdpath="$cmdpath resume" ;;
+            ('forge agent:show') cmdpath="$cmdpath show" ;;
         esac
     done
     case "$cmdpath:${words[CURRENT-1]}" in
@@ -85,11 +91,24 @@ _forge() {
         ('forge seed:--ledger') _files; return ;;
         ('forge seed:--interface') _files; return ;;
         ('forge seed:--peer') _files; return ;;
+        ('forge worker:--model'|'forge worker:-m') _files; return ;;
+        ('forge worker:--seed') _files; return ;;
+        ('forge worker:--mode') _files; return ;;
+        ('forge worker:--max-tokens'|'forge worker:-n') _files; return ;;
+        ('forge worker:--temperature'|'forge worker:-t') _files; return ;;
+        ('forge worker:--system'|'forge worker:-s') _files; return ;;
+        ('forge worker:--wait') _files; return ;;
+        ('forge worker:--retries') _files; return ;;
+        ('forge worker:--interface') _files; return ;;
+        ('forge worker:--peer') _files; return ;;
+        ('forge worker:--ledger') _files; return ;;
         ('forge peers:--node') _files; return ;;
         ('forge peers:--token') _files; return ;;
         ('forge tui:--node'|'forge tui:-n') _files; return ;;
         ('forge tui:--token'|'forge tui:-t') _files; return ;;
         ('forge tui:--poll') _files; return ;;
+        ('forge mcp:--node') _files; return ;;
+        ('forge mcp:--token') _files; return ;;
         ('forge wallet:--ledger') _files; return ;;
         ('forge ledger verify:--checkpoint') _files; return ;;
         ('forge ledger verify:--key') _files; return ;;
@@ -148,6 +167,23 @@ _forge() {
         ('forge settle:--out') _files; return ;;
         ('forge settle:--format') _files; return ;;
         ('forge settle:--price') _files; return ;;
+        ('forge agent run:--plan') _files; return ;;
+        ('forge agent run:--budget') _files; return ;;
+        ('forge agent run:--max-calls') _files; return ;;
+        ('forge agent run:--model'|'forge agent run:-m') _files; return ;;
+        ('forge agent run:--account') _files; return ;;
+        ('forge agent run:--max-tokens'|'forge agent run:-n') _files; return ;;
+        ('forge agent run:--concurrency') _files; return ;;
+        ('forge agent run:--mode') _files; return ;;
+        ('forge agent run:--wait-approval') _files; return ;;
+        ('forge agent run:--node') _files; return ;;
+        ('forge agent run:--token') _files; return ;;
+        ('forge agent resume:--budget') _files; return ;;
+        ('forge agent resume:--max-calls') _files; return ;;
+        ('forge agent resume:--wait-approval') _files; return ;;
+        ('forge agent resume:--node') _files; return ;;
+        ('forge agent resume:--token') _files; return ;;
+        ('forge agent show:--ledger') _files; return ;;
     esac
     case "$cmdpath" in
         ('forge')
@@ -155,7 +191,7 @@ _forge() {
                 items=('--version:Print the version.' '-V:Print the version.' '--install-completion:Install completion for the current shell.' '--show-completion:Show completion for the current shell, to copy it or customize the installation.' '--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'seed:Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.' 'peers:Peers the running node found on the mesh (it must run with --mesh or be a seed).' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).')
+                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'seed:Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.' 'worker:Buy inference from a seller on the mesh and pay for it with this node'\''s CU.' 'peers:Peers the running node found on the mesh (it must run with --mesh or be a seed).' 'tui:The live dashboard: trades, prices, loans, safety and peers of a node (q quit...' 'mcp:Serve MCP over stdio: balance, pricing, chat (paid), route, trades, lend/borr...' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).' 'agent:Budgeted agent runs: a plan (a DAG of tasks) runs in waves of paid calls on t...')
                 _describe -t commands command items
             fi ;;
         ('forge chat')
@@ -175,6 +211,13 @@ _forge() {
                 items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
+        ('forge worker')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--model:Model to buy (default: any the chosen seller sells).' '-m:Model to buy (default: any the chosen seller sells).' '--seed:Buy only from this seller (node id or a prefix).' '--mode:How to pick a seller: cost (cheapest), quality (largest model) or balanced (p...' '--max-tokens:Most tokens to buy (the quote'\''s ceiling).' '-n:Most tokens to buy (the quote'\''s ceiling).' '--temperature:Sampling temperature; 0 is greedy.' '-t:Sampling temperature; 0 is greedy.' '--system:System prompt.' '-s:System prompt.' '--wait:Seconds to look for a seller before giving up.' '--retries:Other sellers to try when one fails mid-request.' '--json:One JSON object: text, provider, terms, CU, balance.' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--ledger:Ledger file.' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
         ('forge peers')
             if [[ "$PREFIX" == -* ]]; then
                 items=('--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
@@ -183,6 +226,11 @@ _forge() {
         ('forge tui')
             if [[ "$PREFIX" == -* ]]; then
                 items=('--node:Node to watch; default FORGE_NODE, then FORGE_HOME/node.url, then node.url in...' '-n:Node to watch; default FORGE_NODE, then FORGE_HOME/node.url, then node.url in...' '--token:API token; default FORGE_TOKEN, then the operator token in FORGE_HOME/api_token.' '-t:API token; default FORGE_TOKEN, then the operator token in FORGE_HOME/api_token.' '--poll:Seconds between polls of balance, prices and safety (the SSE feed is live).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge mcp')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--node:Node URL (default: FORGE_NODE or the node running for FORGE_HOME).' '--token:API token the tools act with (default: FORGE_TOKEN or the operator'\''s token fi...' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
         ('forge models')
@@ -499,6 +547,35 @@ _forge() {
             if [[ "$PREFIX" == -* ]]; then
                 items=('--json:A JSON list.' '--help:Show this message and exit.')
                 _describe -t options option items
+            fi ;;
+        ('forge agent')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                items=('run:Run REQUEST as a budgeted agent on the node; print the run and its answer.' 'resume:Resume RUN as a new run: reuse its witnessed results that passed, re-run only...' 'show:Summarise RUN from the ledger alone (works offline, also while the node runs).')
+                _describe -t commands command items
+            fi ;;
+        ('forge agent run')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--plan:A plan JSON file to use instead of asking the coordinator model: {"tasks": [{...' '--budget:Most CU the run may spend, checked before every call against each call'\''s maxi...' '--max-calls:Most paid calls (planner, tasks, synthesizer) the run may start.' '--model:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '-m:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '--account:Agent account that pays (the operator may name any; default: the token'\''s own).' '--max-tokens:Most tokens per call [default: 256].' '-n:Most tokens per call [default: 256].' '--concurrency:Tasks of one wave running at once.' '--mode:How a task naming a model only mesh peers offer picks the peer: cost, quality...' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge agent resume')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--budget:Budget of the new run [default: the old run'\''s].' '--max-calls:Call limit of the new run [default: the old run'\''s].' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge agent show')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:The run'\''s summary as JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
             fi ;;
     esac
 }

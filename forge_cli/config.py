@@ -56,6 +56,9 @@ KEYS: dict[str, Key] = {
         Key("mesh.peers", list, [], "node URLs probed as peers without mDNS (static peers)"),
         Key("mesh.probe_s", int, 5, "seconds between /health probes of each peer"),
         Key("mesh.expire_s", int, 30, "seconds a peer may go unanswered before it is dropped"),
+        Key("mesh.settle_s", int, 30,
+            "seconds a peer consumer has to countersign served terms before they are recorded "
+            "as unsettled"),
         Key("mesh.gossip_s", int, 10,
             "seconds between gossip rounds: pull from each peer and check its checkpoint "
             "(new trades are pushed at once)"),

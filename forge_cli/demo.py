@@ -10,6 +10,7 @@ every step did what it claims.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -58,9 +59,10 @@ def get(url: str, path: str, token: str | None) -> Any:
 
 
 def start_node(home: Path) -> tuple[subprocess.Popen[str], str]:
-    print("$ forge node -m gemma3:270m --host 127.0.0.1 --port 0", flush=True)
+    print("$ forge node -m gemma3:270m --host 127.0.0.1 --port 0 --mesh", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", "gemma3:270m",
-                             "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
+                             "--host", "127.0.0.1", "--port", "0", "--mesh"],
+                            stdout=subprocess.PIPE,
                             stderr=(home / "node.log").open("w"), text=True)
     assert proc.stdout is not None
     url = ""
@@ -184,6 +186,30 @@ def run_against(node: subprocess.Popen[str], url: str, agent: dict[str, str]) ->
     again = forge("chat", "--node", url, "--token", token, "--max-tokens", "8", "--temperature",
                   "0", "hello again", show=False)
     check("requests flow again", again.returncode == 0)
+
+    step("a second node (its own FORGE_HOME) buys from this one peer to peer")
+    buyer_home = config.home() / "worker"
+    env = {**os.environ, "FORGE_HOME": str(buyer_home), "FORGE_MESH_MDNS": "false"}
+    bought = forge("worker", "--peer", url, "-n", "16", "-t", "0", "--json", PROMPTS[0],
+                   show=False, env=env)
+    print(f"$ FORGE_HOME={buyer_home} forge worker --peer {url} -n 16 --json "
+          f"{PROMPTS[0]!r}")
+    ok = bought.returncode == 0
+    purchase = json.loads(bought.stdout) if ok else {}
+    if ok:
+        print(f"   {purchase['text'].strip()[:70]!r}…\n   {DIM}paid {purchase['cu']} CU at "
+              f"{purchase['terms']['price_ucu_per_token'] / 1e6:g} CU/token (a stranger pays "
+              f"×1.5); balance {purchase['balance']} CU; the seller recorded it at seq "
+              f"{purchase['provider_trade_seq']}{OFF}")
+    else:
+        print("   " + bought.stderr.strip())
+    check("worker bought, countersigned and recorded the trade", ok)
+    theirs = get(url, f"/v1/forge/ledger/entry/{purchase.get('provider_trade_seq', 0)}",
+                 agent["token"]) if ok else {}
+    check("the seller's ledger holds the same dual-signed trade",
+          ok and theirs.get("entry", {}).get("data", {}).get("terms") == purchase["terms"])
+    check("the buyer's ledger verifies (--deep)",
+          forge("ledger", "verify", "--deep", show=False, env=env).returncode == 0)
     time.sleep(0.1)
     node.send_signal(signal.SIGTERM)
     code = node.wait(timeout=60)

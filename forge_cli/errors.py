@@ -19,7 +19,8 @@
     │   └── CheckFailed             1    422  a check ran and the answer is "no"
     │       ├── TamperDetected      1    500  the ledger or an imported file does not verify
     │       ├── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
-    │       └── TradeRejected       1    422  a gossiped trade is malformed, forged or replays a nonce
+    │       ├── TradeRejected       1    422  a gossiped trade is malformed, forged or replays a nonce
+    │       └── PlanRejected        1    422  an agent plan is malformed or not a DAG (recorded)
     └── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
         ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
         ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
@@ -150,6 +151,11 @@ class TradeRejected(CheckFailed):
     verify, or reuses a consumer's nonce; nothing was added."""
 
 
+class PlanRejected(CheckFailed):
+    """An agent plan (from a file or the coordinator model) is malformed or has a cycle, an
+    unknown or a duplicate task; the rejection is recorded in the ledger."""
+
+
 class SpendDenied(ForgeError):
     """A spend was refused by a safety gate or by the balance; `gate` names which."""
 
@@ -221,6 +227,39 @@ class LendingDenied(SpendDenied):
         super().__init__(message, gate=gate, hint=hint)
         if gate == "rate_limit":
             self.http_status = 429
+
+
+class MeshError(ForgeError):
+    """A peer-to-peer purchase or sale failed; nothing was recorded for it."""
+
+    exit_code = EXIT_CHECK_FAILED
+    http_status = 502
+
+
+class NoProvider(MeshError):
+    """No reachable, unflagged peer sells the model asked for."""
+
+    http_status = 503
+
+
+class ProviderFailed(MeshError):
+    """The provider could not be reached, refused, or stopped before its signed terms came."""
+
+
+class TermsRejected(MeshError):
+    """The provider's signed trade terms do not match the quote or what was received."""
+
+
+class BadIntent(MeshError):
+    """A consumer's quote, intent or countersignature is malformed, forged or expired."""
+
+    http_status = 422
+
+
+class Replay(MeshError):
+    """A nonce or trade that was already used or settled was offered again."""
+
+    http_status = 409
 
 
 def exit_code_for(exc: BaseException) -> int:

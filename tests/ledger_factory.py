@@ -45,6 +45,9 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         book.append("transfer", {"from": owner.node_id, "to": stranger.node_id, "cu": 25}, parent=0)
         trade = book.append("trade", signed_trade(owner, consumer), bodies=[b"prompt 1", b"output 1"])
         book.append("trade", signed_trade(owner, consumer, tokens=3))
+        served = signed_trade(owner, stranger, tokens=2)  # never countersigned
+        book.append("unsettled", {"terms": served["terms"], "provider_sig": served["provider_sig"],
+                                  "reason": "not countersigned within 30 s"})
         book.append("note", {"text": "checkpoint soon"})
         book.checkpoint()
         book.append("redact", {"body": trade.fields["bodies"][0], "reason": "user asked"},

@@ -109,6 +109,7 @@ TABLE_COLUMNS = [
     ("loan_history", "defaulted"),
     ("heartbeats", "account"), ("heartbeats", "hour"), ("heartbeats", "seq"),
     ("first_seen", "account"), ("first_seen", "ts"),
+    ("unsettled", "account"), ("unsettled", "count"), ("unsettled", "seq"),
 ]
 
 

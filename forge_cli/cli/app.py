@@ -8,10 +8,12 @@ import typer
 
 from forge_cli import version as forge_version
 from forge_cli.cli import (
+    agent_cmd,
     chat_cmd,
     config_cmd,
     ledger_cmd,
     loan_cmd,
+    mcp_cmd,
     models_cmd,
     node_cmd,
     peers_cmd,
@@ -20,6 +22,7 @@ from forge_cli.cli import (
     settle_cmd,
     tui_cmd,
     wallet_cmd,
+    worker_cmd,
 )
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
@@ -53,6 +56,7 @@ def _root(
 app.command("chat")(chat_cmd.chat)
 app.command("node")(node_cmd.node)
 app.command("seed")(seed_cmd.seed)
+app.command("worker")(worker_cmd.worker)
 app.command("peers")(peers_cmd.peers)
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(wallet_cmd.app, name="wallet")
@@ -62,6 +66,8 @@ app.add_typer(loan_cmd.app, name="loan")
 app.add_typer(settle_cmd.app, name="settle")
 app.add_typer(config_cmd.app, name="config")
 app.command("tui")(tui_cmd.tui)
+app.add_typer(agent_cmd.app, name="agent")
+app.command("mcp")(mcp_cmd.mcp)
 
 
 def main(argv: list[str] | None = None) -> None:

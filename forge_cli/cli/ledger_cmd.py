@@ -69,7 +69,38 @@ def _summary(fields: dict[str, Any]) -> str:
                 f"{t['model']} {t['completion_tokens']} tok")
     if kind == "redact":
         return f"body {_short(data['body'])}"
+    if kind == "agent":
+        return f"{data['run']} {data['step']:<7} {_agent_step(data)}"
     return _short(json.dumps(data, ensure_ascii=False, sort_keys=True), 60)
+
+
+def _agent_step(d: dict[str, Any]) -> str:
+    """One agent step in a line: what it did, what it cost, which entries it used."""
+    step = d["step"]
+    if step == "request":
+        limits = ", ".join(x for x in (
+            f"budget {d['budget_cu']} CU" if d["budget_cu"] is not None else "",
+            f"max {d['max_calls']} calls" if d["max_calls"] is not None else "") if x)
+        resumes = f", resumes {d['resumes']}" if d["resumes"] else ""
+        return f"by {_short(d['account'])} on {d['model']}" + (f", {limits}" if limits else "") + resumes
+    if step == "plan":
+        paid = f", {d['cu']} CU trade {d['trade']}" if d["trade"] is not None else ""
+        return f"{d['tasks']} tasks in {d['waves']} waves by {d['planner']}{paid}"
+    if step == "task":
+        if d["reuse"] is not None:
+            return f"{d['task']} wave {d['wave']}: reuses the result passed at verdict {d['reuse']}"
+        inputs = f", inputs {','.join(map(str, d['inputs']))}" if d["inputs"] else ""
+        return f"{d['task']} wave {d['wave']} attempt {d['attempt']} on {d['model']}{inputs}"
+    if step == "result":
+        return (f"{d['task']}: {d['completion_tokens']} tok, {d['cu']} CU"
+                + (f", trade {d['trade']}" if d["trade"] is not None else ""))
+    if step == "verdict":
+        return f"{d['task']}: {'pass' if d['ok'] else 'FAIL'} ({_short(d['reason'], 50)})"
+    if step == "answer":
+        return f"{d['cu']} CU, trade {d['trade']}, from results {','.join(map(str, d['inputs']))}"
+    if step == "stop":
+        return f"[{d['gate']}] {_short(d['reason'], 70)}"
+    return f"[{d['stage']}] {_short(d['reason'], 70)}"
 
 
 @app.command()
@@ -195,7 +226,7 @@ def replay(
         root = book.root(end).hex()
     result = {
         "size": end, "root": root, "balances": state.balances(), "supply": state.supply(),
-        "kinds": dict(kinds), "trades": len(state.tables[views.TRADE_NONCES.table]),
+        "kinds": dict(kinds), "trades": kinds["trade"],
         "redacted_bodies": len(state.tables[views.REDACTIONS.table]),
         "escrow": sum(v[0] for v in state.tables[views.ESCROW.table].values()),
         "pool": dict(zip(("cash", "lent", "shares"), views.pool_row(state))),

@@ -1,8 +1,9 @@
 """Reputation and credit score: folds over the ledger's views, nothing kept elsewhere.
 
 Reputation (basis points 0..10000): 5000, +100 per dual-signed trade provided, −2000 per loan
-default, clamped. Credit score (basis points) = (3·volume + 4·repayment + 2·uptime + 1·age) / 10,
-rounded down, every component in basis points and computed from the ledger:
+default, −500 per peer-to-peer reply taken and never countersigned (`unsettled`), clamped.
+Credit score (basis points) = (3·volume + 4·repayment + 2·uptime + 1·age) / 10, rounded down,
+every component in basis points and computed from the ledger:
 
 - volume: CU earned + spent in trades (the `trade_totals` view), 10,000 bp at 10,000 CU or more;
 - repayment: (repaid + 1) / (repaid + defaulted + 2) of the account's loans (`loan_history`),
@@ -28,15 +29,21 @@ AGE_FULL_MS = 30 * 24 * HOUR_MS
 WEIGHTS = {"volume": 3, "repayment": 4, "uptime": 2, "age": 1}  # tenths
 
 
-def reputation(provided: int, defaulted: int = 0) -> int:
-    """Basis points: 5000 to start, +100 per trade provided, −2000 per loan default, 0..10000."""
-    return max(0, min(BP, 5_000 + 100 * provided - 2_000 * defaulted))
+UNSETTLED_PENALTY_BP = 500
+
+
+def reputation(provided: int, defaulted: int = 0, unsettled: int = 0) -> int:
+    """Basis points: 5000 to start, +100 per trade provided, −2000 per loan default,
+    −500 per peer-to-peer reply taken and never countersigned; clamped to 0..10000."""
+    return max(0, min(BP, 5_000 + 100 * provided - 2_000 * defaulted
+                      - UNSETTLED_PENALTY_BP * unsettled))
 
 
 def account_reputation(ledger: Ledger, account: str) -> int:
     provided = (ledger.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0))[2]
     defaulted = (ledger.row(views.LOAN_HISTORY, (account,)) or (0, 0, 0))[2]
-    return reputation(provided, defaulted)
+    unsettled = (ledger.row(views.UNSETTLED, (account,)) or (0, 0))[0]
+    return reputation(provided, defaulted, unsettled)
 
 
 def credit(ledger: Ledger, account: str, now_ms: int, host: str | None = None) -> dict[str, Any]:

@@ -119,6 +119,7 @@ class Stream:
     def __init__(self, job: _Job) -> None:
         self._job = job
         self.completion: Completion | None = None
+        self.tokens = 0  # tokens generated up to and including the last piece read
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -129,10 +130,11 @@ class Stream:
         while True:
             try:
                 # A timeout keeps the wait interruptible by Ctrl-C on every platform.
-                kind, value = self._job.out.get(timeout=0.25)
+                kind, value, *count = self._job.out.get(timeout=0.25)
             except queue.Empty:
                 continue
             if kind == "text":
+                self.tokens = count[0]
                 return value
             if kind == "done":
                 self.completion = value
@@ -439,7 +441,7 @@ class Engine:
                         piece, held = held[: len(held) - keep], held[len(held) - keep :]
                 if piece:
                     parts.append(piece)
-                    out.put(("text", piece))
+                    out.put(("text", piece, count))
                 if finish == "stop" or count >= budget:
                     break
         finally:
@@ -447,7 +449,7 @@ class Engine:
         tail = "" if stop_hit else held + decoder.decode(b"", final=True)
         if tail:
             parts.append(tail)
-            out.put(("text", tail))
+            out.put(("text", tail, count))
         return Completion(
             text="".join(parts),
             prompt_tokens=n_prompt,

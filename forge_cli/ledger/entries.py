@@ -366,6 +366,94 @@ def _heartbeat(data: dict[str, Any]) -> str | None:
     return _first(_exact_keys(data, {"account"}), _account(data, "account"))
 
 
+def _unsettled(data: dict[str, Any]) -> str | None:
+    """Terms a provider signed and served that the consumer never countersigned: no CU moves."""
+    reason = _first(_exact_keys(data, {"terms", "provider_sig", "reason"}),
+                    check_terms(data.get("terms")), _text(data, "reason"))
+    if reason:
+        return reason
+    if not isinstance(data["provider_sig"], str) or not _HEX128.fullmatch(data["provider_sig"]):
+        return "data.provider_sig is not a 64-byte hex signature"
+    if not identity.verify_hex(data["terms"]["provider"], trade_message(data["terms"]),
+                               data["provider_sig"]):
+        return "provider signature over the trade terms does not verify"
+    return None
+
+
+# -- agent runs (issue #8): one kind, one `step` per entry; `parent` is the causal parent ----
+
+AGENT_STEPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # step: (keys besides run and step, of which these may be null)
+    "request": (frozenset({"account", "request_sha256", "budget_cu", "max_calls", "resumes",
+                           "model", "max_tokens"}),
+                frozenset({"budget_cu", "max_calls", "resumes"})),
+    "plan": (frozenset({"planner", "model", "trade", "cu", "plan_sha256", "tasks", "waves"}),
+             frozenset({"model", "trade"})),
+    "task": (frozenset({"task", "wave", "attempt", "model", "deps", "inputs", "max_cu", "reuse"}),
+             frozenset({"model", "max_cu", "reuse"})),
+    "result": (frozenset({"task", "model", "trade", "cu", "completion_tokens", "result_sha256"}),
+               frozenset({"trade"})),
+    "verdict": (frozenset({"task", "ok", "check", "reason"}), frozenset()),
+    "answer": (frozenset({"model", "trade", "cu", "answer_sha256", "inputs"}), frozenset({"trade"})),
+    "stop": (frozenset({"gate", "reason", "spent_cu", "calls", "in_flight"}), frozenset()),
+    "error": (frozenset({"stage", "reason", "body_sha256", "trade", "cu"}),
+              frozenset({"body_sha256", "trade"})),
+}
+_RUN_ID = re.compile(r"ag_[0-9a-f]{12}")
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_AGENT_INTS = ("budget_cu", "max_calls", "max_tokens", "tasks", "waves", "wave", "attempt", "cu", "max_cu",
+               "completion_tokens", "spent_cu", "calls", "in_flight", "trade", "reuse")
+
+
+def _agent(data: dict[str, Any]) -> str | None:
+    step = data.get("step")
+    if step not in AGENT_STEPS:
+        return f"data.step must be one of {', '.join(AGENT_STEPS)}, found {step!r}"
+    keys, nullable = AGENT_STEPS[step]
+    reason = _exact_keys(data, {"run", "step", *keys})
+    if reason:
+        return reason
+    if not isinstance(data["run"], str) or not _RUN_ID.fullmatch(data["run"]):
+        return "data.run must be 'ag_' and 12 hex digits"
+    for key in keys:
+        value = data[key]
+        if value is None:
+            if key not in nullable:
+                return f"data.{key} must not be null in a {step} step"
+        elif key in _AGENT_INTS:
+            if type(value) is not int or value < 0:
+                return f"data.{key} must be a non-negative integer, found {value!r}"
+        elif key.endswith("_sha256"):
+            if not isinstance(value, str) or not _HEX64.fullmatch(value):
+                return f"data.{key} is not a sha256 hex digest"
+        elif key == "account":
+            reason = _account(data, "account")
+        elif key == "resumes":
+            if not isinstance(value, str) or not _RUN_ID.fullmatch(value):
+                return "data.resumes must be a run id ('ag_' and 12 hex digits)"
+        elif key == "task":
+            if not isinstance(value, str) or not _TASK_ID.fullmatch(value):
+                return "data.task must be 1 to 32 letters, digits, '_' or '-'"
+        elif key == "deps":
+            if not isinstance(value, list) or not all(
+                    isinstance(d, str) and _TASK_ID.fullmatch(d) for d in value):
+                return "data.deps must be a list of task ids"
+        elif key == "inputs":
+            if not isinstance(value, list) or not all(type(s) is int and s >= 0 for s in value):
+                return "data.inputs must be a list of entry seqs"
+        elif key == "ok":
+            if type(value) is not bool:
+                return "data.ok must be true or false"
+        elif key == "planner":
+            if value not in ("file", "model", "resume"):
+                return f"data.planner must be file, model or resume, found {value!r}"
+        else:  # model, check, gate, stage, reason: short text
+            reason = _text(data, key)
+        if reason:
+            return reason
+    return None
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "grant": _mint,
     "burn": _mint,
@@ -382,6 +470,8 @@ KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "repay": _repay,
     "default": _default,
     "heartbeat": _heartbeat,
+    "unsettled": _unsettled,
+    "agent": _agent,
 }
 
 

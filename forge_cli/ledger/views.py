@@ -73,9 +73,11 @@ LOAN_HISTORY = View("loan_history", ("account",), ("borrowed", "repaid", "defaul
 HEARTBEATS = View("heartbeats", ("account", "hour"), ("seq",), ("TEXT", "INTEGER", "INTEGER"))
 # When CU first reached an account (credit age).
 FIRST_SEEN = View("first_seen", ("account",), ("ts",), ("TEXT", "INTEGER"))
+# Per consumer: peer-to-peer terms it was served and never countersigned (its standing).
+UNSETTLED = View("unsettled", ("account",), ("count", "seq"), ("TEXT", "INTEGER", "INTEGER"))
 VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS, TRADE_TOTALS,
                            KILL_SWITCH, POLICIES, APPROVALS, POOL, LENDERS, LOANS, ESCROW,
-                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN)
+                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN, UNSETTLED)
 KILL_KEY = ("global",)
 POOL_KEY = ("pool",)
 
@@ -272,7 +274,7 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         _debit(state, data["from"], data["cu"], seq, "transfer")
         _seen(state, data["to"], ts)
         _credit(state, data["to"], data["cu"])
-    elif kind == "trade":
+    elif kind in ("trade", "unsettled"):
         terms = data["terms"]
         key = (terms["consumer"], terms["nonce"])
         seen = state.get(TRADE_NONCES, key)
@@ -282,6 +284,10 @@ def apply(state: State, fields: dict[str, Any]) -> None:
                 f"{terms['consumer'][:16]}… was already used at seq {seen[0]} (replay)"
             )
         state.put(TRADE_NONCES, key, (seq,))
+        if kind == "unsettled":  # the nonce is spent; no CU moves; the consumer's standing drops
+            row = state.get(UNSETTLED, (terms["consumer"],))
+            state.put(UNSETTLED, (terms["consumer"],), ((row[0] if row else 0) + 1, seq))
+            return
         _debit(state, terms["consumer"], terms["cu"], seq, "trade")
         _seen(state, terms["provider"], ts)
         _credit(state, terms["provider"], terms["cu"])

@@ -124,8 +124,10 @@ class Mesh:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, port: int) -> None:
-        """Advertise on `port` (the API's bound port), browse, and start probing."""
+    async def start(self, port: int | None) -> None:
+        """Advertise on `port` (the API's bound port), browse, and start probing.
+
+        With `port=None` nothing is advertised: a buyer (`forge worker`) only looks."""
         import aiohttp
 
         self.port = port
@@ -138,7 +140,7 @@ class Mesh:
             await self._start_zeroconf(port)
         self._loop_task = asyncio.create_task(self._probe_loop())
 
-    async def _start_zeroconf(self, port: int) -> None:
+    async def _start_zeroconf(self, port: int | None) -> None:
         from zeroconf import IPVersion
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -147,11 +149,12 @@ class Mesh:
             IPVersion.V6Only if v6 else IPVersion.V4Only
         try:
             self._zc = AsyncZeroconf(interfaces=self.interfaces, ip_version=version)
-            self._info = AsyncServiceInfo(SERVICE, self.instance, port=port,
-                                          properties=self._txt(),
-                                          parsed_addresses=self.interfaces,
-                                          server=f"{self.name}.local.")
-            await self._zc.async_register_service(self._info)
+            if port is not None:
+                self._info = AsyncServiceInfo(SERVICE, self.instance, port=port,
+                                              properties=self._txt(),
+                                              parsed_addresses=self.interfaces,
+                                              server=f"{self.name}.local.")
+                await self._zc.async_register_service(self._info)
         except OSError as exc:
             raise ConfigError(f"cannot start mDNS on {', '.join(self.interfaces)}: {exc}",
                               hint="set mesh.interfaces (or --interface) to addresses of this "

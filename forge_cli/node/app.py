@@ -12,12 +12,14 @@ from aiohttp import web
 
 from forge_cli.errors import UsageError
 from forge_cli.node import (
+    routes_agent,
     routes_economy,
     routes_gossip,
     routes_ledger,
     routes_lending,
     routes_mesh,
     routes_openai,
+    routes_p2p,
     routes_safety,
     routes_system,
 )
@@ -35,7 +37,8 @@ from forge_cli.node.web import (
 
 ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
                        *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
-                       *routes_gossip.ROUTES, *routes_system.ROUTES]
+                       *routes_p2p.ROUTES, *routes_gossip.ROUTES, *routes_system.ROUTES,
+                       *routes_agent.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS = web.AppKey("timers", list)
 
@@ -52,8 +55,13 @@ def make_app(node: Node) -> web.Application:
 
     async def start(app: web.Application) -> None:
         node.events = EventBus(asyncio.get_running_loop())
+        from forge_cli import config
+        from forge_cli.mesh.seller import Sales
+
+        node.sales = Sales(node, settle_ms=config.get("mesh.settle_s") * 1000)
         app[TIMERS] = [asyncio.create_task(routes_lending.sweeper(node)),
-                       asyncio.create_task(routes_lending.heartbeats(node))]
+                       asyncio.create_task(routes_lending.heartbeats(node)),
+                       asyncio.create_task(routes_p2p.expiry_sweeper(node))]
 
     async def stop(app: web.Application) -> None:
         if node.gossip is not None:
@@ -62,6 +70,10 @@ def make_app(node: Node) -> web.Application:
             await node.mesh.stop()  # withdraw the advertisement before the API goes away
         for task in app.get(TIMERS, []):
             task.cancel()
+        if node.sales is not None:  # served terms still waiting: on the record, not lost
+            await node.sales.expire(everything=True)
+        if node.buyer is not None:
+            await node.buyer.session.close()
         if node.events is not None:
             node.events.close()
 

@@ -90,8 +90,11 @@ async def trades(request: web.Request) -> web.Response:
 
 
 def _trade_count(node: Node) -> int:
-    """Trades in the ledger: one nonce row each (a view, so no scan)."""
-    return node.reader.conn.execute("SELECT count(*) FROM trade_nonces").fetchone()[0]
+    """Trades in the ledger: one nonce row each (a view, so no scan), less the nonces spent
+    by `unsettled` terms, which are not trades."""
+    nonces = node.reader.conn.execute("SELECT count(*) FROM trade_nonces").fetchone()[0]
+    unsettled = node.reader.conn.execute("SELECT coalesce(sum(count), 0) FROM unsettled").fetchone()[0]
+    return nonces - unsettled
 
 
 async def network(request: web.Request) -> web.Response:

@@ -17,6 +17,25 @@ async def checkpoint(request: web.Request) -> web.Response:
                               "vkey": latest[3]})
 
 
+async def verify(request: web.Request) -> web.Response:
+    """The whole ledger checked on a reader of its own, off the ledger thread (?deep=1)."""
+    import asyncio
+
+    from forge_cli.ledger import verify as verifier
+    from forge_cli.ledger.store import Ledger
+
+    node: Node = request.app[NODE]
+    deep = request.query.get("deep", "0")
+    if deep not in ("0", "1"):
+        raise bad_request(f"query parameter deep must be 0 or 1, found {deep!r}")
+
+    def check() -> dict:
+        with Ledger.open_reader(node.ledger.path) as book:
+            return verifier.verify(book, deep=deep == "1").to_json()
+
+    return web.json_response(await asyncio.get_running_loop().run_in_executor(None, check))
+
+
 async def entries_(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     size = node.ledger.size
@@ -70,6 +89,7 @@ ROUTES = [
     # Public: peers check each other's logs for forks, and these reveal only hashes.
     Route("GET", "/v1/forge/ledger/checkpoint", checkpoint, "Sign and return a checkpoint",
           public=True),
+    Route("GET", "/v1/forge/ledger/verify", verify, "Verify the whole ledger (?deep=1)"),
     Route("GET", "/v1/forge/ledger/entries", entries_, "Entries (?start, ?limit)"),
     Route("GET", "/v1/forge/ledger/entry/{seq}", entry, "One entry"),
     Route("GET", "/v1/forge/ledger/proof/{seq}", proof, "Inclusion proof (?size)"),

@@ -19,6 +19,7 @@ from forge_cli.node.service import Node, request_bytes
 from forge_cli.node.web import NODE, Route, bad_request, field, read_json
 
 ROLES = ("system", "user", "assistant")
+FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
 
 
 def _sampling(body: dict[str, Any], node_ctx: int) -> Any:
@@ -87,23 +88,50 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     node: Node = request.app[NODE]
     body = await read_json(request)
-    model = node.model(field(body, "model", str, default=None))
+    name = field(body, "model", str, default=None)
+    if chat and name and name not in node.models and node.mesh is not None:
+        return await _forward(request, node, body, name)
+    model = node.model(name)
     if chat:
         messages = _messages(body)
     else:
         prompt = field(body, "prompt", str, required=True)
     sampling = _sampling(body, model.engine.n_ctx)
-    stream_wanted = field(body, "stream", bool, default=False)
     reservation = await node.open(request["who"], model, sampling.max_tokens)
+    return await _serve(request, node, body, chat, reservation, lambda: node.pump(
+        model.engine.chat(messages, sampling, block=False) if chat
+        else model.engine.generate(prompt, sampling, block=False)))
+
+
+async def _forward(request: web.Request, node: Node, body: dict[str, Any],
+                   name: str) -> web.StreamResponse:
+    """A model this node lacks, bought from a mesh peer (see forge_cli.node.forwarding)."""
+    from forge_cli.node import forwarding
+
+    messages = _messages(body)
+    sampling = _sampling(body, FORWARD_MAX_TOKENS)
+    payload = {"messages": messages, "temperature": sampling.temperature, "top_p": sampling.top_p,
+               **({"seed": sampling.seed} if sampling.seed is not None else {}),
+               **({"stop": list(sampling.stop)} if sampling.stop else {})}
+    reservation, pump, served_by = await forwarding.start(node, request["who"], name, payload,
+                                                          sampling.max_tokens)
+    request["served_by"] = served_by
+    request["remote_pump"] = pump
+    return await _serve(request, node, body, True, reservation, lambda: pump)
+
+
+async def _serve(request: web.Request, node: Node, body: dict[str, Any], chat: bool,
+                 reservation: Any, make_pump: Any) -> web.StreamResponse:
+    """Generate and settle: local engine or a peer's reply behind the same pump interface."""
+    name = reservation.model.name if reservation is not None else request["served_by"]["model"]
+    stream_wanted = field(body, "stream", bool, default=False)
     # From here on the reservation is settled exactly once, whatever happens: the consumer
     # pays for the tokens produced (none when the kill switch stopped the request).
     pump = None
     pieces: list[str] = []
     state = {"killed": False, "failed": False}
     try:
-        engine_stream = (model.engine.chat(messages, sampling, block=False) if chat
-                         else model.engine.generate(prompt, sampling, block=False))
-        pump = node.pump(engine_stream)
+        pump = make_pump()
         if stream_wanted:
             return await _stream(request, node, reservation, pump, pieces, body, chat, state)
         async for piece in pump:
@@ -124,14 +152,38 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     finally:
         completion = await pump.close() if pump is not None else None
         if "settled" not in request:
-            request["settled"] = await node.settle(
-                reservation, None if state["killed"] else completion, request_bytes(body),
-                "".join(pieces).encode(), failed=state["failed"])
+            request["settled"] = await _settle(request, node, reservation,
+                                               None if state["killed"] else completion, body,
+                                               pieces, failed=state["failed"])
         _observe(node, completion)
-        request["trade_log"] = {"model": model.name, "cu": request["settled"].cu,
+        request["trade_log"] = {"model": name, "cu": request["settled"].cu,
                                 "tokens": completion.completion_tokens if completion else 0}
-    return web.json_response(_full_response(body, model.name, completion, "".join(pieces),
-                                            request["settled"].x_forge(), chat))
+    return web.json_response(_full_response(body, name, completion, "".join(pieces),
+                                            _x_forge(request), chat))
+
+
+async def _settle(request: web.Request, node: Node, reservation: Any, completion: Any,
+                  body: dict[str, Any], pieces: list[str], *, failed: bool = False) -> Any:
+    if reservation is not None:
+        return await node.settle(reservation, completion, request_bytes(body),
+                                 "".join(pieces).encode(), failed=failed)
+    # The operator bought from a peer with the node's own account: the peer-to-peer trade
+    # is the only trade.
+    from forge_cli.node.service import Settled
+
+    purchase = request["remote_pump"].purchase
+    return Settled(purchase.cu if purchase else 0, request["served_by"]["price_ucu_per_token"],
+                   node.balance(node.node_id), None)
+
+
+def _x_forge(request: web.Request) -> dict[str, Any]:
+    x_forge = request["settled"].x_forge()
+    if "served_by" in request:
+        from forge_cli.node import forwarding
+
+        x_forge["served_by"] = {**request["served_by"],
+                                **forwarding.peer_trade(request["remote_pump"])}
+    return x_forge
 
 
 def _observe(node: Node, completion: Any) -> None:
@@ -176,7 +228,7 @@ async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
     await response.prepare(request)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    name = reservation.model.name
+    name = reservation.model.name if reservation is not None else request["served_by"]["model"]
 
     def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> bytes:
         if chat:
@@ -199,8 +251,8 @@ async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
         await response.write(chunk({"content": piece} if chat else piece, None))
     completion = await pump.close()
     state["killed"] = state["killed"] or node.safety_killed()
-    settled = await node.settle(reservation, None if state["killed"] else completion,
-                                request_bytes(body), "".join(pieces).encode())
+    settled = await _settle(request, node, reservation, None if state["killed"] else completion,
+                            body, pieces)
     request["settled"] = settled
     if state["killed"]:
         error = {"message": "kill switch: activated while this stream was running; the stream "
@@ -209,7 +261,7 @@ async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
         await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
     else:
         await response.write(chunk({} if chat else "", _finish(completion),
-                                   usage=_usage(completion), x_forge=settled.x_forge()))
+                                   usage=_usage(completion), x_forge=_x_forge(request)))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

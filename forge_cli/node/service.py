@@ -51,6 +51,7 @@ class Reservation:
     price_ucu: int
     max_cu: int
     started: float = field(default_factory=time.perf_counter)
+    remote: Any = None  # (seller, signed quote) when a mesh peer generates it
 
 
 @dataclass
@@ -104,6 +105,8 @@ class Node:
         self.in_flight = 0
         self.events: Any = None  # EventBus, attached once the event loop runs
         self.mesh: Any = None  # forge_cli.mesh.discovery.Mesh, with `forge node --mesh`
+        self.sales: Any = None  # forge_cli.mesh.seller.Sales: what peers buy from this node
+        self.buyer: Any = None  # forge_cli.mesh.buyer.Buyer: what this node buys from peers
         self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
         from forge_cli.mesh.network import NetworkView
 
@@ -192,10 +195,16 @@ class Node:
                 "self-trade and is refused",
                 hint="create a consumer account with `forge wallet agent create NAME` and use "
                 "its token")
-        account = who.account_hex
-        price = self.quote(model)
+        return await self.reserve(who.account_hex, who.name, model, max_tokens)
+
+    async def reserve(self, account: str, name: str, model: LoadedModel, max_tokens: int,
+                      price: int | None = None, grant: Callable[[str], None] | None = None
+                      ) -> Reservation:
+        """Reserve up to `max_tokens` at `price` (default: the quote now) for `account`."""
+        if price is None:
+            price = self.quote(model)
         max_cu = entries.trade_cost(max_tokens, price)
-        await self.on_ledger(self._ensure_grant, account)
+        await self.on_ledger(grant or self._ensure_grant, account)
         with self._reserve_lock:
             available = self.available(account)
             if available < max_cu:
@@ -211,7 +220,7 @@ class Node:
             raise
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
-        return Reservation(account, who.name, model, price, max_cu)
+        return Reservation(account, name, model, price, max_cu)
 
     def _release(self, account: str, cu: int) -> None:
         with self._reserve_lock:
@@ -304,10 +313,13 @@ class Pump:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
+        self.tokens = 0  # tokens generated up to the last piece returned
+        tokens_of = (lambda: stream.tokens) if hasattr(stream, "tokens") else (lambda: 0)
+
         def run() -> None:
             try:
                 for piece in stream:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, ("text", piece))
+                    loop.call_soon_threadsafe(self.queue.put_nowait, ("text", (piece, tokens_of())))
                 loop.call_soon_threadsafe(self.queue.put_nowait, ("done", None))
             except BaseException as exc:  # handed over to the event loop, raised there
                 loop.call_soon_threadsafe(self.queue.put_nowait, ("error", exc))
@@ -320,7 +332,8 @@ class Pump:
     async def __anext__(self) -> str:
         kind, value = await self.queue.get()
         if kind == "text":
-            return value
+            piece, self.tokens = value
+            return piece
         if kind == "done":
             raise StopAsyncIteration
         raise value

@@ -228,7 +228,8 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
         params = [part[1:-1] for part in route.path.split("/") if part.startswith("{")]
         if params:
             op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "integer", "minimum": 0}} for p in params]
+                                 "schema": {"type": "integer", "minimum": 0} if p == "seq"
+                                 else {"type": "string"}} for p in params]
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.0.3",

@@ -1,0 +1,256 @@
+"""The consumer's side of a peer-to-peer trade: quote, intent, stream, check, countersign, record.
+
+`Buyer.buy` either returns a `Purchase` whose dual-signed trade is in the consumer's ledger
+(and, acknowledged, in the provider's), or raises a `MeshError` with nothing recorded:
+a provider that dies mid-stream, refuses, or sends terms that do not match the quote and
+the reply as received is never paid.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from forge_cli import identity
+from forge_cli.errors import ForgeError, InsufficientCU, ProviderFailed, TermsRejected
+from forge_cli.ledger import entries
+from forge_cli.mesh import protocol
+
+FREE_TIER_CU = 1000
+
+
+@dataclass(frozen=True)
+class Seller:
+    """A peer that offers a model, as discovery or the route table found it."""
+
+    node_id: str
+    url: str
+    model: str
+    params: int = 0
+    price_ucu_per_token: int = 0
+    reputation: int | None = None
+
+    def short(self) -> str:
+        return f"{self.node_id[:12]}… at {self.url}"
+
+
+@dataclass
+class Purchase:
+    seller: Seller
+    text: str
+    terms: dict[str, Any]
+    trade: dict[str, Any]  # {terms, provider_sig, consumer_sig}
+    trade_seq: int  # in the consumer's ledger
+    provider_trade_seq: int | None
+    balance: int
+    first_piece_s: float  # from the quote request to the first piece
+    total_s: float  # from the quote request to the trade in the consumer's ledger
+    last_piece_s: float = 0.0  # from the quote request to the last piece
+    settle_s: float = 0.0  # from the provider's terms to the trade in the consumer's ledger
+
+    @property
+    def cu(self) -> int:
+        return self.terms["cu"]
+
+
+class LedgerWallet:
+    """The consumer's account in its own ledger: free tier, balance, safety gates, the record.
+
+    `run` executes a blocking function where the ledger may be used (the node's ledger
+    thread, or a one-thread executor in `forge worker`).
+    """
+
+    def __init__(self, ledger: Any, safety: Any, signer: identity.Identity,
+                 run: Callable[..., Awaitable[Any]]) -> None:
+        self.ledger = ledger
+        self.safety = safety
+        self.signer = signer
+        self.account = signer.node_id
+        self.run = run
+        self.reserved = 0
+
+    def _prepare(self, max_cu: int) -> None:
+        if not self.ledger.has_account(self.account):
+            self.ledger.append("grant", {"account": self.account, "cu": FREE_TIER_CU,
+                                         "reason": "free tier"})
+        available = self.ledger.balance(self.account) - self.reserved
+        if available < max_cu:
+            raise InsufficientCU(f"balance: {available:,} CU available is below the quote of "
+                                 f"{max_cu:,} CU", hint="ask for fewer tokens (-n), or earn CU "
+                                 "by selling with `forge seed`")
+        self.safety.check(self.account, max_cu)
+        self.reserved += max_cu
+
+    async def prepare(self, max_cu: int) -> None:
+        """Every spend gate, then hold `max_cu` until `release`."""
+        await self.run(self._prepare, max_cu)
+
+    def release(self, max_cu: int) -> None:
+        self.reserved -= max_cu
+
+    def _record(self, data: dict[str, Any], request: bytes, response: bytes) -> tuple[int, int]:
+        entry = self.ledger.append("trade", data, bodies=[request, response])
+        self.safety.record_spend(self.account, data["terms"]["cu"])
+        self.safety.record_outcome(True)
+        return entry.seq, self.ledger.balance(self.account)
+
+    async def record(self, data: dict[str, Any], request: bytes, response: bytes) -> tuple[int, int]:
+        return await self.run(self._record, data, request, response)
+
+    async def failed(self) -> None:
+        await self.run(self.safety.record_outcome, False)
+
+
+class Buyer:
+    """Buys inference from sellers with `wallet`'s account; one aiohttp session for all."""
+
+    def __init__(self, wallet: LedgerWallet, session: Any,
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+        self.wallet = wallet
+        self.signer = wallet.signer
+        self.session = session
+        self.clock = clock
+
+    async def _post(self, seller: Seller, path: str, body: dict[str, Any]) -> Any:
+        import aiohttp
+
+        try:
+            async with self.session.post(seller.url + path, json=body) as response:
+                data = await response.json(content_type=None)
+                if response.status != 200:
+                    raise ProviderFailed(f"provider {seller.short()} refused: "
+                                         f"{_error_message(data, response.status)}")
+                return data
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ProviderFailed(f"provider {seller.short()} is unreachable: "
+                                 f"{exc or type(exc).__name__}") from None
+
+    async def quote(self, seller: Seller, model: str, max_tokens: int) -> dict[str, Any]:
+        """The seller's signed quote for this consumer, checked."""
+        answer = await self._post(seller, "/v1/forge/p2p/quote", {
+            "consumer": self.signer.node_id, "model": model, "max_tokens": max_tokens})
+        quote, sig = answer.get("quote"), answer.get("quote_sig")
+        reason = protocol.quote_problem(quote)
+        if reason is None and not identity.verify_hex(seller.node_id, protocol.quote_message(quote),
+                                                       str(sig)):
+            reason = "its signature does not verify against the provider's node id"
+        if reason is None:
+            wanted = {"provider": seller.node_id, "consumer": self.signer.node_id,
+                      "model": model, "max_tokens": max_tokens}
+            reason = next((f"quote.{k} is {quote[k]!r}, asked for {v!r}"
+                           for k, v in wanted.items() if quote[k] != v), None)
+        if reason:
+            raise TermsRejected(f"provider {seller.short()} sent a bad quote: {reason}")
+        return {"quote": quote, "quote_sig": sig}
+
+    async def buy(self, seller: Seller, payload: dict[str, Any],
+                  on_piece: Callable[[str], Any] | None = None, max_cu: int | None = None,
+                  signed_quote: dict[str, Any] | None = None) -> Purchase:
+        """Buy one chat completion. `payload` holds model, messages and sampling fields
+        (OpenAI names); `on_piece` sees the reply as it streams; `signed_quote` is one
+        already obtained with `quote` (a new one is asked for without it)."""
+        started = time.perf_counter()
+        model, max_tokens = payload["model"], int(payload.get("max_tokens") or 256)
+        if signed_quote is None:
+            signed_quote = await self.quote(seller, model, max_tokens)
+        quote = signed_quote["quote"]
+        if max_cu is not None and quote["max_cu"] > max_cu:
+            raise InsufficientCU(f"provider {seller.short()} quotes up to {quote['max_cu']} CU, "
+                                 f"above the limit of {max_cu} CU")
+        await self.wallet.prepare(quote["max_cu"])
+        try:
+            return await self._buy(seller, payload, signed_quote, on_piece, started)
+        except ForgeError:
+            await self.wallet.failed()
+            raise
+        finally:
+            self.wallet.release(quote["max_cu"])
+
+    async def _buy(self, seller: Seller, payload: dict[str, Any], signed_quote: dict[str, Any],
+                   on_piece: Callable[[str], Any] | None, started: float) -> Purchase:
+        import aiohttp
+
+        quote = signed_quote["quote"]
+        request = json.dumps({**payload, "max_tokens": quote["max_tokens"]}, sort_keys=True,
+                             separators=(",", ":"), ensure_ascii=False)
+        request_bytes = request.encode()
+        intent = {**signed_quote, "nonce": secrets.token_hex(16),
+                  "request_sha256": protocol.sha256_hex(request_bytes), "ts": self.clock()}
+        consumer_sig = self.signer.sign(protocol.intent_message(intent)).hex()
+        pieces: list[str] = []
+        tokens = 0
+        final: dict[str, Any] | None = None
+        first = None
+        last = terms_at = 0.0
+        try:
+            async with self.session.post(
+                    seller.url + "/v1/forge/p2p/chat",
+                    json={"intent": intent, "consumer_sig": consumer_sig, "request": request},
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=120)) as response:
+                if response.status != 200:
+                    data = await response.json(content_type=None)
+                    raise ProviderFailed(f"provider {seller.short()} refused: "
+                                         f"{_error_message(data, response.status)}")
+                async for raw in response.content:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    body = line[5:].strip()
+                    if body == "[DONE]":
+                        break
+                    event = json.loads(body)
+                    if "text" in event:
+                        last = time.perf_counter() - started
+                        if first is None:
+                            first = last
+                        pieces.append(event["text"])
+                        tokens = int(event.get("tokens", tokens))
+                        if on_piece is not None and event["text"]:
+                            on_piece(event["text"])
+                    elif "terms" in event:
+                        final = event
+                        terms_at = time.perf_counter()
+                    elif "error" in event:
+                        raise ProviderFailed(f"provider {seller.short()} stopped: "
+                                             f"{_error_message(event, 502)}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ProviderFailed(f"provider {seller.short()} failed mid-stream after "
+                                 f"{tokens} tokens ({exc or type(exc).__name__}); nothing was "
+                                 "recorded or paid") from None
+        if final is None:
+            raise ProviderFailed(f"provider {seller.short()} stopped after {tokens} tokens "
+                                 "without signed terms; nothing was recorded or paid")
+        text = "".join(pieces)
+        terms, provider_sig = final["terms"], final.get("provider_sig")
+        reason = protocol.terms_problem(terms, provider_sig, quote=quote, nonce=intent["nonce"],
+                                        request_sha256=intent["request_sha256"],
+                                        response=text.encode(), streamed_tokens=tokens)
+        if reason:
+            raise TermsRejected(f"refused to countersign the terms of provider "
+                                f"{seller.short()}: {reason}; nothing was recorded or paid")
+        data = {"terms": terms, "provider_sig": provider_sig,
+                "consumer_sig": self.signer.sign(entries.trade_message(terms)).hex()}
+        ack = await self._post(seller, "/v1/forge/p2p/settle", data)
+        seq, balance = await self.wallet.record(data, request_bytes, text.encode())
+        done = time.perf_counter()
+        return Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,
+                        first if first is not None else 0.0, done - started, last,
+                        done - terms_at)
+
+
+def _error_message(data: Any, status: int) -> str:
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return str(data["error"].get("message") or data["error"])
+    return f"HTTP {status}"
+
+
+def choose(sellers: list[Seller], mode: str) -> list[Seller]:
+    """Sellers best first for `mode` (see protocol.rank)."""
+    ranked = protocol.rank([{"seller": s, "price_ucu_per_token": s.price_ucu_per_token,
+                             "params": s.params, "reputation": s.reputation} for s in sellers],
+                           mode)
+    return [r["seller"] for r in ranked]
