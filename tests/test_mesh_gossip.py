@@ -99,6 +99,36 @@ def test_trades_travel_several_hops_and_each_is_stored_once(nodes):
     assert all(network(n)["trades"] == 4 for n in (a, b, c))
 
 
+def buy(node: NodeProcess, model: str) -> dict[str, Any]:
+    token = node.agent("buyer")["token"]
+    status, _, body = node.request("POST", "/v1/chat/completions", token=token, body={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 200 and body["x_forge"]["served_by"], body
+    return body
+
+
+def test_p2p_trades_between_a_b_and_b_c_reach_every_view(nodes, tmp_path, tiny_gguf):
+    # Each node serves its own copy of the model; asked for a model it lacks, a node buys it
+    # from its peer (a dual-signed P2P trade in both ledgers) and sells it on locally.
+    models = {}
+    for name in "bc":
+        models[name] = tmp_path / f"{name}-model.gguf"
+        shutil.copy(tiny_gguf, models[name])
+    a = nodes("a", env=STATIC)
+    b = NodeProcess(tmp_path / "b", models["b"], "--mesh", "--peer", a.url, env=STATIC,
+                    log=tmp_path / "b.log")
+    c = NodeProcess(tmp_path / "c", models["c"], "--mesh", "--peer", b.url, env=STATIC,
+                    log=tmp_path / "c.log")
+    with b, c:
+        wait_for("the chain of static peers", lambda: peer(b, a) and peer(c, b))
+        buy(b, tiny_gguf.name)        # b buys from a: trade a–b, and b sells to its agent
+        buy(c, models["b"].name)      # c buys from b: trade b–c, and c sells to its agent
+        wait_for("every view holding the four trades", lambda: converged([a, b, c], 4))
+        views = [network(n) for n in (a, b, c)]
+        assert [v["own_trades"] for v in views] == [1, 3, 2]
+        assert [v["ledger_trades"] for v in views] == [1, 3, 2]
+
+
 def test_forged_altered_and_replayed_trades_are_rejected_with_nothing_added(nodes):
     node = nodes("a", env=STATIC)
     provider, consumer, forger = Identity.generate(), Identity.generate(), Identity.generate()

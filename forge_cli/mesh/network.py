@@ -34,6 +34,7 @@ SCHEMA = [
         data BLOB NOT NULL,               -- canonical {terms, provider_sig, consumer_sig}
         provider TEXT NOT NULL, consumer TEXT NOT NULL, nonce TEXT NOT NULL,
         cu INTEGER NOT NULL, source TEXT NOT NULL, ts INTEGER NOT NULL,
+        own INTEGER NOT NULL DEFAULT 0,   -- 1: also in this node's ledger (whoever told us first)
         UNIQUE (consumer, nonce))""",
     "CREATE INDEX IF NOT EXISTS trades_by_id ON trades (id, leaf)",
     """CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY,
@@ -220,11 +221,15 @@ class NetworkView:
                     try:
                         cur = conn.execute(
                             "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
-                            "source, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "source, ts, own) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
-                             terms["consumer"], terms["nonce"], terms["cu"], source, now))
+                             terms["consumer"], terms["nonce"], terms["cu"], source, now,
+                             int(source == OWN)))
                     except sqlite3.IntegrityError:  # the trade, or its (consumer, nonce), is here
-                        results.append((i, self._conflict(item)))
+                        outcome = self._conflict(item)
+                        if outcome == DUPLICATE and source == OWN:  # a peer told us first
+                            conn.execute("UPDATE trades SET own = 1 WHERE id = ?", (item.id,))
+                        results.append((i, outcome))
                         continue
                     new.append(cur.lastrowid)
                     for account, column in ((terms["provider"], "earned"),
@@ -346,8 +351,7 @@ class NetworkView:
         """Count, root and what gossip knows, for GET /v1/forge/network."""
         root = self.root().hex()
         with self.lock:
-            own = self.conn.execute("SELECT count(*) FROM trades WHERE source = ?",
-                                    (OWN,)).fetchone()[0]
+            own = self.conn.execute("SELECT count(*) FROM trades WHERE own = 1").fetchone()[0]
             total = self.conn.execute("SELECT coalesce(max(seq), 0) FROM trades").fetchone()[0]
             flagged = [{"node_id": node_id, "flag_reason": flag, "flagged_ms": at}
                        for node_id, flag, at in self.conn.execute(
