@@ -64,7 +64,7 @@ def _exact(obj: Any, keys: set[str], what: str) -> str | None:
     return None
 
 
-def _hex(value: Any, length: int) -> bool:
+def is_hex(value: Any, length: int) -> bool:
     return (isinstance(value, str) and len(value) == length
             and all(c in "0123456789abcdef" for c in value))
 
@@ -75,7 +75,7 @@ def quote_problem(quote: Any) -> str | None:
     if reason:
         return reason
     for key in ("provider", "consumer", "model_sha256"):
-        if not _hex(quote[key], 64):
+        if not is_hex(quote[key], 64):
             return f"quote.{key} is not 64 hex digits"
     for key in ("price_ucu_per_token", "base_price_ucu_per_token", "consumer_reputation",
                 "max_tokens", "max_cu", "expires_ms"):
@@ -95,12 +95,12 @@ def intent_problem(intent: Any, consumer_sig: Any) -> str | None:
         return reason
     if not isinstance(intent["nonce"], str) or not 8 <= len(intent["nonce"]) <= 128:
         return "intent.nonce must be a string of 8 to 128 characters"
-    if not _hex(intent["request_sha256"], 64):
+    if not is_hex(intent["request_sha256"], 64):
         return "intent.request_sha256 is not a sha256 hex digest"
     if type(intent["ts"]) is not int or intent["ts"] < 0:
         return "intent.ts must be a non-negative integer"
     for key, sig in (("quote_sig", intent["quote_sig"]), ("consumer_sig", consumer_sig)):
-        if not _hex(sig, 128):
+        if not is_hex(sig, 128):
             return f"{key} is not a 64-byte hex signature"
     if not identity.verify_hex(intent["quote"]["consumer"], intent_message(intent), consumer_sig):
         return "the consumer's signature over the intent does not verify"
@@ -118,7 +118,7 @@ def terms_problem(terms: Any, provider_sig: Any, *, quote: dict[str, Any], nonce
     reason = entries.check_terms(terms)
     if reason:
         return f"malformed terms: {reason}"
-    if not _hex(provider_sig, 128) or not identity.verify_hex(
+    if not is_hex(provider_sig, 128) or not identity.verify_hex(
             quote["provider"], entries.trade_message(terms), provider_sig):
         return "the provider's signature over the terms does not verify"
     expected = {"provider": quote["provider"], "consumer": quote["consumer"],

@@ -85,7 +85,7 @@ class Sales:
 
     def quote(self, body: dict[str, Any]) -> dict[str, Any]:
         consumer, name, max_tokens = body.get("consumer"), body.get("model"), body.get("max_tokens")
-        if not protocol._hex(consumer, 64):
+        if not protocol.is_hex(consumer, 64):
             raise BadIntent("consumer must be the buyer's node id (64 hex digits)")
         if consumer == self.node.node_id:
             raise BadIntent("a node cannot buy from itself")
