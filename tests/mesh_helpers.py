@@ -8,14 +8,30 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from forge_cli.ledger.store import Ledger
 from tests.conftest import REPO, forge_env
 
 MESH_ENV = {"FORGE_MESH_INTERFACES": "127.0.0.1", "FORGE_MESH_PROBE_S": "1"}
+WAIT_S = 20
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.2)
 
 
 def worker(home: Path, *args: str, env: dict[str, str] | None = None,

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, forge_env
+from tests.mesh_helpers import wait_for
 from tests.node_harness import NodeProcess
 
 DISCOVERY_WAIT_S = 20
@@ -28,18 +28,6 @@ def peers_of(node: NodeProcess) -> list[dict[str, Any]]:
     status, _, body = node.request("GET", "/v1/forge/peers", token=node.operator_token)
     assert status == 200, body
     return body["peers"]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = DISCOVERY_WAIT_S) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
 
 
 def node_id(node: NodeProcess) -> str:

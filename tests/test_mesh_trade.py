@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -19,21 +18,8 @@ import pytest
 from forge_cli import identity
 from forge_cli.ledger import entries
 from tests.conftest import REPO, forge_env
-from tests.mesh_helpers import MESH_ENV, TamperingProxy, entries_of, worker
+from tests.mesh_helpers import MESH_ENV, WAIT_S, TamperingProxy, entries_of, wait_for, worker
 from tests.node_harness import NodeProcess
-
-WAIT_S = 20
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.2)
 
 
 def health(node: NodeProcess) -> dict[str, Any]:
@@ -55,6 +41,20 @@ def nodes(tmp_path: Path, tiny_gguf: Path) -> Iterator[Callable[..., NodeProcess
                 tmp_path / name, model, "--mesh", *extra, env={**MESH_ENV, **(env or {})},
                 log=tmp_path / f"{name}.log"))
         yield start
+
+
+def seller_and_forwarder(nodes, tmp_path: Path, tiny_gguf: Path, *, mdns: bool = False  # noqa: ANN001
+                         ) -> tuple[NodeProcess, NodeProcess, Path]:
+    """Node a sells the tiny model; node b serves a copy under another name and knows a as a
+    static peer, so b forwards requests for a's model to a."""
+    a = nodes("a", env=None if mdns else {"FORGE_MESH_MDNS": "false"})
+    other = tmp_path / "other.gguf"
+    shutil.copy(tiny_gguf, other)
+    b = nodes("b", "--peer", a.url, model=other, env={"FORGE_MESH_MDNS": "false"})
+    wait_for("b sees a", lambda: any(p["url"] == a.url for p in
+                                     b.request("GET", "/v1/forge/peers",
+                                               token=b.operator_token)[2]["peers"]))
+    return a, b, other
 
 
 def test_worker_finds_a_seed_over_mdns_and_both_ledgers_hold_the_same_trade(nodes, tmp_path):
@@ -86,13 +86,7 @@ def test_worker_finds_a_seed_over_mdns_and_both_ledgers_hold_the_same_trade(node
 
 def test_a_node_forwards_a_model_it_lacks_to_a_peer_and_says_who_served(nodes, tmp_path,
                                                                         tiny_gguf):
-    a = nodes("a")
-    other = tmp_path / "other.gguf"
-    shutil.copy(tiny_gguf, other)
-    b = nodes("b", "--peer", a.url, model=other, env={"FORGE_MESH_MDNS": "false"})
-    wait_for("b sees a", lambda: any(p["url"] == a.url for p in
-                                     b.request("GET", "/v1/forge/peers",
-                                               token=b.operator_token)[2]["peers"]))
+    a, b, other = seller_and_forwarder(nodes, tmp_path, tiny_gguf, mdns=True)
     token = b.agent("alice")["token"]
     status, _, body = b.request("POST", "/v1/chat/completions", token=token, body={
         "model": tiny_gguf.name, "messages": [{"role": "user", "content": "hi"}],
@@ -225,13 +219,7 @@ def test_the_workers_own_kill_switch_stops_a_p2p_spend_before_any_quote_is_paid(
 
 
 def test_an_agent_task_naming_a_peers_model_is_bought_from_that_peer(nodes, tmp_path, tiny_gguf):
-    a = nodes("a", env={"FORGE_MESH_MDNS": "false"})
-    other = tmp_path / "other.gguf"
-    shutil.copy(tiny_gguf, other)
-    b = nodes("b", "--peer", a.url, model=other, env={"FORGE_MESH_MDNS": "false"})
-    wait_for("b sees a", lambda: any(p["url"] == a.url for p in
-                                     b.request("GET", "/v1/forge/peers",
-                                               token=b.operator_token)[2]["peers"]))
+    a, b, other = seller_and_forwarder(nodes, tmp_path, tiny_gguf)
     b.agent("ann")
     plan = {"tasks": [{"id": "far", "prompt": "say something", "model": tiny_gguf.name,
                        "max_tokens": 5},
