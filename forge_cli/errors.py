@@ -148,7 +148,14 @@ class ProofFailed(CheckFailed, LedgerError):
 
 class TradeRejected(CheckFailed):
     """A trade offered to the network view is malformed, carries a signature that does not
-    verify, or reuses a consumer's nonce; nothing was added."""
+    verify, or reuses a consumer's nonce; nothing was added.
+
+    `forged` is true for the first two, which an honest node never relays (it verifies every
+    trade before storing it); a nonce clash can reach an honest node from two sides."""
+
+    def __init__(self, message: str, *, forged: bool = True, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.forged = forged
 
 
 class PlanRejected(CheckFailed):

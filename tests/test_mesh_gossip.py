@@ -21,8 +21,9 @@ from forge_cli.identity import Identity
 from forge_cli.ledger.store import Ledger
 from tests.conftest import REPO, forge_env
 from tests.gossip_helpers import make_trade, sign
+from tests.mesh_helpers import wait_for
 from tests.node_harness import NodeProcess
-from tests.test_mesh_discovery import node_id, peer, wait_for
+from tests.test_mesh_discovery import node_id, peer
 
 FAST = {"FORGE_MESH_INTERFACES": "127.0.0.1", "FORGE_MESH_PROBE_S": "1",
         "FORGE_MESH_EXPIRE_S": "5", "FORGE_MESH_GOSSIP_S": "1"}
@@ -172,6 +173,7 @@ class FakePeer:
     def __init__(self, key: Identity, ledgers: list[Ledger]) -> None:
         self.key, self.ledgers, self.current = key, ledgers, 0
         self.checkpoints_served = 0
+        self.served: list[dict[str, Any]] = []  # trades its gossip pull route hands out
         self.switch_after: int | None = None  # serve ledger 1 once this many were served
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -217,7 +219,10 @@ class FakePeer:
     async def trades(self, request: web.Request) -> web.Response:
         if not self.ledgers:
             return web.Response(text="not json", status=200)
-        return web.json_response({"count": 0, "next": 0, "trades": []})
+        since = int(request.query.get("since", "0"))
+        page = self.served[since:]
+        return web.json_response({"count": len(self.served), "next": len(self.served),
+                                  "trades": page})
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
@@ -295,6 +300,25 @@ def test_a_peer_whose_log_forks_is_flagged_and_stays_flagged(nodes, forked_peers
     assert wait_for("the restarted node flagging from memory",
                     lambda: flag_of(again, diverging.url)).startswith("log fork: checkpoint 7")
     assert node_id(again) == first_id
+
+
+def test_a_peer_that_serves_a_forged_trade_is_flagged(nodes, tmp_path):
+    key = Identity.generate()
+    honest = FakePeer(key, [notes(Ledger.open_writer(tmp_path / "p.db", key), "a")])
+    provider, consumer, forger = Identity.generate(), Identity.generate(), Identity.generate()
+    good = make_trade(provider, consumer)
+    forged = sign(make_trade(provider, consumer)["terms"], forger, consumer)
+    honest.served = [good, forged]
+    try:
+        node = nodes("a", "--peer", honest.url, env=STATIC)
+        reason = wait_for("the peer flagged", lambda: flag_of(node, honest.url))
+        assert reason.startswith("served 1 forged or malformed trade(s): forged trade: provider "
+                                 "signature"), reason
+        view = network(node)
+        assert view["trades"] == 1 and view["foreign_trades"] == 1  # the good one, only
+    finally:
+        honest.close()
+        honest.ledgers[0].close()
 
 
 @pytest.mark.parametrize(("round_s", "batch", "message"), [

@@ -204,6 +204,11 @@ class Gossip:
                 if bad:
                     log.warning("peer %s served %d trades we reject, e.g. %s", peer.url,
                                 len(bad), bad[0])
+                forged = [o for o in bad if o.forged]
+                if forged:  # an honest node verifies before it stores, so it never serves these
+                    await self.flag(peer, f"served {len(forged)} forged or malformed trade(s): "
+                                    f"{forged[0]}")
+                    return added
             cursor = after
             await asyncio.to_thread(self.view.set_cursor, peer.node_id, cursor)
             if not trades or after >= count:

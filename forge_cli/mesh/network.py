@@ -259,7 +259,7 @@ class NetworkView:
         (clash,) = self.conn.execute("SELECT id FROM trades WHERE consumer = ? AND nonce = ?",
                                      (consumer, nonce)).fetchone()
         return TradeRejected(f"replayed nonce: consumer {consumer[:16]}… already used nonce "
-                             f"{nonce!r} in trade {bytes(clash).hex()[:16]}…")
+                             f"{nonce!r} in trade {bytes(clash).hex()[:16]}…", forged=False)
 
     def _set_meta(self, key: str, value: int) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
