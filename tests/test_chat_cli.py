@@ -119,12 +119,14 @@ def test_node_option_with_no_node_there_is_a_clear_error(run_forge, tiny_gguf: P
 
 
 class Terminal:
-    """`forge chat` on a pseudo-terminal, read and typed into like a person would."""
+    """`forge chat` (or another `command`) on a pseudo-terminal, read and typed into like a
+    person would."""
 
-    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None,
+                 command: str = "chat") -> None:
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forge_cli", "chat", *args],
+            [sys.executable, "-m", "forge_cli", command, *args],
             stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
             env=forge_env(home, TERM="dumb", **(env or {})), close_fds=True,
         )

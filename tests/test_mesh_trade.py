@@ -267,3 +267,25 @@ def test_a_seller_judges_a_stranger_by_its_network_view_of_what_it_spent_elsewhe
     assert not entries_of(tmp_path / "a", "trade")
     assert not [e for e in entries_of(tmp_path / "a", "grant")
                 if e.data["account"] == me.node_id]
+
+
+def test_worker_repl_keeps_the_conversation_and_pays_per_turn(nodes, tmp_path):
+    from tests.test_chat_cli import Terminal
+
+    a = nodes("a", env={"FORGE_MESH_MDNS": "false"})
+    home = tmp_path / "w"
+    term = Terminal(home, "--peer", a.url, "-n", "4", "-t", "0", "--wait", str(WAIT_S),
+                    env={**MESH_ENV, "FORGE_MESH_MDNS": "false"}, command="worker")
+    term.read_until(b">>> ")
+    term.type("first question\n")
+    assert b"4 tokens" in term.read_until(b"trade seq 1]")
+    term.read_until(b">>> ")
+    term.type("second\n")
+    term.read_until(b"trade seq 2]")
+    term.read_until(b">>> ")
+    term.type("/exit\n")
+    assert term.finish() == 0
+    first, second = (e.data["terms"] for e in entries_of(tmp_path / "a", "trade"))
+    assert second["prompt_tokens"] > first["prompt_tokens"] + len("second")  # history was sent
+    assert [e.data for e in entries_of(home, "trade")] == \
+        [e.data for e in entries_of(tmp_path / "a", "trade")]
