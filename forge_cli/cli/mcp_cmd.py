@@ -13,8 +13,11 @@ def mcp(
     token: str | None = typer.Option(None, "--token", help="API token the tools act with "
                                      "(default: FORGE_TOKEN or the operator's token file)."),
 ) -> None:
-    """Serve MCP over stdio: balance, pricing, chat (paid), route, trades, lend/borrow/repay,
-    safety status, kill switch, ledger verify/checkpoint/prove, agent run.
+    """Serve the node's tools to an MCP host over stdio (the official MCP SDK).
+
+    Tools: balance, pricing, chat (paid), route, trades, lend, borrow, repay, safety status.
+
+    Also: kill switch (operator), ledger verify, checkpoint and prove, agent run.
 
     An MCP host starts it as a subprocess, e.g. in its config:
 
