@@ -172,3 +172,20 @@ def test_peer_state_and_flags_survive_reopening(tmp_path):
     assert (state.cursor, state.cp_size, state.cp_root, state.flag) == (42, 9, b"\x01" * 32, None)
     assert view.flags() == {"p2": "log fork: checkpoint 3 is smaller than checkpoint 9 seen earlier"}
     assert view.summary()["flagged_peers"][0]["node_id"] == "p2"
+
+
+def test_a_large_batch_verified_on_two_threads_keeps_each_outcome_in_place(tmp_path, keys):
+    provider, consumer, forger = keys
+    batch = [make_trade(provider, consumer) for _ in range(101)]
+    for i in (3, 77, 100):  # in both halves, and the very last
+        batch[i] = sign(batch[i]["terms"], forger, consumer)
+    view = NetworkView.open(tmp_path / "view.db")
+    outcomes = view.add_many(batch, "peer")
+    assert view.count() == 98
+    view.close()
+    for i, outcome in enumerate(outcomes):
+        if i in (3, 77, 100):
+            assert isinstance(outcome, TradeRejected) and outcome.forged
+            assert "provider signature" in str(outcome)
+        else:
+            assert outcome == "accepted"
