@@ -101,11 +101,17 @@ def test_a_node_forwards_a_model_it_lacks_to_a_peer_and_says_who_served(nodes, t
     local = next(t for t in b_trades if t != p2p[0])["terms"]
     assert local["provider"] == health(b)["node_id"] and local["cu"] == p2p[0]["terms"]["cu"]
     assert body["x_forge"]["cu_cost"] == local["cu"] == served["peer_cu"]
+    # b's market counts a as a second provider of the same GGUF once b quotes its own copy.
+    status, _, _ = b.request("POST", "/v1/chat/completions", token=token, body={
+        "model": other.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200
+    market = b.request("GET", "/v1/forge/pricing", token=token)[2]["models"][0]["market"]
+    assert market["supply"] == 2
     # A model no one has: a clear 503, nothing recorded.
     status, _, body = b.request("POST", "/v1/chat/completions", token=token, body={
         "model": "nobody-has-this", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 503 and "no peer on the mesh offers it" in body["error"]["message"]
-    assert len(entries_of(tmp_path / "b", "trade")) == 2
+    assert len(entries_of(tmp_path / "b", "trade")) == 3
 
 
 def test_provider_killed_mid_stream_records_nothing_on_either_side(nodes, tmp_path):

@@ -159,10 +159,19 @@ class Node:
         return [{"model": m.name, "sha256": m.sha256[:16], "params": m.params,
                  "price_ucu_per_token": self.price(m)} for m in self.models.values()]
 
+    def supply(self, model: LoadedModel) -> int:
+        """Providers of this model: this node, plus trusted mesh peers offering the same GGUF
+        (matched by its sha256 prefix, as they advertise it)."""
+        if self.mesh is None:
+            return 1
+        prefix = model.sha256[:16]
+        return 1 + sum(1 for peer in self.mesh.trusted_peers()
+                       if any(o.sha256 and prefix.startswith(o.sha256) for o in peer.offers))
+
     def quote(self, model: LoadedModel) -> int:
         """The price for a request arriving now: demand (queued + running) moves the market."""
         market = self.markets[model.name]
-        market.observe(demand=self.in_flight + 1, supply=1)
+        market.observe(demand=self.in_flight + 1, supply=self.supply(model))
         price = market.price_ucu(model.params)
         self.metrics.price.labels(model.name).set(price)
         return price
