@@ -13,8 +13,6 @@ from forge_cli import config
 from forge_cli.cli.node_cmd import InterfaceOpt, LedgerOpt, PeerOpt
 from forge_cli.errors import UsageError
 
-MODES = ("cost", "quality", "balanced")
-
 
 def worker(
     prompt: list[str] | None = typer.Argument(None, help="The prompt; stdin is joined before it."),
@@ -55,6 +53,8 @@ def worker(
 
     Examples: forge worker -m smollm2:135m "hello" · echo "sum this" | forge worker --json
     """
+    from forge_cli.mesh.protocol import MODES
+
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}, found {mode!r}")
     interactive = not prompt and sys.stdin.isatty()

@@ -38,6 +38,17 @@ class Seller:
         return f"{self.node_id[:12]}… at {self.url}"
 
 
+def offered(mesh: Any, ledger: Any) -> list[Seller]:
+    """Every priced offer of every trusted peer (no flag, a node id no other peer shows, not
+    our own), with the reputation `ledger` gives the peer."""
+    from forge_cli.economy.credit import account_reputation
+
+    return [Seller(peer.node_id, peer.url, offer.model, offer.params, offer.price_ucu_per_token,
+                   account_reputation(ledger, peer.node_id))
+            for peer in mesh.trusted_peers() if peer.node_id != mesh.node_id
+            for offer in peer.offers if offer.price_ucu_per_token > 0]
+
+
 @dataclass
 class Purchase:
     seller: Seller

@@ -219,19 +219,15 @@ class Sales:
         self.pending[sale.key] = Pending(data, sale.request, response,
                                          self.node.clock() + self.settle_ms,
                                          sale.reservation.max_cu)
-        self._done_generating()
+        self.node.done_generating()  # its CU stays held until settled or expired
         return data
-
-    def _done_generating(self) -> None:
-        self.node.in_flight -= 1
-        self.node.metrics.queue_depth.set(self.node.in_flight)
 
     async def abandon(self, sale: Sale) -> None:
         """Nothing was served (an error, the kill switch): release and forget the nonce."""
         self.open.discard(sale.key)
         if sale.reservation is not None:
-            self.node._release(sale.reservation.account, sale.reservation.max_cu)
-            self._done_generating()
+            self.node.release(sale.reservation.account, sale.reservation.max_cu)
+            self.node.done_generating()
 
     async def settle(self, body: dict[str, Any]) -> entries.Entry:
         """The consumer's countersignature: check it against the held terms and record."""
@@ -264,7 +260,7 @@ class Sales:
             return await self.node.on_ledger(self.node.ledger.append, "unsettled", data)
         finally:
             self.open.discard(key)
-            self.node._release(key[0], pending.reserved_cu)
+            self.node.release(key[0], pending.reserved_cu)
 
     def _append_trade(self, data: dict[str, Any], pending: Pending) -> entries.Entry:
         entry = self.node.ledger.append("trade", data, bodies=[pending.request, pending.response])

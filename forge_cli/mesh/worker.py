@@ -15,7 +15,7 @@ from typing import Any
 
 from forge_cli import config, identity
 from forge_cli.errors import LedgerLocked, MeshError, NoProvider
-from forge_cli.mesh.buyer import Buyer, LedgerWallet, Purchase, Seller, choose
+from forge_cli.mesh.buyer import Buyer, LedgerWallet, Purchase, Seller, choose, offered
 
 
 class Worker:
@@ -76,18 +76,9 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
 
     def sellers(self, model: str | None = None, seller: str | None = None) -> list[Seller]:
-        from forge_cli.economy.credit import account_reputation
-
-        found = []
-        for peer in self.mesh.trusted_peers():  # no flag (fork, duplicate id), a known id
-            if seller and not peer.node_id.startswith(seller):
-                continue
-            for offer in peer.offers:
-                if model in (None, offer.model) and offer.price_ucu_per_token > 0:
-                    found.append(Seller(peer.node_id, peer.url, offer.model, offer.params,
-                                        offer.price_ucu_per_token,
-                                        account_reputation(self.ledger, peer.node_id)))
-        return found
+        """Offers of trusted peers, of `model` (any when None), from `seller` (an id prefix)."""
+        return [s for s in offered(self.mesh, self.ledger)
+                if model in (None, s.model) and (not seller or s.node_id.startswith(seller))]
 
     async def find(self, model: str | None = None, seller: str | None = None,
                    wait_s: float = 5.0) -> list[Seller]:

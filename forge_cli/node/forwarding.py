@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge_cli.errors import NoProvider
-from forge_cli.node.service import LoadedModel, Node
+from forge_cli.node.service import LoadedModel, Node, Pieces
 
 
 @dataclass
@@ -28,21 +28,20 @@ class RemoteCompletion:
     generation_s: float
 
 
-class RemotePump:
+class RemotePump(Pieces):
     """The peer's reply as an async iterator of pieces; `close()` returns a RemoteCompletion
     (or None when nothing was bought) and cancels a purchase still running."""
 
     def __init__(self, buyer: Any, seller: Any, payload: dict[str, Any],
                  signed_quote: dict[str, Any]) -> None:
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.tokens = 0
+        super().__init__()
         self.purchase: Any = None
         self.max_tokens = payload["max_tokens"]
 
         async def run() -> None:
             try:
                 self.purchase = await buyer.buy(
-                    seller, payload, on_piece=lambda p: self.queue.put_nowait(("text", p)),
+                    seller, payload, on_piece=lambda p: self.queue.put_nowait(("text", (p, 0))),
                     signed_quote=signed_quote)
                 self.queue.put_nowait(("done", None))
             except BaseException as exc:
@@ -51,17 +50,6 @@ class RemotePump:
                     raise
 
         self.task = asyncio.create_task(run())
-
-    def __aiter__(self) -> RemotePump:
-        return self
-
-    async def __anext__(self) -> str:
-        kind, value = await self.queue.get()
-        if kind == "text":
-            return value
-        if kind == "done":
-            raise StopAsyncIteration
-        raise value
 
     async def close(self) -> RemoteCompletion | None:
         if not self.task.done():
@@ -95,21 +83,10 @@ def sellers(node: Node, model: str) -> list[Any]:
 
 
 def all_sellers(node: Node) -> list[Any]:
-    from forge_cli.economy.credit import account_reputation
-    from forge_cli.mesh.buyer import Seller
+    """Every offer of the node's trusted mesh peers (none without --mesh)."""
+    from forge_cli.mesh.buyer import offered
 
-    found = []
-    if node.mesh is None:
-        return found
-    for peer in node.mesh.trusted_peers():  # no flag (fork, duplicate id), a known id
-        if peer.node_id == node.node_id:
-            continue
-        for offer in peer.offers:
-            if offer.price_ucu_per_token > 0:
-                found.append(Seller(peer.node_id, peer.url, offer.model, offer.params,
-                                    offer.price_ucu_per_token,
-                                    account_reputation(node.reader, peer.node_id)))
-    return found
+    return [] if node.mesh is None else offered(node.mesh, node.reader)
 
 
 async def reserve(node: Node, who: Any, model: str, max_tokens: int,

@@ -10,11 +10,10 @@ from aiohttp import web
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import UsageError
 from forge_cli.ledger import entries, views
+from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
 from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, bad_request
-
-MODES = ("cost", "quality", "balanced")
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -144,10 +143,7 @@ async def route(request: web.Request) -> web.Response:
     if model is not None and not candidates:
         raise UsageError(f"no provider serves model {model!r}")
     affordable = [p for p in candidates if entries.trade_cost(1, p["price_ucu_per_token"]) <= max_cu]
-    key = {"cost": lambda p: (p["price_ucu_per_token"], -p["reputation"]),
-           "quality": lambda p: (-p["params"], -p["reputation"]),
-           "balanced": lambda p: (p["price_ucu_per_token"] / max(1, p["reputation"]), -p["params"])}
-    ranked = sorted(affordable, key=key[mode])
+    ranked = rank(affordable, mode)
     return web.json_response({"mode": mode, "max_cu": max_cu, "choice": ranked[0] if ranked else None,
                               "candidates": ranked})
 

@@ -16,17 +16,9 @@ from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, read_json
 
 
-def _sales(node: Node) -> Any:
-    if node.sales is None:
-        from forge_cli.mesh.seller import Sales
-
-        node.sales = Sales(node)
-    return node.sales
-
-
 async def quote(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    return web.json_response(_sales(node).quote(await read_json(request)))
+    return web.json_response(node.sales.quote(await read_json(request)))
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -35,7 +27,7 @@ def _event(data: dict[str, Any]) -> bytes:
 
 async def chat(request: web.Request) -> web.StreamResponse:
     node: Node = request.app[NODE]
-    sales = _sales(node)
+    sales = node.sales  # made at start-up (forge_cli.node.app)
     sale = sales.admit(await read_json(request))
     messages = _messages(sale.body)
     sampling = _sampling(sale.body, sale.model.engine.n_ctx)
@@ -83,7 +75,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def settle(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    entry = await _sales(node).settle(await read_json(request))
+    entry = await node.sales.settle(await read_json(request))
     from forge_cli.ledger import entries
 
     terms = entry.data["terms"]

@@ -225,13 +225,19 @@ class Node:
         try:
             await self.on_ledger(self.safety.check, account, max_cu)
         except BaseException:
-            self._release(account, max_cu)
+            self.release(account, max_cu)
             raise
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         return Reservation(account, name, model, price, max_cu)
 
-    def _release(self, account: str, cu: int) -> None:
+    def done_generating(self) -> None:
+        """One request opened by `reserve` stopped generating (its CU may still be held)."""
+        self.in_flight -= 1
+        self.metrics.queue_depth.set(self.in_flight)
+
+    def release(self, account: str, cu: int) -> None:
+        """Let go of CU held for `account` by `reserve`."""
         with self._reserve_lock:
             left = self.reserved.get(account, 0) - cu
             if left > 0:
@@ -246,21 +252,20 @@ class Node:
         Called once for every opened reservation, also when generation failed or the client
         went away: the consumer pays for the tokens produced, and only for those.
         """
-        self.in_flight -= 1
-        self.metrics.queue_depth.set(self.in_flight)
+        self.done_generating()
         try:
             tokens = completion.completion_tokens if completion is not None else 0
             if tokens == 0:
-                self._release(r.account, r.max_cu)
+                self.release(r.account, r.max_cu)
                 if failed:
                     await self.on_ledger(self.safety.record_outcome, False)
                 return Settled(0, r.price_ucu, self.available(r.account), None)
             entry = await self.on_ledger(self._record_trade, r, completion, request, response)
         except BaseException:
-            self._release(r.account, r.max_cu)
+            self.release(r.account, r.max_cu)
             await self.on_ledger(self.safety.record_outcome, False)
             raise
-        self._release(r.account, r.max_cu)
+        self.release(r.account, r.max_cu)
         terms = entry.data["terms"]
         self.metrics.trades.labels(r.model.name).inc()
         self.metrics.cu_earned.inc(terms["cu"])
@@ -310,32 +315,15 @@ class Node:
                                            "breaker_open": self.breaker_open()})
 
 
-class Pump:
-    """Text pieces of an engine Stream, carried from a worker thread into the event loop.
+class Pieces:
+    """An async iterator over ("text", (piece, tokens)), ("done", None) and ("error", exc)
+    items put on `queue` by a producer; `tokens` is the count up to the last piece returned."""
 
-    `close()` cancels the generation if it is still running, waits for the engine to stop,
-    and returns the Completion: what was produced, which is what the consumer pays for.
-    """
-
-    def __init__(self, stream: Any, pool: ThreadPoolExecutor) -> None:
-        self.stream = stream
-        loop = asyncio.get_running_loop()
+    def __init__(self) -> None:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.tokens = 0
 
-        self.tokens = 0  # tokens generated up to the last piece returned
-        tokens_of = (lambda: stream.tokens) if hasattr(stream, "tokens") else (lambda: 0)
-
-        def run() -> None:
-            try:
-                for piece in stream:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, ("text", (piece, tokens_of())))
-                loop.call_soon_threadsafe(self.queue.put_nowait, ("done", None))
-            except BaseException as exc:  # handed over to the event loop, raised there
-                loop.call_soon_threadsafe(self.queue.put_nowait, ("error", exc))
-
-        self.thread = loop.run_in_executor(pool, run)
-
-    def __aiter__(self) -> Pump:
+    def __aiter__(self) -> Pieces:
         return self
 
     async def __anext__(self) -> str:
@@ -346,6 +334,30 @@ class Pump:
         if kind == "done":
             raise StopAsyncIteration
         raise value
+
+
+class Pump(Pieces):
+    """Text pieces of an engine Stream, carried from a worker thread into the event loop.
+
+    `close()` cancels the generation if it is still running, waits for the engine to stop,
+    and returns the Completion: what was produced, which is what the consumer pays for.
+    """
+
+    def __init__(self, stream: Any, pool: ThreadPoolExecutor) -> None:
+        super().__init__()
+        self.stream = stream
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            try:
+                for piece in stream:
+                    loop.call_soon_threadsafe(self.queue.put_nowait,
+                                              ("text", (piece, stream.tokens)))
+                loop.call_soon_threadsafe(self.queue.put_nowait, ("done", None))
+            except BaseException as exc:  # handed over to the event loop, raised there
+                loop.call_soon_threadsafe(self.queue.put_nowait, ("error", exc))
+
+        self.thread = loop.run_in_executor(pool, run)
 
     async def close(self) -> Any:
         self.stream.cancel()
@@ -360,4 +372,4 @@ def request_bytes(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-__all__ = ["EngineBusy", "LoadedModel", "Node", "Pump", "Reservation", "Settled", "request_bytes"]
+__all__ = ["EngineBusy", "LoadedModel", "Node", "Pieces", "Pump", "Reservation", "Settled", "request_bytes"]
