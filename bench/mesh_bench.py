@@ -127,18 +127,15 @@ def gossip_http_ingest(folder: Path, trades: list[dict[str, Any]], batch: int,
     os.environ["FORGE_HOME"] = str(folder / "home")
     from aiohttp import web
 
-    from forge_cli.mesh.discovery import Mesh
-    from forge_cli.mesh.gossip import Gossip
+    from forge_cli import config
     from forge_cli.node.app import make_app
-    from forge_cli.node.service import Node
+    from forge_cli.trade.build import build_node
 
     home = folder / "home"
     home.mkdir()
-    signer = Identity.generate()
-    node = Node(home=home, ledger_path=home / "ledger.db", signer=signer, models=[])
     # Gossip rounds are not started: only the receiving side is measured.
-    node.mesh = Mesh(signer.node_id, list, interfaces=["127.0.0.1"], mdns=False)
-    node.gossip = Gossip(node.network, node.mesh)
+    settings = {**config.load(), "mesh.mdns": False, "mesh.interfaces": ["127.0.0.1"]}
+    node = build_node(settings, models=[], ledger_path=home / "ledger.db", mesh=True)
 
     async def run() -> float:
         runner = web.AppRunner(make_app(node), access_log=None)

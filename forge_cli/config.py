@@ -59,6 +59,14 @@ KEYS: dict[str, Key] = {
         Key("mesh.settle_s", int, 30,
             "seconds a peer consumer has to countersign served terms before they are recorded "
             "as unsettled"),
+        Key("mesh.max_unsettled", int, 3,
+            "sales a peer consumer may leave uncountersigned (served and waiting, or recorded "
+            "unsettled) before this node sells it nothing more"),
+        Key("mesh.strangers", int, 50,
+            "peer accounts that may live on this node's free tier at once (against Sybil floods)"),
+        Key("mesh.stranger_idle_s", int, 3600,
+            "seconds after which an untouched peer free-tier grant is returned (a `burn` entry), "
+            "freeing its slot"),
         Key("mesh.gossip_s", int, 10,
             "seconds between gossip rounds: pull from each peer and check its checkpoint "
             "(new trades are pushed at once)"),

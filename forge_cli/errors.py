@@ -28,6 +28,8 @@
         ├── BreakerOpen             1    403  gate "circuit_breaker": too many errors or spends
         ├── BudgetExceeded          1    403  gate "hourly_budget" or "lifetime_budget"
         ├── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
+        ├── TooManyStrangers        1    429  gate "rate_limit": the peer free tier is full
+        ├── UnsettledExposure       1    403  gate "exposure": a peer left too many terms unsigned
         └── LendingDenied           1    403  a lending rule refused: gate "credit", "collateral_ratio",
                                               "term", "pool_share", "reserve", "rate_limit" (429),
                                               "default_halt" or "liquidity"
@@ -217,6 +219,19 @@ class ApprovalRequired(SpendDenied):
     def __init__(self, message: str, *, approval_id: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.approval_id = approval_id
+
+
+class TooManyStrangers(SpendDenied):
+    """Already as many peer accounts as allowed live on this node's free tier."""
+
+    http_status = 429
+    gate = "rate_limit"
+
+
+class UnsettledExposure(SpendDenied):
+    """A peer consumer left too many served replies uncountersigned at this provider."""
+
+    gate = "exposure"
 
 
 LENDING_GATES = ("credit", "collateral_ratio", "term", "pool_share", "reserve", "rate_limit",

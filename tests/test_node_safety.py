@@ -111,7 +111,24 @@ def test_circuit_breaker_opens_above_the_spend_rate(tmp_path: Path, tiny_gguf: P
             assert ask(running, bob["token"], max_tokens=2)[0] == 200
         denied(ask(running, bob["token"], max_tokens=2), 403, "circuit_breaker")
         status, _, body = running.request("GET", "/metrics")
-        assert "forge_breaker_open 1.0" in body
+        assert "forge_account_breakers_open 1.0" in body
+        assert "forge_breaker_open 0.0" in body  # bob's own breaker, not the node's
+
+
+def test_one_account_cannot_trip_the_breaker_for_everyone(tmp_path: Path, tiny_gguf: Path):
+    # Found: 31 one-token purchases by one agent tripped the node-wide breaker, and every
+    # account got 403 for 5 minutes.
+    with NodeProcess(tmp_path / "home", tiny_gguf) as running:
+        bob, alice = running.agent("bob"), running.agent("alice")
+        for _ in range(30):
+            assert ask(running, bob["token"], max_tokens=1)[0] == 200
+        assert ask(running, bob["token"], max_tokens=1)[0] == 200  # the 31st spend trips it
+        denied(ask(running, bob["token"], max_tokens=1), 403, "circuit_breaker")
+        assert ask(running, alice["token"], max_tokens=1)[0] == 200
+        status = running.request("GET", "/v1/forge/safety", token=running.operator_token)[2]
+        assert status["breaker"]["state"] == "closed" and status["breaker"]["open_accounts"] == 1
+        mine = running.request("GET", "/v1/forge/safety", token=bob["token"])[2]
+        assert mine["account_breaker"]["state"] == "open"
 
 
 def test_hourly_budget(node):

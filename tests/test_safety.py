@@ -68,7 +68,7 @@ class World:
         safety.check(self.account, cu)
         self.trade(cu)
         safety.record_spend(self.account, cu)
-        safety.record_outcome(True)
+        safety.record_outcome(self.account, True)
 
     def reopen(self) -> None:
         self.book.close()
@@ -134,23 +134,49 @@ def test_per_request_cap_denies_a_spend_above_it(world):
 def test_breaker_opens_on_five_consecutive_errors_and_closes_after_five_minutes(world):
     safety = world.safety()
     for _ in range(4):
-        safety.record_outcome(False)
+        safety.record_outcome(world.account, False)
     safety.check(world.account, 1)  # four is not enough
-    safety.record_outcome(True)  # a success resets the run
+    safety.record_outcome(world.account, True)  # a success resets the run
     for _ in range(4):
-        safety.record_outcome(False)
+        safety.record_outcome(world.account, False)
     safety.check(world.account, 1)
-    safety.record_outcome(False)
+    safety.record_outcome(world.account, False)
     with pytest.raises(BreakerOpen) as denied:
         safety.check(world.account, 1)
     assert denied.value.gate == "circuit_breaker" and "5 consecutive failed requests" in str(denied.value)
-    assert safety.status()["breaker"]["state"] == "open"
+    assert safety.status(world.account)["account_breaker"]["state"] == "open"
+    assert safety.status()["breaker"]["state"] == "closed"  # one account is not the node
     world.clock.advance(5 * MINUTE_MS - 1)
     with pytest.raises(BreakerOpen):
         safety.check(world.account, 1)
     world.clock.advance(1)
     safety.check(world.account, 1)
+    assert safety.status(world.account)["account_breaker"]["state"] == "closed"
+
+
+def test_one_accounts_failures_and_spends_never_lock_out_another(world):
+    safety = world.safety()
+    other = "b" * 64
+    for _ in range(10):
+        safety.record_outcome(world.account, False)
+    for _ in range(40):
+        safety.record_spend(world.account, 1)
+    with pytest.raises(BreakerOpen):
+        safety.check(world.account, 1)
+    safety.check(other, 1)  # the other account's breaker and the node's stay closed
     assert safety.status()["breaker"]["state"] == "closed"
+    assert not safety.breaker_is_open() and safety.breaker_is_open(world.account)
+
+
+def test_the_node_breaker_opens_on_consecutive_failures_from_two_accounts(world):
+    safety = world.safety()
+    accounts = [world.account, "b" * 64]
+    for i in range(5):
+        safety.record_outcome(accounts[i % 2], False)
+    with pytest.raises(BreakerOpen) as denied:
+        safety.check("c" * 64, 1)  # a third account: the node itself is failing
+    assert "from 2 accounts" in str(denied.value)
+    assert safety.status()["breaker"]["state"] == "open"
 
 
 def test_breaker_opens_on_31_spends_in_a_minute(world):
@@ -335,7 +361,7 @@ def test_gates_fire_in_design_order_when_several_would(world):
                       lifetime_budget_cu=3_000, approval_threshold_cu=100)
     safety.kill("everything at once")
     for _ in range(5):
-        safety.record_outcome(False)
+        safety.record_outcome(world.account, False)
     acct, seen = world.account, []
     big = 1_500  # over the cap, the hourly and lifetime budgets, and the approval threshold
     lift = [
@@ -395,13 +421,14 @@ def test_a_gate_that_cannot_decide_denies(world, tmp_path):
 def test_status_reports_everything_the_gates_use(world):
     safety = world.safety()
     world.spend(safety, 40)
-    safety.record_outcome(False)
+    safety.record_outcome(world.account, False)
     safety.kill("look")
     status = safety.status(world.account)
     assert status["gates"] == list(GATES)
     assert status["kill_switch"]["active"] and status["kill_switch"]["reason"] == "look"
     assert status["breaker"]["state"] == "closed" and status["breaker"]["consecutive_errors"] == 1
-    assert status["breaker"]["spends_last_minute"] == 1
+    assert status["account_breaker"]["consecutive_errors"] == 1
+    assert status["account_breaker"]["spends_last_minute"] == 1
     assert status["policy"] == {**LOOSE.to_json(), "source": "defaults"}
     assert status["spent_last_hour_cu"] == 40 and status["spent_lifetime_cu"] == 40
     assert status["pending"] == []

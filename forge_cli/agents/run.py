@@ -1,8 +1,8 @@
 """An agent run inside the node: request → plan → waves of paid tasks → verdicts → one answer.
 
 Every call (coordinator, task, synthesizer) is a real chat completion on the node's engine,
-bought by the run's account through `Node.open`/`Node.settle` — the reservation, the safety
-gates and the dual-signed trade are exactly those of `/v1/chat/completions`. Every step is an
+bought by the run's account in a TradeSession — the reservation, the safety gates and the
+dual-signed trade are exactly those of `/v1/chat/completions`. Every step is an
 `agent` ledger entry whose `parent` is its causal parent:
 
     request ─ plan ─┬─ task ─ result ─ verdict     (one chain per task attempt)
@@ -32,15 +32,15 @@ from forge_cli.agents import plan as plans
 from forge_cli.agents import record
 from forge_cli.errors import (
     ApprovalRequired,
-    EngineBusy,
     ForgeError,
     KillSwitchActive,
     SelfTrade,
     SpendDenied,
     UsageError,
 )
-from forge_cli.ledger import views
 from forge_cli.ledger.entries import Entry, trade_cost
+from forge_cli.trade.seams import Node
+from forge_cli.trade.session import TradeSession
 
 APPROVAL_POLL_S = 0.2
 CONTEXT_CHARS = 1500  # of each earlier result shown to a task or the synthesizer
@@ -89,22 +89,22 @@ def _sha(text: str) -> str:
 
 @dataclass(frozen=True)
 class Remote:
-    """A task placed on a mesh peer: bought like a forwarded request (forge_cli.node.forwarding)."""
+    """A task placed on a mesh peer: bought like a forwarded request (forge_cli.trade.forwarding)."""
 
     name: str
     params: int = 0
 
 
-def remote_models(node: Any) -> set[str]:
+def remote_models(node: Node) -> set[str]:
     """Models that unflagged mesh peers offer and this node does not serve."""
     if node.mesh is None:
         return set()
-    from forge_cli.node import forwarding
+    from forge_cli.trade import forwarding
 
     return {s.model for s in forwarding.all_sellers(node)} - set(node.models)
 
 
-def placement(node: Any, task: plans.Task, default: Any) -> list[Any]:
+def placement(node: Node, task: plans.Task, default: Any) -> list[Any]:
     """Where a task runs, in the order to try: its own model (or the run's), then one stronger
     model (more parameters) to escalate to when the result fails validation.
 
@@ -130,7 +130,7 @@ def check(task: plans.Task, call: Call) -> tuple[bool, str]:
 class Run:
     """One run's state: what it spent, holds and started, and how to record a step."""
 
-    def __init__(self, node: Any, who: Any, model: Any, limits: Limits) -> None:
+    def __init__(self, node: Node, who: Any, model: Any, limits: Limits) -> None:
         self.node, self.who, self.model, self.limits = node, who, model, limits
         self.id = new_run_id()
         self.spent = 0  # CU of settled calls
@@ -143,9 +143,8 @@ class Run:
 
     async def record(self, step: str, parent: int | None, bodies: tuple[bytes, ...] = (),
                      **data: Any) -> Entry:
-        return await self.node.on_ledger(self.node.ledger.append, record.KIND,
-                                         {"run": self.id, "step": step, **data},
-                                         parent=parent, bodies=bodies)
+        return await self.node.append(record.KIND, {"run": self.id, "step": step, **data},
+                                      parent=parent, bodies=bodies)
 
     def _stop(self, gate: str, reason: str, *, own: int = 0) -> None:
         """Remember the first reason to stop (with the other calls in flight) and raise."""
@@ -167,7 +166,7 @@ class Run:
         if isinstance(model, Remote):
             # A peer's advertised price, at the worst reputation surcharge (×2): the quote
             # below can only be lower.
-            from forge_cli.node import forwarding
+            from forge_cli.trade import forwarding
 
             offers = [s.price_ucu_per_token for s in forwarding.sellers(self.node, model.name)]
             price = 2 * max(offers, default=0)
@@ -181,21 +180,21 @@ class Run:
         self.in_flight += 1
         try:
             try:
-                reservation = await self._open(model, max_tokens)
+                session, forward = await self._open(model, messages, max_tokens)
             except SpendDenied as exc:
                 self.calls -= 1
                 self._stop(exc.gate, exc.message, own=1)
-            self.held += reservation.max_cu - hold
-            hold = reservation.max_cu
+            self.held += session.max_cu - hold
+            hold = session.max_cu
             if limits.budget_cu is not None and self.spent + self.held > limits.budget_cu:
                 # The price moved between the estimate and the quote: give the reservation back.
-                await self.node.settle(reservation, None, b"", b"")
+                await session.close()
                 self.calls -= 1
                 self.held -= hold
                 hold = 0
-                self._stop("budget", self._over_budget(reservation.max_cu, label,
+                self._stop("budget", self._over_budget(session.max_cu, label,
                                                        "at the price quoted just now"), own=1)
-            return await self._generate(reservation, messages, max_tokens, label, opened)
+            return await self._generate(session, forward, messages, label, opened)
         finally:
             self.held -= hold
             self.in_flight -= 1
@@ -211,20 +210,31 @@ class Run:
                 f"would exceed the budget of {self.limits.budget_cu:,} CU; {label} was not "
                 "started")
 
-    async def _open(self, model: Any, max_tokens: int) -> Any:
-        """node.open, waiting up to approval_wait_s for a person when a spend needs approval.
-        For a `Remote` model: a peer's quote and a reservation at it (`reservation.remote`)."""
+    async def _open(self, model: Any, messages: list[dict[str, str]],
+                    max_tokens: int) -> tuple[TradeSession, Any]:
+        """An open session for the call, waiting up to approval_wait_s for a person when the
+        spend needs approval. For a `Remote` model: a peer's quote and a session at it, with
+        the forward that buys from the peer."""
+        from forge_cli.trade import forwarding
+        from forge_cli.trade.session import request_bytes
+
+        # Greedy sampling: a plan's results are repeatable, which resume relies on least of all
+        # but tests and audits like.
+        payload = {"model": model.name, "messages": messages, "max_tokens": max_tokens,
+                   "temperature": 0, "seed": 0}
+        request = request_bytes(payload)
         deadline = time.monotonic() + self.limits.approval_wait_s
+        forward = None
+        if isinstance(model, Remote):
+            forward = await forwarding.forward(self.node, self.who, model.name, max_tokens,
+                                               request, self.limits.mode)
+            session = forward.session
+        else:
+            session = self.node.buyer_session(self.who, model=model, max_tokens=max_tokens,
+                                              request=request)
         while True:
             try:
-                if isinstance(model, Remote):
-                    from forge_cli.node import forwarding
-
-                    reservation, seller, quote = await forwarding.reserve(
-                        self.node, self.who, model.name, max_tokens, self.limits.mode)
-                    reservation.remote = (seller, quote)
-                    return reservation
-                return await self.node.open(self.who, model, max_tokens)
+                return await session.open(), forward
             except ApprovalRequired as exc:
                 if time.monotonic() >= deadline:
                     raise
@@ -236,8 +246,7 @@ class Run:
             if self.node.safety_killed():
                 raise KillSwitchActive(f"kill switch: activated while the run waited for "
                                        f"approval {pending.approval_id}")
-            row = self.node.reader.row(views.APPROVALS, (pending.approval_id,))
-            status = row[2] if row is not None else "requested"
+            status = self.node.approval_status(pending.approval_id) or "requested"
             if status == "approved":
                 return
             if status != "requested":
@@ -245,46 +254,34 @@ class Run:
         raise SpendDenied(f"{pending.message}; no one approved it within "
                           f"{self.limits.approval_wait_s} s", gate="approval")
 
-    async def _generate(self, reservation: Any, messages: list[dict[str, str]], max_tokens: int,
-                        label: str, opened: Callable[[Any], Awaitable[None]] | None) -> Call:
+    async def _generate(self, session: TradeSession, forward: Any,
+                        messages: list[dict[str, str]], label: str,
+                        opened: Callable[[Any], Awaitable[None]] | None) -> Call:
         from forge_cli.inference.engine import Sampling
-        from forge_cli.node.service import request_bytes
 
-        node, model = self.node, reservation.model
-        # Greedy sampling: a plan's results are repeatable, which resume relies on least of all
-        # but tests and audits like.
-        sampling = Sampling(max_tokens=max_tokens, temperature=0.0, seed=0)
-        payload = {"model": model.name, "messages": messages, "max_tokens": max_tokens,
-                   "temperature": 0, "seed": 0}
-        pump, pieces, killed, failed = None, [], False, False
+        node = self.node
+        sampling = Sampling(max_tokens=session.max_tokens, temperature=0.0, seed=0)
         try:
-            if opened is not None:
-                await opened(reservation)
-            if reservation.remote is not None:
-                from forge_cli.node import forwarding
-
-                seller, quote = reservation.remote
-                pump = forwarding.RemotePump(forwarding.buyer(node), seller, payload, quote)
-            else:
-                pump = node.pump(model.engine.chat(messages, sampling, block=False))
-            async for piece in pump:
-                if node.safety_killed():
-                    break
-                pieces.append(piece)
-            killed = node.safety_killed()
-        except BaseException as exc:
-            failed = not isinstance(exc, (EngineBusy, KillSwitchActive, asyncio.CancelledError))
-            raise
+            async with session:
+                if opened is not None:
+                    await opened(session)
+                if forward is not None:
+                    pump = forward.start(node, {"messages": messages, "temperature": 0, "seed": 0})
+                else:
+                    pump = node.pump(session.model.engine.chat(messages, sampling, block=False))
+                async for _ in session.run(pump):
+                    pass
+                if not session.killed:
+                    await session.settle()
         finally:
-            completion = await pump.close() if pump is not None else None
-            settled = await node.settle(reservation, None if killed else completion,
-                                        request_bytes(payload), "".join(pieces).encode(),
-                                        failed=failed)
-            self.spent += settled.cu
-        if killed:
+            self.spent += session.settled.cu if session.settled is not None else 0
+        if session.killed:
             self._stop("kill_switch", f"kill switch: activated while {label} was generating; it "
                        "stopped and nothing was charged for it", own=1)
-        return Call("".join(pieces), settled.cu, settled.trade_seq,
+        completion = session.completion
+        settled = session.settled
+        assert settled is not None
+        return Call(session.text, settled.cu, settled.trade_seq,
                     completion.completion_tokens if completion is not None else 0)
 
     # -- recording how it ends ---------------------------------------------------------------
@@ -307,7 +304,7 @@ def _context(request: str, results: list[tuple[str, str]]) -> str:
     return "\n\n".join(parts)
 
 
-async def execute(node: Any, who: Any, request: str, *, model_name: str | None, limits: Limits,
+async def execute(node: Node, who: Any, request: str, *, model_name: str | None, limits: Limits,
                   plan_source: str | dict[str, Any] | list[Any] | None = None,
                   resume: dict[str, Any] | None = None) -> str:
     """Run an agent request to its end (answer, stop or error), recording every step.
@@ -339,7 +336,7 @@ async def execute(node: Any, who: Any, request: str, *, model_name: str | None, 
                 await run.record("task", run.plan_seq, task=task.id, wave=wave_no, attempt=0,
                                  model=None, deps=list(task.deps), inputs=[], max_cu=None,
                                  reuse=verdict_seq)
-                text = node.reader.body(node.reader.entry(result_seq).data["result_sha256"])
+                text = node.entry_body(result_seq, "result_sha256")
                 results[task.id] = (result_seq, (text or b"").decode("utf-8", "replace"))
         todo = [t for t in wave if t.id not in reused]
         gate = asyncio.Semaphore(limits.concurrency)

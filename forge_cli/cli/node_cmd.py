@@ -53,9 +53,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
              *, mesh: bool, interfaces: list[str] | None = None,
              peers: list[str] | None = None) -> None:
     """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers)."""
-    from forge_cli import identity
-    from forge_cli.node.app import check_bind, load_models, serve
-    from forge_cli.node.service import Node
+    from forge_cli.node.app import check_bind, serve
+    from forge_cli.trade.build import build_node
 
     settings = config.load()
     host = host or settings["node.host"]
@@ -63,22 +62,10 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     home = config.ensure_home()
     token_file = home / "api_token"
     check_bind(host, token_file)
-    signer = identity.load_or_create()
-    models = load_models(model or [settings["models.default"]], n_ctx=settings["models.n_ctx"],
-                         queue=settings["node.queue"])
-    node_ = Node(home=home, ledger_path=config.ledger_path(ledger), signer=signer, models=models)
-    if mesh:
-        from forge_cli.mesh.discovery import Mesh, Offer
-
-        node_.mesh = Mesh(signer.node_id, lambda: [Offer.from_json(o) for o in node_.offers()],
-                          interfaces=interfaces or settings["mesh.interfaces"],
-                          static_peers=[*settings["mesh.peers"], *(peers or [])],
-                          mdns=settings["mesh.mdns"], probe_s=settings["mesh.probe_s"],
-                          expire_s=settings["mesh.expire_s"])
-        from forge_cli.mesh.gossip import Gossip
-
-        node_.gossip = Gossip(node_.network, node_.mesh, round_s=settings["mesh.gossip_s"],
-                              batch=settings["mesh.gossip_batch"])
+    node_ = build_node(settings, models=model or [settings["models.default"]],
+                       ledger_path=config.ledger_path(ledger), mesh=mesh,
+                       interfaces=interfaces, peers=peers)
+    signer, models = node_.signer, list(node_.models.values())
 
     def announce(site) -> None:  # noqa: ANN001
         bound = site._server.sockets[0].getsockname()  # the real port when 0 was asked

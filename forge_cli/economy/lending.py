@@ -55,9 +55,12 @@ class Lending:
     thread only. `safety` is an `economy.safety.Safety` (or None in pure ledger tests)."""
 
     def __init__(self, ledger: Ledger, safety: Any, *, clock: Callable[[], int],
-                 host: str | None = None, rules: Rules = Rules()) -> None:
+                 host: str | None = None, rules: Rules = Rules(), wallet: Any = None) -> None:
         self.ledger = ledger
         self.safety = safety
+        # forge_cli.trade.wallet.Wallet: CU held by purchases in flight is not there to lend
+        # (None in pure ledger tests, where nothing is held).
+        self.wallet = wallet
         self.clock = clock
         self.host = host
         self.rules = rules
@@ -137,6 +140,9 @@ class Lending:
             self.safety.check(account, cu)
 
     def _funds(self, account: str, cu: int, what: str) -> None:
+        if self.wallet is not None:
+            self.wallet.check_available(account, cu, f"the {_cu(cu)} {what}")
+            return
         balance = self.ledger.balance(account)
         if balance < cu:
             raise InsufficientCU(f"balance: {_cu(balance)} is below the {_cu(cu)} {what}")

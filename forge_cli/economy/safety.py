@@ -9,8 +9,10 @@ memory (the window is rebuilt from the last hour of trades when a Safety is made
 Defaults (config keys `safety.*`; a `policy` entry for an account or for '*' replaces them):
 per-request cap 5,000 CU, hourly budget 20,000 CU, lifetime budget 200,000 CU, approval above
 2,000 CU (below the cap, so every gate can fire), approval requests lapse after 15 minutes.
-The breaker is one per node: it opens after 5 consecutive failed requests or more than 30
-spends in a minute, and closes again 5 minutes after it opened. If a gate cannot decide (an
+The breaker is one per account: it opens after 5 consecutive failed requests of that account or
+more than 30 of its spends in a minute, and closes again 5 minutes after it opened. A node-wide
+breaker opens on 5 consecutive failures only when they came from at least two accounts (the
+node's own fault), so no single account can lock out the others. If a gate cannot decide (an
 unexpected error inside it), the spend is denied and the denial names that gate.
 """
 
@@ -101,6 +103,42 @@ def _short(account: str) -> str:
     return account if account == "*" else account[:16] + "…"
 
 
+class Breaker:
+    """One breaker's state: consecutive failures, spends in the last minute, when it opened."""
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.minute: deque[int] = deque()  # ts of every spend in the last minute
+        self.tripped_at: int | None = None
+        self.reason = ""
+
+    def spends(self, now: int) -> int:
+        while self.minute and self.minute[0] <= now - MINUTE_MS:
+            self.minute.popleft()
+        return len(self.minute)
+
+    def trip(self, now: int, reason: str) -> None:
+        if self.tripped_at is None:
+            self.tripped_at, self.reason = now, reason
+
+    def is_open(self, now: int, rules: BreakerRules) -> bool:
+        if self.tripped_at is not None and now >= self.tripped_at + rules.reset_after_ms:
+            self.tripped_at, self.reason, self.errors = None, "", 0
+            self.minute.clear()
+        return self.tripped_at is not None
+
+    def quiet(self) -> bool:
+        return self.tripped_at is None and not self.errors and not self.minute
+
+    def describe(self, now: int, rules: BreakerRules) -> dict[str, Any]:
+        open_ = self.is_open(now, rules)
+        return {"state": "open" if open_ else "closed", "reason": self.reason,
+                "opened_ms": self.tripped_at,
+                "closes_ms": None if self.tripped_at is None
+                else self.tripped_at + rules.reset_after_ms,
+                "consecutive_errors": self.errors, "spends_last_minute": self.spends(now)}
+
+
 class Safety:
     """The gates over one open writer Ledger; thread-safe (one lock around every decision).
 
@@ -119,10 +157,9 @@ class Safety:
         self._lock = threading.RLock()
         self._hour: dict[str, deque[tuple[int, int]]] = {}  # account → (ts, cu), oldest first
         self._hour_sum: dict[str, int] = {}
-        self._minute: deque[int] = deque()  # ts of every spend in the last minute
-        self._errors = 0
-        self._tripped_at: int | None = None
-        self._trip_reason = ""
+        self._breakers: dict[str, Breaker] = {}  # per account
+        self._node = Breaker()  # the node's own faults: failures from two accounts or more
+        self._node_failing: set[str] = set()  # accounts in the node's current failure run
         self._load_recent_trades()
 
     # -- the hourly window -----------------------------------------------------------------
@@ -151,7 +188,7 @@ class Safety:
     def _add_spend(self, account: str, cu: int, ts: int) -> None:
         self._hour.setdefault(account, deque()).append((ts, cu))
         self._hour_sum[account] = self._hour_sum.get(account, 0) + cu
-        self._minute.append(ts)
+        self._breaker(account).minute.append(ts)
 
     def _spent_last_hour(self, account: str, now: int) -> int:
         window = self._hour.get(account)
@@ -164,44 +201,58 @@ class Safety:
             return 0
         return self._hour_sum[account]
 
-    def _spends_last_minute(self, now: int) -> int:
-        while self._minute and self._minute[0] <= now - MINUTE_MS:
-            self._minute.popleft()
-        return len(self._minute)
+    def _breaker(self, account: str) -> Breaker:
+        found = self._breakers.get(account)
+        if found is None:
+            found = self._breakers[account] = Breaker()
+            if len(self._breakers) > 100_000:  # bounded memory: forget closed, quiet breakers
+                for key in [k for k, b in self._breakers.items() if b.quiet()][:50_000]:
+                    del self._breakers[key]
+        return found
 
-    # -- the breaker -----------------------------------------------------------------------
+    # -- the breakers ----------------------------------------------------------------------
 
-    def _trip(self, now: int, reason: str) -> None:
-        if self._tripped_at is None:
-            self._tripped_at, self._trip_reason = now, reason
-
-    def _breaker_open(self, now: int) -> bool:
-        if self._tripped_at is not None and now >= self._tripped_at + self.rules.reset_after_ms:
-            self._tripped_at, self._trip_reason, self._errors = None, "", 0
-            self._minute.clear()
-        return self._tripped_at is not None
-
-    def breaker_is_open(self) -> bool:
+    def breaker_is_open(self, account: str | None = None) -> bool:
+        """The node-wide breaker, or with `account` that account's (or the node's)."""
         with self._lock:
-            return self._breaker_open(self.clock())
+            now = self.clock()
+            if self._node.is_open(now, self.rules):
+                return True
+            found = self._breakers.get(account) if account is not None else None
+            return found is not None and found.is_open(now, self.rules)
 
     def record_spend(self, account: str, cu: int) -> None:
-        """Count a spend that happened (the trade's CU) in the hourly window and the breaker."""
+        """Count a spend that happened (the trade's CU) in the hourly window and its breaker."""
         with self._lock:
             now = self.clock()
             self._add_spend(account, cu, now)
-            count = self._spends_last_minute(now)
+            breaker = self._breaker(account)
+            count = breaker.spends(now)
             if count > self.rules.max_spends_per_minute:
-                self._trip(now, f"{count} spends in the last minute (more than "
-                                f"{self.rules.max_spends_per_minute})")
+                breaker.trip(now, f"{count} spends in the last minute by account "
+                                  f"{_short(account)} (more than "
+                                  f"{self.rules.max_spends_per_minute})")
 
-    def record_outcome(self, ok: bool) -> None:
-        """Tell the breaker how a request ended; consecutive failures open it."""
+    def record_outcome(self, account: str, ok: bool) -> None:
+        """Tell the breakers how one of `account`'s requests ended: consecutive failures open
+        the account's breaker, and the node's when they came from two accounts or more."""
         with self._lock:
             now = self.clock()
-            self._errors = 0 if ok else self._errors + 1
-            if self._errors >= self.rules.max_consecutive_errors:
-                self._trip(now, f"{self._errors} consecutive failed requests")
+            limit = self.rules.max_consecutive_errors
+            breaker = self._breaker(account)
+            breaker.errors = 0 if ok else breaker.errors + 1
+            if breaker.errors >= limit:
+                breaker.trip(now, f"{breaker.errors} consecutive failed requests of account "
+                                  f"{_short(account)}")
+            if ok:
+                self._node.errors = 0
+                self._node_failing.clear()
+                return
+            self._node.errors += 1
+            self._node_failing.add(account)
+            if self._node.errors >= limit and len(self._node_failing) >= 2:
+                self._node.trip(now, f"{self._node.errors} consecutive failed requests from "
+                                     f"{len(self._node_failing)} accounts")
 
     # -- policies --------------------------------------------------------------------------
 
@@ -339,7 +390,7 @@ class Safety:
             gates: tuple[tuple[str, Callable[[], None]], ...] = (
                 ("kill_switch", self._gate_kill),
                 ("per_request_cap", lambda: self._gate_cap(account, cu, limits())),
-                ("circuit_breaker", lambda: self._gate_breaker(now)),
+                ("circuit_breaker", lambda: self._gate_breaker(account, now)),
                 ("hourly_budget", lambda: self._gate_hourly(account, cu, now, limits())),
                 ("lifetime_budget", lambda: self._gate_lifetime(account, cu, limits())),
                 ("approval", lambda: self._gate_approval(account, cu, now, limits())),
@@ -369,12 +420,13 @@ class Safety:
                 f"{_cu(policy.per_request_cap_cu)} for account {_short(account)}",
                 hint="ask for fewer tokens, or raise it with `forge safety policy set --cap N`")
 
-    def _gate_breaker(self, now: int) -> None:
-        if self._breaker_open(now):
-            assert self._tripped_at is not None
-            wait_s = -(-(self._tripped_at + self.rules.reset_after_ms - now) // 1000)
-            raise BreakerOpen(f"circuit breaker: open after {self._trip_reason}; it closes by "
-                              f"itself in {wait_s} s")
+    def _gate_breaker(self, account: str, now: int) -> None:
+        for breaker in (self._node, self._breakers.get(account)):
+            if breaker is not None and breaker.is_open(now, self.rules):
+                assert breaker.tripped_at is not None
+                wait_s = -(-(breaker.tripped_at + self.rules.reset_after_ms - now) // 1000)
+                raise BreakerOpen(f"circuit breaker: open after {breaker.reason}; it closes by "
+                                  f"itself in {wait_s} s")
 
     def _gate_hourly(self, account: str, cu: int, now: int, policy: Policy) -> None:
         spent = self._spent_last_hour(account, now)
@@ -422,21 +474,14 @@ class Safety:
         """Everything the gates decide from, for `GET /v1/forge/safety` and `forge safety status`."""
         with self._lock:
             now = self.clock()
-            open_ = self._breaker_open(now)
             policy, source = self.policy_for(account or "*")
             out: dict[str, Any] = {
                 "gates": list(GATES),
                 "kill_switch": self.kill_state(),
-                "breaker": {
-                    "state": "open" if open_ else "closed",
-                    "reason": self._trip_reason,
-                    "opened_ms": self._tripped_at,
-                    "closes_ms": None if self._tripped_at is None
-                    else self._tripped_at + self.rules.reset_after_ms,
-                    "consecutive_errors": self._errors,
-                    "spends_last_minute": self._spends_last_minute(now),
-                    **asdict(self.rules),
-                },
+                "breaker": {**self._node.describe(now, self.rules), "scope": "node",
+                            "open_accounts": sum(1 for b in self._breakers.values()
+                                                 if b.is_open(now, self.rules)),
+                            **asdict(self.rules)},
                 "policy": {**policy.to_json(), "source": source},
                 "defaults": self.defaults.to_json(),
                 "policies": [
@@ -448,5 +493,7 @@ class Safety:
             }
             if account is not None:
                 out.update(account=account, spent_last_hour_cu=self._spent_last_hour(account, now),
-                           spent_lifetime_cu=self.spent_lifetime(account))
+                           spent_lifetime_cu=self.spent_lifetime(account),
+                           account_breaker={**self._breaker(account).describe(now, self.rules),
+                                            "scope": "account"})
             return out

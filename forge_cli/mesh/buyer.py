@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forge_cli import identity
-from forge_cli.errors import ForgeError, InsufficientCU, ProviderFailed, TermsRejected
+from forge_cli.errors import InsufficientCU, ProviderFailed, TermsRejected
 from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
+from forge_cli.trade.session import failed
 
-FREE_TIER_CU = 1000
+if TYPE_CHECKING:
+    from forge_cli.trade.wallet import Wallet
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,11 @@ class Seller:
         return f"{self.node_id[:12]}… at {self.url}"
 
 
-def offered(mesh: Any, ledger: Any) -> list[Seller]:
+def offered(mesh: Any, reputation: Callable[[str], int]) -> list[Seller]:
     """Every priced offer of every trusted peer (no flag, a node id no other peer shows, not
-    our own), with the reputation `ledger` gives the peer."""
-    from forge_cli.economy.credit import account_reputation
-
+    our own), with the reputation this node gives the peer."""
     return [Seller(peer.node_id, peer.url, offer.model, offer.params, offer.price_ucu_per_token,
-                   account_reputation(ledger, peer.node_id))
+                   reputation(peer.node_id))
             for peer in mesh.trusted_peers() if peer.node_id != mesh.node_id
             for offer in peer.offers if offer.price_ucu_per_token > 0]
 
@@ -68,61 +68,15 @@ class Purchase:
         return self.terms["cu"]
 
 
-class LedgerWallet:
-    """The consumer's account in its own ledger: free tier, balance, safety gates, the record.
-
-    `run` executes a blocking function where the ledger may be used (the node's ledger
-    thread, or a one-thread executor in `forge worker`).
-    """
-
-    def __init__(self, ledger: Any, safety: Any, signer: identity.Identity,
-                 run: Callable[..., Awaitable[Any]]) -> None:
-        self.ledger = ledger
-        self.safety = safety
-        self.signer = signer
-        self.account = signer.node_id
-        self.run = run
-        self.reserved = 0
-
-    def _prepare(self, max_cu: int) -> None:
-        if not self.ledger.has_account(self.account):
-            self.ledger.append("grant", {"account": self.account, "cu": FREE_TIER_CU,
-                                         "reason": "free tier"})
-        available = self.ledger.balance(self.account) - self.reserved
-        if available < max_cu:
-            raise InsufficientCU(f"balance: {available:,} CU available is below the quote of "
-                                 f"{max_cu:,} CU", hint="ask for fewer tokens (-n), or earn CU "
-                                 "by selling with `forge seed`")
-        self.safety.check(self.account, max_cu)
-        self.reserved += max_cu
-
-    async def prepare(self, max_cu: int) -> None:
-        """Every spend gate, then hold `max_cu` until `release`."""
-        await self.run(self._prepare, max_cu)
-
-    def release(self, max_cu: int) -> None:
-        self.reserved -= max_cu
-
-    def _record(self, data: dict[str, Any], request: bytes, response: bytes) -> tuple[int, int]:
-        entry = self.ledger.append("trade", data, bodies=[request, response])
-        self.safety.record_spend(self.account, data["terms"]["cu"])
-        self.safety.record_outcome(True)
-        return entry.seq, self.ledger.balance(self.account)
-
-    async def record(self, data: dict[str, Any], request: bytes, response: bytes) -> tuple[int, int]:
-        return await self.run(self._record, data, request, response)
-
-    async def failed(self) -> None:
-        await self.run(self.safety.record_outcome, False)
-
-
 class Buyer:
-    """Buys inference from sellers with `wallet`'s account; one aiohttp session for all."""
+    """Buys inference from sellers with `signer`'s account, spending through `wallet` (the
+    node's or the worker's Wallet); one aiohttp session for all."""
 
-    def __init__(self, wallet: LedgerWallet, session: Any,
+    def __init__(self, wallet: Wallet, signer: identity.Identity, session: Any,
                  clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
         self.wallet = wallet
-        self.signer = wallet.signer
+        self.signer = signer
+        self.account = signer.node_id
         self.session = session
         self.clock = clock
 
@@ -172,14 +126,20 @@ class Buyer:
         if max_cu is not None and quote["max_cu"] > max_cu:
             raise InsufficientCU(f"provider {seller.short()} quotes up to {quote['max_cu']} CU, "
                                  f"above the limit of {max_cu} CU")
-        await self.wallet.prepare(quote["max_cu"])
+        hold = await self.wallet.reserve(
+            self.account, quote["max_cu"],
+            what=f"the quote of {quote['max_cu']:,} CU from provider {seller.short()}",
+            hint="ask for fewer tokens (-n), or earn CU by selling with `forge seed`")
         try:
-            return await self._buy(seller, payload, signed_quote, on_piece, started)
-        except ForgeError:
-            await self.wallet.failed()
+            purchase = await self._buy(seller, payload, signed_quote, on_piece, started)
+        except BaseException as exc:
+            if failed(exc):
+                self.wallet.safety.record_outcome(self.account, False)
             raise
         finally:
-            self.wallet.release(quote["max_cu"])
+            hold.release()
+        self.wallet.safety.record_outcome(self.account, True)
+        return purchase
 
     async def _buy(self, seller: Seller, payload: dict[str, Any], signed_quote: dict[str, Any],
                    on_piece: Callable[[str], Any] | None, started: float) -> Purchase:
@@ -246,7 +206,9 @@ class Buyer:
         data = {"terms": terms, "provider_sig": provider_sig,
                 "consumer_sig": self.signer.sign(entries.trade_message(terms)).hex()}
         ack = await self._post(seller, "/v1/forge/p2p/settle", data)
-        seq, balance = await self.wallet.record(data, request_bytes, text.encode())
+        entry = await self.wallet.run(self.wallet.record_trade, data,
+                                      [request_bytes, text.encode()])
+        seq, balance = entry.seq, self.wallet.balance(self.account)
         done = time.perf_counter()
         return Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,
                         first if first is not None else 0.0, done - started, last,

@@ -1,10 +1,12 @@
 """The provider's side of a peer-to-peer trade (see `forge_cli.mesh.protocol`).
 
-A peer consumer is a remote account (its node id). The provider judges it by its own ledger:
-a free-tier grant of 1000 CU the first time (at most `STRANGERS` accounts living on the free
-tier at once, against Sybil floods), plus what it earned and minus what it spent in trades
-this node recorded; and by the same safety gates as a local account. Served terms wait for
-the consumer's countersignature; terms not countersigned within `settle_ms` become an
+A peer consumer is a remote account (its node id). The provider judges it by its own ledger
+through the node's Wallet: the peer free tier (at most `mesh.strangers` accounts living on it
+at once, against Sybil floods), plus what it earned and minus what it spent in trades this node
+recorded; by its network view; by the terms it left unsigned (at most `mesh.max_unsettled`
+sales served and never countersigned, then it is refused); and by the same safety gates as a
+local account. Each sale is a TradeSession. Served terms wait for the consumer's
+countersignature, holding the reservation; terms not countersigned within `settle_ms` become an
 `unsettled` entry: no CU moves, the nonce is spent, the consumer's reputation drops.
 """
 
@@ -16,31 +18,22 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import (
     BadIntent,
     ForgeError,
     InsufficientCU,
     KillSwitchActive,
     Replay,
-    SpendDenied,
     UnknownModel,
+    UnsettledExposure,
 )
-from forge_cli.ledger import entries, views
+from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
+from forge_cli.trade.seams import Node
+from forge_cli.trade.session import Settled, TradeSession
+from forge_cli.trade.wallet import FREE_TIER_CU, Hold
 
 log = logging.getLogger("forge.mesh")
-
-FREE_TIER_CU = 1000
-PEER_GRANT_REASON = "free tier (peer)"
-STRANGERS = 50
-
-
-class TooManyStrangers(SpendDenied):
-    """Already `STRANGERS` peer accounts live on this node's free tier."""
-
-    http_status = 429
-    gate = "rate_limit"
 
 
 @dataclass
@@ -51,7 +44,8 @@ class Sale:
     request: bytes
     body: dict[str, Any]
     model: Any  # LoadedModel
-    reservation: Any = None
+    session: TradeSession | None = None
+    data: dict[str, Any] | None = None  # the signed terms, once served
 
     @property
     def quote(self) -> dict[str, Any]:
@@ -68,18 +62,18 @@ class Pending:
     request: bytes
     response: bytes
     deadline_ms: int
-    reserved_cu: int  # held against the consumer's balance until settled or expired
+    hold: Hold | None  # the consumer's reservation, until settled or expired
 
 
 class Sales:
     """Quotes, admission, terms and settlement for one node (its event loop's side)."""
 
-    def __init__(self, node: Any, *, settle_ms: int = 30_000) -> None:
+    def __init__(self, node: Node, *, settle_ms: int = 30_000, max_unsettled: int = 3) -> None:
         self.node = node
         self.settle_ms = settle_ms
+        self.max_unsettled = max_unsettled
         self.open: set[tuple[str, str]] = set()  # nonces admitted and not yet settled/expired
         self.pending: dict[tuple[str, str], Pending] = {}
-        self._strangers: set[str] | None = None
 
     # -- quote -------------------------------------------------------------------------------
 
@@ -95,7 +89,7 @@ class Sales:
         if max_tokens > model.engine.n_ctx:
             raise BadIntent(f"max_tokens must be at most {model.engine.n_ctx}")
         base = self.node.quote(model)
-        reputation = account_reputation(self.node.reader, consumer)
+        reputation = self.node.reputation(consumer)
         price = protocol.p2p_price(base, reputation)
         quote = {"provider": self.node.node_id, "consumer": consumer, "model": model.name,
                  "model_sha256": model.sha256, "price_ucu_per_token": price,
@@ -133,33 +127,54 @@ class Sales:
             raise BadIntent("intent refused: request_sha256 does not match the request sent")
         try:
             parsed = json.loads(request)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadIntent(f"request is not valid JSON: {exc}") from None
         if not isinstance(parsed, dict) or parsed.get("max_tokens") != quote["max_tokens"]:
             raise BadIntent("request.max_tokens must equal the quote's max_tokens")
         key = (quote["consumer"], intent["nonce"])
         if key in self.open or key in self.pending:
             raise Replay(f"nonce {intent['nonce']!r} is already in use by this consumer")
-        seen = self.node.reader.row(views.TRADE_NONCES, key)
+        seen = self.node.nonce_seq(*key)
         if seen is not None:
             raise Replay(f"nonce {intent['nonce']!r} of this consumer was already used at seq "
-                         f"{seen[0]} (replay)")
+                         f"{seen} (replay)")
         return Sale(intent, raw, parsed, model)
 
-    async def open_sale(self, sale: Sale) -> None:
-        """Balance as this node sees the consumer, and every safety gate; then reserve."""
+    async def open_sale(self, sale: Sale) -> TradeSession:
+        """The consumer's exposure, its balance as this node sees it, every safety gate; then
+        reserve at the quoted price (a session that settles as held terms)."""
         if self.node.safety_killed():
             raise KillSwitchActive("kill switch: this node is not trading", gate="kill_switch")
+        consumer = sale.quote["consumer"]
+        self._check_exposure(consumer)
         await self._check_network_balance(sale)
         self.open.add(sale.key)
+        session = self.node.session(
+            account=consumer, label=f"peer {consumer[:12]}", model=sale.model,
+            max_tokens=sale.quote["max_tokens"], request=sale.request,
+            settle=lambda s, completion: self._serve_terms(sale, s, completion),
+            price=sale.quote["price_ucu_per_token"], peer=True, pay_partial=False)
         try:
-            sale.reservation = await self.node.reserve(
-                sale.quote["consumer"], f"peer {sale.quote['consumer'][:12]}", sale.model,
-                sale.quote["max_tokens"], price=sale.quote["price_ucu_per_token"],
-                grant=self._grant_stranger)
+            await session.open()
         except BaseException:
             self.open.discard(sale.key)
             raise
+        sale.session = session
+        return session
+
+    def _check_exposure(self, consumer: str) -> None:
+        """Terms a consumer never countersigned are debt against it here: past a small
+        exposure (recorded unsettled + served and waiting + being served) it is refused."""
+        unsettled = self.node.unsettled_count(consumer)
+        waiting = sum(1 for key in self.pending if key[0] == consumer)
+        serving = sum(1 for key in self.open if key[0] == consumer) - waiting
+        if unsettled + waiting + serving >= self.max_unsettled:
+            raise UnsettledExposure(
+                f"exposure: consumer {consumer[:12]}… has {unsettled} sale(s) it never "
+                f"countersigned at this node, {waiting} waiting for its countersignature and "
+                f"{serving} being served; at most {self.max_unsettled} may be outstanding, so "
+                "this node sells it nothing more", gate="exposure",
+                hint="countersign the terms this node served (unsigned terms are debt here)")
 
     async def _check_network_balance(self, sale: Sale) -> None:
         """DESIGN §7: the consumer as this node's network view sees it — the free tier plus
@@ -168,12 +183,12 @@ class Sales:
         This can only lower what this node extends (its own ledger must also cover the trade,
         or conservation would break), so trades two colluding keys sign to each other earn
         nothing here; they only make a spender poorer."""
-        network = getattr(self.node, "network", None)
+        network = self.node.network
         if network is None:
             return
         consumer = sale.quote["consumer"]
         seen = FREE_TIER_CU + await asyncio.to_thread(network.balance, consumer)
-        available = seen - self.node.reserved.get(consumer, 0)
+        available = seen - self.node.wallet.held(consumer)
         if available < sale.quote["max_cu"]:
             raise InsufficientCU(
                 f"balance: {max(0, available):,} CU available to {consumer[:12]}… as this node's "
@@ -181,28 +196,12 @@ class Sales:
                 f"{network.count():,} verified trades) is below the quote of "
                 f"{sale.quote['max_cu']:,} CU")
 
-    def _grant_stranger(self, account: str) -> None:
-        """The free tier for a new peer account, unless too many strangers live on it."""
-        ledger = self.node.ledger
-        if ledger.has_account(account):
-            return
-        if self._strangers is None:
-            self._strangers = {e.data["account"] for e in ledger.iter_newest("grant")
-                               if e.data.get("reason") == PEER_GRANT_REASON}
-        living = [a for a in self._strangers
-                  if (ledger.row(views.TRADE_TOTALS, (a,)) or (0, 0, 0))[1] == 0]
-        if len(living) >= STRANGERS:
-            raise TooManyStrangers(f"this node already carries {len(living)} peer accounts on "
-                                   "its free tier; new peers are refused until some earn CU",
-                                   gate="rate_limit")
-        ledger.append("grant", {"account": account, "cu": FREE_TIER_CU,
-                                "reason": PEER_GRANT_REASON})
-        self._strangers.add(account)
-
     # -- terms and settlement ----------------------------------------------------------------
 
-    def terms(self, sale: Sale, completion: Any, response: bytes) -> dict[str, Any]:
-        """Sign the terms for what was produced and hold them for the countersignature."""
+    async def _serve_terms(self, sale: Sale, session: TradeSession,
+                           completion: Any) -> Settled:
+        """The session's settlement: sign the terms for what was produced and hold them, and
+        the consumer's reservation, for the countersignature."""
         quote = sale.quote
         tokens = completion.completion_tokens if completion is not None else 0
         terms = {
@@ -211,23 +210,21 @@ class Sales:
             "prompt_tokens": completion.prompt_tokens if completion is not None else 0,
             "completion_tokens": tokens, "price_ucu_per_token": quote["price_ucu_per_token"],
             "cu": entries.trade_cost(tokens, quote["price_ucu_per_token"]),
-            "request_sha256": sale.intent["request_sha256"], "response_sha256": protocol.sha256_hex(response),
+            "request_sha256": sale.intent["request_sha256"],
+            "response_sha256": protocol.sha256_hex(session.response),
             "nonce": sale.intent["nonce"], "ts": self.node.clock(),
         }
-        data = {"terms": terms,
-                "provider_sig": self.node.signer.sign(entries.trade_message(terms)).hex()}
-        self.pending[sale.key] = Pending(data, sale.request, response,
-                                         self.node.clock() + self.settle_ms,
-                                         sale.reservation.max_cu)
-        self.node.done_generating()  # its CU stays held until settled or expired
-        return data
+        sale.data = {"terms": terms,
+                     "provider_sig": self.node.signer.sign(entries.trade_message(terms)).hex()}
+        self.pending[sale.key] = Pending(sale.data, sale.request, session.response,
+                                         self.node.clock() + self.settle_ms, session.keep_hold())
+        return Settled(terms["cu"], quote["price_ucu_per_token"], 0, None)
 
-    async def abandon(self, sale: Sale) -> None:
-        """Nothing was served (an error, the kill switch): release and forget the nonce."""
-        self.open.discard(sale.key)
-        if sale.reservation is not None:
-            self.node.release(sale.reservation.account, sale.reservation.max_cu)
-            self.node.done_generating()
+    def abandon(self, sale: Sale) -> None:
+        """Nothing was served (an error, the kill switch): forget the nonce (the session
+        released the reservation)."""
+        if sale.key not in self.pending:
+            self.open.discard(sale.key)
 
     async def settle(self, body: dict[str, Any]) -> entries.Entry:
         """The consumer's countersignature: check it against the held terms and record."""
@@ -238,9 +235,9 @@ class Sales:
         key = (terms["consumer"], terms["nonce"])
         pending = self.pending.get(key)
         if pending is None:
-            seen = self.node.reader.row(views.TRADE_NONCES, key)
+            seen = self.node.nonce_seq(*key)
             if seen is not None:
-                raise Replay(f"these terms were already recorded at seq {seen[0]}")
+                raise Replay(f"these terms were already recorded at seq {seen}")
             raise BadIntent("no served terms wait for this countersignature (unknown nonce)")
         if terms != pending.data["terms"] or body.get("provider_sig") != pending.data["provider_sig"]:
             raise BadIntent("the terms countersigned are not the terms this node signed")
@@ -256,16 +253,13 @@ class Sales:
         """Append the trade (or the unsettled terms), then let go of the reserved CU."""
         try:
             if kind == "trade":
-                return await self.node.on_ledger(self._append_trade, data, pending)
-            return await self.node.on_ledger(self.node.ledger.append, "unsettled", data)
+                return await self.node.on_ledger(self.node.wallet.record_trade, data,
+                                                 [pending.request, pending.response])
+            return await self.node.append("unsettled", data)
         finally:
             self.open.discard(key)
-            self.node.release(key[0], pending.reserved_cu)
-
-    def _append_trade(self, data: dict[str, Any], pending: Pending) -> entries.Entry:
-        entry = self.node.ledger.append("trade", data, bodies=[pending.request, pending.response])
-        self.node.safety.record_spend(data["terms"]["consumer"], data["terms"]["cu"])
-        return entry
+            if pending.hold is not None:
+                pending.hold.release()
 
     async def expire(self, *, everything: bool = False) -> list[entries.Entry]:
         """Record terms whose countersignature did not come in time as `unsettled`."""
@@ -293,4 +287,4 @@ def _verify(node_id: str, message: bytes, sig: str) -> bool:
     return identity.verify_hex(node_id, message, sig)
 
 
-__all__ = ["Sale", "Sales", "TooManyStrangers"]
+__all__ = ["Sale", "Sales"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from forge_cli import config, identity
 from forge_cli.errors import LedgerLocked, MeshError, NoProvider
-from forge_cli.mesh.buyer import Buyer, LedgerWallet, Purchase, Seller, choose, offered
+from forge_cli.mesh.buyer import Buyer, Purchase, Seller, choose, offered
 
 
 class Worker:
@@ -62,8 +62,12 @@ class Worker:
                          probe_s=1, expire_s=settings["mesh.expire_s"])
         await self.mesh.start(None)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        wallet = LedgerWallet(self.ledger, self.safety, self.signer, self._run)
-        self.buyer = Buyer(wallet, self.session)
+        from forge_cli.economy.credit import account_reputation
+        from forge_cli.trade.wallet import Wallet
+
+        self.reputation = lambda account: account_reputation(self.ledger, account)
+        self.wallet = Wallet(self.ledger, self.safety, self._run, clock=clock)
+        self.buyer = Buyer(self.wallet, self.signer, self.session)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -72,12 +76,13 @@ class Worker:
         self._pool.shutdown(wait=True)
         self.ledger.close()
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                lambda: fn(*args, **kwargs))
 
     def sellers(self, model: str | None = None, seller: str | None = None) -> list[Seller]:
         """Offers of trusted peers, of `model` (any when None), from `seller` (an id prefix)."""
-        return [s for s in offered(self.mesh, self.ledger)
+        return [s for s in offered(self.mesh, self.reputation)
                 if model in (None, s.model) and (not seller or s.node_id.startswith(seller))]
 
     async def find(self, model: str | None = None, seller: str | None = None,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -24,10 +24,13 @@ from forge_cli.node import (
     routes_system,
 )
 from forge_cli.node.events import EventBus
-from forge_cli.node.service import LoadedModel, Node
+
+if TYPE_CHECKING:
+    from forge_cli.trade.node import Node
 from forge_cli.node.web import (
     MAX_BODY,
     NODE,
+    OPENAPI,
     AuthThrottle,
     Route,
     auth_middleware,
@@ -40,7 +43,7 @@ ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_le
                        *routes_p2p.ROUTES, *routes_gossip.ROUTES, *routes_system.ROUTES,
                        *routes_agent.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-TIMERS = web.AppKey("timers", list)
+TIMERS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("timers")
 
 
 def make_app(node: Node) -> web.Application:
@@ -49,7 +52,7 @@ def make_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware(AuthThrottle(), public)],
                           client_max_size=MAX_BODY)
     app[NODE] = node
-    app["openapi"] = openapi(ROUTES)
+    app[OPENAPI] = openapi(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 
@@ -58,7 +61,8 @@ def make_app(node: Node) -> web.Application:
         from forge_cli import config
         from forge_cli.mesh.seller import Sales
 
-        node.sales = Sales(node, settle_ms=config.get("mesh.settle_s") * 1000)
+        node.sales = Sales(node, settle_ms=config.get("mesh.settle_s") * 1000,
+                           max_unsettled=config.get("mesh.max_unsettled"))
         app[TIMERS] = [asyncio.create_task(routes_lending.sweeper(node)),
                        asyncio.create_task(routes_lending.heartbeats(node)),
                        asyncio.create_task(routes_p2p.expiry_sweeper(node))]
@@ -80,21 +84,6 @@ def make_app(node: Node) -> web.Application:
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
     return app
-
-
-def load_models(names: list[str], *, n_ctx: int, queue: int = 16) -> list[LoadedModel]:
-    from forge_cli.inference import catalog, gguf_meta
-    from forge_cli.inference.engine import Engine
-
-    loaded = []
-    for name in names:
-        ref, path = catalog.find_model_file(name)
-        # A local file is served under its file name: the path is the operator's business.
-        model_id = path.name if ref.kind == "path" else ref.name
-        engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue)
-        params = ref.params or gguf_meta.read_info(path).n_params
-        loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
-    return loaded
 
 
 def check_bind(host: str, token_file: Path) -> None:

@@ -19,8 +19,10 @@ class Metrics:
         self.price = Gauge("forge_price_ucu_per_token", "Current price", ["model"], registry=r)
         self.queue_depth = Gauge("forge_queue_depth", "Requests queued or running", registry=r)
         self.kill_switch = Gauge("forge_kill_switch", "1 while the kill switch is on", registry=r)
-        self.breaker_open = Gauge("forge_breaker_open", "1 while the circuit breaker is open",
-                                  registry=r)
+        self.breaker_open = Gauge("forge_breaker_open",
+                                  "1 while the node-wide circuit breaker is open", registry=r)
+        self.breakers_open = Gauge("forge_account_breakers_open",
+                                   "Accounts whose own circuit breaker is open", registry=r)
         self.ledger_size = Gauge("forge_ledger_entries", "Entries in the ledger", registry=r)
         self.ttft = Histogram("forge_time_to_first_token_seconds", "Time to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -11,8 +11,8 @@ from forge_cli.agents import record
 from forge_cli.agents import run as runs
 from forge_cli.economy.accounts import Resolved
 from forge_cli.errors import UsageError
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route, bad_request, field, read_json
+from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.trade.node import Node
 
 _RUN = re.compile(r"ag_[0-9a-f]{12}")
 MAX_REQUEST = 4000
@@ -85,7 +85,7 @@ async def start(request: web.Request) -> web.Response:
         raise bad_request(f"request must be non-empty text of at most {MAX_REQUEST} characters")
     plan = field(body, "plan", (str, dict, list), default=None)
     model = field(body, "model", str, default=None)
-    who = _acting(node, request["who"], field(body, "account", str, default=None))
+    who = _acting(node, request[WHO], field(body, "account", str, default=None))
     limits = _limits(node, body)
     run = await runs.execute(node, who, text, model_name=model, limits=limits, plan_source=plan)
     return web.json_response(_summary(node, run))
@@ -98,7 +98,7 @@ async def resume(request: web.Request) -> web.Response:
     body = await read_json(request)
     _summary(node, old)  # 404 for a run that does not exist
     state = runs.resumable(node.reader, old)
-    caller = request["who"]
+    caller = request[WHO]
     if caller.is_operator:
         name = next((a["name"] for a in node.accounts.list()
                      if a["account"] == state["account"] and not a["revoked"]), None)

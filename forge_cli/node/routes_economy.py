@@ -12,8 +12,8 @@ from forge_cli.errors import UsageError
 from forge_cli.ledger import entries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route, bad_request
+from forge_cli.node.web import NODE, WHO, Route, bad_request
+from forge_cli.trade.node import Node
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -30,7 +30,7 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
 
 
 def _account_query(request: web.Request) -> str:
-    who = request["who"]
+    who = request[WHO]
     account = request.query.get("account")
     if account is None or account == who.account_hex:
         return who.account_hex
@@ -44,8 +44,8 @@ def _account_query(request: web.Request) -> str:
 async def balance(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     account = _account_query(request)
-    current = node.balance(account)
-    reserved = node.reserved.get(account, 0)
+    current = node.wallet.balance(account)
+    reserved = node.wallet.held(account)
     spent, earned, _ = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
     escrow = (node.reader.row(views.ESCROW, (account,)) or (0,))[0]
     return web.json_response({

@@ -14,8 +14,8 @@ from aiohttp import web
 from forge_cli.errors import MeshNotRunning
 from forge_cli.mesh.gossip import MAX_BATCH, Gossip, encode_page
 from forge_cli.node.routes_economy import _int_query
-from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, bad_request, error_response, field, read_json
+from forge_cli.trade.node import Node
 
 
 def _gossip(node: Node) -> Gossip:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from forge_cli.node.routes_economy import _int_query
-from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route, bad_request
+from forge_cli.trade.node import Node
 
 
 async def checkpoint(request: web.Request) -> web.Response:

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from forge_cli import config
 from forge_cli.node.routes_economy import _account_query
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route, bad_request, field, read_json
+from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.trade.node import Node
 
 log = logging.getLogger("forge.node")
 
@@ -57,9 +57,9 @@ def _int(body: dict[str, Any], name: str, *, required: bool = True) -> int | Non
 
 async def _caller(node: Node, request: web.Request) -> str:
     """The caller's account, given the free tier on first use (as a first inference would)."""
-    who = request["who"]
+    who = request[WHO]
     if not who.is_operator:
-        await node.on_ledger(node.ensure_grant, who.account_hex)
+        await node.on_ledger(node.wallet.free_tier, who.account_hex)
     return who.account_hex
 
 
@@ -68,7 +68,7 @@ async def lend(request: web.Request) -> web.Response:
     body = await read_json(request)
     amount = _int(body, "amount")
     await _caller(node, request)
-    out = await node.on_ledger(node.lending.deposit, request["who"].account_hex, amount)
+    out = await node.on_ledger(node.lending.deposit, request[WHO].account_hex, amount)
     return web.json_response(out)
 
 
@@ -78,7 +78,7 @@ async def withdraw(request: web.Request) -> web.Response:
     shares, amount = _int(body, "shares", required=False), _int(body, "amount", required=False)
     if (shares is None) == (amount is None):
         raise bad_request("give exactly one of 'shares' or 'amount'")
-    out = await node.on_ledger(node.lending.withdraw, request["who"].account_hex, shares=shares,
+    out = await node.on_ledger(node.lending.withdraw, request[WHO].account_hex, shares=shares,
                                amount=amount)
     return web.json_response(out)
 
@@ -88,7 +88,7 @@ async def borrow(request: web.Request) -> web.Response:
     body = await read_json(request)
     amount, term, collateral = _int(body, "amount"), _int(body, "term_hours"), _int(body, "collateral")
     await _caller(node, request)
-    loan = await node.on_ledger(node.lending.borrow, request["who"].account_hex, amount, term,
+    loan = await node.on_ledger(node.lending.borrow, request[WHO].account_hex, amount, term,
                                 collateral)
     return web.json_response(loan)
 
@@ -97,7 +97,7 @@ async def repay(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     body = await read_json(request)
     loan_id = _int(body, "loan_id")
-    out = await node.on_ledger(node.lending.repay, request["who"].account_hex, loan_id)
+    out = await node.on_ledger(node.lending.repay, request[WHO].account_hex, loan_id)
     return web.json_response(out)
 
 
@@ -111,7 +111,7 @@ async def pool(request: web.Request) -> web.Response:
 async def loans(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     await _sweep(node)
-    who = request["who"]
+    who = request[WHO]
     account = None if who.is_operator and request.query.get("all") else _account_query(request)
     found = await node.on_ledger(node.lending.loans, account)
     return web.json_response({"loans": found, "count": len(found)})

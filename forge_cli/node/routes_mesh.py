@@ -8,8 +8,8 @@ from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import MeshNotRunning
-from forge_cli.node.service import Node
 from forge_cli.node.web import NODE, Route
+from forge_cli.trade.node import Node
 
 
 def peer_table(node: Node) -> list[dict[str, Any]]:

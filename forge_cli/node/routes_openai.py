@@ -6,23 +6,36 @@ after it (for the tokens actually produced); the response carries `x_forge`.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from forge_cli.errors import EngineBusy, KillSwitchActive
-from forge_cli.node.service import Node, request_bytes
-from forge_cli.node.web import NODE, Route, bad_request, field, read_json
+from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.node.web import (
+    NODE,
+    STREAMING,
+    TRADE_LOG,
+    WHO,
+    Route,
+    bad_request,
+    error_body,
+    field,
+    read_json,
+    sse,
+)
+from forge_cli.trade import forwarding
+from forge_cli.trade.node import Node
+from forge_cli.trade.session import Settled, TradeSession, request_bytes
 
 ROLES = ("system", "user", "assistant")
 FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
 
 
-def _sampling(body: dict[str, Any], node_ctx: int) -> Any:
+def parse_sampling(body: dict[str, Any], node_ctx: int) -> Any:
     from forge_cli.inference.engine import Sampling
 
     max_tokens = field(body, "max_tokens", int, default=None)
@@ -48,7 +61,7 @@ def _sampling(body: dict[str, Any], node_ctx: int) -> Any:
                     seed=seed, stop=tuple(stop))
 
 
-def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     messages = field(body, "messages", list, required=True)
     if not messages:
         raise bad_request("messages must not be empty")
@@ -67,12 +80,52 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
                 raise bad_request(f"messages[{i}].content parts must be text parts") from None
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
     return out
 
 
+def _text(value: str, where: str) -> str:
+    """`value` if it is valid Unicode text (a lone surrogate such as "\\ud800" is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{where} is not valid Unicode text: {exc.reason} at position "
+                          f"{exc.start}") from None
+    return value
+
+
+@dataclass
+class Order:
+    """A request, fully checked before anything is quoted or reserved."""
+
+    body: dict[str, Any]
+    chat: bool
+    model: str | None
+    stream: bool
+    sampling: Any
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    request: bytes
+
+
+def _order(body: dict[str, Any], *, chat: bool, n_ctx: int) -> Order:
+    """Every field checked, so bad input is a 400 before the market or a balance moves."""
+    name = field(body, "model", str, default=None)
+    stream = field(body, "stream", bool, default=False)
+    messages = parse_messages(body) if chat else None
+    prompt = None if chat else _text(field(body, "prompt", str, required=True), "prompt")
+    sampling = parse_sampling(body, n_ctx)
+    for stop in sampling.stop:
+        _text(stop, "stop")
+    try:
+        raw = request_bytes(body)
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"the request is not valid Unicode text: {exc.reason}") from None
+    return Order(body, chat, name, stream, sampling, messages, prompt, raw)
+
+
 async def models(request: web.Request) -> web.Response:
-    node: Node = request.app[NODE]
+    node = request.app[NODE]
     return web.json_response({"object": "list",
                               "data": [m.describe() for m in node.models.values()]})
 
@@ -86,110 +139,60 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
-    node: Node = request.app[NODE]
+    node = request.app[NODE]
     body = await read_json(request)
     name = field(body, "model", str, default=None)
+    who = request[WHO]
     if chat and name and name not in node.models and node.mesh is not None:
-        return await _forward(request, node, body, name)
+        order = _order(body, chat=True, n_ctx=FORWARD_MAX_TOKENS)
+        forward = await forwarding.forward(node, who, name, order.sampling.max_tokens,
+                                           order.request)
+        s = order.sampling
+        payload = {"messages": order.messages, "temperature": s.temperature, "top_p": s.top_p,
+                   **({"seed": s.seed} if s.seed is not None else {}),
+                   **({"stop": list(s.stop)} if s.stop else {})}
+        return await _serve(request, node, order, forward.session,
+                            lambda: forward.start(node, payload), name, forward.served_by)
     model = node.model(name)
-    if chat:
-        messages = _messages(body)
-    else:
-        prompt = field(body, "prompt", str, required=True)
-    sampling = _sampling(body, model.engine.n_ctx)
-    reservation = await node.open(request["who"], model, sampling.max_tokens)
-    return await _serve(request, node, body, chat, reservation, lambda: node.pump(
-        model.engine.chat(messages, sampling, block=False) if chat
-        else model.engine.generate(prompt, sampling, block=False)))
+    order = _order(body, chat=chat, n_ctx=model.engine.n_ctx)
+    session = node.buyer_session(who, model=model, max_tokens=order.sampling.max_tokens,
+                                 request=order.request)
+
+    def start() -> Any:
+        if chat:
+            return node.pump(model.engine.chat(order.messages, order.sampling, block=False))
+        return node.pump(model.engine.generate(order.prompt, order.sampling, block=False))
+
+    return await _serve(request, node, order, session, start, model.name, None)
 
 
-async def _forward(request: web.Request, node: Node, body: dict[str, Any],
-                   name: str) -> web.StreamResponse:
-    """A model this node lacks, bought from a mesh peer (see forge_cli.node.forwarding)."""
-    from forge_cli.node import forwarding
-
-    messages = _messages(body)
-    sampling = _sampling(body, FORWARD_MAX_TOKENS)
-    payload = {"messages": messages, "temperature": sampling.temperature, "top_p": sampling.top_p,
-               **({"seed": sampling.seed} if sampling.seed is not None else {}),
-               **({"stop": list(sampling.stop)} if sampling.stop else {})}
-    reservation, pump, served_by = await forwarding.start(node, request["who"], name, payload,
-                                                          sampling.max_tokens)
-    request["served_by"] = served_by
-    request["remote_pump"] = pump
-    return await _serve(request, node, body, True, reservation, lambda: pump)
-
-
-async def _serve(request: web.Request, node: Node, body: dict[str, Any], chat: bool,
-                 reservation: Any, make_pump: Any) -> web.StreamResponse:
-    """Generate and settle: local engine or a peer's reply behind the same pump interface."""
-    name = reservation.model.name if reservation is not None else request["served_by"]["model"]
-    stream_wanted = field(body, "stream", bool, default=False)
-    # From here on the reservation is settled exactly once, whatever happens: the consumer
-    # pays for the tokens produced (none when the kill switch stopped the request).
-    pump = None
-    pieces: list[str] = []
-    state = {"killed": False, "failed": False}
-    try:
-        pump = make_pump()
-        if stream_wanted:
-            return await _stream(request, node, reservation, pump, pieces, body, chat, state)
-        async for piece in pump:
-            if node.safety_killed():
-                break
-            pieces.append(piece)
-        if node.safety_killed():  # also when it came between the last token and the trade
-            state["killed"] = True
+async def _serve(request: web.Request, node: Node, order: Order, session: TradeSession,
+                 start: Callable[[], Any], name: str,
+                 served_by: Callable[[], dict[str, Any]] | None) -> web.StreamResponse:
+    """Generate and settle through the session: a local engine or a peer's reply."""
+    if order.stream:
+        return await _stream(request, node, order, session, start, name, served_by)
+    async with session:
+        async for _ in session.run(start()):
+            pass
+        if session.killed:  # also when it came between the last token and the trade
             raise KillSwitchActive("kill switch: activated while this request was "
                                    "generating; it stops and nothing is charged",
                                    gate="kill_switch")
-    except BaseException as exc:
-        # The breaker counts the node's own failures, not a busy queue, a kill switch or a
-        # client that went away.
-        state["failed"] = not isinstance(exc, (EngineBusy, KillSwitchActive, ConnectionError,
-                                               asyncio.CancelledError))
-        raise
-    finally:
-        completion = await pump.close() if pump is not None else None
-        if "settled" not in request:
-            request["settled"] = await _settle(request, node, reservation,
-                                               None if state["killed"] else completion, body,
-                                               pieces, failed=state["failed"])
-        _observe(node, completion)
-        request["trade_log"] = {"model": name, "cu": request["settled"].cu,
-                                "tokens": completion.completion_tokens if completion else 0}
-    return web.json_response(_full_response(body, name, completion, "".join(pieces),
-                                            _x_forge(request), chat))
+        settled = await session.settle()
+    completion = session.completion
+    node.observe(completion)
+    request[TRADE_LOG] = {"model": name, "cu": settled.cu,
+                          "tokens": completion.completion_tokens if completion else 0}
+    return web.json_response(_full_response(order.body, name, completion, session.text,
+                                            _x_forge(settled, served_by), order.chat))
 
 
-async def _settle(request: web.Request, node: Node, reservation: Any, completion: Any,
-                  body: dict[str, Any], pieces: list[str], *, failed: bool = False) -> Any:
-    if reservation is not None:
-        return await node.settle(reservation, completion, request_bytes(body),
-                                 "".join(pieces).encode(), failed=failed)
-    # The operator bought from a peer with the node's own account: the peer-to-peer trade
-    # is the only trade.
-    from forge_cli.node.service import Settled
-
-    purchase = request["remote_pump"].purchase
-    return Settled(purchase.cu if purchase else 0, request["served_by"]["price_ucu_per_token"],
-                   node.balance(node.node_id), None)
-
-
-def _x_forge(request: web.Request) -> dict[str, Any]:
-    x_forge = request["settled"].x_forge()
-    if "served_by" in request:
-        from forge_cli.node import forwarding
-
-        x_forge["served_by"] = {**request["served_by"],
-                                **forwarding.peer_trade(request["remote_pump"])}
+def _x_forge(settled: Settled, served_by: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    x_forge = settled.x_forge()
+    if served_by is not None:
+        x_forge["served_by"] = served_by()
     return x_forge
-
-
-def _observe(node: Node, completion: Any) -> None:
-    if completion is not None and completion.completion_tokens:
-        node.metrics.ttft.observe(completion.time_to_first_token_s)
-        node.metrics.generation.observe(completion.generation_s)
 
 
 def _usage(completion: Any) -> dict[str, int]:
@@ -219,16 +222,18 @@ def _full_response(body: dict[str, Any], model: str, completion: Any, text: str,
             "usage": _usage(completion), "x_forge": x_forge}
 
 
-async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
-                  pieces: list[str], body: dict[str, Any], chat: bool,
-                  state: dict[str, bool]) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format; x_forge rides on the last chunk."""
+async def _stream(request: web.Request, node: Node, order: Order, session: TradeSession,
+                  start: Callable[[], Any], name: str,
+                  served_by: Callable[[], dict[str, Any]] | None) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format; x_forge rides on the last chunk.
+
+    Once the stream has begun, an error is told as an SSE error event: a streamed response
+    never carries a second HTTP response in its body."""
+    chat = order.chat
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-    await response.prepare(request)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    name = reservation.model.name if reservation is not None else request["served_by"]["model"]
 
     def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> bytes:
         if chat:
@@ -239,29 +244,34 @@ async def _stream(request: web.Request, node: Node, reservation: Any, pump: Any,
             obj = "text_completion"
         data = {"id": ident, "object": obj, "created": created, "model": name,
                 "choices": [choice], **extra}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+        return sse(data)
 
-    if chat:
-        await response.write(chunk({"role": "assistant", "content": ""}, None))
-    async for piece in pump:
-        if node.safety_killed():
-            state["killed"] = True
-            break
-        pieces.append(piece)
-        await response.write(chunk({"content": piece} if chat else piece, None))
-    completion = await pump.close()
-    state["killed"] = state["killed"] or node.safety_killed()
-    settled = await _settle(request, node, reservation, None if state["killed"] else completion,
-                            body, pieces)
-    request["settled"] = settled
-    if state["killed"]:
-        error = {"message": "kill switch: activated while this stream was running; the stream "
-                 "stops and nothing is charged", "type": "kill_switch",
-                 "code": "KillSwitchActive", "gate": "kill_switch"}
-        await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
-    else:
-        await response.write(chunk({} if chat else "", _finish(completion),
-                                   usage=_usage(completion), x_forge=_x_forge(request)))
+    try:
+        async with session:
+            request[STREAMING] = response
+            await response.prepare(request)
+            if chat:
+                await response.write(chunk({"role": "assistant", "content": ""}, None))
+            async for piece in session.run(start()):
+                await response.write(chunk({"content": piece} if chat else piece, None))
+            if session.killed:
+                raise KillSwitchActive("kill switch: activated while this stream was running; "
+                                       "the stream stops and nothing is charged")
+            settled = await session.settle()
+            completion = session.completion
+            await response.write(chunk({} if chat else "", _finish(completion),
+                                       usage=_usage(completion),
+                                       x_forge=_x_forge(settled, served_by)))
+    except ForgeError as exc:
+        if not response.prepared:
+            raise
+        await response.write(sse({"error": error_body(exc)}))
+    finally:
+        completion = session.completion
+        node.observe(completion)
+        request[TRADE_LOG] = {"model": name,
+                              "cu": session.settled.cu if session.settled else 0,
+                              "tokens": completion.completion_tokens if completion else 0}
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -5,15 +5,13 @@ every request is authenticated by the Ed25519 signatures it carries (`forge_cli.
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 from aiohttp import web
 
-from forge_cli.errors import EngineBusy, ForgeError
-from forge_cli.node.routes_openai import _messages, _observe, _sampling
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route, read_json
+from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.node.routes_openai import parse_messages, parse_sampling
+from forge_cli.node.web import NODE, STREAMING, Route, error_body, read_json, sse
+from forge_cli.trade.node import Node
 
 
 async def quote(request: web.Request) -> web.Response:
@@ -21,56 +19,44 @@ async def quote(request: web.Request) -> web.Response:
     return web.json_response(node.sales.quote(await read_json(request)))
 
 
-def _event(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
 async def chat(request: web.Request) -> web.StreamResponse:
+    """Serve a sale: every check before the reservation, the reply as SSE pieces with the
+    running token count, then the signed terms (which hold the reservation until the
+    consumer countersigns). An error once the stream began is an SSE error event."""
     node: Node = request.app[NODE]
     sales = node.sales  # made at start-up (forge_cli.node.app)
     sale = sales.admit(await read_json(request))
-    messages = _messages(sale.body)
-    sampling = _sampling(sale.body, sale.model.engine.n_ctx)
-    await sales.open_sale(sale)
-    served = False
+    messages = parse_messages(sale.body)
+    sampling = parse_sampling(sale.body, sale.model.engine.n_ctx)
+    session = await sales.open_sale(sale)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
     try:
-        pump = node.pump(sale.model.engine.chat(messages, sampling, block=False))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
-        await response.prepare(request)
-        pieces: list[str] = []
-        error: dict[str, Any] | None = None
-        try:
-            async for piece in pump:
-                if node.safety_killed():
-                    break
-                pieces.append(piece)
-                await response.write(_event({"text": piece, "tokens": pump.tokens}))
-        except ForgeError as exc:  # the engine failed: the consumer hears why, pays nothing
-            error = {"message": str(exc), "type": "engine_error", "code": type(exc).__name__}
-            if not isinstance(exc, EngineBusy):
-                await node.on_ledger(node.safety.record_outcome, False)
-        finally:
-            completion = await pump.close()
-        if error is None and node.safety_killed():
-            error = {"message": "kill switch: activated while this reply was generating; "
-                     "nothing is charged", "type": "kill_switch", "code": "KillSwitchActive"}
-        if error is not None:
-            await response.write(_event({"error": error}))
-        else:
+        async with session:
+            request[STREAMING] = response
+            await response.prepare(request)
+            pump = node.pump(sale.model.engine.chat(messages, sampling, block=False))
+            async for piece in session.run(pump):
+                await response.write(sse({"text": piece, "tokens": pump.tokens}))
+            if session.killed:
+                raise KillSwitchActive("kill switch: activated while this reply was "
+                                       "generating; nothing is charged")
+            completion = await session.finish()
             # The running count ends at the total: tokens held back (a stop sequence, an
             # unfinished character) are billed, so the consumer is told of them first.
-            await response.write(_event({"text": "", "tokens": completion.completion_tokens}))
-            data = sales.terms(sale, completion, "".join(pieces).encode())
-            served = True
-            await response.write(_event(data))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        _observe(node, completion)
-        return response
+            await response.write(sse({"text": "", "tokens": completion.completion_tokens}))
+            await session.settle()
+            await response.write(sse(sale.data))
+    except ForgeError as exc:  # the consumer hears why, and pays nothing
+        if not response.prepared:
+            raise
+        await response.write(sse({"error": error_body(exc)}))
     finally:
-        if not served:
-            await sales.abandon(sale)
+        sales.abandon(sale)
+        node.observe(session.completion)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 async def settle(request: web.Request) -> web.Response:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route, bad_request, field, read_json
+from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.trade.node import Node
 
 POLICY_FIELDS = ("per_request_cap_cu", "hourly_budget_cu", "lifetime_budget_cu",
                  "approval_threshold_cu")
 
 
 def _operator(request: web.Request) -> None:
-    if not request["who"].is_operator:
+    if not request[WHO].is_operator:
         raise web.HTTPForbidden(reason="only the node operator may change safety settings")
 
 
 async def status(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    who = request["who"]
+    who = request[WHO]
     account = request.query.get("account") if who.is_operator else who.account_hex
     return web.json_response(await node.on_ledger(node.safety.status, account))
 

@@ -7,8 +7,8 @@ import json
 
 from aiohttp import web
 
-from forge_cli.node.service import Node
-from forge_cli.node.web import NODE, Route
+from forge_cli.node.web import NODE, OPENAPI, Route
+from forge_cli.trade.node import Node
 
 KEEPALIVE_S = 15
 
@@ -27,12 +27,13 @@ async def metrics(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     node.metrics.kill_switch.set(1 if node.safety_killed() else 0)
     node.metrics.breaker_open.set(1 if node.breaker_open() else 0)
+    node.metrics.breakers_open.set(node.safety.status()["breaker"]["open_accounts"])
     return web.Response(body=node.metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(request.app["openapi"])
+    return web.json_response(request.app[OPENAPI])
 
 
 async def events(request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -19,7 +19,16 @@ from forge_cli.errors import ApprovalRequired, EngineBusy, ForgeError, SpendDeni
 
 log = logging.getLogger("forge.node")
 
-NODE = web.AppKey("node", object)
+if TYPE_CHECKING:
+    from forge_cli.economy.accounts import Who
+    from forge_cli.trade.node import Node
+
+NODE: web.AppKey[Node] = web.AppKey("node")
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+# Per request: who is calling (auth), the trade to log, and a stream already begun.
+WHO: web.RequestKey[Who] = web.RequestKey("who")
+TRADE_LOG: web.RequestKey[dict[str, Any]] = web.RequestKey("trade_log")
+STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 PUBLIC = {"/health", "/metrics", "/openapi.json"}
 AUTH_FAILURES_PER_MINUTE = 20
 MAX_BODY = 1024 * 1024
@@ -49,21 +58,31 @@ def _kind(status: int) -> str:
             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
 
 
+def error_body(exc: ForgeError) -> dict[str, Any]:
+    """The OpenAI error envelope's inner object for a ForgeError (also sent as an SSE event)."""
+    status = getattr(exc, "http_status", 400)
+    body: dict[str, Any] = {"message": exc.message + (f" ({exc.hint})" if exc.hint else ""),
+                            "type": _kind(status), "code": type(exc).__name__}
+    if isinstance(exc, SpendDenied):
+        body["gate"] = getattr(exc, "gate", None)
+    if isinstance(exc, ApprovalRequired):
+        body["approval_id"] = exc.approval_id
+    return body
+
+
 def forge_error_response(exc: ForgeError) -> web.Response:
     status = getattr(exc, "http_status", 400)
-    extra: dict[str, Any] = {}
     headers = None
-    code = type(exc).__name__
-    if isinstance(exc, SpendDenied):
-        extra["gate"] = getattr(exc, "gate", None)
-    if isinstance(exc, ApprovalRequired):
-        extra["approval_id"] = exc.approval_id
     if isinstance(exc, EngineBusy):
         headers = {"Retry-After": "1"}
     elif status == 429:  # a per-minute limit (new loans): the window frees up within a minute
         headers = {"Retry-After": "60"}
-    message = exc.message + (f" ({exc.hint})" if exc.hint else "")
-    return error_response(status, message, _kind(status), code, headers, **extra)
+    return web.json_response({"error": error_body(exc)}, status=status, headers=headers)
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    """One server-sent event carrying `data` as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 @web.middleware
@@ -75,6 +94,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         return response
     except ForgeError as exc:
+        begun = request.get(STREAMING)
+        if begun is not None and begun.prepared:  # never a second response inside a stream
+            log.warning("%s %s: %s after the stream began", request.method, request.path, exc)
+            return begun
         response = forge_error_response(exc)
         status = response.status
         return response
@@ -94,16 +117,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
+        begun = request.get(STREAMING)
+        if begun is not None and begun.prepared:
+            return begun
         return error_response(500, "internal error; the node log has the details",
                               "server_error", "internal_error")
     finally:
-        who = request.get("who")
+        who = request.get(WHO)
         node = request.app.get(NODE)
         if node is not None and request.path not in ("/metrics",):
             node.metrics.requests.labels(request.match_info.route.resource.canonical
                                          if request.match_info.route.resource else "unknown",
                                          str(status)).inc()
-        trade = request.get("trade_log", {})
+        trade = request.get(TRADE_LOG, {})
         log.info("%s %s %s account=%s model=%s tokens=%s cu=%s status=%d %.1fms", request.remote,
                  request.method, request.path, who.account_hex[:12] if who is not None else "-",
                  trade.get("model", "-"), trade.get("tokens", "-"), trade.get("cu", "-"),
@@ -162,7 +188,7 @@ def auth_middleware(throttle: AuthThrottle, public: set[str] = PUBLIC) -> Any:
             reason = "missing bearer token" if not header else "invalid or revoked token"
             return error_response(401, f"{reason}; send `Authorization: Bearer <token>`",
                                   "authentication_error", "invalid_token")
-        request["who"] = who
+        request[WHO] = who
         return await handler(request)
 
     return middleware

@@ -1,0 +1,274 @@
+"""The node's state and economic rules without HTTP: models and their markets, the wallet,
+safety, lending, and the local trade a purchase settles as.
+
+Every write to the ledger (and every safety decision, which may write one) runs on one
+dedicated thread, so the writer connection is never used from two threads at once; reads
+that the API serves at volume (balances) use a separate read-only connection. `build_node`
+(forge_cli.trade.build) is the one place that makes a Node and wires its parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from forge_cli import identity
+from forge_cli.errors import ForgeError, SelfTrade, UnknownModel
+from forge_cli.ledger import entries, views
+from forge_cli.trade.session import Pump, Settle, Settled, TradeSession
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    engine: Any  # forge_cli.inference.engine.Engine
+    sha256: str
+    params: int
+    path: Path | None
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "forge",
+                "sha256": self.sha256, "params": self.params}
+
+
+class Node:
+    """What a node is and does; the routes (forge_cli.node) are a thin HTTP skin over it."""
+
+    def __init__(self, *, home: Path, ledger: Any, reader: Any, signer: identity.Identity,
+                 models: list[LoadedModel], accounts: Any, operator_token: str, safety: Any,
+                 clock: Callable[[], int], ledger_thread: ThreadPoolExecutor) -> None:
+        from forge_cli.node.metrics import Metrics
+
+        self.home = home
+        self.signer = signer
+        self.node_id = signer.node_id
+        self.models = {m.name: m for m in models}
+        self.clock = clock
+        self.started_ms = clock()
+        self.ledger = ledger
+        self.reader = reader
+        self._ledger_thread = ledger_thread
+        self._pumps = ThreadPoolExecutor(32, thread_name_prefix="forge-pump")
+        self.accounts = accounts
+        self.operator_token = operator_token
+        self.safety = safety
+        # The node is the ledger's only writer, so it knows the kill switch without asking:
+        # the flag is read on every streamed piece.
+        self.killed = bool(safety.kill_state()["active"])
+        self.metrics = Metrics()
+        self.in_flight = 0
+        # Wired by build_node; the HTTP app attaches events and sales when its loop runs.
+        self.wallet: Any = None  # forge_cli.trade.wallet.Wallet
+        self.lending: Any = None  # forge_cli.economy.lending.Lending
+        self.markets: dict[str, Any] = {}
+        self.network: Any = None  # forge_cli.mesh.network.NetworkView
+        self.mesh: Any = None  # forge_cli.mesh.discovery.Mesh, with `forge node --mesh`
+        self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
+        self.sales: Any = None  # forge_cli.mesh.seller.Sales: what peers buy from this node
+        self.buyer: Any = None  # forge_cli.mesh.buyer.Buyer: what this node buys from peers
+        self.events: Any = None  # EventBus, attached once the event loop runs
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def on_ledger(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` on the ledger thread (all writes and safety decisions go there)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._ledger_thread, lambda: fn(*args, **kwargs))
+
+    async def append(self, kind: str, data: dict[str, Any], *, parent: int | None = None,
+                     bodies: tuple[bytes, ...] | list[bytes] = ()) -> entries.Entry:
+        """Append one entry on the ledger thread."""
+        return await self.on_ledger(self.ledger.append, kind, data, parent=parent,
+                                    bodies=list(bodies))
+
+    def appended(self, entry: entries.Entry) -> None:
+        """A ledger listener: metrics and the event feed see every new entry."""
+        self.metrics.ledger_size.set(self.ledger.size)
+        if self.events is not None:
+            self.events.publish("entry", entry.to_json())
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.engine.close()
+        self._pumps.shutdown(wait=False, cancel_futures=True)
+        self._ledger_thread.shutdown(wait=True)
+        self.reader.close()
+        self.ledger.close()
+        if self.network is not None:
+            self.network.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def balance(self, account: str) -> int:
+        return self.wallet.balance(account)
+
+    def reputation(self, account: str) -> int:
+        from forge_cli.economy.credit import account_reputation
+
+        return account_reputation(self.reader, account)
+
+    def nonce_seq(self, consumer: str, nonce: str) -> int | None:
+        """The seq that used this consumer's nonce, if any (trade or unsettled)."""
+        row = self.reader.row(views.TRADE_NONCES, (consumer, nonce))
+        return None if row is None else row[0]
+
+    def unsettled_count(self, consumer: str) -> int:
+        row = self.reader.row(views.UNSETTLED, (consumer,))
+        return 0 if row is None else row[0]
+
+    def entry_body(self, seq: int, field: str) -> bytes | None:
+        """The body that entry `seq` names in `data[field]` (None when redacted or missing)."""
+        return self.reader.body(self.reader.entry(seq).data[field])
+
+    def approval_status(self, approval_id: str) -> str | None:
+        row = self.reader.row(views.APPROVALS, (approval_id,))
+        return None if row is None else row[2]
+
+    # -- models and prices -------------------------------------------------------------------
+
+    def model(self, name: str | None) -> LoadedModel:
+        if name is None or name == "":
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise UnknownModel("this node serves several models; name one in `model`")
+        found = self.models.get(name)
+        if found is None:
+            raise UnknownModel(f"model {name!r} is not served here; this node serves "
+                               f"{', '.join(sorted(self.models))}")
+        return found
+
+    def price(self, model: Any) -> int:
+        """The current price (reading it changes nothing)."""
+        return self.markets[model.name].price_ucu(model.params)
+
+    def offers(self) -> list[dict[str, Any]]:
+        """What this node sells, as /health and the mesh advertise it."""
+        return [{"model": m.name, "sha256": m.sha256[:16], "params": m.params,
+                 "price_ucu_per_token": self.price(m)} for m in self.models.values()]
+
+    def supply(self, model: Any) -> int:
+        """Providers of this model: this node, plus trusted mesh peers offering the same GGUF
+        (matched by its sha256 prefix, as they advertise it)."""
+        if self.mesh is None:
+            return 1
+        prefix = model.sha256[:16]
+        return 1 + sum(1 for peer in self.mesh.trusted_peers()
+                       if any(o.sha256 and prefix.startswith(o.sha256) for o in peer.offers))
+
+    def quote(self, model: Any) -> int:
+        """The price for a request arriving now: demand (queued + running) moves the market.
+        Only a request that passed validation is quoted, so a rejected one moves nothing."""
+        market = self.markets.get(model.name)
+        if market is None:  # a peer's model: its price is the peer's quote
+            raise UnknownModel(f"model {model.name!r} is not priced here")
+        market.observe(demand=self.in_flight + 1, supply=self.supply(model))
+        price = market.price_ucu(model.params)
+        self.metrics.price.labels(model.name).set(price)
+        return price
+
+    # -- the trade ---------------------------------------------------------------------------
+
+    def generating(self, delta: int) -> None:
+        """A session started (+1) or stopped (−1) generating: the demand the market sees."""
+        self.in_flight += delta
+        self.metrics.queue_depth.set(self.in_flight)
+
+    def session(self, *, account: str, label: str, model: Any, max_tokens: int, request: bytes,
+                settle: Settle | None = None, price: int | None = None, peer: bool = False,
+                charge: bool = True, pay_partial: bool = True) -> TradeSession:
+        """A trade session on this node; it settles as a local trade unless told otherwise."""
+        return TradeSession(self, account=account, label=label, model=model,
+                            max_tokens=max_tokens, request=request,
+                            settle=settle or self.local_trade, price=price, peer=peer,
+                            charge=charge, pay_partial=pay_partial)
+
+    def buyer_session(self, who: Any, *, model: Any, max_tokens: int, request: bytes,
+                      price: int | None = None) -> TradeSession:
+        """A purchase by a local account (an agent's token), refused for the operator."""
+        if who.is_operator:
+            raise SelfTrade(
+                "the operator token is this node's own account: buying from yourself is a "
+                "self-trade and is refused",
+                hint="create a consumer account with `forge wallet agent create NAME` and use "
+                "its token")
+        return self.session(account=who.account_hex, label=who.name, model=model,
+                            max_tokens=max_tokens, request=request, price=price)
+
+    async def local_trade(self, session: TradeSession, completion: Any) -> Settled:
+        """Sign (as provider, and with the consumer's key from the keystore) and record the
+        trade for the tokens produced; nothing is recorded for none."""
+        assert session.price is not None
+        tokens = completion.completion_tokens if completion is not None else 0
+        if tokens == 0:
+            return Settled(0, session.price, 0, None)
+        entry = await self.on_ledger(self._record_trade, session, completion)
+        settled = Settled(entry.data["terms"]["cu"], session.price, 0, entry.seq)
+        self.counted(settled, session.model.name, completion)
+        return settled
+
+    def _record_trade(self, session: TradeSession, completion: Any) -> entries.Entry:
+        consumer = self.accounts.signer_for(session.account)
+        if consumer is None:
+            raise ForgeError(f"no key for account {session.account[:16]}… in the keystore")
+        tokens = completion.completion_tokens
+        terms = {
+            "provider": self.node_id, "consumer": session.account, "model": session.model.name,
+            "model_sha256": session.model.sha256, "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": tokens, "price_ucu_per_token": session.price,
+            "cu": entries.trade_cost(tokens, session.price),
+            "request_sha256": hashlib.sha256(session.request).hexdigest(),
+            "response_sha256": hashlib.sha256(session.response).hexdigest(),
+            "nonce": secrets.token_hex(16), "ts": self.clock(),
+        }
+        message = entries.trade_message(terms)
+        data = {"terms": terms, "provider_sig": self.signer.sign(message).hex(),
+                "consumer_sig": consumer.sign(message).hex()}
+        return self.wallet.record_trade(data, [session.request, session.response])
+
+    def counted(self, settled: Settled, model: str, completion: Any) -> None:
+        """Metrics for a trade this node recorded."""
+        self.metrics.trades.labels(model).inc()
+        self.metrics.cu_earned.inc(settled.cu)
+        self.metrics.cu_spent.inc(settled.cu)
+        if completion is not None:
+            self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
+
+    def observe(self, completion: Any) -> None:
+        """Timing metrics of a generation that produced something."""
+        if completion is not None and completion.completion_tokens:
+            self.metrics.ttft.observe(completion.time_to_first_token_s)
+            self.metrics.generation.observe(completion.generation_s)
+
+    # -- generation and safety ---------------------------------------------------------------
+
+    def pump(self, stream: Any) -> Pump:
+        return Pump(stream, self._pumps)
+
+    def safety_killed(self) -> bool:
+        """The kill switch, read without touching the ledger (checked on every streamed piece)."""
+        return self.killed
+
+    def breaker_open(self) -> bool:
+        return self.safety.breaker_is_open()
+
+    def publish_safety(self) -> None:
+        if self.events is not None:
+            self.events.publish("safety", {"kill_switch": self.safety_killed(),
+                                           "breaker_open": self.breaker_open()})
+
+
+def ms_now() -> int:
+    return time.time_ns() // 1_000_000
+
+
+__all__ = ["LoadedModel", "Node", "ms_now"]

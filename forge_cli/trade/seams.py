@@ -1,0 +1,98 @@
+"""What the trade core's users need of a node, named: sellers, forwarding and agents depend on
+these Protocols, never on the Node class and a bag of attributes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from forge_cli.identity import Identity
+    from forge_cli.ledger.entries import Entry
+    from forge_cli.trade.session import Settle, Settled, Source, TradeSession
+    from forge_cli.trade.wallet import Wallet
+
+T = TypeVar("T")
+
+
+class Offer(Protocol):
+    """A model as trades name it: served here (LoadedModel) or by a peer."""
+
+    name: str
+    sha256: str
+    params: int
+
+
+class Engine(Protocol):
+    n_ctx: int
+
+    def chat(self, messages: list[dict[str, str]], sampling: Any, *, block: bool = ...) -> Any: ...
+
+
+class Served(Offer, Protocol):
+    """A model this node runs."""
+
+    engine: Engine
+
+
+class Breakers(Protocol):
+    def record_outcome(self, account: str, ok: bool) -> None: ...
+
+    def record_spend(self, account: str, cu: int) -> None: ...
+
+
+class Desk(Protocol):
+    """What a TradeSession needs: prices, the wallet, the kill switch and the breakers."""
+
+    wallet: Wallet
+    safety: Breakers
+
+    def quote(self, model: Offer) -> int: ...
+
+    def safety_killed(self) -> bool: ...
+
+    def generating(self, delta: int) -> None: ...
+
+
+class Node(Desk, Protocol):
+    """What P2P selling, forwarding and agent runs need of the node."""
+
+    node_id: str
+    signer: Identity
+    clock: Callable[[], int]
+    models: dict[str, Any]
+    mesh: Any  # forge_cli.mesh.discovery.Mesh, or None without --mesh
+    network: Any  # forge_cli.mesh.network.NetworkView
+
+    def model(self, name: str | None) -> Served: ...
+
+    def price(self, model: Offer) -> int: ...
+
+    def pump(self, stream: Any) -> Source: ...
+
+    def session(self, *, account: str, label: str, model: Offer, max_tokens: int,
+                request: bytes, settle: Settle | None = None, price: int | None = None,
+                peer: bool = False, charge: bool = True, pay_partial: bool = True
+                ) -> TradeSession: ...
+
+    async def on_ledger(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    async def append(self, kind: str, data: dict[str, Any], *, parent: int | None = None,
+                     bodies: tuple[bytes, ...] | list[bytes] = ()) -> Entry: ...
+
+    def reputation(self, account: str) -> int: ...
+
+    def nonce_seq(self, consumer: str, nonce: str) -> int | None: ...
+
+    def approval_status(self, approval_id: str) -> str | None: ...
+
+    def entry_body(self, seq: int, field: str) -> bytes | None: ...
+
+    def unsettled_count(self, consumer: str) -> int: ...
+
+    def observe(self, completion: Any) -> None: ...
+
+    def counted(self, settled: Settled, model: str, completion: Any) -> None: ...
+
+
+__all__ = ["Breakers", "Desk", "Engine", "Node", "Offer", "Served"]
