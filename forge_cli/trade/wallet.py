@@ -148,7 +148,7 @@ class Wallet:
             granted: dict[str, tuple[int, int]] = {}  # account → (seq, ts) of its newest grant
             for entry in self.ledger.iter_newest("grant"):
                 if entry.data.get("reason") == PEER_FREE_TIER_REASON:
-                    granted.setdefault(entry.data["account"], (entry.seq, entry.ts))
+                    granted.setdefault(entry.data["account"], (entry.seq, entry.fields["ts"]))
             returned: dict[str, int] = {}  # account → seq of its newest idle return
             for entry in self.ledger.iter_newest("burn"):
                 if entry.data.get("reason") == IDLE_RETURN_REASON:
@@ -180,7 +180,7 @@ class Wallet:
                 f"in at most {wait_s} s when an idle grant returns", gate="rate_limit")
         entry = self.ledger.append("grant", {"account": account, "cu": FREE_TIER_CU,
                                              "reason": PEER_FREE_TIER_REASON})
-        strangers[account] = entry.ts
+        strangers[account] = entry.fields["ts"]
 
     def _returned(self, account: str) -> bool:
         """Its last free-tier grant came back as idle (so it may be granted again)."""
