@@ -71,6 +71,10 @@ KEYS: dict[str, Key] = {
             "seconds between gossip rounds: pull from each peer and check its checkpoint "
             "(new trades are pushed at once)"),
         Key("mesh.gossip_batch", int, 200, "trades per gossip push or pull page (1 to 500)"),
+        Key("mesh.gossip_source_quota", int, 5000,
+            "foreign trades one address may add to the network view per hour, pushed or pulled"),
+        Key("mesh.gossip_max_trades", int, 200_000,
+            "foreign trades the network view keeps at most (about 2 kB each on disk)"),
         Key("safety.per_request_cap_cu", int, 5_000,
             "default largest single spend, in CU (a `policy` entry overrides it per account)"),
         Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour"),

@@ -12,7 +12,8 @@
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
     │   └── OfflineError            2    503  a download was needed but the network is not available
     ├── EngineBusy                  2    429  the model's request queue is full
-    │   └── GossipBusy              2    429  too many gossiped batches are waiting to be verified
+    │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
+    │   └── GossipQuota             2    429  a source, or all sources together, used their gossip quota
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
     │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
@@ -115,6 +116,11 @@ class GossipBusy(EngineBusy):
     """Too many pushed trade batches are already waiting for verification; retry shortly."""
 
 
+class GossipQuota(EngineBusy):
+    """A gossip source (an address) added its quota of foreign trades this hour, or the
+    network view holds as many foreign trades as it keeps; nothing more is taken from it."""
+
+
 class LedgerError(ForgeError):
     """The ledger cannot be opened, read or written."""
 
@@ -153,11 +159,14 @@ class TradeRejected(CheckFailed):
     verify, or reuses a consumer's nonce; nothing was added.
 
     `forged` is true for the first two, which an honest node never relays (it verifies every
-    trade before storing it); a nonce clash can reach an honest node from two sides."""
+    trade before storing it); a nonce clash can reach an honest node from two sides. `quota`
+    is true for a trade left unread because its source had used its gossip quota."""
 
-    def __init__(self, message: str, *, forged: bool = True, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, forged: bool = True, quota: bool = False,
+                 hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.forged = forged
+        self.quota = quota
 
 
 class PlanRejected(CheckFailed):

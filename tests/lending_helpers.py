@@ -9,6 +9,7 @@ from forge_cli.economy.safety import Policy, Safety
 from forge_cli.identity import Identity
 from forge_cli.ledger.entries import HOUR_MS
 from forge_cli.ledger.store import Ledger
+from forge_cli.trade.wallet import Wallet
 
 T0 = 1_700_000_000_000
 
@@ -31,7 +32,8 @@ def open_pool(path: Path, clock: Clock, *, synchronous: str = "normal",
     big = Policy(per_request_cap_cu=10**9, hourly_budget_cu=10**12, lifetime_budget_cu=10**12,
                  approval_threshold_cu=10**9)
     safety = Safety(ledger, clock=clock, defaults=policy or big)
-    return ledger, Lending(ledger, safety, clock=clock, host=owner.node_id), owner
+    wallet = Wallet(ledger, safety, clock=clock)
+    return ledger, Lending(ledger, safety, clock=clock, wallet=wallet, host=owner.node_id), owner
 
 
 def fund(ledger: Ledger, clock: Clock, cu: int = 1000) -> str:

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forge_cli.economy import credit as credit_score
-from forge_cli.errors import InsufficientCU, LendingDenied, UsageError
+from forge_cli.errors import LendingDenied, UsageError
 from forge_cli.ledger import entries, views
 from forge_cli.ledger.entries import HOUR_MS
 from forge_cli.ledger.store import Draft, Ledger
+
+if TYPE_CHECKING:
+    from forge_cli.trade.wallet import Wallet
 
 MINUTE_MS = 60_000
 LOAN_FIELDS = ("loan_id", "account", "principal", "collateral", "rate_ppm", "start_ms", "due_ms",
@@ -55,12 +58,10 @@ class Lending:
     thread only. `safety` is an `economy.safety.Safety` (or None in pure ledger tests)."""
 
     def __init__(self, ledger: Ledger, safety: Any, *, clock: Callable[[], int],
-                 host: str | None = None, rules: Rules = Rules(), wallet: Any = None) -> None:
+                 wallet: Wallet, host: str | None = None, rules: Rules = Rules()) -> None:
         self.ledger = ledger
         self.safety = safety
-        # forge_cli.trade.wallet.Wallet: CU held by purchases in flight is not there to lend
-        # (None in pure ledger tests, where nothing is held).
-        self.wallet = wallet
+        self.wallet = wallet  # CU held by purchases in flight is not there to lend
         self.clock = clock
         self.host = host
         self.rules = rules
@@ -140,12 +141,7 @@ class Lending:
             self.safety.check(account, cu)
 
     def _funds(self, account: str, cu: int, what: str) -> None:
-        if self.wallet is not None:
-            self.wallet.check_available(account, cu, f"the {_cu(cu)} {what}")
-            return
-        balance = self.ledger.balance(account)
-        if balance < cu:
-            raise InsufficientCU(f"balance: {_cu(balance)} is below the {_cu(cu)} {what}")
+        self.wallet.check_available(account, cu, f"the {_cu(cu)} {what}")
 
     @staticmethod
     def _amount(value: Any, name: str) -> int:

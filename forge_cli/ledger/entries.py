@@ -20,6 +20,9 @@ VERSION = 1
 GENESIS_PREV = "0" * 64
 TRADE_DOMAIN = b"forge-trade-v1\n"
 UCU_PER_CU = 1_000_000
+# Every amount, count and time in an entry or trade is at most 2^53: exact in SQLite, in JSON
+# readers that use doubles, and far from 2^63 when summed.
+MAX_AMOUNT = 2**53
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -123,6 +126,8 @@ def _positive(data: dict[str, Any], key: str) -> str | None:
     value = data.get(key)
     if type(value) is not int or value <= 0:
         return f"data.{key} must be a positive integer, found {value!r}"
+    if value > MAX_AMOUNT:
+        return f"data.{key} is {value}, above 2^53 (the largest amount forge stores)"
     return None
 
 
@@ -181,6 +186,8 @@ def check_terms(terms: Any) -> str | None:
     for key in ("prompt_tokens", "completion_tokens", "price_ucu_per_token", "cu", "ts"):
         if type(terms[key]) is not int or terms[key] < 0:
             return f"terms.{key} must be a non-negative integer"
+        if terms[key] > MAX_AMOUNT:
+            return f"terms.{key} is {terms[key]}, above 2^53 (the largest amount forge stores)"
     if not isinstance(terms["model"], str) or not terms["model"]:
         return "terms.model is empty"
     if not isinstance(terms["nonce"], str) or not 8 <= len(terms["nonce"]) <= 128:
@@ -318,6 +325,8 @@ def _nonneg(data: dict[str, Any], key: str) -> str | None:
     value = data.get(key)
     if type(value) is not int or value < 0:
         return f"data.{key} must be a non-negative integer, found {value!r}"
+    if value > MAX_AMOUNT:
+        return f"data.{key} is {value}, above 2^53 (the largest amount forge stores)"
     return None
 
 

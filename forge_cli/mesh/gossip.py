@@ -12,11 +12,13 @@ import asyncio
 import logging
 import re
 import time
+import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from forge_cli import canonical
-from forge_cli.errors import ConfigError, ForgeError, GossipBusy, TradeRejected
+from forge_cli.errors import ConfigError, ForgeError, GossipBusy, GossipQuota, TradeRejected
 from forge_cli.ledger import merkle, note
 from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
 
@@ -27,6 +29,71 @@ PAGES_PER_ROUND = 20  # pull or push at most this many pages per peer per round
 MAX_WAITING = 8  # pushed batches queued for verification before the next one gets 429
 PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+QUOTA_WINDOW_S = 3600  # a source's quota is per hour
+MAX_SOURCES = 10_000  # sources remembered at once; older windows are dropped first
+
+
+class Quotas:
+    """How many foreign trades gossip may still add: per source (an IP address, never what a
+    sender says it is) per hour, and in all (the most foreign trades the view keeps).
+
+    Room is claimed before a batch is verified and what was not used is given back after, so
+    concurrent batches from one source cannot pass its quota together.
+
+    Example::
+
+        quotas = Quotas(view, per_source=5000, total=200_000)
+        room, reason, why = quotas.claim("10.0.0.7")   # room 0: refuse with `why`
+        ...add at most `room` trades...
+        quotas.settle("10.0.0.7", room, accepted)
+    """
+
+    def __init__(self, view: NetworkView, *, per_source: int, total: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.view = view
+        self.per_source = per_source
+        self.total = total
+        self.clock = clock
+        self._used: dict[str, tuple[int, int]] = {}  # source → (window, trades taken in it)
+        self._claimed = 0  # room handed out to batches still being verified
+
+    def _window(self) -> int:
+        return int(self.clock() // QUOTA_WINDOW_S)
+
+    def _taken(self, source: str) -> int:
+        window, used = self._used.get(source, (self._window(), 0))
+        return used if window == self._window() else 0
+
+    def claim(self, source: str, want: int) -> tuple[int, str, str]:
+        """(room, reason, why): how many new trades `source` may add now (at most `want`);
+        which quota binds ("source_quota" or "total_quota"); and a sentence saying so."""
+        source_left = max(0, self.per_source - self._taken(source))
+        total_left = max(0, self.total - self.view.foreign() - self._claimed)
+        if source_left <= total_left:
+            reason = "source_quota"
+            why = (f"gossip source {source} added its quota of {self.per_source} foreign "
+                   f"trades this hour (mesh.gossip_source_quota); the rest waits")
+        else:
+            reason = "total_quota"
+            why = (f"the network view holds {self.total} foreign trades or is about to, the "
+                   f"most it keeps (mesh.gossip_max_trades)")
+        room = min(source_left, total_left, want)
+        self._record(source, room)
+        self._claimed += room
+        return room, reason, why
+
+    def settle(self, source: str, claimed: int, accepted: int) -> None:
+        """Give back the part of a claim that was not accepted."""
+        self._claimed -= claimed
+        self._record(source, accepted - claimed)
+
+    def _record(self, source: str, delta: int) -> None:
+        window = self._window()
+        self._used[source] = (window, self._taken(source) + delta)
+        if len(self._used) > MAX_SOURCES:
+            self._used = {s: (w, n) for s, (w, n) in self._used.items() if w == window}
 
 
 def check_settings(round_s: int, batch: int) -> None:
@@ -47,9 +114,14 @@ class Gossip:
     """
 
     def __init__(self, view: NetworkView, mesh: Any, *, round_s: int = 10,
-                 batch: int = 200) -> None:
+                 batch: int = 200, source_quota: int = 5000, max_trades: int = 200_000,
+                 on_refused: Callable[[str, int], None] | None = None) -> None:
         check_settings(round_s, batch)
         self.view = view
+        self.quotas = Quotas(view, per_source=source_quota, total=max_trades)
+        # Called with (reason, count) for trades refused: "source_quota", "total_quota",
+        # or "invalid" (malformed, forged, replayed or out of range).
+        self.on_refused = on_refused or (lambda _reason, _count: None)
         self.mesh = mesh
         self.round_s = round_s
         self.batch = batch
@@ -182,9 +254,15 @@ class Gossip:
         """Fetch `peer`'s trades after our stored cursor and add them; returns how many were new."""
         state = await asyncio.to_thread(self.view.peer, peer.node_id)
         cursor, added = state.cursor, 0
+        source = urllib.parse.urlsplit(peer.url).hostname or peer.url
         for _ in range(PAGES_PER_ROUND):
+            room, _reason, why = self.quotas.claim(source, self.batch)
+            self.quotas.settle(source, room, 0)  # a page is sized to the room, not held to it
+            if room == 0:
+                log.warning("not pulling from %s: %s", peer.url, why)
+                break
             async with self._session.get(peer.url + PULL_PATH, params={
-                    "since": str(cursor), "limit": str(self.batch)}) as response:
+                    "since": str(cursor), "limit": str(room)}) as response:
                 if response.status != 200:
                     raise ValueError(f"HTTP {response.status} from {PULL_PATH}")
                 page = await response.json()
@@ -195,10 +273,10 @@ class Gossip:
                             count, cursor)
                 cursor = 0
                 continue
-            if not isinstance(trades, list) or len(trades) > self.batch or after < cursor:
+            if not isinstance(trades, list) or len(trades) > room or after < cursor:
                 raise ValueError("malformed pull page")
             if trades:
-                outcomes = await self._add(trades, peer.node_id)
+                outcomes = await self._add(trades, peer.node_id, source)
                 added += sum(o == ACCEPTED for o in outcomes)
                 bad = [o for o in outcomes if isinstance(o, TradeRejected)]
                 if bad:
@@ -217,20 +295,35 @@ class Gossip:
             log.info("pulled %d new trades from %s", added, peer.url)
         return added
 
-    async def receive(self, trades: list[Any], source: str) -> dict[str, Any]:
-        """Verify and add a pushed batch; counts and a reason for each rejected trade."""
+    async def receive(self, trades: list[Any], sender: str, address: str) -> dict[str, Any]:
+        """Verify and add a batch pushed from `address`, whose sender says it is `sender`
+        (believed only so its trades are not pushed back to it); counts and a reason for
+        each rejected trade."""
         if self._waiting >= MAX_WAITING:
             raise GossipBusy(f"{self._waiting} gossip batches are already waiting to be "
                              "verified; push again shortly")
-        return tally(await self._add(trades, source))
+        return tally(await self._add(trades, sender, address))
 
-    async def _add(self, trades: list[Any], source: str) -> list[Any]:
+    async def _add(self, trades: list[Any], sender: str, source: str) -> list[Any]:
+        """Add at most the room `source` has left; GossipQuota when it has none."""
+        room, reason, why = self.quotas.claim(source, len(trades))
+        if room == 0 and trades:
+            self.on_refused(reason, len(trades))
+            raise GossipQuota(why, hint="a peer retries refused trades in a later round")
+        outcomes: list[Any] = []
         self._waiting += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._verifier, self.view.add_many, trades, source)
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, lambda: self.view.add_many(trades, sender, room=room, full=why))
         finally:
             self._waiting -= 1
+            self.quotas.settle(source, room, sum(o == ACCEPTED for o in outcomes))
+        refused = [o for o in outcomes if isinstance(o, TradeRejected)]
+        if quota := sum(o.quota for o in refused):
+            self.on_refused(reason, quota)
+        if invalid := len(refused) - quota:
+            self.on_refused("invalid", invalid)
+        return outcomes
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -26,6 +26,9 @@ from forge_cli.ledger import entries, merkle
 log = logging.getLogger("forge.network")
 
 OWN = "ledger"  # the `source` of trades read from this node's own ledger
+# An account's earned or spent total never passes 2^62, so SQLite keeps it an exact integer
+# (a sum past 2^63 would silently turn into a REAL); a trade that would pass it is refused.
+MAX_ACCOUNT_TOTAL = 2**62
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS trades (
@@ -158,6 +161,8 @@ class NetworkView:
         self.conn = conn
         self.lock = threading.Lock()
         self._root: bytes | None = None  # cached until the next trade arrives
+        # Trades here that are not (yet known to be) in this node's own ledger.
+        self._foreign: int = conn.execute("SELECT count(*) FROM trades WHERE own = 0").fetchone()[0]
         # Called (outside the lock) with each batch of newly accepted trades' arrival seqs.
         self.listeners: list[Callable[[list[int]], None]] = []
 
@@ -188,8 +193,14 @@ class NetworkView:
             raise outcome
         return outcome
 
-    def add_many(self, batch: Sequence[Any], source: str) -> list[str | TradeRejected]:
-        """Verify and add a batch in one transaction; one outcome per trade, in order."""
+    def add_many(self, batch: Sequence[Any], source: str, *, room: int | None = None,
+                 full: str = "") -> list[str | TradeRejected]:
+        """Verify and add a batch in one transaction; one outcome per trade, in order.
+
+        `source` is what the sender says it is, kept only so its trades are not pushed back
+        to it. With `room`, at most that many new trades are taken; the others are refused
+        unverified, with `full` as the reason (TradeRejected with `quota` set).
+        """
         outcomes: list[str | TradeRejected] = []
         parsed: list[tuple[int, Checked]] = []
         for i, data in enumerate(batch):
@@ -205,6 +216,10 @@ class NetworkView:
         for i, item in parsed:
             if item.id in known:
                 outcomes[i] = DUPLICATE
+        if room is not None and len(fresh) > room:
+            for i, _ in fresh[room:]:
+                outcomes[i] = TradeRejected(full or "over quota", forged=False, quota=True)
+            fresh = fresh[:room]
         checked: list[tuple[int, Checked]] = []
         for (i, item), problem in zip(fresh, _verify_all([item for _, item in fresh]),
                                       strict=True):
@@ -231,12 +246,12 @@ class NetworkView:
         without verifying again, and the ledger position remembered for the next backfill."""
         raw = canonical.encode(data)
         item = Checked(hashlib.sha256(raw).digest(), raw, data)
-        (_, outcome), = self._insert([(0, item)], OWN, ledger_next=ledger_seq + 1)
+        (_, outcome), = self._insert([(0, item)], OWN, own=True, ledger_next=ledger_seq + 1)
         if isinstance(outcome, TradeRejected):
             raise outcome
         return outcome
 
-    def _insert(self, items: Iterable[tuple[int, Checked]], source: str,
+    def _insert(self, items: Iterable[tuple[int, Checked]], source: str, *, own: bool = False,
                 ledger_next: int | None = None) -> list[tuple[int, str | TradeRejected]]:
         results: list[tuple[int, str | TradeRejected]] = []
         new: list[int] = []
@@ -247,20 +262,27 @@ class NetworkView:
             try:
                 for i, item in items:
                     terms = item.terms
+                    too_large = self._past_total(item)
+                    if too_large:
+                        results.append((i, too_large))
+                        continue
                     try:
                         cur = conn.execute(
                             "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
                             "source, ts, own) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
                              terms["consumer"], terms["nonce"], terms["cu"], source, now,
-                             int(source == OWN)))
+                             int(own)))
                     except sqlite3.IntegrityError:  # the trade, or its (consumer, nonce), is here
                         outcome = self._conflict(item)
-                        if outcome == DUPLICATE and source == OWN:  # a peer told us first
-                            conn.execute("UPDATE trades SET own = 1 WHERE id = ?", (item.id,))
+                        if outcome == DUPLICATE and own:  # a peer told us first
+                            self._foreign -= conn.execute(
+                                "UPDATE trades SET own = 1 WHERE id = ? AND own = 0",
+                                (item.id,)).rowcount
                         results.append((i, outcome))
                         continue
                     new.append(cur.lastrowid)
+                    self._foreign += not own
                     for account, column in ((terms["provider"], "earned"),
                                             (terms["consumer"], "spent")):
                         conn.execute(f"INSERT INTO accounts (account, {column}) VALUES (?, ?) "
@@ -273,6 +295,8 @@ class NetworkView:
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
+                self._foreign = conn.execute(
+                    "SELECT count(*) FROM trades WHERE own = 0").fetchone()[0]
                 raise
             if new:
                 self._root = None
@@ -280,6 +304,19 @@ class NetworkView:
             for listener in self.listeners:
                 listener(new)
         return results
+
+    def _past_total(self, item: Checked) -> TradeRejected | None:
+        """Why adding this (new) trade would take an account's total past MAX_ACCOUNT_TOTAL."""
+        terms = item.terms
+        if self.conn.execute("SELECT 1 FROM trades WHERE id = ?", (item.id,)).fetchone():
+            return None  # already here: the insert finds it a duplicate
+        for account, column in ((terms["provider"], "earned"), (terms["consumer"], "spent")):
+            row = self.conn.execute(f"SELECT {column} FROM accounts WHERE account = ?",
+                                    (account,)).fetchone()
+            if (row[0] if row else 0) + terms["cu"] > MAX_ACCOUNT_TOTAL:
+                return TradeRejected(f"account {account[:16]}… would have {column} more than "
+                                     f"2^62 CU in total; the trade is refused", forged=False)
+        return None
 
     def _conflict(self, item: Checked) -> str | TradeRejected:
         if self.conn.execute("SELECT 1 FROM trades WHERE id = ?", (item.id,)).fetchone():
@@ -371,6 +408,11 @@ class NetworkView:
             row = self.conn.execute("SELECT earned - spent FROM accounts WHERE account = ?",
                                     (account,)).fetchone()
         return row[0] if row else 0
+
+    def foreign(self) -> int:
+        """Trades here that are not in this node's own ledger (what gossip quotas bound)."""
+        with self.lock:
+            return self._foreign
 
     def accounts(self) -> int:
         with self.lock:

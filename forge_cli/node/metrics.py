@@ -23,6 +23,9 @@ class Metrics:
                                   "1 while the node-wide circuit breaker is open", registry=r)
         self.breakers_open = Gauge("forge_account_breakers_open",
                                    "Accounts whose own circuit breaker is open", registry=r)
+        self.gossip_refused = Counter("forge_gossip_refused",
+                                      "Gossiped trades refused: source_quota, total_quota, invalid",
+                                      ["reason"], registry=r)
         self.ledger_size = Gauge("forge_ledger_entries", "Entries in the ledger", registry=r)
         self.ttft = Histogram("forge_time_to_first_token_seconds", "Time to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -36,7 +36,8 @@ async def receive(request: web.Request) -> web.Response:
                               "batch_too_large")
     if len(source) > 64:
         raise bad_request("'from' must be the sender's node id (64 hex digits)")
-    return web.json_response(await gossip.receive(trades, source or "unknown"))
+    return web.json_response(await gossip.receive(trades, source or "unknown",
+                                                  request.remote or "unknown"))
 
 
 async def since(request: web.Request) -> web.Response:

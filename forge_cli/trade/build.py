@@ -82,8 +82,12 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                          static_peers=[*settings["mesh.peers"], *(peers or [])],
                          mdns=settings["mesh.mdns"], probe_s=settings["mesh.probe_s"],
                          expire_s=settings["mesh.expire_s"])
+        refused = node.metrics.gossip_refused
         node.gossip = Gossip(node.network, node.mesh, round_s=settings["mesh.gossip_s"],
-                             batch=settings["mesh.gossip_batch"])
+                             batch=settings["mesh.gossip_batch"],
+                             source_quota=settings["mesh.gossip_source_quota"],
+                             max_trades=settings["mesh.gossip_max_trades"],
+                             on_refused=lambda reason, n: refused.labels(reason).inc(n))
     return node
 
 

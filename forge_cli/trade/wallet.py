@@ -53,10 +53,16 @@ class Hold:
             self.wallet._unhold(self.account, self.cu)
 
 
-class Wallet:
-    """Balances over one writer ledger; `run` executes a function on its writer thread."""
+async def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` here: for a wallet used from one thread with no node around it."""
+    return fn(*args, **kwargs)
 
-    def __init__(self, ledger: Any, safety: Any, run: Run, *, clock: Callable[[], int],
+
+class Wallet:
+    """Balances over one writer ledger; `run` executes a function on its writer thread
+    (`inline` where the caller already is that thread, e.g. a CLI command)."""
+
+    def __init__(self, ledger: Any, safety: Any, run: Run = inline, *, clock: Callable[[], int],
                  reader: Any = None, strangers: StrangerRules | None = None) -> None:
         self.ledger = ledger
         self.reader = reader or ledger  # for reads off the writer thread
