@@ -23,7 +23,6 @@ from forge_cli.node import (
     routes_safety,
     routes_system,
 )
-from forge_cli.node.events import EventBus
 
 if TYPE_CHECKING:
     from forge_cli.trade.node import Node
@@ -57,29 +56,15 @@ def make_app(node: Node) -> web.Application:
         app.router.add_route(route.method, route.path, route.handler)
 
     async def start(app: web.Application) -> None:
-        node.events = EventBus(asyncio.get_running_loop())
-        from forge_cli import config
-        from forge_cli.mesh.seller import Sales
-
-        node.sales = Sales(node, settle_ms=config.get("mesh.settle_s") * 1000,
-                           max_unsettled=config.get("mesh.max_unsettled"))
+        await node.start()
         app[TIMERS] = [asyncio.create_task(routes_lending.sweeper(node)),
                        asyncio.create_task(routes_lending.heartbeats(node)),
                        asyncio.create_task(routes_p2p.expiry_sweeper(node))]
 
     async def stop(app: web.Application) -> None:
-        if node.gossip is not None:
-            await node.gossip.stop()
-        if node.mesh is not None:
-            await node.mesh.stop()  # withdraw the advertisement before the API goes away
         for task in app.get(TIMERS, []):
             task.cancel()
-        if node.sales is not None:  # served terms still waiting: on the record, not lost
-            await node.sales.expire(everything=True)
-        if node.buyer is not None:
-            await node.buyer.session.close()
-        if node.events is not None:
-            node.events.close()
+        await node.stop()
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

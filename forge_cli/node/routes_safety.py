@@ -29,16 +29,9 @@ async def kill(request: web.Request) -> web.Response:
     body = await read_json(request)
     activate = field(body, "activate", bool, default=True)
     reason = field(body, "reason", str, default="")
-    if activate:
-        if not reason.strip():
-            raise bad_request("activating the kill switch needs a reason")
-        await node.on_ledger(node.safety.kill, reason)
-    else:
-        await node.on_ledger(node.safety.resume, reason)
-    node.killed = activate
-    node.metrics.kill_switch.set(1 if activate else 0)
-    node.publish_safety()
-    return web.json_response(await node.on_ledger(node.safety.status, None))
+    if activate and not reason.strip():
+        raise bad_request("activating the kill switch needs a reason")
+    return web.json_response(await node.set_kill_switch(activate, reason))
 
 
 async def policy(request: web.Request) -> web.Response:

@@ -63,7 +63,9 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
     node = Node(home=home, ledger=ledger, reader=reader, signer=signer, models=loaded,
                 accounts=Accounts(home), operator_token=operator_token(home), safety=safety,
                 clock=clock,
-                ledger_thread=ThreadPoolExecutor(1, thread_name_prefix="forge-ledger"))
+                ledger_thread=ThreadPoolExecutor(1, thread_name_prefix="forge-ledger"),
+                settle_ms=settings["mesh.settle_s"] * 1000,
+                max_unsettled=settings["mesh.max_unsettled"])
     node.wallet = Wallet(ledger, safety, node.on_ledger, clock=clock, reader=reader,
                          strangers=StrangerRules.from_config())
     node.lending = Lending(ledger, safety, clock=clock, host=node.node_id, wallet=node.wallet)

@@ -74,19 +74,6 @@ class RemotePump(Pieces):
                                 p.first_piece_s, max(0.0, p.total_s - p.first_piece_s))
 
 
-def buyer(node: Node) -> Any:
-    """The node's buyer: its own account in its wallet, one HTTP session."""
-    if node.buyer is None:  # type: ignore[attr-defined]
-        import aiohttp
-
-        from forge_cli.mesh.buyer import Buyer
-
-        node.buyer = Buyer(node.wallet, node.signer,  # type: ignore[attr-defined]
-                           aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)),
-                           clock=node.clock)
-    return node.buyer  # type: ignore[attr-defined]
-
-
 def sellers(node: Node, model: str) -> list[Any]:
     """Unflagged peers that offer `model` (none without --mesh)."""
     return [s for s in all_sellers(node) if s.model == model]
@@ -109,7 +96,7 @@ class Forward:
     pump: RemotePump | None = None
 
     def start(self, node: Node, payload: dict[str, Any]) -> RemotePump:
-        self.pump = RemotePump(buyer(node), self.seller,
+        self.pump = RemotePump(node.peer_buyer(), self.seller,
                                {**payload, "model": self.seller.model,
                                 "max_tokens": self.session.max_tokens}, self.signed_quote)
         return self.pump
@@ -136,7 +123,7 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
         raise NoProvider(f"model {model!r} is not served here and no peer on the mesh offers it; "
                          f"this node serves {', '.join(sorted(node.models))}")
     seller = ranked[0]
-    signed_quote = await buyer(node).quote(seller, model, max_tokens)
+    signed_quote = await node.peer_buyer().quote(seller, model, max_tokens)
     quote = signed_quote["quote"]
     offer = RemoteOffer(model, quote["model_sha256"], seller.params)
     holder: list[Forward] = []
@@ -159,5 +146,5 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
     return found
 
 
-__all__ = ["Forward", "RemoteCompletion", "RemoteOffer", "RemotePump", "all_sellers", "buyer",
+__all__ = ["Forward", "RemoteCompletion", "RemoteOffer", "RemotePump", "all_sellers",
            "forward", "sellers"]

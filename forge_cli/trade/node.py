@@ -45,7 +45,8 @@ class Node:
 
     def __init__(self, *, home: Path, ledger: Any, reader: Any, signer: identity.Identity,
                  models: list[LoadedModel], accounts: Any, operator_token: str, safety: Any,
-                 clock: Callable[[], int], ledger_thread: ThreadPoolExecutor) -> None:
+                 clock: Callable[[], int], ledger_thread: ThreadPoolExecutor,
+                 settle_ms: int = 30_000, max_unsettled: int = 3) -> None:
         from forge_cli.node.metrics import Metrics
 
         self.home = home
@@ -66,7 +67,9 @@ class Node:
         self.killed = bool(safety.kill_state()["active"])
         self.metrics = Metrics()
         self.in_flight = 0
-        # Wired by build_node; the HTTP app attaches events and sales when its loop runs.
+        self.settle_ms = settle_ms  # how long a peer consumer has to countersign
+        self.max_unsettled = max_unsettled  # sales a peer may leave uncountersigned here
+        # Wired by build_node; `start` attaches events and sales once the event loop runs.
         self.wallet: Any = None  # forge_cli.trade.wallet.Wallet
         self.lending: Any = None  # forge_cli.economy.lending.Lending
         self.markets: dict[str, Any] = {}
@@ -95,6 +98,39 @@ class Node:
         self.metrics.ledger_size.set(self.ledger.size)
         if self.events is not None:
             self.events.publish("entry", entry.to_json())
+
+    async def start(self) -> None:
+        """Attach what needs the running event loop: the event feed and the P2P sales desk."""
+        from forge_cli.mesh.seller import Sales
+        from forge_cli.node.events import EventBus
+
+        self.events = EventBus(asyncio.get_running_loop())
+        self.sales = Sales(self, settle_ms=self.settle_ms, max_unsettled=self.max_unsettled)
+
+    async def stop(self) -> None:
+        """Leave the mesh, put served terms still waiting on the record, close sessions."""
+        if self.gossip is not None:
+            await self.gossip.stop()
+        if self.mesh is not None:
+            await self.mesh.stop()  # withdraw the advertisement before the API goes away
+        if self.sales is not None:  # served terms still waiting: on the record, not lost
+            await self.sales.expire(everything=True)
+        if self.buyer is not None:
+            await self.buyer.session.close()
+        if self.events is not None:
+            self.events.close()
+
+    def peer_buyer(self) -> Any:
+        """The node's buyer on the mesh: its own account in its wallet, one HTTP session."""
+        if self.buyer is None:
+            import aiohttp
+
+            from forge_cli.mesh.buyer import Buyer
+
+            self.buyer = Buyer(self.wallet, self.signer,
+                               aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)),
+                               clock=self.clock)
+        return self.buyer
 
     def close(self) -> None:
         for model in self.models.values():
@@ -260,6 +296,14 @@ class Node:
 
     def breaker_open(self) -> bool:
         return self.safety.breaker_is_open()
+
+    async def set_kill_switch(self, active: bool, reason: str) -> dict[str, Any]:
+        """Turn the kill switch on or off (a ledger entry), tell watchers; the safety status."""
+        await self.on_ledger(self.safety.kill if active else self.safety.resume, reason)
+        self.killed = active
+        self.metrics.kill_switch.set(1 if active else 0)
+        self.publish_safety()
+        return await self.on_ledger(self.safety.status, None)
 
     def publish_safety(self) -> None:
         if self.events is not None:
