@@ -308,6 +308,6 @@ class HostileBuyers(RuleBasedStateMachine):
 def test_hostile_buyers_cannot_overdraw_leak_or_get_tokens_free(server: Server) -> None:
     HostileBuyers.server = server
     run = HostileBuyers.TestCase
-    run.settings = settings(max_examples=8, stateful_step_count=14, deadline=None,
+    run.settings = settings(max_examples=25, stateful_step_count=20, deadline=None,
                             suppress_health_check=list(HealthCheck))
     run().runTest()
