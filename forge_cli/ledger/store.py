@@ -3,7 +3,8 @@
 Appending an entry writes, in one transaction: the entry row, its bodies, the Merkle nodes it
 completes, and the view rows it changes. The Merkle root is kept incrementally (a compact
 range of O(log n) peaks), so neither appends nor reopening read the whole ledger.
-Signing lives in
+The writer checks around every commit that its files on disk are still the ones it opened:
+a deleted -wal would otherwise take every acknowledged entry with it. Signing lives in
 `signing`, import in `importer`, witnessing in `witness`.
 """
 
@@ -25,6 +26,7 @@ from forge_cli import canonical, identity
 from forge_cli.errors import (
     EntryRejected,
     LedgerError,
+    LedgerFilesChanged,
     LedgerLocked,
     UsageError,
 )
@@ -66,6 +68,23 @@ class Draft:
     ts: int | None = None
 
 
+FILE_SUFFIXES = ("", "-wal", "-shm")  # the database and SQLite's WAL and shared-memory index
+FileIds = dict[str, tuple[int, int] | None]
+
+
+def file_ids(path: Path) -> FileIds:
+    """(st_dev, st_ino) of the database file and its -wal and -shm (None where absent)."""
+    ids: FileIds = {}
+    for suffix in FILE_SUFFIXES:
+        try:
+            st = os.stat(f"{path}{suffix}")
+        except FileNotFoundError:
+            ids[suffix] = None
+        else:
+            ids[suffix] = (st.st_dev, st.st_ino)
+    return ids
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -102,6 +121,8 @@ class Ledger:
         self._queue: list[tuple[Draft, Future[Entry]]] = []
         self._leading = False
         self._sign_pool: SignWorker | None = None
+        self._files: FileIds | None = None  # the writer's files as opened (None: a reader)
+        self._files_changed: str | None = None  # once they change, every write is refused
         # Called with every entry once it is committed (the node's live feed listens here).
         self.listeners: list[Callable[[Entry], None]] = []
         self._load_tip()
@@ -135,7 +156,9 @@ class Ledger:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
-            return cls(path, conn, signer=signer, lock_fd=fd)
+            book = cls(path, conn, signer=signer, lock_fd=fd)
+            book._files = file_ids(path)
+            return book
         except sqlite3.DatabaseError as exc:
             os.close(fd)
             raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
@@ -169,6 +192,9 @@ class Ledger:
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
+            # A reader never writes, so it can never be the one that checkpoints or recreates
+            # the writer's -wal (mode=ro, and query_only as a second lock on the door).
+            conn.execute("PRAGMA query_only=1")
             cls._check_header(conn, path, creating=False)
             return cls(path, conn, signer=None, lock_fd=None)
         except sqlite3.DatabaseError as exc:
@@ -185,6 +211,51 @@ class Ledger:
             raise LedgerError(f"{path} is not a forge ledger (SQLite application id {app_id:#x})")
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{path} has ledger schema {version}; this forge reads {SCHEMA_VERSION}")
+
+    def check_files(self) -> None:
+        """LedgerFilesChanged unless the writer's files on disk are still the ones it opened.
+
+        Cheap (three stat calls): run before and after every commit, and before a spend
+        starts. On the first mismatch the committed entries, which SQLite still reaches
+        through its open descriptors, are saved (see `_rescue`); from then on every write
+        is refused, so nothing is acknowledged that a restart would lose.
+        """
+        if self._files is None:
+            return
+        if self._files_changed is None:
+            now = file_ids(self.path)
+            changed = [suffix for suffix, was in self._files.items()
+                       if was is not None and now[suffix] != was]
+            for suffix, was in self._files.items():
+                if was is None and now[suffix] is not None:
+                    self._files[suffix] = now[suffix]  # created since opening: adopt it
+            if not changed:
+                return
+            names = ", ".join(f"{self.path}{suffix}" for suffix in changed)
+            self._files_changed = (
+                f"ledger files changed under the running node: {names} was deleted or replaced "
+                f"after the node opened it; {self._rescue(changed)}. Every write is refused "
+                "until the node restarts")
+        raise LedgerFilesChanged(self._files_changed,
+                                 hint="restart the node; do not delete or move ledger.db-wal, "
+                                      "ledger.db-shm or ledger.db while a node runs")
+
+    def _rescue(self, changed: list[str]) -> str:
+        """Save what this connection has committed; says where it went."""
+        try:
+            if "" not in changed:  # the database file is ours: copy the WAL's pages into it
+                busy, log, done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy and log in (done, -1, 0):
+                    return f"every committed entry was copied back into {self.path}"
+            target = self.path.with_name(self.path.name + ".rescued")
+            copy = sqlite3.connect(target)
+            try:
+                self.conn.backup(copy)
+            finally:
+                copy.close()
+            return f"every committed entry was saved to {target}"
+        except (sqlite3.Error, OSError) as exc:
+            return f"saving the committed entries failed ({exc})"
 
     def _pool(self) -> SignWorker | None:
         """The signing process for large batches (started on first use, kept until close)."""
@@ -473,6 +544,7 @@ class Ledger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        self.check_files()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -482,6 +554,7 @@ class Ledger:
             self._state.discard()
             self.conn.execute("ROLLBACK")
             raise
+        self.check_files()  # committed to the files we opened, or nobody hears "done"
 
     def _insert(self, rng: merkle.CompactRange, records: Sequence[
             tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
@@ -540,7 +613,7 @@ class Ledger:
 
     def execute_write(self, sql: str, args: Sequence[Any] = ()) -> None:
         """One write statement outside the entry chain (checkpoints, witnessed notes), in its
-        own transaction."""
+        own transaction with the same file checks as an append."""
         self.require_writer()
         with self._transaction():
             self.conn.execute(sql, args)
