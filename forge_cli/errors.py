@@ -16,6 +16,7 @@
     │   └── GossipQuota             2    429  a source, or all sources together, used their gossip quota
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
+    │   ├── LedgerFilesChanged      2    503  the ledger's files were deleted or replaced under the node
     │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
     │   └── CheckFailed             1    422  a check ran and the answer is "no"
     │       ├── TamperDetected      1    500  the ledger or an imported file does not verify
@@ -129,6 +130,12 @@ class LedgerError(ForgeError):
 
 class LedgerLocked(LedgerError):
     """Another process is the ledger's writer; only one may be at a time."""
+
+
+class LedgerFilesChanged(LedgerError):
+    """The ledger's files on disk are no longer the ones the writer opened (deleted or replaced)."""
+
+    http_status = 503
 
 
 class EntryRejected(LedgerError):

@@ -9,6 +9,7 @@ from typing import Any
 from forge_cli.identity import Identity
 from forge_cli.ledger import entries
 from forge_cli.ledger.store import Draft, Ledger
+from forge_cli.ledger.witness import witness
 
 
 def signed_trade(provider: Identity, consumer: Identity, *, tokens: int = 40,
@@ -87,8 +88,8 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         book.append("withdraw", {"account": owner.node_id, "shares": 100, "cu": 87},
                     ts=t0 + 5 * hour)
         book.checkpoint()
-        book.witness(first_note, foreign_vkey)
-        book.witness(second_note, foreign_vkey, proof)
+        witness(book, first_note, foreign_vkey)
+        witness(book, second_note, foreign_vkey, proof)
         size = book.size
     return {"size": size, "owner": owner, "consumer": consumer, "stranger": stranger,
             "trade_seq": trade.seq}

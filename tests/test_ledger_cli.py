@@ -12,6 +12,7 @@ from forge_cli.errors import EntryRejected, ProofFailed
 from forge_cli.identity import Identity, load_or_create
 from forge_cli.ledger import merkle, note
 from forge_cli.ledger.store import Draft, Ledger
+from forge_cli.ledger.witness import witness
 from tests.ledger_factory import build_full_ledger, signed_trade
 
 
@@ -172,9 +173,9 @@ def test_witness_cosigns_consistent_checkpoints_and_refuses_a_fork(tmp_path):
     log_owner, witness_owner = Identity.generate(), Identity.generate()
     vkey = note.Verifier(note.origin_for(log_owner.node_id), log_owner.public_key).vkey()
     with Ledger.open_writer(tmp_path / "log.db", log_owner) as log, \
-            Ledger.open_writer(tmp_path / "witness.db", witness_owner) as witness:
+            Ledger.open_writer(tmp_path / "witness.db", witness_owner) as witness_book:
         log.append_many([Draft("note", {"text": str(i)}) for i in range(6)])
-        cosigned = witness.witness(log.checkpoint(), vkey)
+        cosigned = witness(witness_book, log.checkpoint(), vkey)
         name = note.origin_for(witness_owner.node_id) + "/witness"
         wverifier = note.Verifier(name, witness_owner.public_key, note.COSIGNATURE_V1)
         assert note.verify_cosignature(cosigned, wverifier) > 0
@@ -182,14 +183,14 @@ def test_witness_cosigns_consistent_checkpoints_and_refuses_a_fork(tmp_path):
         log.append_many([Draft("note", {"text": str(i)}) for i in range(6, 10)])
         second = log.checkpoint()
         with pytest.raises(ProofFailed):
-            witness.witness(second, vkey, [])  # no proof: refuses to vouch
-        witness.witness(second, vkey, log.consistency_proof(6, 10))
+            witness(witness_book, second, vkey, [])  # no proof: refuses to vouch
+        witness(witness_book, second, vkey, log.consistency_proof(6, 10))
         # A forked log: same key, different history of the same length and longer.
         with Ledger.open_writer(tmp_path / "fork.db", log_owner) as fork:
             fork.append_many([Draft("note", {"text": f"x{i}"}) for i in range(12)])
             forged = fork.checkpoint()
             with pytest.raises(ProofFailed, match="not consistent"):
-                witness.witness(forged, vkey, fork.consistency_proof(10, 12))
+                witness(witness_book, forged, vkey, fork.consistency_proof(10, 12))
 
 
 def test_trade_rules_replay_and_forged_signature_are_rejected(tmp_path):

@@ -367,8 +367,10 @@ def cosign(
         raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{proof} is not the JSON of `forge ledger consistency --json`: {exc}") from exc
+    from forge_cli.ledger.witness import witness as cosign
+
     with _writer(ledger) as book:
-        sys.stdout.write(book.witness(text, key, nodes))
+        sys.stdout.write(cosign(book, text, key, nodes))
 
 
 @app.command("export")
@@ -429,6 +431,7 @@ def import_(
     """
     from forge_cli.errors import EntryRejected
     from forge_cli.ledger import note
+    from forge_cli.ledger.importer import import_records
 
     header, records, trailer = _read_export(file)
     if header.get("size") != len(records):
@@ -448,7 +451,7 @@ def import_(
     with _writer(ledger) as book:
         start = book.size
         try:
-            count = book.import_records(records, expect_roots=expect)
+            count = import_records(book, records, expect_roots=expect)
         except EntryRejected as exc:
             raise TamperDetected(f"{file}: {exc}") from None
     if count:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forge_cli.ledger import views
+from forge_cli.ledger import queries, views
 from forge_cli.ledger.entries import HOUR_MS
 from forge_cli.ledger.store import Ledger
 
@@ -56,9 +56,7 @@ def credit(ledger: Ledger, account: str, now_ms: int, host: str | None = None) -
     borrowed, repaid, defaulted = ledger.row(views.LOAN_HISTORY, (account,)) or (0, 0, 0)
     first = ledger.row(views.FIRST_SEEN, (account,))
     hour = now_ms // HOUR_MS
-    beats = ledger.conn.execute(
-        "SELECT count(*) FROM heartbeats WHERE account = ? AND hour > ? AND hour <= ?",
-        (host or account, hour - UPTIME_WINDOW_H, hour)).fetchone()[0]
+    beats = queries.heartbeat_hours(ledger, host or account, hour - UPTIME_WINDOW_H, hour)
     age_ms = max(0, now_ms - first[0]) if first else 0
     parts = {
         "volume": min(BP, (spent + earned) * BP // VOLUME_FULL_CU),

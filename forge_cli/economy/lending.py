@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from forge_cli.economy import credit as credit_score
 from forge_cli.errors import LendingDenied, UsageError
-from forge_cli.ledger import entries, views
+from forge_cli.ledger import entries, queries, views
 from forge_cli.ledger.entries import HOUR_MS
 from forge_cli.ledger.store import Draft, Ledger
 
@@ -77,8 +77,7 @@ class Lending:
         out: dict[str, Any] = {"cash": cash, "lent": lent, "value": cash + lent, "shares": shares,
                                "reserve_pct": self.rules.min_reserve_pct,
                                "max_loan_pct": self.rules.max_pool_share_pct}
-        out["open_loans"] = self.ledger.conn.execute(
-            "SELECT count(*) FROM loans WHERE status = 'open'").fetchone()[0]
+        out["open_loans"] = queries.open_loan_count(self.ledger)
         if account is not None:
             held, deposited, withdrawn = self.ledger.row(views.LENDERS, (account,)) or (0, 0, 0)
             worth = views.cu_for_shares(held, cash, lent, shares)
@@ -102,11 +101,7 @@ class Lending:
         return loan
 
     def loans(self, account: str | None = None) -> list[dict[str, Any]]:
-        sql = f"SELECT {', '.join(LOAN_FIELDS)} FROM loans"
-        args: tuple[Any, ...] = ()
-        if account is not None:
-            sql, args = sql + " WHERE account = ?", (account,)
-        rows = self.ledger.conn.execute(sql + " ORDER BY loan_id", args).fetchall()
+        rows = queries.loans(self.ledger, account)
         return [self._loan(row[0], row[1:]) for row in rows]
 
     def credit(self, account: str) -> dict[str, Any]:
@@ -120,9 +115,7 @@ class Lending:
     def sweep(self) -> list[int]:
         """Default every open loan past its due time; returns their loan ids."""
         now = self.clock()
-        rows = self.ledger.conn.execute(
-            "SELECT loan_id, account, collateral FROM loans WHERE status = 'open' AND due_ms < ? "
-            "ORDER BY loan_id", (now,)).fetchall()
+        rows = queries.overdue_loans(self.ledger, now)
         if not rows:
             return []
         self.ledger.append_many([
@@ -202,16 +195,13 @@ class Lending:
         self._gate(account, 0)
         now = self.clock()
         r = self.rules
-        closed, defaulted = self.ledger.conn.execute(
-            "SELECT count(*), coalesce(sum(status = 'defaulted'), 0) FROM loans "
-            "WHERE status != 'open' AND closed_ms > ?", (now - HOUR_MS,)).fetchone()
+        closed, defaulted = queries.loans_closed_since(self.ledger, now - HOUR_MS)
         if defaulted * 100 > r.max_default_pct * closed:
             raise LendingDenied(
                 f"default halt: {defaulted} of the {closed} loans closed in the last hour "
                 f"defaulted (more than {r.max_default_pct} %); lending is halted",
                 gate="default_halt", hint="new loans resume once the last hour looks better")
-        recent = self.ledger.conn.execute(
-            "SELECT count(*) FROM loans WHERE start_ms > ?", (now - MINUTE_MS,)).fetchone()[0]
+        recent = queries.loans_started_since(self.ledger, now - MINUTE_MS)
         if recent >= r.max_loans_per_minute:
             raise LendingDenied(f"rate limit: {recent} loans were made in the last minute (at "
                                 f"most {r.max_loans_per_minute})", gate="rate_limit",

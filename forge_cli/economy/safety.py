@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from forge_cli import canonical
 from forge_cli.errors import (
     ApprovalRequired,
     BreakerOpen,
@@ -37,7 +36,7 @@ from forge_cli.errors import (
     SpendDenied,
     UsageError,
 )
-from forge_cli.ledger import views
+from forge_cli.ledger import queries, views
 from forge_cli.ledger.entries import POLICY_LIMITS
 from forge_cli.ledger.store import Ledger
 
@@ -166,23 +165,8 @@ class Safety:
 
     def _load_recent_trades(self, batch: int = 1024) -> None:
         """Seed the windows with the trades of the last hour, reading back from the tail."""
-        now = self.clock()
-        found: list[tuple[int, str, int]] = []
-        end = self.ledger.size
-        while end > 0:
-            start = max(0, end - batch)
-            rows = self.ledger.conn.execute(
-                "SELECT ts, kind, entry FROM entries WHERE seq >= ? AND seq < ? ORDER BY seq DESC",
-                (start, end)).fetchall()
-            for ts, kind, raw in rows:
-                if kind == "trade" and ts > now - HOUR_MS:
-                    terms = canonical.decode(raw)["data"]["terms"]
-                    found.append((ts, terms["consumer"], terms["cu"]))
-            # Entry times follow seq; a whole batch older than an hour means we are done.
-            if not rows or max(ts for ts, _, _ in rows) <= now - HOUR_MS:
-                break
-            end = start
-        for ts, account, cu in sorted(found):
+        for ts, account, cu in queries.recent_trade_spends(self.ledger, self.clock() - HOUR_MS,
+                                                           batch):
             self._add_spend(account, cu, ts)
 
     def _add_spend(self, account: str, cu: int, ts: int) -> None:
@@ -310,15 +294,7 @@ class Safety:
     # -- approvals -------------------------------------------------------------------------
 
     def _approvals(self, account: str | None, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
-        sql = (f"SELECT id, account, cu, status, expires_ms, seq FROM approvals WHERE status IN "
-               f"({', '.join('?' * len(statuses))})")
-        args: list[Any] = list(statuses)
-        if account is not None:
-            sql += " AND account = ?"
-            args.append(account)
-        rows = self.ledger.conn.execute(sql + " ORDER BY seq", args).fetchall()
-        return [dict(zip(("id", "account", "cu", "status", "expires_ms", "seq"), row))
-                for row in rows]
+        return queries.approvals(self.ledger, statuses, account)
 
     def _move(self, approval: dict[str, Any], status: str, now: int) -> int:
         """Append the approval's next status; returns the entry's seq."""
@@ -486,7 +462,7 @@ class Safety:
                 "defaults": self.defaults.to_json(),
                 "policies": [
                     {"account": key[0], **dict(zip(POLICY_LIMITS, value)), "seq": value[-1]}
-                    for key, value in sorted(views.table_rows(self.ledger.conn, views.POLICIES).items())
+                    for key, value in sorted(queries.view_rows(self.ledger, views.POLICIES).items())
                 ],
                 "approval_ttl_ms": self.approval_ttl_ms,
                 "pending": self.pending(),

@@ -3,6 +3,9 @@
 Appending an entry writes, in one transaction: the entry row, its bodies, the Merkle nodes it
 completes, and the view rows it changes. The Merkle root is kept incrementally (a compact
 range of O(log n) peaks), so neither appends nor reopening read the whole ledger.
+The writer checks around every commit that its files on disk are still the ones it opened:
+a deleted -wal would otherwise take every acknowledged entry with it. Signing lives in
+`signing`, import in `importer`, witnessing in `witness`.
 """
 
 from __future__ import annotations
@@ -13,17 +16,23 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forge_cli import canonical, identity
-from forge_cli.errors import EntryRejected, LedgerError, LedgerLocked, ProofFailed, UsageError
+from forge_cli.errors import (
+    EntryRejected,
+    LedgerError,
+    LedgerFilesChanged,
+    LedgerLocked,
+    UsageError,
+)
 from forge_cli.ledger import entries, merkle, note, views
 from forge_cli.ledger.entries import Entry
-from forge_cli.ledger.signworker import SignWorker
+from forge_cli.ledger.signing import LeafSigner, SignWorker
 
 APPLICATION_ID = 0x46524745  # "FRGE" in the SQLite header
 SCHEMA_VERSION = 1
@@ -59,33 +68,21 @@ class Draft:
     ts: int | None = None
 
 
-class _Signer:
-    """Signs leaf hashes as they are built: inline, or for a large batch on a helper process
-    (see `signworker` for why not threads)."""
+FILE_SUFFIXES = ("", "-wal", "-shm")  # the database and SQLite's WAL and shared-memory index
+FileIds = dict[str, tuple[int, int] | None]
 
-    CHUNK = 64
 
-    def __init__(self, signer: identity.Identity, worker: SignWorker | None) -> None:
-        self.signer = signer
-        self.batch = worker.batch() if worker is not None else None
-        self.inline: list[bytes] = []
-        self.waiting: list[bytes] = []
-
-    def add(self, leaf: bytes) -> None:
-        if self.batch is None:
-            self.inline.append(self.signer.sign(leaf))
-            return
-        self.waiting.append(leaf)
-        if len(self.waiting) >= self.CHUNK:
-            self.batch.send(self.waiting)
-            self.waiting = []
-
-    def signatures(self) -> list[bytes]:
-        if self.batch is None:
-            return self.inline
-        if self.waiting:
-            self.batch.send(self.waiting)
-        return self.batch.signatures()
+def file_ids(path: Path) -> FileIds:
+    """(st_dev, st_ino) of the database file and its -wal and -shm (None where absent)."""
+    ids: FileIds = {}
+    for suffix in FILE_SUFFIXES:
+        try:
+            st = os.stat(f"{path}{suffix}")
+        except FileNotFoundError:
+            ids[suffix] = None
+        else:
+            ids[suffix] = (st.st_dev, st.st_ino)
+    return ids
 
 
 def now_ms() -> int:
@@ -124,6 +121,8 @@ class Ledger:
         self._queue: list[tuple[Draft, Future[Entry]]] = []
         self._leading = False
         self._sign_pool: SignWorker | None = None
+        self._files: FileIds | None = None  # the writer's files as opened (None: a reader)
+        self._files_changed: str | None = None  # once they change, every write is refused
         # Called with every entry once it is committed (the node's live feed listens here).
         self.listeners: list[Callable[[Entry], None]] = []
         self._load_tip()
@@ -157,7 +156,9 @@ class Ledger:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
-            return cls(path, conn, signer=signer, lock_fd=fd)
+            book = cls(path, conn, signer=signer, lock_fd=fd)
+            book._files = file_ids(path)
+            return book
         except sqlite3.DatabaseError as exc:
             os.close(fd)
             raise LedgerError(f"cannot open ledger {path}: {exc}") from exc
@@ -191,6 +192,9 @@ class Ledger:
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                    check_same_thread=False)
+            # A reader never writes, so it can never be the one that checkpoints or recreates
+            # the writer's -wal (mode=ro, and query_only as a second lock on the door).
+            conn.execute("PRAGMA query_only=1")
             cls._check_header(conn, path, creating=False)
             return cls(path, conn, signer=None, lock_fd=None)
         except sqlite3.DatabaseError as exc:
@@ -207,6 +211,51 @@ class Ledger:
             raise LedgerError(f"{path} is not a forge ledger (SQLite application id {app_id:#x})")
         if version != SCHEMA_VERSION:
             raise LedgerError(f"{path} has ledger schema {version}; this forge reads {SCHEMA_VERSION}")
+
+    def check_files(self) -> None:
+        """LedgerFilesChanged unless the writer's files on disk are still the ones it opened.
+
+        Cheap (three stat calls): run before and after every commit, and before a spend
+        starts. On the first mismatch the committed entries, which SQLite still reaches
+        through its open descriptors, are saved (see `_rescue`); from then on every write
+        is refused, so nothing is acknowledged that a restart would lose.
+        """
+        if self._files is None:
+            return
+        if self._files_changed is None:
+            now = file_ids(self.path)
+            changed = [suffix for suffix, was in self._files.items()
+                       if was is not None and now[suffix] != was]
+            for suffix, was in self._files.items():
+                if was is None and now[suffix] is not None:
+                    self._files[suffix] = now[suffix]  # created since opening: adopt it
+            if not changed:
+                return
+            names = ", ".join(f"{self.path}{suffix}" for suffix in changed)
+            self._files_changed = (
+                f"ledger files changed under the running node: {names} was deleted or replaced "
+                f"after the node opened it; {self._rescue(changed)}. Every write is refused "
+                "until the node restarts")
+        raise LedgerFilesChanged(self._files_changed,
+                                 hint="restart the node; do not delete or move ledger.db-wal, "
+                                      "ledger.db-shm or ledger.db while a node runs")
+
+    def _rescue(self, changed: list[str]) -> str:
+        """Save what this connection has committed; says where it went."""
+        try:
+            if "" not in changed:  # the database file is ours: copy the WAL's pages into it
+                busy, log, done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy and log in (done, -1, 0):
+                    return f"every committed entry was copied back into {self.path}"
+            target = self.path.with_name(self.path.name + ".rescued")
+            copy = sqlite3.connect(target)
+            try:
+                self.conn.backup(copy)
+            finally:
+                copy.close()
+            return f"every committed entry was saved to {target}"
+        except (sqlite3.Error, OSError) as exc:
+            return f"saving the committed entries failed ({exc})"
 
     def _pool(self) -> SignWorker | None:
         """The signing process for large batches (started on first use, kept until close)."""
@@ -390,10 +439,15 @@ class Ledger:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def _writer(self) -> identity.Identity:
+    def require_writer(self) -> identity.Identity:
+        """The signing identity; LedgerError if this ledger was opened read-only."""
         if self.signer is None or self._lock_fd is None:
             raise LedgerError("this ledger was opened read-only")
         return self.signer
+
+    def compact_range(self) -> merkle.CompactRange:
+        """A copy of the tree's compact range, to probe roots of entries not yet appended."""
+        return merkle.CompactRange(self._range.size, list(self._range.peaks))
 
     def append(self, kind: str, data: dict[str, Any], *, parent: int | None = None,
                bodies: Sequence[bytes] = (), ts: int | None = None) -> Entry:
@@ -460,12 +514,12 @@ class Ledger:
         atomic: the first rejected draft aborts all; otherwise it is left out and reported in
         its place in the result list.
         """
-        signer = self._writer()
-        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+        signer = self.require_writer()
+        rng = self.compact_range()
         prev, seq = self.head, self.size
         built: list[tuple[dict[str, Any], bytes, bytes, dict[str, bytes]]] = []
         results: list[int | EntryRejected] = []
-        signing = _Signer(signer, self._pool() if len(drafts) >= PARALLEL_SIGN_MIN else None)
+        signing = LeafSigner(signer, self._pool() if len(drafts) >= PARALLEL_SIGN_MIN else None)
         with self._transaction():
             for draft in drafts:
                 mark = self._state.mark()
@@ -490,6 +544,7 @@ class Ledger:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
+        self.check_files()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -499,6 +554,7 @@ class Ledger:
             self._state.discard()
             self.conn.execute("ROLLBACK")
             raise
+        self.check_files()  # committed to the files we opened, or nobody hears "done"
 
     def _insert(self, rng: merkle.CompactRange, records: Sequence[
             tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
@@ -530,108 +586,34 @@ class Ledger:
                 for entry in written:
                     listener(entry)
 
-    def import_records(self, records: Sequence[tuple[bytes, bytes, dict[str, bytes]]], *,
-                       expect_roots: dict[int, bytes] | None = None) -> int:
-        """Append another ledger's entries (raw bytes, signature, bodies); returns how many.
-
-        Records this ledger already holds must be identical (else it is a fork). The rest are
-        checked as verify would (seq, prev, hash, actor and trade signatures, kind rules,
-        bodies, and `expect_roots` {size: root}) and written in one transaction, or none.
-        """
-        self._writer()
-        prev, seq = self.head, self.size
-        wanted = dict(expect_roots or {})
-        probe = merkle.CompactRange(self._range.size, list(self._range.peaks))
-        checked = []
-        for raw, sig, body_map in records:
-            leaf = entries.leaf_hash(raw)
-            try:
-                fields = canonical.decode(raw)
-            except UsageError as exc:
-                raise EntryRejected(f"record {len(checked)}: {exc}; nothing was imported") from None
-            at = fields.get("seq") if isinstance(fields, dict) else None
-            if type(at) is int and 0 <= at < self.size and not checked:
-                if self.node(0, at) != leaf:
-                    raise EntryRejected(f"entry {at} differs from this ledger's entry {at} "
-                                        "(a fork); nothing was imported")
-                continue
-            reason = entries.check_envelope(fields)
-            if reason is None and fields["seq"] != seq:
-                reason = f"seq is {fields['seq']}, expected {seq} to continue this ledger"
-            if reason is None and fields["prev"] != prev.hex():
-                reason = "prev does not match the hash of the entry before it"
-            if reason is None and not identity.verify_hex(fields["actor"], leaf, sig.hex()):
-                reason = "actor signature does not verify"
-            if reason is None and fields["kind"] == "trade":
-                reason = entries.trade_signature_problem(fields["data"])
-            for body_hash, body in body_map.items():
-                if reason is None and (body_hash not in fields["bodies"]
-                                       or entries.body_hash(body) != body_hash):
-                    reason = f"body {body_hash[:16]}… does not match the entry's body hashes"
-            if reason:
-                raise EntryRejected(f"entry {seq}: {reason}; nothing was imported")
-            checked.append((fields, raw, leaf, sig, body_map))
-            probe.append(leaf)
-            prev, seq = leaf, seq + 1
-            if seq in wanted and wanted.pop(seq) != probe.root():
-                raise EntryRejected(f"the first {seq} entries do not hash to the root the file "
-                                    "claims; nothing was imported")
-        redacted = {f["data"]["body"] for f, *_ in checked if f["kind"] == "redact"}
-        for fields, _, _, _, body_map in checked:
-            for body in fields["bodies"]:
-                if body not in body_map and body not in redacted and self.redacted_at(body) is None:
-                    raise EntryRejected(f"entry {fields['seq']}: body {body[:16]}… is neither in the "
-                                        "file nor redacted; nothing was imported")
-        for size, root in wanted.items():
-            if size > seq or self.root(size) != root:
-                raise EntryRejected(f"the file claims a root for size {size} that its entries "
-                                    "do not have; nothing was imported")
-        rng = merkle.CompactRange(self._range.size, list(self._range.peaks))
+    def commit_signed(self, records: Sequence[
+            tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
+        """Append records already built, signed and checked elsewhere (import), in one
+        transaction: (fields, entry bytes, leaf hash, signature, bodies by hash)."""
+        rng = self.compact_range()
         with self._transaction():
-            for fields, *_ in checked:
+            for fields, *_ in records:
                 views.apply(self._state, fields)
-            written = self._insert(rng, checked)
+            written = self._insert(rng, records)
         self._advance(rng, written)
-        return len(checked)
+        return written
 
     def checkpoint(self) -> str:
         """Sign and store a checkpoint of the current tree (reuses one of the same size)."""
-        signer = self._writer()
+        signer = self.require_writer()
         latest = self.latest_checkpoint()
         if latest is not None and latest[0] == self.size:
             return latest[2]
         cp = note.Checkpoint(note.origin_for(signer.node_id), self.size, self.root())
         text = note.sign_checkpoint(cp, signer)
         vkey = note.Verifier(cp.origin, signer.public_key).vkey()
-        self.conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
-                          (cp.size, cp.root, text, vkey))
+        self.execute_write("INSERT INTO checkpoints VALUES (?, ?, ?, ?)",
+                           (cp.size, cp.root, text, vkey))
         return text
 
-    def witness(self, note_text: str, log_vkey: str, proof: Iterable[bytes] = ()) -> str:
-        """Cosign another log's checkpoint if it is consistent with the last one we saw.
-
-        The first checkpoint seen from a log is trusted on first use; later ones need a
-        consistency proof from the stored size. Returns the note with our cosignature.
-        """
-        signer = self._writer()
-        verifier = note.Verifier.parse(log_vkey)
-        cp = note.open_checkpoint(note_text, verifier)
-        last = self.conn.execute(
-            "SELECT size, root, log_vkey FROM witnessed WHERE origin = ?", (cp.origin,)
-        ).fetchone()
-        if last is not None:
-            old_size, old_root, old_vkey = last
-            if old_vkey != log_vkey:
-                raise UsageError(f"log {cp.origin} was witnessed under another key {old_vkey}")
-            if cp.size < old_size:
-                raise ProofFailed(f"{cp.origin} shrank from {old_size} to {cp.size} entries")
-            if not merkle.verify_consistency(old_size, cp.size, old_root, cp.root, list(proof)):
-                raise ProofFailed(f"{cp.origin} at size {cp.size} is not consistent with the "
-                            f"size {old_size} checkpoint seen before (fork or rewrite)")
-        name = note.origin_for(signer.node_id) + "/witness"
-        cosigned = note.cosign(note_text, name, signer, int(time.time()))
-        witness_vkey = note.Verifier(name, signer.public_key, note.COSIGNATURE_V1).vkey()
-        self.conn.execute("INSERT OR REPLACE INTO witnessed VALUES (?, ?, ?, ?, ?, ?)",
-                          (cp.origin, cp.size, cp.root, cosigned, log_vkey, witness_vkey))
-        return cosigned
-
+    def execute_write(self, sql: str, args: Sequence[Any] = ()) -> None:
+        """One write statement outside the entry chain (checkpoints, witnessed notes), in its
+        own transaction with the same file checks as an append."""
+        self.require_writer()
+        with self._transaction():
+            self.conn.execute(sql, args)

@@ -58,7 +58,8 @@ class Report:
         return data
 
 
-def _check_signatures(batch: list[SigCheck]) -> list[tuple[int, str]]:
+def bad_signatures(batch: list[SigCheck]) -> list[tuple[int, str]]:
+    """(seq, what) of every check in `batch` whose signature does not verify."""
     bad = []
     for public_key, message, signature, seq, what in batch:
         try:
@@ -66,6 +67,62 @@ def _check_signatures(batch: list[SigCheck]) -> list[tuple[int, str]]:
         except (BadSignatureError, ValueError, TypeError):
             bad.append((seq, what))
     return bad
+
+
+def body_matches(body_hash: str, data: bytes) -> bool:
+    """True if a stored body hashes to the name entries know it by."""
+    return hashlib.sha256(data).hexdigest() == body_hash
+
+
+def signature_problem(what: str) -> str:
+    return f"{what} signature does not verify"
+
+
+@dataclass
+class EntryCheck:
+    """What `check_entry` found: the leaf hash, the fields (None if unreadable), the problems
+    found so far, and the signatures still to check (see `bad_signatures`)."""
+
+    leaf: bytes
+    fields: dict[str, Any] | None
+    problems: list[str]
+    signatures: list[SigCheck]
+
+
+def check_entry(raw: bytes, sig: bytes, seq: int, prev: bytes, *, strict: bool) -> EntryCheck:
+    """The one per-entry rule check, used by verify and by import.
+
+    Checks that `raw` is a well-formed entry at `seq` following the entry hashed `prev`, and
+    lists the actor and trade signatures to verify (batched by the caller, so verify can
+    spread them over cores). `strict` also requires the canonical byte form.
+    """
+    leaf = hashlib.sha256(b"\x00" + raw).digest()
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        return EntryCheck(leaf, None, ["entry is not JSON"], [])
+    problem = entries.check_envelope(fields)
+    if problem:
+        return EntryCheck(leaf, None, [problem], [])
+    problems: list[str] = []
+    if strict:
+        try:
+            if canonical.encode(fields) != raw:
+                problems.append("entry bytes are not in canonical form")
+        except UsageError as exc:
+            problems.append(f"entry has no canonical form: {exc}")
+    if fields["seq"] != seq:
+        problems.append(f"entry says seq {fields['seq']} but belongs at {seq}")
+    if fields["prev"] != prev.hex():
+        problems.append("prev does not match the hash of the entry before it")
+    checks: list[SigCheck] = [(bytes.fromhex(fields["actor"]), leaf, sig, seq, "actor")]
+    if fields["kind"] == "trade":
+        data = fields["data"]
+        message = entries.trade_message(data["terms"])
+        for party in ("provider", "consumer"):
+            checks.append((bytes.fromhex(data["terms"][party]), message,
+                           bytes.fromhex(data[f"{party}_sig"]), seq, f"trade {party}"))
+    return EntryCheck(leaf, fields, problems, checks)
 
 
 class _Verifier:
@@ -122,7 +179,7 @@ class _Verifier:
             if self.pool:
                 self.pool_submit(checks)
             else:
-                self._collect(_check_signatures(checks))
+                self._collect(bad_signatures(checks))
         for future in self.pending:
             self._collect(future.result())
         self.report.size = expected
@@ -132,40 +189,26 @@ class _Verifier:
         assert self.pool is not None
         step = max(1, len(checks) // (os.cpu_count() or 1) + 1)
         for i in range(0, len(checks), step):
-            self.pending.append(self.pool.submit(_check_signatures, checks[i:i + step]))
+            self.pending.append(self.pool.submit(bad_signatures, checks[i:i + step]))
 
     def _collect(self, bad: list[tuple[int, str]]) -> None:
         for seq, what in bad:
-            self.find(seq, "entries", f"{what} signature does not verify")
+            self.find(seq, "entries", signature_problem(what))
 
     def _entry(self, row: tuple[Any, ...], seq: int, prev: bytes, checks: list[SigCheck]) -> bytes:
         _, stored_hash, raw, sig, kind, ts = row
-        leaf = hashlib.sha256(b"\x00" + raw).digest()
+        check = check_entry(raw, sig, seq, prev, strict=self.deep)
+        leaf, fields = check.leaf, check.fields
         if leaf != stored_hash:
             self.find(seq, "entries", "stored hash does not match the entry bytes (edited entry)")
-        try:
-            fields = json.loads(raw)
-        except ValueError:
-            fields = None
-        problem = entries.check_envelope(fields) if fields is not None else "entry is not JSON"
-        if problem:
+        for problem in check.problems:
             self.find(seq, "entries", problem)
-        else:
-            if fields["seq"] != seq:
-                self.find(seq, "entries", f"entry says seq {fields['seq']} but is stored at {seq}")
-            if fields["prev"] != prev.hex():
-                self.find(seq, "entries", "prev does not match the hash of the entry before it")
+        if fields is not None:
             if fields["kind"] != kind or fields["ts"] != ts:
                 self.find(seq, "entries", "kind/ts columns do not match the entry")
-            checks.append((bytes.fromhex(fields["actor"]), leaf, sig, seq, "actor"))
-            if fields["kind"] == "trade":
-                data = fields["data"]
-                message = entries.trade_message(data["terms"])
-                for party in ("provider", "consumer"):
-                    checks.append((bytes.fromhex(data["terms"][party]), message,
-                                   bytes.fromhex(data[f"{party}_sig"]), seq, f"trade {party}"))
+            checks.extend(check.signatures)
             if self.deep:
-                self._deep_entry(seq, raw, fields)
+                self._deep_entry(seq, fields)
         for level, idx, node in self.range.append(leaf):
             if self.deep:
                 self.nodes[(level, idx)] = node
@@ -173,12 +216,7 @@ class _Verifier:
             self.roots[self.range.size] = self.range.root()
         return leaf
 
-    def _deep_entry(self, seq: int, raw: bytes, fields: dict[str, Any]) -> None:
-        try:
-            if canonical.encode(fields) != raw:
-                self.find(seq, "entries", "entry bytes are not in canonical form")
-        except UsageError as exc:
-            self.find(seq, "entries", f"entry has no canonical form: {exc}")
+    def _deep_entry(self, seq: int, fields: dict[str, Any]) -> None:
         try:
             self.state.apply(fields)
         except EntryRejected as exc:
@@ -271,7 +309,7 @@ class _Verifier:
             present.add(body_hash)
             if body_hash not in refs:
                 self.find(None, "bodies", f"body {body_hash[:16]}… is referenced by no entry")
-            elif hashlib.sha256(data).hexdigest() != body_hash:
+            elif not body_matches(body_hash, data):
                 self.find(refs[body_hash], "bodies",
                           f"body {body_hash[:16]}… does not hash to its name (edited)")
             if (body_hash,) in redacted:

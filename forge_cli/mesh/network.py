@@ -21,7 +21,7 @@ from typing import Any
 
 from forge_cli import canonical, identity
 from forge_cli.errors import StorageError, TradeRejected
-from forge_cli.ledger import entries, merkle
+from forge_cli.ledger import entries, merkle, queries
 
 log = logging.getLogger("forge.network")
 
@@ -353,10 +353,7 @@ class NetworkView:
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'ledger_next'").fetchone()
         start = row[0] if row else 0
         added = 0
-        for seq, raw in ledger.conn.execute(
-                "SELECT seq, entry FROM entries WHERE kind = 'trade' AND seq >= ? ORDER BY seq",
-                (start,)):
-            data = canonical.decode(bytes(raw))["data"]
+        for seq, data in queries.trades_from(ledger, start):
             added += self.add_own(data, seq) == ACCEPTED
         with self.lock:
             self._set_meta("ledger_next", max(start, ledger.size))

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import UsageError
-from forge_cli.ledger import entries, views
+from forge_cli.ledger import entries, queries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
 from forge_cli.node.web import NODE, WHO, Route, bad_request
@@ -85,22 +85,14 @@ async def trades(request: web.Request) -> web.Response:
                       "consumer_sig": entry.data["consumer_sig"]})
         if len(found) == limit:
             break
-    return web.json_response({"trades": found, "count": _trade_count(node)})
-
-
-def _trade_count(node: Node) -> int:
-    """Trades in the ledger: one nonce row each (a view, so no scan), less the nonces spent
-    by `unsettled` terms, which are not trades."""
-    nonces = node.reader.conn.execute("SELECT count(*) FROM trade_nonces").fetchone()[0]
-    unsettled = node.reader.conn.execute("SELECT coalesce(sum(count), 0) FROM unsettled").fetchone()[0]
-    return nonces - unsettled
+    return web.json_response({"trades": found, "count": queries.trade_count(node.reader)})
 
 
 async def network(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    count = _trade_count(node)
+    count = queries.trade_count(node.reader)
     view = await asyncio.to_thread(node.network.summary)
-    volume = node.reader.conn.execute("SELECT coalesce(sum(earned), 0) FROM trade_totals").fetchone()[0]
+    volume = queries.trade_volume(node.reader)
     note = await node.on_ledger(node.ledger.checkpoint)  # reused while the size is the same
     size, root, _, vkey = node.ledger.latest_checkpoint()
     # `trades` and `root` are the network view's (every verified trade, ours and gossiped);

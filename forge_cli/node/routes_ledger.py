@@ -18,7 +18,8 @@ async def checkpoint(request: web.Request) -> web.Response:
 
 
 async def verify(request: web.Request) -> web.Response:
-    """The whole ledger checked on a reader of its own, off the ledger thread (?deep=1)."""
+    """The whole ledger checked on a reader of its own, off the ledger thread (?deep=1),
+    once the writer has confirmed its files are the ones it opened (503 if not)."""
     import asyncio
 
     from forge_cli.ledger import verify as verifier
@@ -33,6 +34,9 @@ async def verify(request: web.Request) -> web.Response:
         with Ledger.open_reader(node.ledger.path) as book:
             return verifier.verify(book, deep=deep == "1").to_json()
 
+    # Ask the writer first: a reader opened on files that were deleted under the node would
+    # verify the wrong thing (the reader itself is read-only and cannot harm them).
+    await node.on_ledger(node.ledger.check_files)
     return web.json_response(await asyncio.get_running_loop().run_in_executor(None, check))
 
 

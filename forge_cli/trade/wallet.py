@@ -105,6 +105,7 @@ class Wallet:
     def reserve_now(self, account: str, cu: int, *, what: str, peer: bool = False,
                     hint: str | None = None) -> Hold:
         """`reserve` on the writer thread."""
+        self.ledger.check_files()  # refused before generating, not after, if the files changed
         if peer:
             self._peer_free_tier(account)
         else:

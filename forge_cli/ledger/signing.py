@@ -1,4 +1,4 @@
-"""A helper process that signs leaf hashes for large batches, and its client.
+"""Signing leaf hashes as the writer builds them: inline, or on a helper process for a large batch.
 
 Threads cannot share the signing: PyNaCl needs the GIL between two signatures, and a thread
 waiting for it behind a busy builder loses a whole switch interval per signature. A separate
@@ -37,7 +37,7 @@ class SignWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "forge_cli.ledger.signworker"],
+                [sys.executable, "-m", "forge_cli.ledger.signing"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
             )
@@ -105,6 +105,34 @@ class Batch:
         while self.in_flight:
             self._receive_one()
         return [sig for part in self.parts for sig in part]  # type: ignore[union-attr]
+
+
+class LeafSigner:
+    """Signs leaf hashes as they are built: inline, or, given a worker, on its process."""
+
+    CHUNK = 64
+
+    def __init__(self, signer: identity.Identity, worker: SignWorker | None) -> None:
+        self.signer = signer
+        self.batch = worker.batch() if worker is not None else None
+        self.inline: list[bytes] = []
+        self.waiting: list[bytes] = []
+
+    def add(self, leaf: bytes) -> None:
+        if self.batch is None:
+            self.inline.append(self.signer.sign(leaf))
+            return
+        self.waiting.append(leaf)
+        if len(self.waiting) >= self.CHUNK:
+            self.batch.send(self.waiting)
+            self.waiting = []
+
+    def signatures(self) -> list[bytes]:
+        if self.batch is None:
+            return self.inline
+        if self.waiting:
+            self.batch.send(self.waiting)
+        return self.batch.signatures()
 
 
 def main() -> None:
