@@ -358,14 +358,16 @@ class AsyncClient:
         if self._owned and self._session is not None:
             await self._session.close()
 
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """The route's JSON answer; raises its error as a ForgeError."""
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   encoded: bytes | None = None) -> Any:
+        """The route's JSON answer; raises its error as a ForgeError. `encoded` is a JSON body
+        already encoded (gossip sends signed trades as they were stored)."""
         import aiohttp
 
         with translated(self.url):
             async with self.session.request(
-                    method, self.url + path, json=body,
-                    headers=_headers(self.token, body is not None),
+                    method, self.url + path, json=body, data=encoded,
+                    headers=_headers(self.token, body is not None or encoded is not None),
                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 raw = await response.read()
         return answer(response.status, response.reason or "", raw, self.url + path)

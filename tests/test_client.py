@@ -330,3 +330,73 @@ async def both_raise_at(url: str, client: AsyncClient, path: str) -> tuple[Forge
         await client.get(path)
     assert type(one.value) is type(other.value) and str(one.value) == str(other.value)
     return one.value, other.value
+
+
+# -- structure: one SSE reader, one error map, no private helper used across modules ---------
+
+SOURCES = ("forge_cli", "tui")
+
+
+def python_files(*roots: str) -> list[Path]:
+    from tests.conftest import REPO
+
+    return sorted(p for root in roots for p in (REPO / root).rglob("*.py"))
+
+
+READERS = ("[DONE]", '"data:', "'data:", 'get("error", {})', "get('error', {})",
+           'get("error"), dict)', "get('error'), dict)", '["error"].get("message"',
+           "['error'].get('message'", '["error"]["message"]')
+
+
+def stream_or_envelope_readers(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    return [f"{path.name}: {needle}" for needle in READERS if needle in text]
+
+
+def test_only_the_client_reads_event_streams_and_error_envelopes(tmp_path: Path):
+    # The node writes both (node/); all that reads them goes through forge_cli/client.py.
+    from tests.conftest import REPO
+
+    writers = {REPO / "forge_cli" / "client.py"}
+    found = [hit for p in python_files(*SOURCES) if p.parent != REPO / "forge_cli" / "node"
+             and p not in writers for hit in stream_or_envelope_readers(p)]
+    assert found == []
+    planted = tmp_path / "planted.py"  # the old buyer's and gossip's shapes are found
+    planted.write_text('if body == "[DONE]": pass\nif isinstance(d.get("error"), dict): pass\n'
+                       "msg = answer.get('error', {}).get('message')\n", encoding="utf-8")
+    assert len(stream_or_envelope_readers(planted)) == 3
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from m import _x` and `m._x` where m is an imported module of this repo."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__":
+            ours = node.module.split(".")[0] in ("forge_cli", "tui", "tests", "bench")
+            for alias in node.names:
+                if ours:
+                    modules.add(alias.asname or alias.name)
+                if ours and alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno} from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            modules.update((a.asname or a.name).split(".")[0] for a in node.names
+                           if a.name.split(".")[0] in ("forge_cli", "tui", "tests", "bench"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in modules and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_helper_is_imported_across_modules(tmp_path: Path):
+    found = [hit for p in python_files(*SOURCES, "tests", "bench") for hit in private_imports(p)]
+    assert found == []
+    planted = tmp_path / "planted.py"  # the check finds both shapes
+    planted.write_text("from forge_cli.node.web import _kind\nfrom forge_cli.cli import docs\n"
+                       "docs._roff_paragraphs('x')\n", encoding="utf-8")
+    assert len(private_imports(planted)) == 2
