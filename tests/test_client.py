@@ -357,9 +357,9 @@ def test_only_the_client_reads_event_streams_and_error_envelopes(tmp_path: Path)
     # The node writes both (node/); all that reads them goes through forge_cli/client.py.
     from tests.conftest import REPO
 
-    writers = {REPO / "forge_cli" / "client.py"}
+    client = REPO / "forge_cli" / "client.py"
     found = [hit for p in python_files(*SOURCES) if p.parent != REPO / "forge_cli" / "node"
-             and p not in writers for hit in stream_or_envelope_readers(p)]
+             and p != client for hit in stream_or_envelope_readers(p)]
     assert found == []
     planted = tmp_path / "planted.py"  # the old buyer's and gossip's shapes are found
     planted.write_text('if body == "[DONE]": pass\nif isinstance(d.get("error"), dict): pass\n'
