@@ -164,7 +164,7 @@ def run_against(node: subprocess.Popen[str], url: str, agent: dict[str, str]) ->
           f"{pricing['estimate_cu']['100']} CU, 1000 ≈ {pricing['estimate_cu']['1000']} CU")
     from forge_cli.client import Client
 
-    metrics = Client(url)._send("GET", "/metrics").read().decode()
+    metrics = Client(url).text("/metrics")
     shown = [line for line in metrics.splitlines()
              if line.startswith(("forge_trades_total", "forge_cu_earned_total",
                                  "forge_price_ucu", "forge_ledger_entries", "forge_kill_switch"))]

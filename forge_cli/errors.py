@@ -5,10 +5,12 @@
     ├── UsageError                  2    400  bad arguments or input the user can fix
     │   ├── UnknownModel            2    404  a model name that resolves to nothing
     │   ├── MeshNotRunning          2    404  a mesh route on a node started without --mesh
-    │   └── SelfTrade               2    403  the operator buying from its own node
+    │   ├── SelfTrade               2    403  the operator buying from its own node
+    │   └── TokenRefused            2    401  the node refused the API token (missing, wrong, revoked)
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key or a wrong type
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
     ├── StorageError                2    500  a file could not be read or written
+    │   └── NodeUnreachable         2    503  no node answered at the URL (refused, reset, timed out)
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
     │   └── OfflineError            2    503  a download was needed but the network is not available
     ├── EngineBusy                  2    429  the model's request queue is full
@@ -23,6 +25,9 @@
     │       ├── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
     │       ├── TradeRejected       1    422  a gossiped trade is malformed, forged or replays a nonce
     │       └── PlanRejected        1    422  an agent plan is malformed or not a DAG (recorded)
+    ├── NodeError                   2    502  the node answered with an error no class here names
+    │   └── BadResponse             2    502  the node's answer is not JSON, or its stream is malformed
+    │                                         or broke off before it ended
     └── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
         ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
         ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
@@ -32,6 +37,7 @@
         ├── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
         ├── TooManyStrangers        1    429  gate "rate_limit": the peer free tier is full
         ├── UnsettledExposure       1    403  gate "exposure": a peer left too many terms unsigned
+        ├── NodeRefused             1    403  the node refused a spend with a gate no class here names
         └── LendingDenied           1    403  a lending rule refused: gate "credit", "collateral_ratio",
                                               "term", "pool_share", "reserve", "rate_limit" (429),
                                               "default_halt" or "liquidity"
@@ -87,6 +93,12 @@ class ConfigError(ForgeError):
     """config.toml or a FORGE_* variable holds an unknown key or a value of the wrong type."""
 
 
+class TokenRefused(UsageError):
+    """The node answered 401: the API token is missing, wrong or revoked."""
+
+    http_status = 401
+
+
 class IdentityError(ForgeError):
     """A key file is missing, unreadable, malformed or readable by others."""
 
@@ -95,6 +107,12 @@ class StorageError(ForgeError):
     """A file or directory could not be read or written."""
 
     http_status = 500
+
+
+class NodeUnreachable(StorageError):
+    """No node answered at the URL: the connection was refused, reset or timed out."""
+
+    http_status = 503
 
 
 class ModelError(ForgeError):
@@ -181,6 +199,17 @@ class PlanRejected(CheckFailed):
     unknown or a duplicate task; the rejection is recorded in the ledger."""
 
 
+class NodeError(ForgeError):
+    """The node answered with an error that no class here names (its code is unknown)."""
+
+    http_status = 502
+
+
+class BadResponse(NodeError):
+    """The node's answer is not the JSON it should be, or its event stream carries a malformed
+    line or broke off before its end."""
+
+
 class SpendDenied(ForgeError):
     """A spend was refused by a safety gate or by the balance; `gate` names which."""
 
@@ -248,6 +277,10 @@ class UnsettledExposure(SpendDenied):
     """A peer consumer left too many served replies uncountersigned at this provider."""
 
     gate = "exposure"
+
+
+class NodeRefused(SpendDenied):
+    """The node refused a spend with a gate that no class here names."""
 
 
 LENDING_GATES = ("credit", "collateral_ratio", "term", "pool_share", "reserve", "rate_limit",

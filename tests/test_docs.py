@@ -75,10 +75,10 @@ def test_man_page_documents_every_command_option_exit_code_file_and_variable():
         assert f".SH {section}\n" in page
     for cmd in docs.command_tree().walk():
         if len(cmd.path) > 1:
-            assert f'.SS "{docs._roff(cmd.name)}"' in page
+            assert f'.SS "{docs.roff(cmd.name)}"' in page
         for opt in cmd.options:
             for name in opt.long:
-                assert docs._roff(name) in page
+                assert docs.roff(name) in page
     for needle in ("FORGE_HOME", "FORGE_TOKEN", "FORGE_NODE", "api_token", "ledger.db"):
         assert needle in page
 

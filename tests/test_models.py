@@ -63,7 +63,7 @@ def test_block_sizes_agree_with_the_gguf_package():
     import gguf
 
     for kind, sizes in gguf.GGML_QUANT_SIZES.items():
-        assert gguf_meta._BLOCKS[int(kind)] == tuple(sizes), kind.name
+        assert gguf_meta.BLOCKS[int(kind)] == tuple(sizes), kind.name
 
 
 def test_truncated_gguf_is_reported_with_expected_and_found_sizes(tiny_gguf: Path,

@@ -20,7 +20,8 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
-from tui.client import NodeAnswered, NodeClient, NodeDown, TokenRefused
+from forge_cli.client import AsyncClient
+from forge_cli.errors import ForgeError, NodeUnreachable, TokenRefused
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.help import HelpScreen
 from tui.screens.trade_detail import TradeDetailScreen
@@ -53,7 +54,7 @@ class ForgeApp(App[None]):
     def __init__(self, url: str, token: str | None, poll_s: float = 2.0, *, live: bool = True,
                  snapshot: Snapshot | None = None, clock: Callable[[], int] | None = None) -> None:
         super().__init__()
-        self.client = NodeClient(url, token)
+        self.client = AsyncClient(url, token)
         self.poll_s = poll_s
         self.live = live
         self.snapshot = snapshot or Snapshot(message=f"connecting to {self.client.url}")
@@ -116,12 +117,12 @@ class ForgeApp(App[None]):
                     snapshot.verified = await verify(self.client, snapshot.network)
                 self._polls += 1
                 self.apply(snapshot)
-            except NodeDown as exc:
+            except NodeUnreachable as exc:
                 self._offline("disconnected, retrying", str(exc))
             except TokenRefused as exc:
                 self._offline("token refused", f"{exc} (pass --token, set FORGE_TOKEN, or use the "
                               "operator token in FORGE_HOME/api_token)")
-            except NodeAnswered as exc:
+            except ForgeError as exc:
                 self._offline("node error", str(exc))
             self._wake.clear()
             try:
@@ -134,10 +135,10 @@ class ForgeApp(App[None]):
         """Wake the poller on every ledger entry or safety change; reconnect when the stream ends."""
         while True:
             try:
-                async for event, _data in self.client.events():
-                    if event in ("entry", "safety", "hello"):
+                async for event in self.client.stream("/v1/forge/events", until_done=False):
+                    if event.name in ("entry", "safety", "hello"):
                         self._wake.set()
-            except (NodeDown, TokenRefused, NodeAnswered):
+            except ForgeError:
                 pass
             self._wake.set()
             await asyncio.sleep(RETRY_S)
@@ -186,7 +187,7 @@ class ForgeApp(App[None]):
     async def _post(self, path: str, body: dict[str, Any], done: str) -> None:
         try:
             await self.client.post(path, body)
-        except (NodeDown, TokenRefused, NodeAnswered) as exc:
+        except ForgeError as exc:
             self.notify(str(exc), severity="error", timeout=8)
             return
         self.notify(done)
@@ -203,8 +204,8 @@ class ForgeApp(App[None]):
         from forge_cli.ledger import merkle
 
         try:
-            proof = await self.client.get(f"/v1/forge/ledger/proof/{trade['seq']}")
-        except (NodeDown, TokenRefused, NodeAnswered) as exc:
+            proof = await self.client.get_optional(f"/v1/forge/ledger/proof/{trade['seq']}")
+        except ForgeError as exc:
             self.notify(str(exc), severity="error")
             return
         ok = proof is not None and proof["leaf_hash"] == trade.get("hash") and merkle.verify_inclusion(

@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from tui.client import NodeClient
+from forge_cli.client import AsyncClient
 
 PRICE_HISTORY = 120
 
@@ -40,18 +40,18 @@ class Snapshot:
         return self.connection == "connected"
 
 
-async def fetch(client: NodeClient, previous: Snapshot, now_ms: int) -> Snapshot:
-    """One poll of every route the panels need (raises NodeDown / TokenRefused)."""
+async def fetch(client: AsyncClient, previous: Snapshot, now_ms: int) -> Snapshot:
+    """One poll of every route the panels need (raises NodeUnreachable, TokenRefused or
+    another ForgeError); a route the node lacks (404) shows as None."""
+    paths = ("/health", "/v1/forge/balance", "/v1/forge/pricing", "/v1/forge/trades?limit=200",
+             "/v1/forge/network", "/v1/forge/safety", "/v1/forge/approvals", "/v1/forge/peers",
+             "/v1/forge/pool", "/v1/forge/loans?all=1")
     (health, balance, pricing, trades, network, safety, pending, peers, pool, loans) = await asyncio.gather(
-        client.get("/health"), client.get("/v1/forge/balance"), client.get("/v1/forge/pricing"),
-        client.get("/v1/forge/trades?limit=200"), client.get("/v1/forge/network"),
-        client.get("/v1/forge/safety"), client.get("/v1/forge/approvals"),
-        client.get("/v1/forge/peers"), client.get("/v1/forge/pool"), client.get("/v1/forge/loans?all=1"),
-    )
+        *(client.get_optional(path) for path in paths))
     safety = safety or {}
     budgets = []
     for policy in safety.get("policies", []):
-        status = await client.get(f"/v1/forge/safety?account={policy['account']}") or {}
+        status = await client.get_optional(f"/v1/forge/safety?account={policy['account']}") or {}
         budgets.append({"account": policy["account"],
                         "spent_last_hour_cu": status.get("spent_last_hour_cu", 0),
                         "hourly_budget_cu": policy.get("hourly_budget_cu", 0),
@@ -80,7 +80,7 @@ def _listing(payload: Any, key: str) -> list[dict[str, Any]] | None:
     return list(payload.get(key, []))
 
 
-async def verify(client: NodeClient, network: dict[str, Any]) -> str:
+async def verify(client: AsyncClient, network: dict[str, Any]) -> str:
     """Check the node's signed checkpoint and the newest entry's inclusion proof against it."""
     from forge_cli.errors import ForgeError
     from forge_cli.ledger import merkle, note
@@ -95,7 +95,7 @@ async def verify(client: NodeClient, network: dict[str, Any]) -> str:
         if checkpoint.size == 0:
             return "verified ✓"
         seq = checkpoint.size - 1
-        proof = await client.get(f"/v1/forge/ledger/proof/{seq}?size={checkpoint.size}")
+        proof = await client.get_optional(f"/v1/forge/ledger/proof/{seq}?size={checkpoint.size}")
         ok = proof is not None and merkle.verify_inclusion(
             bytes.fromhex(proof["leaf_hash"]), seq, checkpoint.size,
             [bytes.fromhex(h) for h in proof["proof"]], checkpoint.root)

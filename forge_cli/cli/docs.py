@@ -272,7 +272,8 @@ def fish(tree: Cmd) -> str:
 
 # --- man page --------------------------------------------------------------------------------
 
-def _roff(text: str) -> str:
+def roff(text: str) -> str:
+    """`text` escaped for a man page: backslashes, hyphens and non-ASCII as roff escapes."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
     text = "".join(ch if ord(ch) < 128 else f"\\[u{ord(ch):04X}]" for ch in text)
     lines = []
@@ -288,7 +289,7 @@ def _roff_paragraphs(text: str) -> list[str]:
     for i, para in enumerate(text.split("\n\n")):
         if i:
             out.append(".PP")
-        out.append(_roff(para))
+        out.append(roff(para))
     return out
 
 
@@ -334,24 +335,24 @@ def man(tree: Cmd) -> str:
     for c in tree.walk():
         if c is tree:
             continue
-        out.append(f'.SS "{_roff(c.name)}"')
-        out += [".B " + _roff(c.name), _roff(c.usage), ".PP", *_roff_paragraphs(c.help)]
+        out.append(f'.SS "{roff(c.name)}"')
+        out += [".B " + roff(c.name), roff(c.usage), ".PP", *_roff_paragraphs(c.help)]
         if c.children:
-            out += [".PP", "Subcommands: " + ", ".join(_roff(ch.path[-1]) for ch in c.children) + "."]
+            out += [".PP", "Subcommands: " + ", ".join(roff(ch.path[-1]) for ch in c.children) + "."]
         for metavar, help_text in c.arguments:
-            out += [".TP", f"\\fI{_roff(metavar)}\\fR", _roff(help_text or "argument")]
+            out += [".TP", f"\\fI{roff(metavar)}\\fR", roff(help_text or "argument")]
         out += _man_options(c)
     out.append(".SH EXIT STATUS")
     for code, text in EXIT_STATUS:
-        out += [".TP", f".B {code}", _roff(text)]
+        out += [".TP", f".B {code}", roff(text)]
     out.append(".SH ENVIRONMENT")
     for name, text in ENVIRONMENT:
-        out += [".TP", f".B {name}", text if "\\-" in text else _roff(text)]
+        out += [".TP", f".B {name}", text if "\\-" in text else roff(text)]
     for key in config.KEYS.values():
-        out += [".TP", f".B {key.env}", _roff(f"Overrides config key {key.name}: {key.help}.")]
+        out += [".TP", f".B {key.env}", roff(f"Overrides config key {key.name}: {key.help}.")]
     out.append(".SH FILES")
     for path, text in FILES:
-        out += [".TP", f".I {_roff(path)}", _roff(text)]
+        out += [".TP", f".I {roff(path)}", roff(text)]
     out += [".SH SEE ALSO", "Shell completions in completions/forge.{bash,zsh,fish};",
             "the README for the node API.", ""]
     return "\n".join(out)
@@ -360,10 +361,10 @@ def man(tree: Cmd) -> str:
 def _man_options(c: Cmd) -> list[str]:
     out = []
     for opt in c.options:
-        names = ", ".join(f"\\fB{_roff(n)}\\fR" for n in opt.short + opt.long)
+        names = ", ".join(f"\\fB{roff(n)}\\fR" for n in opt.short + opt.long)
         if opt.takes_value:
-            names += f" \\fI{_roff(opt.metavar)}\\fR"
-        out += [".TP", names, _roff(opt.help or "(no description)")]
+            names += f" \\fI{roff(opt.metavar)}\\fR"
+        out += [".TP", names, roff(opt.help or "(no description)")]
     return out
 
 

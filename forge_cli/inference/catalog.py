@@ -212,7 +212,8 @@ def _cached_snapshot_files(repo: str) -> list[Path]:
     return [f for d in dirs for f in sorted(d.glob("*.gguf"))]
 
 
-def _matches_quant(file: str, quant: str) -> bool:
+def matches_quant(file: str, quant: str) -> bool:
+    """Whether a GGUF file name ends in the quantisation `quant` (`model-Q4_K_M.gguf`)."""
     stem = file.lower().removesuffix(".gguf")
     return bool(re.search(rf"(^|[-_.]){re.escape(quant.lower())}$", stem))
 
@@ -238,7 +239,7 @@ def local_file(ref: ModelRef, *, assemble: bool = False) -> Path | None:
             candidates += sorted(folder.glob("*.gguf"))
     candidates += _cached_snapshot_files(ref.repo)
     for path in candidates:
-        wanted = path.name == ref.file if ref.file else _matches_quant(path.name, ref.quant or "")
+        wanted = path.name == ref.file if ref.file else matches_quant(path.name, ref.quant or "")
         if wanted and path.is_file():
             return path
     return None

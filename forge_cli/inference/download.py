@@ -65,7 +65,7 @@ def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
 
 def _pick_file(files: list[str], ref: ModelRef) -> str:
     ggufs = [f for f in files if f.lower().endswith(".gguf") and "/" not in f]
-    wanted = [f for f in ggufs if catalog._matches_quant(f, ref.quant or "")]
+    wanted = [f for f in ggufs if catalog.matches_quant(f, ref.quant or "")]
     whole = [f for f in wanted if "-of-0" not in f]
     if whole:
         return whole[0]

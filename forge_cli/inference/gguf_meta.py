@@ -23,7 +23,7 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 # ggml tensor types -> (elements per block, bytes per block), to know where the data must end.
-_BLOCKS: dict[int, tuple[int, int]] = {
+BLOCKS: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
     9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
     15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
@@ -162,7 +162,7 @@ def _parse(r: _Reader, path: Path, size: int) -> GGUFInfo:
             count *= d
         n_params += count
         types[kind] = types.get(kind, 0) + 1
-        block = _BLOCKS.get(kind)
+        block = BLOCKS.get(kind)
         if block is None:
             known = False
         else:

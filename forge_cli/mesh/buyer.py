@@ -16,13 +16,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from forge_cli import identity
-from forge_cli.errors import InsufficientCU, ProviderFailed, TermsRejected
+from forge_cli.client import AsyncClient
+from forge_cli.errors import (
+    BadResponse,
+    ForgeError,
+    InsufficientCU,
+    NodeUnreachable,
+    ProviderFailed,
+    TermsRejected,
+)
 from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
 from forge_cli.trade.session import failed
 
 if TYPE_CHECKING:
     from forge_cli.trade.wallet import Wallet
+
+CONNECT_TIMEOUT_S = 60  # each JSON call to a provider, and connecting for its stream
+READ_TIMEOUT_S = 120  # the longest wait for the provider's next piece
 
 
 @dataclass(frozen=True)
@@ -80,19 +91,16 @@ class Buyer:
         self.session = session
         self.clock = clock
 
-    async def _post(self, seller: Seller, path: str, body: dict[str, Any]) -> Any:
-        import aiohttp
+    def _client(self, seller: Seller) -> AsyncClient:
+        return AsyncClient(seller.url, timeout=CONNECT_TIMEOUT_S, session=self.session)
 
+    async def _post(self, seller: Seller, path: str, body: dict[str, Any]) -> Any:
         try:
-            async with self.session.post(seller.url + path, json=body) as response:
-                data = await response.json(content_type=None)
-                if response.status != 200:
-                    raise ProviderFailed(f"provider {seller.short()} refused: "
-                                         f"{_error_message(data, response.status)}")
-                return data
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ProviderFailed(f"provider {seller.short()} is unreachable: "
-                                 f"{exc or type(exc).__name__}") from None
+            return await self._client(seller).post(path, body)
+        except (NodeUnreachable, BadResponse) as exc:
+            raise ProviderFailed(f"provider {seller.short()} is unreachable: {exc}") from None
+        except ForgeError as exc:
+            raise ProviderFailed(f"provider {seller.short()} refused: {_said(exc)}") from None
 
     async def quote(self, seller: Seller, model: str, max_tokens: int) -> dict[str, Any]:
         """The seller's signed quote for this consumer, checked."""
@@ -143,8 +151,6 @@ class Buyer:
 
     async def _buy(self, seller: Seller, payload: dict[str, Any], signed_quote: dict[str, Any],
                    on_piece: Callable[[str], Any] | None, started: float) -> Purchase:
-        import aiohttp
-
         quote = signed_quote["quote"]
         request = json.dumps({**payload, "max_tokens": quote["max_tokens"]}, sort_keys=True,
                              separators=(",", ":"), ensure_ascii=False)
@@ -157,41 +163,30 @@ class Buyer:
         final: dict[str, Any] | None = None
         first = None
         last = terms_at = 0.0
+        body = {"intent": intent, "consumer_sig": consumer_sig, "request": request}
         try:
-            async with self.session.post(
-                    seller.url + "/v1/forge/p2p/chat",
-                    json={"intent": intent, "consumer_sig": consumer_sig, "request": request},
-                    timeout=aiohttp.ClientTimeout(total=None, sock_read=120)) as response:
-                if response.status != 200:
-                    data = await response.json(content_type=None)
-                    raise ProviderFailed(f"provider {seller.short()} refused: "
-                                         f"{_error_message(data, response.status)}")
-                async for raw in response.content:
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    body = line[5:].strip()
-                    if body == "[DONE]":
-                        break
-                    event = json.loads(body)
-                    if "text" in event:
-                        last = time.perf_counter() - started
-                        if first is None:
-                            first = last
-                        pieces.append(event["text"])
-                        tokens = int(event.get("tokens", tokens))
-                        if on_piece is not None and event["text"]:
-                            on_piece(event["text"])
-                    elif "terms" in event:
-                        final = event
-                        terms_at = time.perf_counter()
-                    elif "error" in event:
-                        raise ProviderFailed(f"provider {seller.short()} stopped: "
-                                             f"{_error_message(event, 502)}")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # Signed terms end a sale; a stream that ends without them is told apart below.
+            async for event in self._client(seller).stream("/v1/forge/p2p/chat", body,
+                                                           until_done=False,
+                                                           read_timeout=READ_TIMEOUT_S):
+                data = event.data
+                if "text" in data:
+                    last = time.perf_counter() - started
+                    if first is None:
+                        first = last
+                    pieces.append(data["text"])
+                    tokens = int(data.get("tokens", tokens))
+                    if on_piece is not None and data["text"]:
+                        on_piece(data["text"])
+                elif "terms" in data:
+                    final = data
+                    terms_at = time.perf_counter()
+        except (NodeUnreachable, BadResponse) as exc:
             raise ProviderFailed(f"provider {seller.short()} failed mid-stream after "
-                                 f"{tokens} tokens ({exc or type(exc).__name__}); nothing was "
-                                 "recorded or paid") from None
+                                 f"{tokens} tokens ({exc}); nothing was recorded or paid") from None
+        except ForgeError as exc:
+            said = "refused" if getattr(exc, "status", None) is not None else "stopped"
+            raise ProviderFailed(f"provider {seller.short()} {said}: {_said(exc)}") from None
         if final is None:
             raise ProviderFailed(f"provider {seller.short()} stopped after {tokens} tokens "
                                  "without signed terms; nothing was recorded or paid")
@@ -215,10 +210,10 @@ class Buyer:
                         done - terms_at)
 
 
-def _error_message(data: Any, status: int) -> str:
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return str(data["error"].get("message") or data["error"])
-    return f"HTTP {status}"
+def _said(exc: ForgeError) -> str:
+    """What the provider said, without the client's "node: "."""
+    envelope = getattr(exc, "envelope", None)
+    return str(envelope.get("message") or exc) if isinstance(envelope, dict) else str(exc)
 
 
 def choose(sellers: list[Seller], mode: str) -> list[Seller]:

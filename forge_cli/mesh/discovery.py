@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_cli.errors import ConfigError
+from forge_cli.errors import ConfigError, ForgeError
 
 log = logging.getLogger("forge.mesh")
 
@@ -259,15 +259,15 @@ class Mesh:
                 del self.candidates[url]
 
     async def _probe(self, peer: Peer) -> None:
-        import aiohttp
+        from forge_cli.client import AsyncClient
 
         started = time.perf_counter()
         try:
-            async with self._session.get(peer.url + "/health") as response:
-                if response.status != 200:
-                    return
-                health = await response.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            health = await AsyncClient(peer.url, timeout=max(1.0, self.probe_s),
+                                       session=self._session).get("/health")
+        except ForgeError:  # down, not a forge node, or not a URL at all
+            return
+        if not isinstance(health, dict):
             return
         if health.get("mesh_instance") == self.name:
             self.candidates.pop(peer.url, None)  # a static peer that is this node

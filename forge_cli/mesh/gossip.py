@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from forge_cli import canonical
+from forge_cli.client import AsyncClient
 from forge_cli.errors import ConfigError, ForgeError, GossipBusy, GossipQuota, TradeRejected
 from forge_cli.ledger import merkle, note
 from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
@@ -28,6 +29,7 @@ MAX_BATCH = 500  # trades per POST or pull page, both ways (a trade is ~0.9 kB o
 PAGES_PER_ROUND = 20  # pull or push at most this many pages per peer per round
 MAX_WAITING = 8  # pushed batches queued for verification before the next one gets 429
 PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
+REQUEST_TIMEOUT_S = 30  # each call to a peer
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -144,7 +146,8 @@ class Gossip:
         wake = self._wake
         self._listener = lambda _new: loop.call_soon_threadsafe(wake.set)
         self.view.listeners.append(self._listener)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
         for node_id, reason in (await asyncio.to_thread(self.view.flags)).items():
             self.mesh.flag_peer(node_id, reason)
         self._task = asyncio.create_task(self._loop())
@@ -207,18 +210,18 @@ class Gossip:
             log.exception("gossip with %s failed; trying again next round", peer.url)
 
     async def _guard(self, peer: Any, what: str, job: Any) -> bool:
-        import aiohttp
-
         try:
             await job
             return True
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError,
-                ForgeError) as exc:
+        except (ValueError, KeyError, TypeError, ForgeError) as exc:  # the client's, or a bad page
             log.warning("gossip %s with %s failed (%s: %s); retrying next round", what,
                         peer.url, type(exc).__name__, exc)
             return False
 
     # -- push and pull -----------------------------------------------------------------------
+
+    def _client(self, peer: Any) -> AsyncClient:
+        return AsyncClient(peer.url, timeout=REQUEST_TIMEOUT_S, session=self._session)
 
     async def push(self, peer: Any) -> int:
         """Send `peer` the trades it has not been sent yet; returns how many.
@@ -236,12 +239,7 @@ class Gossip:
             if batch:
                 body = b'{"from":"' + self.mesh.node_id.encode() + b'","trades":[' + \
                     b",".join(batch) + b"]}"
-                async with self._session.post(peer.url + PUSH_PATH, data=body, headers={
-                        "Content-Type": "application/json"}) as response:
-                    answer = await response.json()
-                    if response.status != 200:
-                        raise ValueError(f"HTTP {response.status}: "
-                                         f"{answer.get('error', {}).get('message')}")
+                answer = await self._client(peer).call("POST", PUSH_PATH, encoded=body)
                 if answer.get("rejected"):
                     log.warning("peer %s rejected %d of the trades we pushed: %s", peer.url,
                                 answer["rejected"], answer.get("rejections", [])[:3])
@@ -261,11 +259,7 @@ class Gossip:
             if room == 0:
                 log.warning("not pulling from %s: %s", peer.url, why)
                 break
-            async with self._session.get(peer.url + PULL_PATH, params={
-                    "since": str(cursor), "limit": str(room)}) as response:
-                if response.status != 200:
-                    raise ValueError(f"HTTP {response.status} from {PULL_PATH}")
-                page = await response.json()
+            page = await self._client(peer).get(f"{PULL_PATH}?since={cursor}&limit={room}")
             count, trades, after = int(page["count"]), page["trades"], int(page["next"])
             if count < cursor:
                 log.warning("peer %s now holds %d trades, fewer than our cursor %d (its "
@@ -331,10 +325,7 @@ class Gossip:
         """Fetch `peer`'s signed checkpoint, verify it against its node id, and prove it
         consistent with the last one seen; flag the peer if it is not."""
         node_id = peer.node_id
-        async with self._session.get(peer.url + "/v1/forge/ledger/checkpoint") as response:
-            if response.status != 200:
-                raise ValueError(f"HTTP {response.status} from the checkpoint route")
-            body = await response.json()
+        body = await self._client(peer).get("/v1/forge/ledger/checkpoint")
         verifier = note.Verifier(note.origin_for(node_id), bytes.fromhex(node_id))
         try:
             cp = note.open_checkpoint(body["note"], verifier)
@@ -356,11 +347,8 @@ class Gossip:
                                 f"{cp.root.hex()[:16]}… but root {last.cp_root.hex()[:16]}… "
                                 f"was seen earlier at the same size")
             return
-        async with self._session.get(peer.url + "/v1/forge/ledger/consistency", params={
-                "old": str(last.cp_size), "new": str(cp.size)}) as response:
-            if response.status != 200:
-                raise ValueError(f"HTTP {response.status} from the consistency route")
-            proof = await response.json()
+        proof = await self._client(peer).get(
+            f"/v1/forge/ledger/consistency?old={last.cp_size}&new={cp.size}")
         try:
             path = [bytes.fromhex(h) for h in proof["proof"]]
         except (TypeError, ValueError):

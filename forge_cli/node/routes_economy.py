@@ -12,38 +12,13 @@ from forge_cli.errors import UsageError
 from forge_cli.ledger import entries, queries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
-from forge_cli.node.web import NODE, WHO, Route, bad_request
+from forge_cli.node.web import NODE, Route, account_query, bad_request, int_query
 from forge_cli.trade.node import Node
-
-
-def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"query parameter {name} must be an integer, found {raw!r}") from None
-    if not low <= value <= high:
-        raise bad_request(f"query parameter {name} must be between {low} and {high}")
-    return value
-
-
-def _account_query(request: web.Request) -> str:
-    who = request[WHO]
-    account = request.query.get("account")
-    if account is None or account == who.account_hex:
-        return who.account_hex
-    if not who.is_operator:
-        raise web.HTTPForbidden(reason="only the operator may read another account")
-    if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
-        raise bad_request("account must be a 64-digit lowercase hex public key")
-    return account
 
 
 async def balance(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    account = _account_query(request)
+    account = account_query(request)
     current = node.wallet.balance(account)
     reserved = node.wallet.held(account)
     spent, earned, _ = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
@@ -73,7 +48,7 @@ async def pricing(request: web.Request) -> web.Response:
 
 async def trades(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    limit = _int_query(request, "limit", 50, 1, 1000)
+    limit = int_query(request, "limit", 50, 1, 1000)
     account = request.query.get("account")
     found: list[dict[str, Any]] = []
     for entry in node.reader.iter_newest("trade"):  # walks back only as far as it must
@@ -130,7 +105,7 @@ async def route(request: web.Request) -> web.Response:
     mode = request.query.get("mode", "balanced")
     if mode not in MODES:
         raise bad_request(f"mode must be one of {', '.join(MODES)}, found {mode!r}")
-    max_cu = _int_query(request, "max_cu", 2**62, 0, 2**62)
+    max_cu = int_query(request, "max_cu", 2**62, 0, 2**62)
     candidates = [p for p in _providers(node) if model in (None, p["model"])]
     if model is not None and not candidates:
         raise UsageError(f"no provider serves model {model!r}")

@@ -13,8 +13,15 @@ from aiohttp import web
 
 from forge_cli.errors import MeshNotRunning
 from forge_cli.mesh.gossip import MAX_BATCH, Gossip, encode_page
-from forge_cli.node.routes_economy import _int_query
-from forge_cli.node.web import NODE, Route, bad_request, error_response, field, read_json
+from forge_cli.node.web import (
+    NODE,
+    Route,
+    bad_request,
+    error_response,
+    field,
+    int_query,
+    read_json,
+)
 from forge_cli.trade.node import Node
 
 
@@ -43,8 +50,8 @@ async def receive(request: web.Request) -> web.Response:
 async def since(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     _gossip(node)
-    cursor = _int_query(request, "since", 0, 0, 2**62)
-    limit = _int_query(request, "limit", MAX_BATCH, 1, MAX_BATCH)
+    cursor = int_query(request, "since", 0, 0, 2**62)
+    limit = int_query(request, "limit", MAX_BATCH, 1, MAX_BATCH)
     trades, after = await asyncio.to_thread(node.network.since, cursor, limit)
     count = await asyncio.to_thread(node.network.count)
     return web.Response(body=encode_page(trades, after, count, node.node_id),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from forge_cli.node.routes_economy import _int_query
-from forge_cli.node.web import NODE, Route, bad_request
+from forge_cli.node.web import NODE, Route, bad_request, int_query
 from forge_cli.trade.node import Node
 
 
@@ -43,8 +42,8 @@ async def verify(request: web.Request) -> web.Response:
 async def entries_(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     size = node.ledger.size
-    start = _int_query(request, "start", max(0, size - 50), 0, max(size, 0))
-    limit = _int_query(request, "limit", 50, 1, 1000)
+    start = int_query(request, "start", max(0, size - 50), 0, max(size, 0))
+    limit = int_query(request, "limit", 50, 1, 1000)
     out = [e.to_json() for e in node.reader.iter_entries(start, min(size, start + limit))]
     return web.json_response({"size": size, "entries": out})
 
@@ -69,7 +68,7 @@ async def proof(request: web.Request) -> web.Response:
     seq = _seq(request)
     if seq >= node.ledger.size:
         raise web.HTTPNotFound(reason=f"no entry {seq}; the ledger holds {node.ledger.size}")
-    size = _int_query(request, "size", node.ledger.size, 1, node.ledger.size)
+    size = int_query(request, "size", node.ledger.size, 1, node.ledger.size)
     if seq >= size:
         raise web.HTTPNotFound(reason=f"no entry {seq} in a tree of size {size}")
     nodes = await node.on_ledger(node.ledger.inclusion_proof, seq, size)
@@ -80,8 +79,8 @@ async def proof(request: web.Request) -> web.Response:
 
 async def consistency(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    new = _int_query(request, "new", node.ledger.size, 0, node.ledger.size)
-    old = _int_query(request, "old", 0, 0, new)
+    new = int_query(request, "new", node.ledger.size, 0, node.ledger.size)
+    old = int_query(request, "old", 0, 0, new)
     nodes = await node.on_ledger(node.ledger.consistency_proof, old, new)
     old_root = await node.on_ledger(node.ledger.root, old)
     new_root = await node.on_ledger(node.ledger.root, new)

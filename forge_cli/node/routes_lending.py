@@ -13,8 +13,16 @@ from typing import Any
 from aiohttp import web
 
 from forge_cli import config
-from forge_cli.node.routes_economy import _account_query
-from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.node.web import (
+    NODE,
+    WHO,
+    Route,
+    account_query,
+    bad_request,
+    field,
+    int_query,
+    read_json,
+)
 from forge_cli.trade.node import Node
 
 log = logging.getLogger("forge.node")
@@ -104,7 +112,7 @@ async def repay(request: web.Request) -> web.Response:
 async def pool(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     await _sweep(node)
-    account = _account_query(request)
+    account = account_query(request)
     return web.json_response(await node.on_ledger(node.lending.pool, account))
 
 
@@ -112,7 +120,7 @@ async def loans(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     await _sweep(node)
     who = request[WHO]
-    account = None if who.is_operator and request.query.get("all") else _account_query(request)
+    account = None if who.is_operator and request.query.get("all") else account_query(request)
     found = await node.on_ledger(node.lending.loans, account)
     return web.json_response({"loans": found, "count": len(found)})
 
@@ -120,23 +128,22 @@ async def loans(request: web.Request) -> web.Response:
 async def credit(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     await _sweep(node)
-    account = _account_query(request)
+    account = account_query(request)
     return web.json_response(await node.on_ledger(node.lending.credit, account))
 
 
 async def settlement(request: web.Request) -> web.Response:
     """A signed statement of ?hours=24 back from now, or of ?from=&to= (unix ms)."""
     from forge_cli.economy import settlement as stmt
-    from forge_cli.node.routes_economy import _int_query
 
     node: Node = request.app[NODE]
     now = node.clock()
-    price = _int_query(request, "price", stmt.DEFAULT_PRICE_MSAT, 0, 10**9)
+    price = int_query(request, "price", stmt.DEFAULT_PRICE_MSAT, 0, 10**9)
     if "from" in request.query or "to" in request.query:
-        start = _int_query(request, "from", 0, 0, 2**62)
-        end = _int_query(request, "to", now + 1, 0, 2**62)
+        start = int_query(request, "from", 0, 0, 2**62)
+        end = int_query(request, "to", now + 1, 0, 2**62)
     else:
-        start, end = now - _int_query(request, "hours", 24, 1, 24 * 3660) * 3_600_000, now + 1
+        start, end = now - int_query(request, "hours", 24, 1, 24 * 3660) * 3_600_000, now + 1
     if start >= end:
         raise bad_request(f"from {start} must be before to {end}")
     doc = await node.on_ledger(stmt.build, node.ledger, start, end, price_msat=price, now_ms=now)

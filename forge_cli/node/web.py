@@ -214,6 +214,33 @@ def bad_request(message: str) -> UsageError:
     return UsageError(message)
 
 
+def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """The integer query parameter `name`, `default` when absent; a 400 unless low ≤ value ≤ high."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"query parameter {name} must be an integer, found {raw!r}") from None
+    if not low <= value <= high:
+        raise bad_request(f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+def account_query(request: web.Request) -> str:
+    """The account a read is about: `?account=` (the operator's token only), else the caller's."""
+    who = request[WHO]
+    account = request.query.get("account")
+    if account is None or account == who.account_hex:
+        return who.account_hex
+    if not who.is_operator:
+        raise web.HTTPForbidden(reason="only the operator may read another account")
+    if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
+        raise bad_request("account must be a 64-digit lowercase hex public key")
+    return account
+
+
 def field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], *,
           default: Any = None, required: bool = False) -> Any:
     """body[name] if present and of the right JSON type (bool is not a number)."""
