@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
-from forge_cli.errors import UsageError
+from forge_cli.errors import Forbidden, UsageError
 from forge_cli.ledger import entries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
@@ -35,7 +35,7 @@ def _account_query(request: web.Request) -> str:
     if account is None or account == who.account_hex:
         return who.account_hex
     if not who.is_operator:
-        raise web.HTTPForbidden(reason="only the operator may read another account")
+        raise Forbidden("only the operator may read another account")
     if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
         raise bad_request("account must be a 64-digit lowercase hex public key")
     return account
