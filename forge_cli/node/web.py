@@ -114,9 +114,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         message = defaults.get(exc.status, exc.reason)
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, message, _kind(exc.status), None, headers)
-    except (ConnectionResetError, ConnectionError):
-        status = 499  # the client went away; nothing to answer
-        raise
+    except ConnectionError:
+        # The client went away (mid-stream, usually): nothing to answer, and nothing for the
+        # log but this request's one line below. aiohttp finishes a begun stream quietly.
+        status = 499
+        begun = request.get(STREAMING)
+        return begun if begun is not None and begun.prepared else web.Response(status=499)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         begun = request.get(STREAMING)
