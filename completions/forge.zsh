@@ -469,7 +469,7 @@ _forge() {
             fi ;;
         ('forge loan borrow')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--term:Term in hours (at most 168).' '--collateral:CU put in escrow.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                items=('--term:Term in hours (1 to 168).' '--collateral:CU put in escrow.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files
@@ -516,7 +516,7 @@ _forge() {
                 items=('--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('path:Print the path of config.toml.' 'show:Every key with its effective value (default < config.toml < environment).' 'get:Print one key'\''s effective value.' 'set:Check and write one key to config.toml.' 'keys:List every known key with its type, default and meaning.')
+                items=('path:Print the path of config.toml.' 'show:Every key with its effective value (default < config.toml < environment).' 'get:Print one key'\''s effective value.' 'set:Check (type and range) and write one key to config.toml.' 'keys:List every known key with its type, range, default and meaning.')
                 _describe -t commands command items
             fi ;;
         ('forge config path')

@@ -11,16 +11,12 @@ import json
 import unicodedata
 from typing import Any
 
-from forge_cli.errors import UsageError
+from forge_cli.errors import CanonicalError
 
 INT_LIMIT = 2**63
 # One encoder, reused: json.dumps with options builds a new one per call (~3 µs each).
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                             allow_nan=False)
-
-
-class CanonicalError(UsageError):
-    """A value that has no canonical encoding (float, NaN, bytes, non-NFC text, …)."""
 
 
 def _problem(value: Any, path: str) -> str | None:

@@ -1,7 +1,7 @@
 """Where forge keeps its files (FORGE_HOME) and what config.toml may say.
 
-Every key is declared in `KEYS` with its type and default; config.toml and `forge config set`
-are checked against it, and `FORGE_<SECTION>_<NAME>` in the environment overrides a key.
+Every key is declared in `KEYS` with its type, default and range; config.toml and
+`forge config set` are checked against it, and `FORGE_<SECTION>_<NAME>` in the environment overrides a key.
 """
 
 from __future__ import annotations
@@ -14,18 +14,44 @@ from typing import Any
 
 from forge_cli.errors import ConfigError, StorageError
 
+INT_MAX = 2**53  # the largest amount or count a key or a CLI argument takes (exact in JSON)
+TOKENS_MAX = 2**20  # n_ctx and max_tokens
+DAY_S = 86_400
+
 
 @dataclass(frozen=True)
 class Key:
+    """One config key: its type, default and meaning, and the values it may take.
+
+    Integers take `low`..`high` (both required); strings take `choices` when given, and are
+    otherwise non-empty when `required`; lists hold non-empty strings.
+    """
+
     name: str
     type: type
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    low: int | None = None
+    high: int | None = None
+    required: bool = False
 
     @property
     def env(self) -> str:
         return "FORGE_" + self.name.upper().replace(".", "_")
+
+    @property
+    def range(self) -> str:
+        """The values this key takes, in words: `0 to 65535`, `full|normal`, `non-empty`."""
+        if self.type is int:
+            return f"{self.low} to {self.high}"
+        if self.choices:
+            return "|".join(self.choices)
+        if self.type is bool:
+            return "true|false"
+        if self.type is list:
+            return "non-empty strings"
+        return "non-empty" if self.required else "any"
 
 
 KEYS: dict[str, Key] = {
@@ -41,54 +67,74 @@ KEYS: dict[str, Key] = {
             ("full", "normal"),
         ),
         Key("models.dir", str, "", "GGUF download folder; empty means the Hugging Face cache"),
-        Key("models.default", str, "gemma3:270m", "model used when -m is not given"),
-        Key("models.n_ctx", int, 4096, "context window llama.cpp allocates, in tokens"),
-        Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat"),
-        Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000"),
-        Key("node.host", str, "127.0.0.1", "address forge node binds to"),
-        Key("node.port", int, 3001, "port forge node listens on"),
-        Key("node.queue", int, 16, "requests that may wait for a model before 429 Busy"),
+        Key("models.default", str, "gemma3:270m", "model used when -m is not given",
+            required=True),
+        Key("models.n_ctx", int, 4096, "context window llama.cpp allocates, in tokens",
+            low=256, high=TOKENS_MAX),
+        Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat", low=1, high=TOKENS_MAX),
+        Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000",
+            low=0, high=2000),
+        Key("node.host", str, "127.0.0.1", "address forge node binds to", required=True),
+        Key("node.port", int, 3001, "port forge node listens on (0: a free one)", low=0,
+            high=65535),
+        Key("node.queue", int, 16, "requests that may wait for a model before 429 Busy", low=1,
+            high=10_000),
         Key("node.url", str, "", "node that `forge chat --node` buys from by default"),
         Key("mesh.interfaces", list, ["127.0.0.1"], "addresses zeroconf binds to"),
         Key("mesh.mdns", bool, True,
             "advertise and browse with mDNS (false: static peers only, for networks that "
             "block multicast)"),
         Key("mesh.peers", list, [], "node URLs probed as peers without mDNS (static peers)"),
-        Key("mesh.probe_s", int, 5, "seconds between /health probes of each peer"),
-        Key("mesh.expire_s", int, 30, "seconds a peer may go unanswered before it is dropped"),
+        Key("mesh.probe_s", int, 5, "seconds between /health probes of each peer", low=1,
+            high=3600),
+        Key("mesh.expire_s", int, 30, "seconds a peer may go unanswered before it is dropped",
+            low=1, high=DAY_S),
         Key("mesh.settle_s", int, 30,
             "seconds a peer consumer has to countersign served terms before they are recorded "
-            "as unsettled"),
+            "as unsettled", low=1, high=DAY_S),
         Key("mesh.max_unsettled", int, 3,
             "sales a peer consumer may leave uncountersigned (served and waiting, or recorded "
-            "unsettled) before this node sells it nothing more"),
+            "unsettled) before this node sells it nothing more", low=1, high=1000),
         Key("mesh.strangers", int, 50,
-            "peer accounts that may live on this node's free tier at once (against Sybil floods)"),
+            "peer accounts that may live on this node's free tier at once (against Sybil floods)",
+            low=0, high=1_000_000),
         Key("mesh.stranger_idle_s", int, 3600,
             "seconds after which an untouched peer free-tier grant is returned (a `burn` entry), "
-            "freeing its slot"),
+            "freeing its slot", low=1, high=30 * DAY_S),
         Key("mesh.gossip_s", int, 10,
             "seconds between gossip rounds: pull from each peer and check its checkpoint "
-            "(new trades are pushed at once)"),
-        Key("mesh.gossip_batch", int, 200, "trades per gossip push or pull page (1 to 500)"),
+            "(new trades are pushed at once)", low=1, high=3600),
+        Key("mesh.gossip_batch", int, 200, "trades per gossip push or pull page", low=1,
+            high=500),
         Key("mesh.gossip_source_quota", int, 5000,
-            "foreign trades one address may add to the network view per hour, pushed or pulled"),
+            "foreign trades one address may add to the network view per hour, pushed or pulled",
+            low=1, high=INT_MAX),
         Key("mesh.gossip_max_trades", int, 200_000,
-            "foreign trades the network view keeps at most (about 2 kB each on disk)"),
+            "foreign trades the network view keeps at most (about 2 kB each on disk)",
+            low=1, high=INT_MAX),
         Key("safety.per_request_cap_cu", int, 5_000,
-            "default largest single spend, in CU (a `policy` entry overrides it per account)"),
-        Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour"),
-        Key("safety.lifetime_budget_cu", int, 200_000, "default CU an account may ever spend"),
+            "default largest single spend, in CU (a `policy` entry overrides it per account)",
+            low=1, high=INT_MAX),
+        Key("safety.hourly_budget_cu", int, 20_000, "default CU an account may spend per hour",
+            low=1, high=INT_MAX),
+        Key("safety.lifetime_budget_cu", int, 200_000, "default CU an account may ever spend",
+            low=1, high=INT_MAX),
         Key("safety.approval_threshold_cu", int, 2_000,
-            "default spend above which a person must approve (keep it below the cap)"),
-        Key("safety.approval_ttl_s", int, 900, "seconds an approval request waits for a person"),
-        Key("safety.breaker_errors", int, 5, "consecutive failed requests that open the breaker"),
+            "default spend above which a person must approve (keep it below the cap)",
+            low=1, high=INT_MAX),
+        Key("safety.approval_ttl_s", int, 900, "seconds an approval request waits for a person",
+            low=1, high=7 * DAY_S),
+        Key("safety.breaker_errors", int, 5, "consecutive failed requests that open the breaker",
+            low=1, high=1_000_000),
         Key("safety.breaker_spends_per_minute", int, 30,
-            "spends in one minute above which the breaker opens"),
-        Key("safety.breaker_reset_s", int, 300, "seconds after which an open breaker closes"),
-        Key("lending.sweep_s", int, 30, "seconds between the node's checks for overdue loans"),
+            "spends in one minute above which the breaker opens", low=1, high=1_000_000),
+        Key("safety.breaker_reset_s", int, 300, "seconds after which an open breaker closes",
+            low=1, high=DAY_S),
+        Key("lending.sweep_s", int, 30, "seconds between the node's checks for overdue loans",
+            low=1, high=DAY_S),
         Key("lending.heartbeat_s", int, 3600,
-            "seconds between the node's heartbeat entries (the uptime part of credit)"),
+            "seconds between the node's heartbeat entries (the uptime part of credit)",
+            low=1, high=DAY_S),
     ]
 }
 
@@ -134,6 +180,14 @@ def check_value(name: str, value: Any) -> Any:
         )
     if key.choices and value not in key.choices:
         raise ConfigError(f"config key {name!r} must be one of {', '.join(key.choices)}; "
+                          f"found {value!r}")
+    if key.type is int and not key.low <= value <= key.high:
+        raise ConfigError(f"config key {name!r} must be between {key.low} and {key.high}, "
+                          f"found {value}")
+    if key.type is str and key.required and not value.strip():
+        raise ConfigError(f"config key {name!r} must not be empty")
+    if key.type is list and not all(isinstance(item, str) and item.strip() for item in value):
+        raise ConfigError(f"config key {name!r} must be a list of non-empty strings, "
                           f"found {value!r}")
     return value
 

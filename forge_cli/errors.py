@@ -6,8 +6,12 @@
     │   ├── UnknownModel            2    404  a model name that resolves to nothing
     │   ├── MeshNotRunning          2    404  a mesh route on a node started without --mesh
     │   ├── SelfTrade               2    403  the operator buying from its own node
-    │   └── TokenRefused            2    401  the node refused the API token (missing, wrong, revoked)
-    ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key or a wrong type
+    │   ├── TokenRefused            2    401  the node refused the API token (missing, wrong, revoked)
+    │   ├── NotFound                2    404  a ledger entry, agent run or other thing that is not there
+    │   ├── Forbidden               2    403  a valid token asking for what only another may do
+    │   └── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
+    ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key, a wrong
+    │                                         type or a value out of range
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
     ├── StorageError                2    500  a file could not be read or written
     │   └── NodeUnreachable         2    503  no node answered at the URL (refused, reset, timed out)
@@ -19,28 +23,37 @@
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
     │   ├── LedgerFilesChanged      2    503  the ledger's files were deleted or replaced under the node
-    │   ├── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
-    │   └── CheckFailed             1    422  a check ran and the answer is "no"
-    │       ├── TamperDetected      1    500  the ledger or an imported file does not verify
-    │       ├── ProofFailed         1    422  a Merkle proof or checkpoint does not verify
-    │       ├── TradeRejected       1    422  a gossiped trade is malformed, forged or replays a nonce
-    │       └── PlanRejected        1    422  an agent plan is malformed or not a DAG (recorded)
+    │   └── EntryRejected           2    409  an append broke a rule (balance, nonce, schema); nothing written
+    ├── CheckFailed                 1    422  a check ran and the answer is "no"
+    │   ├── TamperDetected          1    500  also a LedgerError: the ledger or an imported file fails
+    │   ├── ProofFailed             1    422  also a LedgerError: a Merkle proof or checkpoint fails
+    │   ├── TradeRejected           1    422  a gossiped trade is malformed, forged or replays a nonce
+    │   └── PlanRejected            1    422  an agent plan is malformed or not a DAG (recorded)
     ├── NodeError                   2    502  the node answered with an error no class here names
     │   └── BadResponse             2    502  the node's answer is not JSON, or its stream is malformed
     │                                         or broke off before it ended
-    └── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
-        ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
-        ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
-        ├── SpendCapExceeded        1    403  gate "per_request_cap": one spend above the cap
-        ├── BreakerOpen             1    403  gate "circuit_breaker": too many errors or spends
-        ├── BudgetExceeded          1    403  gate "hourly_budget" or "lifetime_budget"
-        ├── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
-        ├── TooManyStrangers        1    429  gate "rate_limit": the peer free tier is full
-        ├── UnsettledExposure       1    403  gate "exposure": a peer left too many terms unsigned
-        ├── NodeRefused             1    403  the node refused a spend with a gate no class here names
-        └── LendingDenied           1    403  a lending rule refused: gate "credit", "collateral_ratio",
-                                              "term", "pool_share", "reserve", "rate_limit" (429),
-                                              "default_halt" or "liquidity"
+    ├── SpendDenied                 1    403  a safety gate or the balance refused a spend (`gate` names it)
+    │   ├── InsufficientCU          1    402  gate "balance": the balance cannot cover the quote
+    │   ├── KillSwitchActive        1    423  gate "kill_switch": every spend is stopped
+    │   ├── SpendCapExceeded        1    403  gate "per_request_cap": one spend above the cap
+    │   ├── BreakerOpen             1    403  gate "circuit_breaker": too many errors or spends
+    │   ├── BudgetExceeded          1    403  gate "hourly_budget" or "lifetime_budget"
+    │   ├── ApprovalRequired        1    202  gate "approval": a person must approve `approval_id`
+    │   ├── TooManyStrangers        1    429  gate "rate_limit": the peer free tier is full
+    │   ├── UnsettledExposure       1    403  gate "exposure": a peer left too many terms unsigned
+    │   ├── NodeRefused             1    403  the node refused a spend with a gate no class here names
+    │   └── LendingDenied           1    403  a lending rule refused: gate "credit", "collateral_ratio",
+    │                                         "term", "pool_share", "reserve", "rate_limit" (429),
+    │                                         "default_halt" or "liquidity"
+    └── MeshError                   1    502  a peer-to-peer purchase or sale failed; nothing recorded
+        ├── NoProvider              1    503  no reachable, unflagged peer sells the model
+        ├── ProviderFailed          1    502  the provider was unreachable, refused or stopped early
+        ├── TermsRejected           1    502  the provider's signed terms do not match the quote
+        ├── BadIntent               1    422  a consumer's quote, intent or countersignature is bad
+        └── Replay                  1    409  a nonce or trade that was already used, offered again
+
+    RunStopped                                an agent run must not start another call (control
+                                              flow inside forge_cli.agents.run; never shown)
 
 The CLI maps each class to an exit code in `exit_code_for`; the node answers with `http_status`.
 """
@@ -89,8 +102,25 @@ class SelfTrade(UsageError):
     http_status = 403
 
 
+class NotFound(UsageError):
+    """A ledger entry, an agent run or another named thing the request asked for is not there."""
+
+    http_status = 404
+
+
+class Forbidden(UsageError):
+    """A valid token asked for something only another account (usually the operator) may do."""
+
+    http_status = 403
+
+
+class CanonicalError(UsageError):
+    """A value that has no canonical encoding (float, NaN, bytes, non-NFC text, …)."""
+
+
 class ConfigError(ForgeError):
-    """config.toml or a FORGE_* variable holds an unknown key or a value of the wrong type."""
+    """config.toml or a FORGE_* variable holds an unknown key, a value of the wrong type or a
+    value outside the key's range."""
 
 
 class TokenRefused(UsageError):
@@ -331,6 +361,10 @@ class Replay(MeshError):
     """A nonce or trade that was already used or settled was offered again."""
 
     http_status = 409
+
+
+class RunStopped(Exception):
+    """An agent run must not start another call; `Run.halt` says why. Never reaches a person."""
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -151,3 +151,62 @@ def test_failed_auth_is_throttled_per_client_address(node):
     status, headers, body = node.request("GET", "/v1/forge/balance", token="wrong")
     assert_json_error(status, body, 429)
     assert int(headers["Retry-After"]) >= 1
+
+
+# -- JSON nested too deeply: a 400 with the envelope on every JSON route, never a 500 ----------
+
+@pytest.fixture(scope="module")
+def mesh_node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
+    """A node in the mesh (static peers only), so the gossip routes read their bodies too."""
+    home = tmp_path_factory.mktemp("deep-json-home")
+    with NodeProcess(home, tiny_gguf, "--mesh", env={"FORGE_MESH_MDNS": "false"}) as running:
+        running.consumer = running.agent("erin")["token"]
+        yield running
+
+
+DEEP = 5000
+DEEP_BODIES = {
+    "arrays": b"[" * DEEP + b"]" * DEEP,
+    "objects": b'{"a":' * DEEP + b"1" + b"}" * DEEP,
+    # Parses without recursing too far, but nests far beyond anything forge sends: refused
+    # before the canonical encoder or a reply's JSON writer could recurse on it.
+    "field": b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "extra": '
+             + b"[" * 500 + b"]" * 500 + b"}",
+}
+# (method, path, who): who is "consumer", "operator" or None for the peer routes.
+JSON_ROUTES = [
+    ("POST", CHAT, "consumer"),
+    ("POST", "/v1/completions", "consumer"),
+    ("POST", "/v1/forge/lend", "consumer"),
+    ("POST", "/v1/forge/borrow", "consumer"),
+    ("POST", "/v1/forge/agent/runs", "consumer"),
+    ("POST", "/v1/forge/kill", "operator"),
+    ("POST", "/v1/forge/policy", "operator"),
+    ("POST", "/v1/forge/p2p/quote", None),
+    ("POST", "/v1/forge/p2p/chat", None),
+    ("POST", "/v1/forge/p2p/settle", None),
+    ("POST", "/v1/forge/gossip/trades", None),
+]
+
+
+@pytest.mark.parametrize("shape", sorted(DEEP_BODIES))
+@pytest.mark.parametrize(("method", "path", "who"), JSON_ROUTES,
+                         ids=[p.removeprefix("/v1/") for _, p, _ in JSON_ROUTES])
+def test_deeply_nested_json_is_a_400_envelope_on_every_json_route(mesh_node, method, path, who,
+                                                                  shape):
+    token = {"consumer": mesh_node.consumer, "operator": mesh_node.operator_token}.get(who)
+    status, _, body = mesh_node.request(method, path, raw=DEEP_BODIES[shape], token=token)
+    assert_json_error(status, body, 400)
+    assert "nested more than" in body["error"]["message"], body
+    status, _, _ = mesh_node.request("GET", "/health")
+    assert status == 200
+
+
+def test_ordinary_nesting_still_parses(mesh_node):
+    """The depth limit leaves room for what forge's own requests nest (a gossip batch, a plan)."""
+    status, _, body = mesh_node.request("POST", "/v1/forge/gossip/trades",
+                                        {"from": "ab" * 32, "trades": []})
+    assert status == 200, body
+    status, _, body = mesh_node.request("POST", CHAT, {**GOOD, "metadata": [[[[[[]]]]]]},
+                                        token=mesh_node.consumer)
+    assert status == 200, body

@@ -34,6 +34,7 @@ from forge_cli.errors import (
     ApprovalRequired,
     ForgeError,
     KillSwitchActive,
+    RunStopped,
     SelfTrade,
     SpendDenied,
     UsageError,
@@ -73,10 +74,6 @@ class Call:
     cu: int
     trade: int | None
     tokens: int
-
-
-class Stopped(Exception):
-    """The run must not start another call; `Run.halt` says why."""
 
 
 def new_run_id() -> str:
@@ -150,7 +147,7 @@ class Run:
         """Remember the first reason to stop (with the other calls in flight) and raise."""
         if self.halt is None:
             self.halt = (gate, reason, self.in_flight - own)
-        raise Stopped
+        raise RunStopped
 
     # -- one paid call ---------------------------------------------------------------------
 
@@ -158,7 +155,7 @@ class Run:
                    label: str, opened: Callable[[Any], Awaitable[None]] | None = None) -> Call:
         """Check the limits, reserve through the safety gates, generate, settle the trade."""
         if self.halt is not None:
-            raise Stopped
+            raise RunStopped
         limits = self.limits
         if limits.max_calls is not None and self.calls >= limits.max_calls:
             self._stop("max_calls", f"call limit: {self.calls} calls started of at most "
@@ -383,7 +380,7 @@ async def _plan(run: Run, request: str, source: Any, resume: dict[str, Any] | No
                     {"role": "user", "content": request}]
         try:
             call = await run.call(run.model, messages, limits.max_tokens, "the coordinator")
-        except Stopped:
+        except RunStopped:
             await run.record_stop()
             return None
         source, trade, cu = call.text, call.trade, call.cu
@@ -451,7 +448,7 @@ async def _answer(run: Run, request: str, plan: plans.Plan,
                                                                for t in plan.tasks])}]
     try:
         call = await run.call(run.model, messages, run.limits.max_tokens, "the synthesizer")
-    except Stopped:
+    except RunStopped:
         await run.record_stop()
         return
     await run.record("answer", run.plan_seq, bodies=(call.text.encode(),), model=run.model.name,

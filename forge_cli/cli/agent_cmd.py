@@ -10,6 +10,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.output import print_json
+from forge_cli.config import INT_MAX, TOKENS_MAX
 from forge_cli.errors import CheckFailed, SpendDenied, UsageError
 
 app = typer.Typer(
@@ -22,9 +23,9 @@ app = typer.Typer(
 JsonOpt = typer.Option(False, "--json", help="The run's summary as JSON on stdout.")
 NodeOpt = typer.Option(None, "--node", help="Node URL (default: FORGE_NODE or FORGE_HOME/node.url).")
 TokenOpt = typer.Option(None, "--token", help="API token (default: FORGE_TOKEN or the operator's).")
-BudgetOpt = typer.Option(None, "--budget", min=1, help="Most CU the run may spend, checked "
+BudgetOpt = typer.Option(None, "--budget", min=1, max=INT_MAX, help="Most CU the run may spend, checked "
                          "before every call against each call's maximum cost.")
-CallsOpt = typer.Option(None, "--max-calls", min=1, help="Most paid calls (planner, tasks, "
+CallsOpt = typer.Option(None, "--max-calls", min=1, max=INT_MAX, help="Most paid calls (planner, tasks, "
                         "synthesizer) the run may start.")
 WaitOpt = typer.Option(0, "--wait-approval", min=0, max=3600, help="Seconds to wait for a person "
                        "(`forge safety approve ID`) when a call needs approval; 0 stops the run.")
@@ -74,7 +75,7 @@ def run(
                                      "tasks (unless a task names one) and the synthesizer."),
     account: str | None = typer.Option(None, "--account", help="Agent account that pays (the "
                                        "operator may name any; default: the token's own)."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", min=1,
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", min=1, max=TOKENS_MAX,
                                           help="Most tokens per call [default: 256]."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=16,
                                     help="Tasks of one wave running at once."),
@@ -113,9 +114,9 @@ def run(
 @app.command()
 def resume(
     run_id: str = typer.Argument(..., metavar="RUN", help="The run to resume (ag_…)."),
-    budget: int | None = typer.Option(None, "--budget", min=1,
+    budget: int | None = typer.Option(None, "--budget", min=1, max=INT_MAX,
                                       help="Budget of the new run [default: the old run's]."),
-    max_calls: int | None = typer.Option(None, "--max-calls", min=1,
+    max_calls: int | None = typer.Option(None, "--max-calls", min=1, max=INT_MAX,
                                          help="Call limit of the new run [default: the old run's]."),
     wait_approval: int = WaitOpt,
     as_json: bool = JsonOpt,

@@ -27,6 +27,11 @@ from forge_cli.cli import (
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
 
+try:  # typer ≥ 0.23 runs on its own copy of click, whose errors derive from this
+    from typer import TyperException as _ClickException
+except ImportError:  # an older typer over the click package
+    from click import ClickException as _ClickException
+
 app = typer.Typer(
     name="forge",
     help="Compute is money: local LLM inference traded in compute units (CU), "
@@ -73,7 +78,15 @@ app.command("mcp")(mcp_cmd.mcp)
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app, turning expected failures into exit codes."""
     try:
-        app(args=argv, prog_name="forge")
+        # Not standalone: click's own usage errors come here, to be printed as one line.
+        code = app(args=argv, prog_name="forge", standalone_mode=False)
+    except _ClickException as exc:
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one's help is already printed
+            sys.stderr.write(f"forge: error: {_one_line(exc)}\n")
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # Ctrl-D at a prompt
+        sys.stderr.write("\naborted\n")
+        sys.exit(1)
     except ForgeError as exc:
         print_error(exc)
         sys.exit(exc.exit_code)
@@ -87,3 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         sys.stderr.write(f"forge: error: {exc}\n")
         sys.exit(EXIT_USAGE)
+    # typer.Exit(n) comes back as n; a command that returns comes back as None.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(exc: Exception) -> str:
+    """A click usage error as one line, with where to find help (`forge ledger get -h`)."""
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)  # usage errors know their command
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} -h`)"
+    return message

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from forge_cli import config
+from forge_cli.config import TOKENS_MAX
 from forge_cli.errors import ForgeError, UsageError
 
 
@@ -19,11 +20,13 @@ def chat(
                                      help="Model name or .gguf path [default: models.default]."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: int | None = typer.Option(
-        None, "--max-tokens", "-n", min=1, help="Most tokens to generate [default: chat.max_tokens]"
+        None, "--max-tokens", "-n", min=1, max=TOKENS_MAX,
+        help="Most tokens to generate [default: chat.max_tokens]"
     ),
-    temperature: float | None = typer.Option(None, "--temperature", "-t", min=0.0,
+    temperature: float | None = typer.Option(None, "--temperature", "-t", min=0.0, max=2.0,
                                              help="Sampling temperature; 0 is greedy."),
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, for repeatable output."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=2**32 - 1,
+                                     help="Sampling seed, for repeatable output."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the reply only when done."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: text, tokens, timings."),
     verbose: bool = typer.Option(False, "--verbose", "-v",

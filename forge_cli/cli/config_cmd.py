@@ -44,20 +44,20 @@ def set_(
     key: str = typer.Argument(..., help="Dotted key, e.g. node.port."),
     value: str = typer.Argument(..., help="New value; lists are comma-separated."),
 ) -> None:
-    """Check and write one key to config.toml."""
+    """Check (type and range) and write one key to config.toml."""
     typed = config.set_value(key, value)
     typer.echo(f"{key} = {json.dumps(typed)}")
 
 
 @app.command("keys")
 def keys(as_json: bool = typer.Option(False, "--json", help="A JSON list.")) -> None:
-    """List every known key with its type, default and meaning."""
+    """List every known key with its type, range, default and meaning."""
     if as_json:
         print_json([{"key": k.name, "type": k.type.__name__, "default": k.default,
-                     "choices": list(k.choices), "env": k.env, "help": k.help}
+                     "choices": list(k.choices), "min": k.low, "max": k.high, "range": k.range,
+                     "env": k.env, "help": k.help}
                     for k in config.KEYS.values()])
         return
     for key in config.KEYS.values():
-        choices = f" ({'|'.join(key.choices)})" if key.choices else ""
-        typer.echo(f"{key.name}  [{key.type.__name__}{choices}, default {json.dumps(key.default)}]"
-                   f"  {key.help}")
+        typer.echo(f"{key.name}  [{key.type.__name__} {key.range}, default "
+                   f"{json.dumps(key.default)}]  {key.help}")

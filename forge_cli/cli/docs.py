@@ -349,7 +349,9 @@ def man(tree: Cmd) -> str:
     for name, text in ENVIRONMENT:
         out += [".TP", f".B {name}", text if "\\-" in text else roff(text)]
     for key in config.KEYS.values():
-        out += [".TP", f".B {key.env}", roff(f"Overrides config key {key.name}: {key.help}.")]
+        out += [".TP", f".B {key.env}",
+                roff(f"Overrides config key {key.name} ({key.type.__name__}, {key.range}): "
+                      f"{key.help}.")]
     out.append(".SH FILES")
     for path, text in FILES:
         out += [".TP", f".I {roff(path)}", roff(text)]

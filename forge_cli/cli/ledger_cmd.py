@@ -16,6 +16,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.output import print_json, print_jsonl
+from forge_cli.config import INT_MAX
 from forge_cli.errors import CheckFailed, ProofFailed, TamperDetected, UsageError
 
 app = typer.Typer(
@@ -152,7 +153,8 @@ def verify(
 
 @app.command()
 def show(
-    limit: int = typer.Option(20, "--limit", "-n", min=1, help="How many of the newest entries."),
+    limit: int = typer.Option(20, "--limit", "-n", min=1, max=INT_MAX,
+                              help="How many of the newest entries."),
     kind: str | None = typer.Option(None, "--kind", "-k", help="Only entries of this kind."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
@@ -178,7 +180,7 @@ def show(
 
 @app.command()
 def get(
-    seq: int = typer.Argument(..., help="Entry number."),
+    seq: int = typer.Argument(..., min=0, max=INT_MAX, help="Entry number."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
 ) -> None:
@@ -203,7 +205,8 @@ def get(
 
 @app.command()
 def replay(
-    until: int | None = typer.Option(None, "--until", help="Last seq to include (default: all)."),
+    until: int | None = typer.Option(None, "--until", min=0, max=INT_MAX,
+                                     help="Last seq to include (default: all)."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
 ) -> None:
@@ -273,8 +276,8 @@ def checkpoint(ledger: Path | None = LedgerOpt) -> None:
 
 @app.command()
 def prove(
-    seq: int = typer.Argument(..., help="Entry to prove."),
-    size: int | None = typer.Option(None, "--size", help="Tree size (default: current)."),
+    seq: int = typer.Argument(..., min=0, max=INT_MAX, help="Entry to prove."),
+    size: int | None = typer.Option(None, "--size", min=1, max=INT_MAX, help="Tree size (default: current)."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
 ) -> None:
@@ -300,8 +303,8 @@ def prove(
 
 @app.command()
 def consistency(
-    old: int = typer.Argument(..., help="Older tree size."),
-    new: int = typer.Argument(..., help="Newer tree size."),
+    old: int = typer.Argument(..., min=0, max=INT_MAX, help="Older tree size."),
+    new: int = typer.Argument(..., min=0, max=INT_MAX, help="Newer tree size."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
 ) -> None:
@@ -325,7 +328,7 @@ def consistency(
 
 @app.command()
 def causal(
-    seq: int = typer.Argument(..., help="Entry whose causes and effects to trace."),
+    seq: int = typer.Argument(..., min=0, max=INT_MAX, help="Entry whose causes and effects to trace."),
     as_json: bool = JsonOpt,
     ledger: Path | None = LedgerOpt,
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from forge_cli.cli.output import print_json
+from forge_cli.config import INT_MAX
 from forge_cli.errors import UsageError
 
 app = typer.Typer(help="Lending pool: lend for shares, borrow against collateral, repay, "
@@ -43,7 +44,8 @@ def _loan_line(loan: dict[str, Any]) -> str:
 
 
 @app.command()
-def lend(amount: int = typer.Argument(..., help="CU to deposit."), as_json: bool = JsonOpt,
+def lend(amount: int = typer.Argument(..., min=1, max=INT_MAX, help="CU to deposit."),
+         as_json: bool = JsonOpt,
          node: str | None = NodeOpt, token: str | None = TokenOpt) -> None:
     """Deposit CU into the pool for shares at its current value."""
     out = _client(node, token).post("/v1/forge/lend", {"amount": amount})
@@ -51,8 +53,10 @@ def lend(amount: int = typer.Argument(..., help="CU to deposit."), as_json: bool
 
 
 @app.command()
-def withdraw(shares: int | None = typer.Option(None, "--shares", help="Shares to redeem."),
-             amount: int | None = typer.Option(None, "--amount", help="CU to take out."),
+def withdraw(shares: int | None = typer.Option(None, "--shares", min=1, max=INT_MAX,
+                                                 help="Shares to redeem."),
+             amount: int | None = typer.Option(None, "--amount", min=1, max=INT_MAX,
+                                                 help="CU to take out."),
              as_json: bool = JsonOpt, node: str | None = NodeOpt,
              token: str | None = TokenOpt) -> None:
     """Redeem shares (or enough shares for an amount of CU) at the pool's value."""
@@ -64,9 +68,10 @@ def withdraw(shares: int | None = typer.Option(None, "--shares", help="Shares to
 
 
 @app.command()
-def borrow(amount: int = typer.Argument(..., help="Principal, CU."),
-           term: int = typer.Option(..., "--term", help="Term in hours (at most 168)."),
-           collateral: int = typer.Option(..., "--collateral", help="CU put in escrow."),
+def borrow(amount: int = typer.Argument(..., min=1, max=INT_MAX, help="Principal, CU."),
+           term: int = typer.Option(..., "--term", min=1, max=168, help="Term in hours (1 to 168)."),
+           collateral: int = typer.Option(..., "--collateral", min=0, max=INT_MAX,
+                                         help="CU put in escrow."),
            as_json: bool = JsonOpt, node: str | None = NodeOpt,
            token: str | None = TokenOpt) -> None:
     """Borrow from the pool against collateral."""
@@ -76,7 +81,7 @@ def borrow(amount: int = typer.Argument(..., help="Principal, CU."),
 
 
 @app.command()
-def repay(loan_id: int = typer.Argument(..., metavar="LOAN_ID"), as_json: bool = JsonOpt,
+def repay(loan_id: int = typer.Argument(..., min=0, max=INT_MAX, metavar="LOAN_ID"), as_json: bool = JsonOpt,
           node: str | None = NodeOpt, token: str | None = TokenOpt) -> None:
     """Repay a loan: principal + interest; the collateral comes back."""
     out = _client(node, token).post("/v1/forge/repay", {"loan_id": loan_id})

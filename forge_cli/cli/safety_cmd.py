@@ -18,6 +18,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.output import print_json
+from forge_cli.config import INT_MAX
 from forge_cli.errors import LedgerLocked
 
 app = typer.Typer(
@@ -174,11 +175,14 @@ def resume(
 def policy_set(
     account: str = typer.Option("*", "--account", help="64 hex digits, or '*' for every "
                                 "account without its own policy."),
-    cap: int | None = typer.Option(None, "--cap", help="Largest single spend, CU."),
-    hourly: int | None = typer.Option(None, "--hourly", help="Budget per hour, CU."),
-    lifetime: int | None = typer.Option(None, "--lifetime", help="Budget for all time, CU."),
-    approval: int | None = typer.Option(None, "--approval", help="Spends above this need "
-                                        "a person's approval, CU."),
+    cap: int | None = typer.Option(None, "--cap", min=1, max=INT_MAX,
+                                   help="Largest single spend, CU."),
+    hourly: int | None = typer.Option(None, "--hourly", min=1, max=INT_MAX,
+                                      help="Budget per hour, CU."),
+    lifetime: int | None = typer.Option(None, "--lifetime", min=1, max=INT_MAX,
+                                        help="Budget for all time, CU."),
+    approval: int | None = typer.Option(None, "--approval", min=1, max=INT_MAX,
+                                        help="Spends above this need a person's approval, CU."),
     ledger: Path | None = LedgerOpt,
 ) -> None:
     """Set limits for an account (limits not given keep their current value)."""

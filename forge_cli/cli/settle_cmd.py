@@ -19,6 +19,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.output import print_json
+from forge_cli.config import INT_MAX
 from forge_cli.errors import CheckFailed, LedgerLocked, UsageError
 
 app = typer.Typer(help="Signed settlement statements for a time window; `verify` checks one "
@@ -49,11 +50,12 @@ def _statement(hours: int, price: int) -> dict:
 @app.callback()
 def settle(
     ctx: typer.Context,
-    hours: int = typer.Option(24, "--hours", min=1, help="Window: this many hours back from now."),
+    hours: int = typer.Option(24, "--hours", min=1, max=100 * 365 * 24,
+                              help="Window: this many hours back from now."),
     out: Path | None = typer.Option(None, "--out", help="Write the statement here (default stdout)."),
     fmt: str = typer.Option("json", "--format", help="json (the signed statement) or csv "
                             "(per-account totals)."),
-    price: int = typer.Option(10, "--price", min=0, help="Reference payout, msat per CU."),
+    price: int = typer.Option(10, "--price", min=0, max=INT_MAX, help="Reference payout, msat per CU."),
 ) -> None:
     """Per-account earned, spent, net and trade count, with proofs, signed by the node."""
     if ctx.invoked_subcommand is not None:

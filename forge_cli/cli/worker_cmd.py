@@ -11,6 +11,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.node_cmd import InterfaceOpt, LedgerOpt, PeerOpt
+from forge_cli.config import TOKENS_MAX
 from forge_cli.errors import UsageError
 
 
@@ -24,14 +25,14 @@ def worker(
     mode: str = typer.Option("balanced", "--mode",
                              help="How to pick a seller: cost (cheapest), quality (largest "
                              "model) or balanced (price per reputation)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, max=TOKENS_MAX,
                                    help="Most tokens to buy (the quote's ceiling)."),
     temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, max=2.0,
                                       help="Sampling temperature; 0 is greedy."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
-    wait: float = typer.Option(5.0, "--wait", min=0.0,
+    wait: float = typer.Option(5.0, "--wait", min=0.0, max=3600.0,
                                help="Seconds to look for a seller before giving up."),
-    retries: int = typer.Option(1, "--retries", min=0,
+    retries: int = typer.Option(1, "--retries", min=0, max=100,
                                 help="Other sellers to try when one fails mid-request."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: text, provider, "
                                  "terms, CU, balance."),

@@ -10,7 +10,7 @@ from aiohttp import web
 from forge_cli.agents import record
 from forge_cli.agents import run as runs
 from forge_cli.economy.accounts import Resolved
-from forge_cli.errors import UsageError
+from forge_cli.errors import Forbidden, NotFound, UsageError
 from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
 from forge_cli.trade.node import Node
 
@@ -51,8 +51,8 @@ def _acting(node: Node, who: Any, name: str | None) -> Any:
     if name is None or name == who.name:
         return who
     if not who.is_operator:
-        raise web.HTTPForbidden(reason=f"only the operator may run as another account "
-                                f"({name!r}); this token is {who.name!r}'s")
+        raise Forbidden(f"only the operator may run as another account "
+                        f"({name!r}); this token is {who.name!r}'s")
     record_ = next((a for a in node.accounts.list() if a["name"] == name and not a["revoked"]),
                    None)
     if record_ is None:
@@ -73,7 +73,7 @@ def _summary(node: Node, run: str) -> dict[str, Any]:
     try:
         return record.summarize(node.reader, run)
     except UsageError as exc:  # no such run
-        raise web.HTTPNotFound(reason=exc.message) from None
+        raise NotFound(exc.message) from None
 
 
 async def start(request: web.Request) -> web.Response:
@@ -106,7 +106,7 @@ async def resume(request: web.Request) -> web.Response:
             raise UsageError(f"run {old}'s account {state['account'][:16]}… is no live agent here")
         who = _acting(node, caller, name)
     elif caller.account_hex != state["account"]:
-        raise web.HTTPForbidden(reason=f"run {old} belongs to another account")
+        raise Forbidden(f"run {old} belongs to another account")
     else:
         who = caller
     limits = _limits(node, body, base=state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from forge_cli.errors import NotFound
 from forge_cli.node.web import NODE, Route, bad_request, int_query
 from forge_cli.trade.node import Node
 
@@ -59,7 +60,7 @@ async def entry(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     seq = _seq(request)
     if seq >= node.ledger.size:
-        raise web.HTTPNotFound(reason=f"no entry {seq}")
+        raise NotFound(f"no entry {seq}")
     return web.json_response(node.reader.entry(seq).to_json())
 
 
@@ -67,10 +68,10 @@ async def proof(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     seq = _seq(request)
     if seq >= node.ledger.size:
-        raise web.HTTPNotFound(reason=f"no entry {seq}; the ledger holds {node.ledger.size}")
+        raise NotFound(f"no entry {seq}; the ledger holds {node.ledger.size}")
     size = int_query(request, "size", node.ledger.size, 1, node.ledger.size)
     if seq >= size:
-        raise web.HTTPNotFound(reason=f"no entry {seq} in a tree of size {size}")
+        raise NotFound(f"no entry {seq} in a tree of size {size}")
     nodes = await node.on_ledger(node.ledger.inclusion_proof, seq, size)
     root = await node.on_ledger(node.ledger.root, size)
     return web.json_response({"seq": seq, "size": size, "leaf_hash": node.reader.entry(seq).hash.hex(),

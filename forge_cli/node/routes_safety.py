@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from forge_cli.errors import Forbidden
 from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
 from forge_cli.trade.node import Node
 
@@ -13,7 +14,7 @@ POLICY_FIELDS = ("per_request_cap_cu", "hourly_budget_cu", "lifetime_budget_cu",
 
 def _operator(request: web.Request) -> None:
     if not request[WHO].is_operator:
-        raise web.HTTPForbidden(reason="only the node operator may change safety settings")
+        raise Forbidden("only the node operator may change safety settings")
 
 
 async def status(request: web.Request) -> web.Response:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from forge_cli.errors import ApprovalRequired, EngineBusy, ForgeError, SpendDenied, UsageError
+from forge_cli.errors import (
+    ApprovalRequired,
+    EngineBusy,
+    Forbidden,
+    ForgeError,
+    SpendDenied,
+    UsageError,
+)
 
 log = logging.getLogger("forge.node")
 
@@ -32,6 +39,7 @@ STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 PUBLIC = {"/health", "/metrics", "/openapi.json"}
 AUTH_FAILURES_PER_MINUTE = 20
 MAX_BODY = 1024 * 1024
+MAX_DEPTH = 64  # arrays and objects nested in a request body; forge's own requests use < 10
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -102,19 +110,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         return response
     except web.HTTPException as exc:
+        # aiohttp's own answers (no route, wrong method, body too large) become the envelope
+        # here, the one boundary; routes themselves raise ForgeErrors, never web.HTTP….
         status = exc.status
         if exc.status < 400:
             raise
         defaults = {404: f"no route {request.method} {request.path}",
                     405: f"{request.method} is not allowed on {request.path}",
                     413: f"request body is larger than {MAX_BODY:,} bytes"}
-        custom = exc.reason not in ("Not Found", "Method Not Allowed", "Request Entity Too Large")
-        message = exc.reason if custom else defaults.get(exc.status, exc.reason)
+        message = defaults.get(exc.status, exc.reason)
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, message, _kind(exc.status), None, headers)
-    except (ConnectionResetError, ConnectionError):
-        status = 499  # the client went away; nothing to answer
-        raise
+    except ConnectionError:
+        # The client went away (mid-stream, usually): nothing to answer, and nothing for the
+        # log but this request's one line below. aiohttp finishes a begun stream quietly.
+        status = 499
+        begun = request.get(STREAMING)
+        return begun if begun is not None and begun.prepared else web.Response(status=499)
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         begun = request.get(STREAMING)
@@ -195,18 +207,52 @@ def auth_middleware(throttle: AuthThrottle, public: set[str] = PUBLIC) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 naming what is wrong."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"body is not valid JSON: {exc}") from None
+    """The request body as a JSON object, or a 400 naming what is wrong.
+
+    Every route reads its body here: it is the one place request JSON is parsed, so the size
+    (MAX_BODY, a 413 from aiohttp) and nesting (MAX_DEPTH) limits hold on every route.
+    """
+    body = parse_json(await request.read())
     if not isinstance(body, dict):
         raise bad_request(f"body must be a JSON object, found {type(body).__name__}")
     return body
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """JSON text as a value, or UsageError (400): invalid, or nested deeper than MAX_DEPTH.
+
+    Deep nesting is refused before anything walks the value: the parser, the canonical encoder
+    and the SSE writer all recurse, and a RecursionError would otherwise surface as a 500.
+    """
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise bad_request(f"body is JSON nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"body is not valid JSON: {exc}") from None
+    brackets = ("[", "{") if isinstance(raw, str) else (b"[", b"{")
+    # Fast path: with no more brackets than MAX_DEPTH (a chat request) the value cannot nest
+    # deeper, and nothing needs walking.
+    if sum(map(raw.count, brackets)) > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise bad_request(f"body is JSON nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value, walked without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((sub, level + 1) for sub in item if isinstance(sub, (dict, list)))
+    return deepest
 
 
 def bad_request(message: str) -> UsageError:
@@ -235,7 +281,7 @@ def account_query(request: web.Request) -> str:
     if account is None or account == who.account_hex:
         return who.account_hex
     if not who.is_operator:
-        raise web.HTTPForbidden(reason="only the operator may read another account")
+        raise Forbidden("only the operator may read another account")
     if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
         raise bad_request("account must be a 64-digit lowercase hex public key")
     return account
