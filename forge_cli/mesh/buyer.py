@@ -30,7 +30,7 @@ from forge_cli.mesh import protocol
 from forge_cli.trade.session import failed
 
 if TYPE_CHECKING:
-    from forge_cli.trade.wallet import Wallet
+    from forge_cli.trade.wallet import Hold, Wallet
 
 CONNECT_TIMEOUT_S = 60  # each JSON call to a provider, and connecting for its stream
 READ_TIMEOUT_S = 120  # the longest wait for the provider's next piece
@@ -139,7 +139,7 @@ class Buyer:
             what=f"the quote of {quote['max_cu']:,} CU from provider {seller.short()}",
             hint="ask for fewer tokens (-n), or earn CU by selling with `forge seed`")
         try:
-            purchase = await self._buy(seller, payload, signed_quote, on_piece, started)
+            purchase = await self._buy(seller, payload, signed_quote, on_piece, started, hold)
         except BaseException as exc:
             if failed(exc):
                 self.wallet.safety.record_outcome(self.account, False)
@@ -150,7 +150,8 @@ class Buyer:
         return purchase
 
     async def _buy(self, seller: Seller, payload: dict[str, Any], signed_quote: dict[str, Any],
-                   on_piece: Callable[[str], Any] | None, started: float) -> Purchase:
+                   on_piece: Callable[[str], Any] | None, started: float, hold: Hold
+                   ) -> Purchase:
         quote = signed_quote["quote"]
         request = json.dumps({**payload, "max_tokens": quote["max_tokens"]}, sort_keys=True,
                              separators=(",", ":"), ensure_ascii=False)
@@ -202,7 +203,7 @@ class Buyer:
                 "consumer_sig": self.signer.sign(entries.trade_message(terms)).hex()}
         ack = await self._post(seller, "/v1/forge/p2p/settle", data)
         entry = await self.wallet.run(self.wallet.record_trade, data,
-                                      [request_bytes, text.encode()])
+                                      [request_bytes, text.encode()], hold=hold)
         seq, balance = entry.seq, self.wallet.balance(self.account)
         done = time.perf_counter()
         return Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,

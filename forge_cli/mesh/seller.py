@@ -254,7 +254,8 @@ class Sales:
         try:
             if kind == "trade":
                 return await self.node.on_ledger(self.node.wallet.record_trade, data,
-                                                 [pending.request, pending.response])
+                                                 [pending.request, pending.response],
+                                                 hold=pending.hold)
             return await self.node.append("unsettled", data)
         finally:
             self.open.discard(key)

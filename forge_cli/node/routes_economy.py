@@ -19,8 +19,7 @@ from forge_cli.trade.node import Node
 async def balance(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     account = account_query(request)
-    current = node.wallet.balance(account)
-    reserved = node.wallet.held(account)
+    current, reserved = node.wallet.books(account)
     spent, earned, _ = node.reader.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
     escrow = (node.reader.row(views.ESCROW, (account,)) or (0,))[0]
     return web.json_response({

@@ -268,7 +268,8 @@ class Node:
         message = entries.trade_message(terms)
         data = {"terms": terms, "provider_sig": self.signer.sign(message).hex(),
                 "consumer_sig": consumer.sign(message).hex()}
-        return self.wallet.record_trade(data, [session.request, session.response])
+        return self.wallet.record_trade(data, [session.request, session.response],
+                                        hold=session.hold)
 
     def counted(self, settled: Settled, model: str, completion: Any) -> None:
         """Metrics for a trade this node recorded."""

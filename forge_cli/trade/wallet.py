@@ -72,6 +72,8 @@ class Wallet:
         self.rules = strangers or StrangerRules()
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Held while a trade is appended and its hold released, and while both are read.
+        self._books = threading.RLock()
         self._strangers: dict[str, int] | None = None  # peer account → ts of its live grant
 
     # -- reading -------------------------------------------------------------------------------
@@ -89,9 +91,16 @@ class Wallet:
         with self._lock:
             return dict(self._held)
 
+    def books(self, account: str) -> tuple[int, int]:
+        """(balance, held), read together: never between a trade's append and the release of
+        the hold that covered it (which `record_trade` does as one step)."""
+        with self._books:
+            return self.balance(account), self.held(account)
+
     def available(self, account: str) -> int:
         """Balance less what requests in flight hold: what any new spend may use."""
-        return self.balance(account) - self.held(account)
+        balance, held = self.books(account)
+        return balance - held
 
     # -- spending ------------------------------------------------------------------------------
 
@@ -125,10 +134,15 @@ class Wallet:
             raise InsufficientCU(f"balance: {max(0, balance - held):,} CU available{also} is "
                                  f"below {what}", hint=hint)
 
-    def record_trade(self, data: dict[str, Any], bodies: list[bytes]) -> Any:
+    def record_trade(self, data: dict[str, Any], bodies: list[bytes], *,
+                     hold: Hold | None = None) -> Any:
         """Append a dual-signed trade and count the consumer's spend (writer thread); the
-        consumer's reservation covers it, so the balance rule cannot refuse it."""
-        entry = self.ledger.append("trade", data, bodies=bodies)
+        consumer's reservation covers it, so the balance rule cannot refuse it. The hold is
+        released in the same step, so no reader sees the trade's cost taken twice."""
+        with self._books:
+            entry = self.ledger.append("trade", data, bodies=bodies)
+            if hold is not None:
+                hold.release()
         self.safety.record_spend(data["terms"]["consumer"], data["terms"]["cu"])
         return entry
 
