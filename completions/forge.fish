@@ -243,7 +243,7 @@ complete -c forge -n '__forge_at \'forge loan withdraw\'' -l json -d 'Machine-re
 complete -c forge -n '__forge_at \'forge loan withdraw\'' -l node -r -F -d 'Node URL (default: FORGE_NODE or FORGE_HOME/node.url).'
 complete -c forge -n '__forge_at \'forge loan withdraw\'' -l token -r -F -d 'API token (default: FORGE_TOKEN or the operator\'s).'
 complete -c forge -n '__forge_at \'forge loan withdraw\'' -l help -d 'Show this message and exit.'
-complete -c forge -n '__forge_at \'forge loan borrow\'' -l term -r -F -d 'Term in hours (1 to 168).'
+complete -c forge -n '__forge_at \'forge loan borrow\'' -l term -r -F -d 'Term in hours (the node lends for at most 168).'
 complete -c forge -n '__forge_at \'forge loan borrow\'' -l collateral -r -F -d 'CU put in escrow.'
 complete -c forge -n '__forge_at \'forge loan borrow\'' -l json -d 'Machine-readable JSON on stdout.'
 complete -c forge -n '__forge_at \'forge loan borrow\'' -l node -r -F -d 'Node URL (default: FORGE_NODE or FORGE_HOME/node.url).'

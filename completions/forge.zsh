@@ -469,7 +469,7 @@ _forge() {
             fi ;;
         ('forge loan borrow')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--term:Term in hours (1 to 168).' '--collateral:CU put in escrow.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                items=('--term:Term in hours (the node lends for at most 168).' '--collateral:CU put in escrow.' '--json:Machine-readable JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files

@@ -187,9 +187,10 @@ def _transport(exc: BaseException) -> type[ForgeError] | None:
 
 
 @contextmanager
-def translated(url: str) -> Iterator[None]:
+def translated(url: str, *, answering: bool = False) -> Iterator[None]:
     """The one boundary where transport exceptions (OSError, http.client's, aiohttp's) become
-    ForgeErrors, chained."""
+    ForgeErrors, chained. `answering`: the node already began its answer, so a connection that
+    fails now broke off mid-answer (BadResponse), whatever the socket says."""
     try:
         yield
     except ForgeError:
@@ -199,7 +200,7 @@ def translated(url: str) -> Iterator[None]:
         if kind is None:
             raise
         detail = str(exc) or type(exc).__name__
-        if kind is BadResponse:
+        if kind is BadResponse or answering:
             raise BadResponse(f"the answer from {url} broke off or is not HTTP: {detail}") from exc
         raise NodeUnreachable(f"no forge node answers at {url}: {detail}",
                               hint=UNREACHABLE_HINT) from exc
@@ -314,7 +315,7 @@ class Client:
                 raise BadResponse(f"{source} answered HTTP {response.status} without an event "
                                   "stream")
             reader = SSEReader(source)
-            with translated(self.url):
+            with translated(self.url, answering=True):
                 for raw in response:
                     event = reader.feed(raw)
                     if reader.done:
@@ -408,7 +409,8 @@ class AsyncClient:
                                       "event stream")
                 while not reader.done:
                     try:
-                        raw = await response.content.readline()
+                        with translated(self.url, answering=True):
+                            raw = await response.content.readline()
                     except ValueError as exc:  # aiohttp: a line longer than its buffer
                         raise BadResponse(f"{source} sent an event-stream line that is too "
                                           f"long ({exc})") from exc

@@ -469,7 +469,8 @@ def test_cli_kill_status_resume_and_policy(run_forge, forge_home):
     assert status["policy"]["per_request_cap_cu"] == 100 and status["policy"]["source"] == "*"
     assert status["policy"]["hourly_budget_cu"] == Policy().hourly_budget_cu
     bad = run_forge("safety", "policy", "set", "--cap", "0")
-    assert bad.returncode == 2 and "positive integer" in bad.stderr
+    assert bad.returncode == 2 and "--cap" in bad.stderr and "1<=x" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert json.loads(run_forge("ledger", "verify", "--deep", "--json").stdout)["valid"]
 
 

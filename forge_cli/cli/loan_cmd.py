@@ -69,7 +69,8 @@ def withdraw(shares: int | None = typer.Option(None, "--shares", min=1, max=INT_
 
 @app.command()
 def borrow(amount: int = typer.Argument(..., min=1, max=INT_MAX, help="Principal, CU."),
-           term: int = typer.Option(..., "--term", min=1, max=168, help="Term in hours (1 to 168)."),
+           term: int = typer.Option(..., "--term", min=1, max=1_000_000,
+                                     help="Term in hours (the node lends for at most 168)."),
            collateral: int = typer.Option(..., "--collateral", min=0, max=INT_MAX,
                                          help="CU put in escrow."),
            as_json: bool = JsonOpt, node: str | None = NodeOpt,
