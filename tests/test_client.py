@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from forge_cli.errors import (
     TokenRefused,
     UsageError,
 )
+from tests.app_thread import AppThread
 from tests.node_harness import NodeProcess
 
 CHAT = "/v1/chat/completions"
@@ -247,32 +247,16 @@ class Misbehaving:
                 return web.Response(status=502, text="<html>bad gateway</html>")
             return await stream(request, routes[request.path], cut=request.path == "/cut")
 
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def start() -> None:
+        def make() -> web.Application:
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", handle)
-            self.runner = web.AppRunner(app, access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+            return app
 
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(30), "the misbehaving server did not start"
+        self.served = AppThread(make)
+        self.url = self.served.url
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
+        self.served.close()
 
 
 @pytest.fixture(scope="module")

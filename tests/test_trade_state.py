@@ -10,7 +10,6 @@ runs in this process on its own thread so the checks can see its wallet directly
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import http.client
 import json
@@ -29,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from forge_cli.ledger import views
 from forge_cli.ledger.store import Ledger
 from forge_cli.trade.session import request_bytes
+from tests.app_thread import AppThread
 
 ACCOUNTS = 3
 SETTLE_WAIT_S = 30
@@ -38,8 +38,6 @@ class Server:
     """A node built by build_node, served on 127.0.0.1 from a thread of this process."""
 
     def __init__(self, home: Path, model: Path) -> None:
-        from aiohttp import web
-
         from forge_cli import config
         from forge_cli.node.app import make_app
         from forge_cli.trade.build import build_node
@@ -47,30 +45,11 @@ class Server:
         self.node = build_node(config.load(), models=[str(model)],
                                ledger_path=home / "ledger.db")
         self.ledger_path = home / "ledger.db"
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def start() -> None:
-            self.runner = web.AppRunner(make_app(self.node), access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(60), "the node did not start"
+        self.served = AppThread(lambda: make_app(self.node))
+        self.port = self.served.port
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(60)
+        self.served.close()
         self.node.close()
 
     def call(self, method: str, path: str, token: str, body: Any = None,
