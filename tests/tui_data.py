@@ -50,6 +50,10 @@ def recorded(**overrides) -> Snapshot:
         pending=[{"id": "apr_c94d505dd867", "account": BOB, "cu": 14, "status": "requested",
                   "expires_ms": NOW_MS + 900_000, "seq": 16}],
         verified="verified ✓", price_history=prices, demand_history=demand,
+        price_times=[NOW_MS - (len(prices) - 1 - i) * 2_000 for i in range(len(prices))],
+        activity={"uptime_ms": 3_725_000, "in_flight": 1, "queued": 2,
+                  "models": [{"model": "tiny.gguf", "device": "CPU", "layers": 2, "gpu_layers": 0}],
+                  "last_reply": {"completion_tokens": 7, "tokens_per_s": 85.3, "ts": NOW_MS - 7_000}},
     )
     for key, value in overrides.items():
         setattr(snapshot, key, value)

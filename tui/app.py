@@ -28,12 +28,13 @@ from tui.screens.trade_detail import TradeDetailScreen
 from tui.state import Snapshot, fetch, verify
 from tui.widgets.loans import LoansPanel
 from tui.widgets.node_header import NodeHeader
+from tui.widgets.overview import OverviewPanel
 from tui.widgets.peers import PeersPanel
 from tui.widgets.prices import PricesPanel
 from tui.widgets.safety import SafetyPanel
 from tui.widgets.trades import TradesPanel
 
-TABS = ("trades", "prices", "loans", "safety", "peers")
+TABS = ("overview", "trades", "prices", "loans", "safety", "peers")
 VERIFY_EVERY = 5  # polls between two checkpoint verifications
 RETRY_S = 1.0
 
@@ -64,16 +65,18 @@ class ForgeApp(App[None]):
 
     def compose(self) -> ComposeResult:
         yield NodeHeader(id="header")
-        with TabbedContent(initial="trades"):
-            with TabPane("1 Trades", id="trades"):
+        with TabbedContent(initial="overview"):
+            with TabPane("1 Overview", id="overview"):
+                yield OverviewPanel(id="overview-panel")
+            with TabPane("2 Trades", id="trades"):
                 yield TradesPanel(id="trades-panel")
-            with TabPane("2 Prices", id="prices"):
+            with TabPane("3 Prices", id="prices"):
                 yield PricesPanel(id="prices-panel")
-            with TabPane("3 Loans", id="loans"):
+            with TabPane("4 Loans", id="loans"):
                 yield LoansPanel(id="loans-panel")
-            with TabPane("4 Safety", id="safety"):
+            with TabPane("5 Safety", id="safety"):
                 yield SafetyPanel(id="safety-panel")
-            with TabPane("5 Peers", id="peers"):
+            with TabPane("6 Peers", id="peers"):
                 yield PeersPanel(id="peers-panel")
         yield Footer()
 
@@ -93,7 +96,7 @@ class ForgeApp(App[None]):
         self.snapshot = snapshot
         try:
             self.main.query_one(NodeHeader).show(snapshot)
-            for panel in (TradesPanel, PricesPanel, LoansPanel, SafetyPanel, PeersPanel):
+            for panel in (OverviewPanel, TradesPanel, PricesPanel, LoansPanel, SafetyPanel, PeersPanel):
                 self.main.query_one(panel).show(snapshot)
         except NoMatches:  # the app is shutting down
             pass

@@ -13,6 +13,8 @@ from typing import Any
 from forge_cli.client import AsyncClient
 
 PRICE_HISTORY = 120
+MINUTES = 10  # the Overview's per-minute charts reach back this far
+MINUTE_MS = 60_000
 
 
 @dataclass
@@ -32,12 +34,58 @@ class Snapshot:
     pool: dict[str, Any] | None = None          # None: no lending pool on this node
     loans: list[dict[str, Any]] | None = None
     verified: str = ""                          # "verified ✓" or "verify failed: …"
+    activity: dict[str, Any] | None = None      # GET /v1/forge/activity; None: an older node
     price_history: list[int] = field(default_factory=list)   # µCU/token, oldest first
+    price_times: list[int] = field(default_factory=list)     # when each price was polled, ms
     demand_history: list[int] = field(default_factory=list)  # ppm
 
     @property
     def online(self) -> bool:
         return self.connection == "connected"
+
+    @property
+    def node_id(self) -> str:
+        return str(self.network.get("node_id") or self.health.get("node_id") or "")
+
+    def minutes(self, count: int = MINUTES) -> list[Minute]:
+        """This node's trades in each of the last `count` minutes, oldest first (the last one
+        ends now); counted from the ledger's trades, so a restarted dashboard has its past."""
+        buckets = [Minute(self.now_ms - (count - i) * MINUTE_MS) for i in range(count)]
+        me = self.node_id
+        for trade in self.trades:
+            age = self.now_ms - int(trade.get("ts", 0))
+            if not 0 <= age < count * MINUTE_MS:
+                continue
+            bucket = buckets[count - 1 - age // MINUTE_MS]
+            cu = int(trade.get("cu", 0))
+            if trade.get("provider") == me:
+                bucket.trades += 1
+                bucket.tokens += int(trade.get("completion_tokens", 0))
+                bucket.earned += cu
+            if trade.get("consumer") == me:
+                bucket.spent += cu
+        return buckets
+
+    def sale_prices(self) -> list[tuple[int, int]]:
+        """(ts ms, µCU/token) of this node's sales, oldest first."""
+        me = self.node_id
+        return sorted((int(t["ts"]), int(t["price_ucu_per_token"])) for t in self.trades
+                      if t.get("provider") == me and "ts" in t and "price_ucu_per_token" in t)
+
+
+@dataclass
+class Minute:
+    """One minute of this node's trades: what it sold (tokens, CU earned) and bought (spent)."""
+
+    start_ms: int
+    trades: int = 0
+    tokens: int = 0
+    earned: int = 0
+    spent: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / 60
 
 
 async def fetch(client: AsyncClient, previous: Snapshot, now_ms: int) -> Snapshot:
@@ -45,8 +93,9 @@ async def fetch(client: AsyncClient, previous: Snapshot, now_ms: int) -> Snapsho
     another ForgeError); a route the node lacks (404) shows as None."""
     paths = ("/health", "/v1/forge/balance", "/v1/forge/pricing", "/v1/forge/trades?limit=200",
              "/v1/forge/network", "/v1/forge/safety", "/v1/forge/approvals", "/v1/forge/peers",
-             "/v1/forge/pool", "/v1/forge/loans?all=1")
-    (health, balance, pricing, trades, network, safety, pending, peers, pool, loans) = await asyncio.gather(
+             "/v1/forge/pool", "/v1/forge/loans?all=1", "/v1/forge/activity")
+    (health, balance, pricing, trades, network, safety, pending, peers, pool, loans,
+     activity) = await asyncio.gather(
         *(client.get_optional(path) for path in paths))
     safety = safety or {}
     budgets = []
@@ -59,15 +108,18 @@ async def fetch(client: AsyncClient, previous: Snapshot, now_ms: int) -> Snapsho
                         "lifetime_budget_cu": policy.get("lifetime_budget_cu", 0)})
     models = (pricing or {}).get("models", [])
     prices, demand = list(previous.price_history), list(previous.demand_history)
+    times = list(previous.price_times)
     if models:
         prices.append(int(models[0]["price_ucu_per_token"]))
+        times.append(now_ms)
         demand.append(int(models[0].get("market", {}).get("demand_ratio_ppm", 0)))
     return Snapshot(
         connection="connected", now_ms=now_ms, health=health or {}, balance=balance or {},
         pricing=models, trades=(trades or {}).get("trades", []), network=network or {}, safety=safety,
         budgets=budgets, pending=(pending or {}).get("pending", []),
         peers=_listing(peers, "peers"), pool=pool, loans=_listing(loans, "loans"),
-        verified=previous.verified, price_history=prices[-PRICE_HISTORY:],
+        activity=activity, verified=previous.verified, price_history=prices[-PRICE_HISTORY:],
+        price_times=times[-PRICE_HISTORY:],
         demand_history=demand[-PRICE_HISTORY:],
     )
 

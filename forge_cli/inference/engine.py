@@ -277,6 +277,35 @@ class Engine:
         """The prompt text the model's chat template makes of `messages`."""
         return self.template.render(messages)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the worker thread (the one it is running is not counted)."""
+        return self._jobs.qsize()
+
+    @property
+    def layers(self) -> int:
+        """The model's transformer blocks, as its GGUF states them (0 when it does not)."""
+        arch = self.metadata.get("general.architecture", "")
+        try:
+            return int(self.metadata.get(f"{arch}.block_count", 0))
+        except ValueError:
+            return 0
+
+    def placement(self) -> dict[str, Any]:
+        """Where the layers run: `device` is "GPU", "CPU" or "GPU+CPU" (split)."""
+        layers = self.layers
+        offloaded = self.gpu_offload and self.n_gpu_layers != 0
+        on_gpu = 0
+        if offloaded:
+            on_gpu = layers if self.n_gpu_layers < 0 else min(self.n_gpu_layers, layers)
+        if not offloaded:
+            device = "CPU"
+        elif on_gpu < layers:
+            device = "GPU+CPU"
+        else:  # all of them, or a GGUF that does not say how many there are
+            device = "GPU"
+        return {"device": device, "layers": layers, "gpu_layers": on_gpu}
+
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         """Token ids of `text` by the model's own tokenizer (run on the worker thread)."""
         return self.call(lambda: self._tokenize(text, add_bos=add_bos, special=special))

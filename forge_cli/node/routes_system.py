@@ -32,6 +32,10 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def activity(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE].activity())
+
+
 async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
@@ -72,4 +76,6 @@ ROUTES = [
     Route("GET", "/metrics", metrics, "Prometheus metrics (no auth)", public=True),
     Route("GET", "/openapi.json", openapi_json, "This API, described (no auth)", public=True),
     Route("GET", "/v1/forge/events", events, "SSE feed of ledger entries and safety changes"),
+    Route("GET", "/v1/forge/activity", activity,
+          "Requests in flight and queued, where each model's layers run, the newest reply's speed"),
 ]

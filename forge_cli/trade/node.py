@@ -67,6 +67,7 @@ class Node:
         self.killed = bool(safety.kill_state()["active"])
         self.metrics = Metrics()
         self.in_flight = 0
+        self.last_reply: dict[str, Any] | None = None  # the newest generation's size and speed
         self.settle_ms = settle_ms  # how long a peer consumer has to countersign
         self.max_unsettled = max_unsettled  # sales a peer may leave uncountersigned here
         # Wired by build_node; `start` attaches events and sales once the event loop runs.
@@ -285,6 +286,16 @@ class Node:
         if completion is not None and completion.completion_tokens:
             self.metrics.ttft.observe(completion.time_to_first_token_s)
             self.metrics.generation.observe(completion.generation_s)
+            self.last_reply = {"completion_tokens": completion.completion_tokens,
+                               "tokens_per_s": round(completion.tokens_per_s, 1), "ts": self.clock()}
+
+    def activity(self) -> dict[str, Any]:
+        """What the node is doing now (GET /v1/forge/activity): requests generating and waiting,
+        where each model's layers run, and the size and speed of the newest reply."""
+        return {"uptime_ms": self.clock() - self.started_ms, "in_flight": self.in_flight,
+                "queued": sum(m.engine.queued for m in self.models.values()),
+                "models": [{"model": m.name, **m.engine.placement()} for m in self.models.values()],
+                "last_reply": self.last_reply}
 
     # -- generation and safety ---------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-HELP = """[b]forge tui[/b]: a node's trades, prices, loans, safety and peers, live.
+HELP = """[b]forge tui[/b]: a node at a glance, and its trades, prices, loans, safety and peers, live.
 
-  1-5          switch tab (trades, prices, loans, safety, peers)
+  1-6          switch tab (overview, trades, prices, loans, safety, peers)
   enter        on a trade: its signatures and inclusion proof
   k            toggle the kill switch (asks first)
   a / d        approve / deny the selected pending spend (safety tab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual.widgets import Static
 
 from tui.state import Snapshot
+from tui.widgets.panel import balance_text
 
 
 class NodeHeader(Static):
@@ -26,7 +27,7 @@ class NodeHeader(Static):
         self.update(
             f"[b]forge[/b] node {net.get('node_id', snapshot.health.get('node_id', '?'))[:12]}  "
             f"model {models}  price {price}\n"
-            f"balance {bal.get('balance', '-')} CU  avail {bal.get('available', '-')}  "
+            f"balance {balance_text(bal)}  avail {bal.get('available', '-')}  "
             f"rep {bal.get('reputation', '-')} bp  ledger {net.get('ledger_size', '-')} "
             f"root {root[:12] or '-'}  {snapshot.verified}\n"
             f"{state}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from textual.containers import Vertical
 from textual.widgets import Static
@@ -24,6 +25,15 @@ def bar(used: int, total: int, width: int = 20) -> str:
         return "░" * width
     filled = min(width, round(width * used / total))
     return "█" * filled + "░" * (width - filled)
+
+
+def balance_text(balance: dict[str, Any]) -> str:
+    """`63 CU`, or `0 CU (+1000 CU free tier on first purchase)` while the grant is waiting."""
+    text = f"{balance.get('balance', '-')} CU"
+    pending = balance.get("free_tier_pending")
+    if isinstance(pending, int) and pending > 0:
+        text += f" (+{pending} CU free tier on first purchase)"
+    return text
 
 
 class Panel(Vertical):

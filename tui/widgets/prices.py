@@ -1,29 +1,30 @@
-"""Price and demand over time (one sample per poll), and each model's current quote."""
+"""Price and demand over time (one sample per poll, on a UTC time axis), and each model's
+current quote."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.widgets import Label, Sparkline, Static
+from textual.containers import Horizontal
+from textual.widgets import Static
 
 from tui.state import Snapshot
+from tui.widgets.chart import Series, TimeChart, clock_ticks
 from tui.widgets.panel import Panel
 
 
 class PricesPanel(Panel):
     DEFAULT_CSS = """
-    PricesPanel Sparkline { height: 1fr; min-height: 2; margin: 0 1; }
-    PricesPanel #price-spark > .sparkline--max-color { color: $success; }
-    PricesPanel Label { margin: 0 1; color: $text-muted; }
     PricesPanel #quotes { height: auto; margin: 0 1; }
+    PricesPanel #price-charts { height: 1fr; }
+    PricesPanel TimeChart { width: 1fr; height: 1fr; min-height: 6; }
     """
 
     def compose(self) -> ComposeResult:
         yield Static(classes="notice")
         yield Static("no prices yet", id="quotes")
-        yield Label("price, µCU per token", id="price-label")
-        yield Sparkline([], id="price-spark")
-        yield Label("demand (queued + running ÷ capacity), ppm", id="demand-label")
-        yield Sparkline([], id="demand-spark")
+        with Horizontal(id="price-charts"):
+            yield TimeChart("price CU/token, UTC", id="price-chart")
+            yield TimeChart("demand ratio, UTC", from_zero=True, id="demand-chart")
 
     def show(self, snapshot: Snapshot) -> None:
         self.show_connection(snapshot)
@@ -35,13 +36,18 @@ class PricesPanel(Panel):
                 f"(tier {market.get('tier', '?')}, factor {market.get('factor_ppm', 0) / 1e6:.3f}, "
                 f"demand {market.get('demand', '?')}/{market.get('capacity', '?')}, "
                 f"supply {market.get('supply', '?')})")
-        self.query_one("#quotes", Static).update("\n".join(lines) or "no models served")
-        prices, demand = snapshot.price_history, snapshot.demand_history
-        self.query_one("#price-spark", Sparkline).data = prices
-        self.query_one("#demand-spark", Sparkline).data = demand
+        prices, demand, times = snapshot.price_history, snapshot.demand_history, snapshot.price_times
         if prices:
-            self.query_one("#price-label", Label).update(
-                f"price, µCU per token: now {prices[-1]:,}, low {min(prices):,}, high {max(prices):,}")
-        if demand:
-            self.query_one("#demand-label", Label).update(
-                f"demand ratio, ppm: now {demand[-1]:,}, high {max(demand):,}")
+            lines.append(f"price, µCU/token: now {prices[-1]:,}, low {min(prices):,}, high {max(prices):,}"
+                         + (f"; demand ratio now {demand[-1] / 1e6:.2f}, high {max(demand) / 1e6:.2f}"
+                            if demand else ""))
+        self.query_one("#quotes", Static).update("\n".join(lines) or "no models served")
+        if len(times) != len(prices) or not prices:  # samples from before times were kept
+            times = [snapshot.now_ms] * len(prices)
+        xs = [(t - snapshot.now_ms) / 1000 for t in times]
+        ticks = clock_ticks(times[0], snapshot.now_ms) if times else []
+        self.query_one("#price-chart", TimeChart).draw(
+            [Series("price", xs, [p / 1e6 for p in prices], "yellow")], ticks)
+        self.query_one("#demand-chart", TimeChart).draw(
+            [Series("demand", xs[-len(demand):] if demand else [], [d / 1e6 for d in demand], "cyan")],
+            ticks)
