@@ -11,6 +11,7 @@ import pytest
 from tests.node_harness import NodeProcess
 from tui.app import ForgeApp
 from tui.widgets.node_header import NodeHeader
+from tui.widgets.overview import OverviewPanel
 from tui.widgets.safety import SafetyPanel
 from tui.widgets.trades import TradesPanel
 
@@ -60,6 +61,44 @@ async def test_trades_appear_in_the_table_newest_first(node):
         detail = str(app.screen.query_one("#trade-detail").render())
         assert panel.rows[0]["provider_sig"][:32] in detail and "verifies ✓" in detail
         await pilot.press("escape")
+
+
+def glance(app: ForgeApp) -> str:
+    return str(app.query_one("#glance-node").render())
+
+
+async def test_a_purchase_moves_the_overview(node):
+    """The Overview opens first; one purchase moves tokens/s, CU earned and the trade count,
+    brought in by the SSE feed (the poller alone would wait 30 s)."""
+    agent = node.agent("carol")
+    app = ForgeApp(node.url, node.operator_token, poll_s=30)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_for(pilot, lambda: app.snapshot.online, "the first poll")
+        assert app.query_one("TabbedContent").active == "overview"
+        before = glance(app)
+        assert "tok/s 0.00 last min, no reply yet" in before, before
+        assert "earned 0, spent 0" in before and "trades 0" in before, before
+        assert "requests 0 in flight, 0 queued" in before, before
+        status, _, body = await asyncio.to_thread(
+            node.request, "POST", "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}, agent["token"])
+        assert status == 200, body
+        cu, tokens = body["x_forge"]["cu_cost"], body["usage"]["completion_tokens"]
+        assert cu > 0 and tokens > 0
+        await wait_for(pilot, lambda: "trades 1" in glance(app), "the trade count to move")
+        after = glance(app)
+        assert f"tok/s {tokens / 60:.2f} last min" in after and "tok/s 0.00" not in after, after
+        assert f"earned {cu}, spent 0" in after, after
+        assert "last reply" in after and "no reply yet" not in after, after
+        # the node reports where the model's layers run, and the panel says so
+        _, _, activity = await asyncio.to_thread(node.request, "GET", "/v1/forge/activity", None,
+                                                 node.operator_token)
+        placement = activity["models"][0]
+        assert placement["device"] in ("CPU", "GPU", "GPU+CPU") and placement["layers"] > 0
+        assert placement["model"] in after and placement["device"].split("+")[0] in after, after
+        assert activity["in_flight"] == 0 and activity["last_reply"]["completion_tokens"] == tokens
+        overview = app.query_one(OverviewPanel)
+        assert overview.query_one("#price-chart").border_title == "price CU/token, UTC"
 
 
 async def test_kill_switch_round_trips_through_the_confirmation(node):

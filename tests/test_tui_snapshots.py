@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tui_data import LOANS, NOW_MS, PEERS, POOL, recorded
+from tests.tui_data import LOANS, NODE, NOW_MS, PEERS, POOL, recorded
 from tui.app import TABS, ForgeApp
 from tui.screens.trade_detail import TradeDetailScreen
 
@@ -32,6 +32,26 @@ def test_panel_with_recorded_data(snap_compare, tab, size):
 def test_loans_and_peers_fill_in_when_the_node_has_them(snap_compare, tab):
     snapshot = recorded(pool=POOL, loans=LOANS, peers=PEERS)
     assert snap_compare(app_for(snapshot), terminal_size=(80, 24), run_before=on_tab(tab))
+
+
+def test_overview_before_the_first_purchase(snap_compare):
+    """A fresh node: no sales, the free tier waiting, a model split between GPU and CPU, the
+    kill switch on and the breaker open, an empty mesh."""
+    snapshot = recorded(
+        trades=[], price_history=[], demand_history=[], price_times=[], pending=[], peers=[],
+        balance={"account": NODE, "balance": 0, "reserved": 0, "available": 0, "reputation": 5000,
+                 "free_tier_pending": 1000},
+        network={**recorded().network, "ledger_size": 3, "ledger_trades": 0, "trades": 0},
+        activity={"uptime_ms": 9_000, "in_flight": 0, "queued": 0, "last_reply": None,
+                  "models": [{"model": "tiny.gguf", "device": "GPU+CPU", "layers": 30, "gpu_layers": 12}]},
+        safety={**recorded().safety, "kill_switch": {"active": True, "reason": "drill", "seq": 2},
+                "breaker": {**recorded().safety["breaker"], "state": "open"}})
+    assert snap_compare(app_for(snapshot), terminal_size=(80, 24))
+
+
+def test_overview_of_a_node_that_reports_no_activity(snap_compare):
+    """An older node without GET /v1/forge/activity: layers read as CPU, requests as unknown."""
+    assert snap_compare(app_for(recorded(activity=None, peers=PEERS)), terminal_size=(80, 24))
 
 
 def test_kill_switch_active_and_disconnected(snap_compare):

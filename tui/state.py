@@ -53,8 +53,9 @@ class Snapshot:
         buckets = [Minute(self.now_ms - (count - i) * MINUTE_MS) for i in range(count)]
         me = self.node_id
         for trade in self.trades:
-            age = self.now_ms - int(trade.get("ts", 0))
-            if not 0 <= age < count * MINUTE_MS:
+            # a trade recorded while this poll ran is newer than its clock: it counts as now
+            age = max(0, self.now_ms - int(trade.get("ts", 0)))
+            if age >= count * MINUTE_MS:
                 continue
             bucket = buckets[count - 1 - age // MINUTE_MS]
             cu = int(trade.get("cu", 0))

@@ -7,7 +7,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-HELP = """[b]forge tui[/b]: a node at a glance, and its trades, prices, loans, safety and peers, live.
+HELP = """[b]forge tui[/b]: what one node is doing, live.
 
   1-6          switch tab (overview, trades, prices, loans, safety, peers)
   enter        on a trade: its signatures and inclusion proof

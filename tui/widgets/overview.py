@@ -53,8 +53,9 @@ class OverviewPanel(Panel):
         last = minutes[-1]
         models = [m["model"] for m in snapshot.pricing] or list(snapshot.health.get("models", []))
         reply = (activity or {}).get("last_reply")
-        speed = f"{reply['tokens_per_s']:.1f} last reply" if reply else "no reply yet"
-        requests = ("requests: the node does not report them" if activity is None else
+        speed = (f"{reply['tokens_per_s']:.1f} last reply" if reply else
+                 "no reply yet" if activity is not None else "last reply -")
+        requests = ("requests: not reported" if activity is None else
                     f"requests {activity.get('in_flight', 0)} in flight, {activity.get('queued', 0)} queued")
         trades = snapshot.network.get("ledger_trades", snapshot.network.get("trades", len(snapshot.trades)))
         node_lines = [
@@ -95,12 +96,12 @@ class OverviewPanel(Panel):
             [Series("earned", xs, [m.earned for m in minutes], "green"),
              Series("spent", xs, [m.spent for m in minutes], "red")], minute_ticks)
         points = snapshot.sale_prices()
-        if snapshot.pricing:  # the quote a request arriving now would get
-            points.append((snapshot.now_ms, int(snapshot.pricing[0]["price_ucu_per_token"])))
         chart = self.query_one("#price-chart", TimeChart)
         if not points:
             chart.draw([], [], title="price: no sales yet")
             return
+        if snapshot.pricing:  # the line runs on to the quote a request arriving now would get
+            points.append((snapshot.now_ms, int(snapshot.pricing[0]["price_ucu_per_token"])))
         chart.draw([Series("price", [(ts - snapshot.now_ms) / 1000 for ts, _ in points],
                            [price / 1e6 for _, price in points], "yellow")],
                    clock_ticks(points[0][0], snapshot.now_ms), title="price CU/token, UTC")

@@ -38,9 +38,9 @@ class PricesPanel(Panel):
                 f"supply {market.get('supply', '?')})")
         prices, demand, times = snapshot.price_history, snapshot.demand_history, snapshot.price_times
         if prices:
-            lines.append(f"price, µCU/token: now {prices[-1]:,}, low {min(prices):,}, high {max(prices):,}"
-                         + (f"; demand ratio now {demand[-1] / 1e6:.2f}, high {max(demand) / 1e6:.2f}"
-                            if demand else ""))
+            lines.append(f"price, µCU/token: now {prices[-1]:,}, low {min(prices):,}, high {max(prices):,}")
+        if demand:
+            lines.append(f"demand ratio: now {demand[-1] / 1e6:.2f}, high {max(demand) / 1e6:.2f}")
         self.query_one("#quotes", Static).update("\n".join(lines) or "no models served")
         if len(times) != len(prices) or not prices:  # samples from before times were kept
             times = [snapshot.now_ms] * len(prices)
