@@ -27,7 +27,7 @@ complete -c forge -n '__forge_at \'forge\'' -a 'node' -d 'Serve inference where 
 complete -c forge -n '__forge_at \'forge\'' -a 'seed' -d 'Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.'
 complete -c forge -n '__forge_at \'forge\'' -a 'worker' -d 'Buy inference from a seller on the mesh and pay for it with this node\'s CU.'
 complete -c forge -n '__forge_at \'forge\'' -a 'peers' -d 'Peers the running node found on the mesh (it must run with --mesh or be a seed).'
-complete -c forge -n '__forge_at \'forge\'' -a 'tui' -d 'The live dashboard: trades, prices, loans, safety and peers of a node (q quit...'
+complete -c forge -n '__forge_at \'forge\'' -a 'tui' -d 'The live dashboard: the node at a glance, trades, prices, loans, safety, peer...'
 complete -c forge -n '__forge_at \'forge\'' -a 'mcp' -d 'Serve the node\'s tools to an MCP host over stdio (the official MCP SDK).'
 complete -c forge -n '__forge_at \'forge\'' -a 'models' -d 'Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...'
 complete -c forge -n '__forge_at \'forge\'' -a 'wallet' -d 'This node\'s identity and balance; agent accounts and their API tokens.'

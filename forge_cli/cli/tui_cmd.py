@@ -30,7 +30,7 @@ def tui(
         help="Seconds between polls of balance, prices and safety (the SSE feed is live).",
     ),
 ) -> None:
-    """The live dashboard: trades, prices, loans, safety and peers of a node (q quits, ? helps)."""
+    """The live dashboard: the node at a glance, trades, prices, loans, safety, peers (q quits, ? helps)."""
     from tui.app import ForgeApp
 
     url = resolve_node_url(node)
