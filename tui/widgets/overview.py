@@ -30,10 +30,7 @@ def placement(model: str, activity: dict[str, Any] | None) -> str:
 
 class OverviewPanel(Panel):
     DEFAULT_CSS = """
-    OverviewPanel .glance { width: 1fr; height: auto; padding: 0 1; }
-    OverviewPanel #glance { height: auto; }
-    OverviewPanel #charts { height: 1fr; }
-    OverviewPanel TimeChart { width: 1fr; height: 1fr; min-height: 6; }
+    OverviewPanel .glance { padding: 0 1; }
     """
 
     def compose(self) -> ComposeResult:

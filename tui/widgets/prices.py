@@ -15,8 +15,6 @@ from tui.widgets.panel import Panel
 class PricesPanel(Panel):
     DEFAULT_CSS = """
     PricesPanel #quotes { height: auto; margin: 0 1; }
-    PricesPanel #price-charts { height: 1fr; }
-    PricesPanel TimeChart { width: 1fr; height: 1fr; min-height: 6; }
     """
 
     def compose(self) -> ComposeResult:
