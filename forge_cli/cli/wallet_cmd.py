@@ -56,8 +56,8 @@ def wallet(
 
 def balance_text(balance: int, pending: int) -> str:
     """`0 CU (+1000 CU free tier on first purchase)`, or `250 CU` once the grant is made."""
-    text = f"{balance:,} CU"
-    return text + f" (+{pending:,} CU free tier on first purchase)" if pending else text
+    text = f"{balance} CU"
+    return text + f" (+{pending} CU free tier on first purchase)" if pending else text
 
 
 def _accounts():  # noqa: ANN202 - keeps the economy import out of `forge --help`
