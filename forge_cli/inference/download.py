@@ -162,7 +162,8 @@ def ensure_local(name: str, *, may_pull: bool = True,
     otherwise; without `may_pull` a missing model is the ModelError of `find_model_file`.
     """
     ref = catalog.resolve(name)
-    if ref.kind == "path" or not may_pull or catalog.local_file(ref) is not None:
+    if ref.kind == "path" or not may_pull or catalog.embedded_present(ref) or \
+            catalog.local_file(ref) is not None:
         return catalog.find_model_file(name)
     out = err or sys.stderr
 
