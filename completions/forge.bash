@@ -196,17 +196,17 @@ _forge() {
             fi ;;
         "forge chat")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --system -s --max-tokens -n --temperature -t --seed --no-stream --json --verbose -v --node --token --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --system -s --max-tokens -n --temperature -t --seed --no-stream --json --verbose -v --node --token --no-pull --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         "forge node")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --no-pull --help" -- "$cur"))
             fi ;;
         "forge seed")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --interface --peer --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --interface --peer --no-pull --help" -- "$cur"))
             fi ;;
         "forge worker")
             if [[ "$cur" == -* ]]; then

@@ -51,6 +51,7 @@ complete -c forge -n '__forge_at \'forge chat\'' -l json -d 'One JSON object: te
 complete -c forge -n '__forge_at \'forge chat\'' -l verbose -s v -d 'Tokens/s, time to first token and token counts on stderr.'
 complete -c forge -n '__forge_at \'forge chat\'' -l node -r -F -d 'Buy the inference from a forge node at URL.'
 complete -c forge -n '__forge_at \'forge chat\'' -l token -r -F -d 'Consumer token for --node (`forge wallet agent create NAME` makes one).'
+complete -c forge -n '__forge_at \'forge chat\'' -l no-pull -d 'Refuse a model that is not on disk instead of pulling it.'
 complete -c forge -n '__forge_at \'forge chat\'' -l help -d 'Show this message and exit.'
 complete -c forge -n '__forge_at \'forge chat\'' -F
 complete -c forge -n '__forge_at \'forge node\'' -l model -s m -r -F -d 'Model to serve (repeat for several) [default: models.default].'
@@ -60,6 +61,7 @@ complete -c forge -n '__forge_at \'forge node\'' -l ledger -r -F -d 'Ledger file
 complete -c forge -n '__forge_at \'forge node\'' -l mesh -d 'Join the mesh: advertise this node, find peers (`forge seed` is `forge node -...'
 complete -c forge -n '__forge_at \'forge node\'' -l interface -r -F -d 'Address mDNS binds to (repeat for several) [default: mesh.interfaces].'
 complete -c forge -n '__forge_at \'forge node\'' -l peer -r -F -d 'URL of a node to probe as a peer without mDNS (repeat for several; adds to me...'
+complete -c forge -n '__forge_at \'forge node\'' -l no-pull -d 'Refuse a model that is not on disk instead of pulling it.'
 complete -c forge -n '__forge_at \'forge node\'' -l help -d 'Show this message and exit.'
 complete -c forge -n '__forge_at \'forge seed\'' -l model -s m -r -F -d 'Model to serve (repeat for several) [default: models.default].'
 complete -c forge -n '__forge_at \'forge seed\'' -l host -r -F -d 'Address to bind [default: node.host].'
@@ -67,6 +69,7 @@ complete -c forge -n '__forge_at \'forge seed\'' -l port -s p -r -F -d 'Port [de
 complete -c forge -n '__forge_at \'forge seed\'' -l ledger -r -F -d 'Ledger file.'
 complete -c forge -n '__forge_at \'forge seed\'' -l interface -r -F -d 'Address mDNS binds to (repeat for several) [default: mesh.interfaces].'
 complete -c forge -n '__forge_at \'forge seed\'' -l peer -r -F -d 'URL of a node to probe as a peer without mDNS (repeat for several; adds to me...'
+complete -c forge -n '__forge_at \'forge seed\'' -l no-pull -d 'Refuse a model that is not on disk instead of pulling it.'
 complete -c forge -n '__forge_at \'forge seed\'' -l help -d 'Show this message and exit.'
 complete -c forge -n '__forge_at \'forge worker\'' -l model -s m -r -F -d 'Model to buy (default: any the chosen seller sells).'
 complete -c forge -n '__forge_at \'forge worker\'' -l seed -r -F -d 'Buy only from this seller (node id or a prefix).'

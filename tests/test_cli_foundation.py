@@ -135,6 +135,11 @@ def test_wallet_shows_balance_from_the_ledger(run_forge, forge_home):
 
     identity = load_or_create(forge_home / "node.key")
     assert identity.node_id == me
+    fresh = run_forge("wallet")
+    assert "balance  0 CU (+1000 CU free tier on first purchase)" in fresh.stdout.splitlines()
+    assert json.loads(run_forge("wallet", "--json").stdout)["free_tier_pending_cu"] == 1000
     with Ledger.open_writer(forge_home / "ledger.db", identity) as book:
         book.append("grant", {"account": me, "cu": 1000})
-    assert json.loads(run_forge("wallet", "--json").stdout)["balance_cu"] == 1000
+    shown = json.loads(run_forge("wallet", "--json").stdout)
+    assert shown["balance_cu"] == 1000 and shown["free_tier_pending_cu"] == 0
+    assert "balance  1000 CU" in run_forge("wallet").stdout.splitlines()

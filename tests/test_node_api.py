@@ -93,10 +93,14 @@ def test_operator_token_buying_is_a_refused_self_trade(node):
 
 def test_new_account_gets_the_free_tier_grant(node):
     bob = node.agent("bob")
-    assert balance(node, bob["token"]) == 0  # nothing until the first purchase
+    status, _, before = node.request("GET", "/v1/forge/balance", token=bob["token"])
+    assert status == 200 and before["balance"] == 0  # nothing until the first purchase
+    assert before["free_tier_pending"] == 1000  # but it says what is waiting
     reply = client(node, bob["token"]).chat.completions.create(
         model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert balance(node, bob["token"]) == 1000 - reply.model_extra["x_forge"]["cu_cost"]
+    _, _, after = node.request("GET", "/v1/forge/balance", token=bob["token"])
+    assert after["balance"] == 1000 - reply.model_extra["x_forge"]["cu_cost"]
+    assert after["free_tier_pending"] == 0
 
 
 def test_quote_above_balance_is_402(node):

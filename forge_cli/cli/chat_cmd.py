@@ -36,8 +36,12 @@ def chat(
     token: str | None = typer.Option(None, "--token", envvar="FORGE_TOKEN",
                                      help="Consumer token for --node (`forge wallet agent "
                                      "create NAME` makes one)."),
+    no_pull: bool = typer.Option(False, "--no-pull",
+                                 help="Refuse a model that is not on disk instead of pulling it."),
 ) -> None:
     """Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without one on a TTY.
+
+    A catalog model that is not on disk is pulled first (--no-pull refuses instead).
 
     Examples: forge chat "why is the sky blue?" · git diff | forge chat -s "describe this change"
     """
@@ -45,7 +49,7 @@ def chat(
         _buy(node, token, prompt, model, system, max_tokens, temperature, seed, no_stream,
              as_json, verbose)
         return
-    from forge_cli.inference import catalog
+    from forge_cli.inference import download
     from forge_cli.inference.engine import Engine, Sampling
 
     settings = config.load()
@@ -57,7 +61,7 @@ def chat(
     )
     interactive = not prompt and sys.stdin.isatty()
     text = None if interactive else _one_shot_prompt(prompt)
-    ref, path = catalog.find_model_file(model or settings["models.default"])
+    ref, path = download.ensure_local(model or settings["models.default"], may_pull=not no_pull)
     engine = Engine(path, name=ref.name, n_ctx=settings["models.n_ctx"])
     try:
         if verbose:

@@ -52,10 +52,10 @@ def pull(
     """Download a model (resumes an interrupted download)."""
     from forge_cli.inference import download
 
-    ref = catalog.resolve(name)
-    if ref.kind != "path" and catalog.local_file(ref) is None and not catalog.embedded_present(ref):
-        typer.echo(f"pulling {ref.name} from {ref.repo} …", err=True)
-    ref, path, fresh = download.pull(name, progress=not quiet)
+    def announce(ref: catalog.ModelRef) -> None:
+        typer.echo(f"pulling {download.announcement(ref)} …", err=True)
+
+    ref, path, fresh = download.pull(name, progress=not quiet, announce=announce)
     verb = "pulled" if fresh else "already present:"
     typer.echo(f"{verb} {ref.name} → {path} ({human_size(path.stat().st_size)})")
 

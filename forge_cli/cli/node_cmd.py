@@ -23,6 +23,8 @@ InterfaceOpt = typer.Option(None, "--interface",
                             "[default: mesh.interfaces].")
 PeerOpt = typer.Option(None, "--peer", help="URL of a node to probe as a peer without mDNS "
                        "(repeat for several; adds to mesh.peers).")
+NoPullOpt = typer.Option(False, "--no-pull",
+                         help="Refuse a model that is not on disk instead of pulling it.")
 
 
 def node(
@@ -34,25 +36,29 @@ def node(
                               "find peers (`forge seed` is `forge node --mesh`)."),
     interface: list[str] = InterfaceOpt,
     peer: list[str] = PeerOpt,
+    no_pull: bool = NoPullOpt,
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
     Consumers authenticate with a bearer token: create one per consumer with
     `forge wallet agent create NAME`. Stop with Ctrl-C or SIGTERM; every acknowledged trade
-    is already durable.
+    is already durable. A catalog model that is not on disk is pulled first.
     """
     if (interface or peer) and not mesh:
         from forge_cli.errors import UsageError
 
         raise UsageError("--interface and --peer configure the mesh, which is off",
                          hint="add --mesh, or use `forge seed`")
-    run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer)
+    run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer,
+             pull=not no_pull)
 
 
 def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
              *, mesh: bool, interfaces: list[str] | None = None,
-             peers: list[str] | None = None) -> None:
-    """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers)."""
+             peers: list[str] | None = None, pull: bool = True) -> None:
+    """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers);
+    with `pull`, catalog models not on disk are downloaded first."""
+    from forge_cli.inference import download
     from forge_cli.node.app import check_bind, serve
     from forge_cli.trade.build import build_node
 
@@ -62,7 +68,11 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     home = config.ensure_home()
     token_file = home / "api_token"
     check_bind(host, token_file)
-    node_ = build_node(settings, models=model or [settings["models.default"]],
+    names = model or [settings["models.default"]]
+    if pull:
+        for name in names:
+            download.ensure_local(name)
+    node_ = build_node(settings, models=names,
                        ledger_path=config.ledger_path(ledger), mesh=mesh,
                        interfaces=interfaces, peers=peers)
     signer, models = node_.signer, list(node_.models.values())

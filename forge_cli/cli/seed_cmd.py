@@ -9,6 +9,7 @@ from forge_cli.cli.node_cmd import (
     InterfaceOpt,
     LedgerOpt,
     ModelOpt,
+    NoPullOpt,
     PeerOpt,
     PortOpt,
     run_node,
@@ -22,10 +23,12 @@ def seed(
     ledger: Path | None = LedgerOpt,
     interface: list[str] = InterfaceOpt,
     peer: list[str] = PeerOpt,
+    no_pull: bool = NoPullOpt,
 ) -> None:
     """Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.
 
     The same node as `forge node --mesh`. The interfaces it advertises on are printed at
     start-up; use --peer URL where the network blocks multicast.
     """
-    run_node(model, host, port, ledger, mesh=True, interfaces=interface, peers=peer)
+    run_node(model, host, port, ledger, mesh=True, interfaces=interface, peers=peer,
+             pull=not no_pull)

