@@ -265,27 +265,65 @@ def start_node(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], 
                      + log.read_text(errors="replace")[-3000:])
 
 
-def make_agents(n: int, env: dict[str, str]) -> list[str]:
-    tokens = []
-    for k in range(n):
+def get_json(url: str, path: str, token: str) -> Any:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"GET {path} answered {response.status}: {body[:300]!r}")
+    return json.loads(body)
+
+
+class Buyers:
+    """Agent accounts of the node, each living on its free tier: a burst takes accounts whose
+    balance covers a request twice over, and creates (and funds, with a first small request)
+    more when too few are left. Creating them happens between bursts, never inside one."""
+
+    MAX_ACCOUNTS = 500
+
+    def __init__(self, url: str, env: dict[str, str]) -> None:
+        self.url = url
+        self.env = env
+        self.tokens: list[str] = []
+
+    def _create(self) -> str:
+        if len(self.tokens) >= self.MAX_ACCOUNTS:
+            raise RuntimeError(f"more than {self.MAX_ACCOUNTS} buyer accounts spent: giving up")
         made = subprocess.run([sys.executable, "-m", "forge_cli", "wallet", "agent", "create",
-                               f"buyer{k}", "--json"], capture_output=True, text=True, env=env,
-                              cwd=REPO, timeout=120)
+                               f"buyer{len(self.tokens)}", "--json"], capture_output=True,
+                              text=True, env=self.env, cwd=REPO, timeout=120)
         if made.returncode != 0:
             raise SystemExit(f"forge wallet agent create failed: {made.stderr[-2000:]}")
-        tokens.append(json.loads(made.stdout)["token"])
-    return tokens
+        token = json.loads(made.stdout)["token"]
+        self.tokens.append(token)
+        return token
+
+    def take(self, n: int, max_tokens: int) -> list[str]:
+        need = 0.0
+        ready: list[str] = []
+        for token in self.tokens:
+            if len(ready) == n:
+                break
+            if not need:
+                models = get_json(self.url, "/v1/forge/pricing", token)["models"]
+                need = 2 * max_tokens * max(m["cu_per_token"] for m in models) + 1
+            if get_json(self.url, "/v1/forge/balance", token)["available"] >= need:
+                ready.append(token)
+        fresh = [self._create() for _ in range(n - len(ready))]
+        if fresh:  # a first request gives each its free tier (and warms the node)
+            burst(self.url, fresh, 4, {"seed": 1})
+        return ready + fresh
 
 
 def node_threads(url: str, token: str) -> dict[str, int]:
     """Thread counts the node reports in /v1/models, if it does, as llama_cpp.server names them
     (a key with 'thread' in its name; with 'batch' too, the prompt's)."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {token}"})
-    response = conn.getresponse()
-    data = json.loads(response.read()) if response.status == 200 else {}
-    conn.close()
+    data = get_json(url, "/v1/models", token)
     found: dict[str, int] = {}
 
     def walk(obj: Any) -> None:
@@ -388,9 +426,10 @@ def main() -> None:
         buyers = sorted({int(b) for b in args.buyers.split(",")})
     except ValueError:
         parser.error(f"--buyers takes counts like 1,4,8, found {args.buyers!r}")
-    if not 1 <= args.tokens <= 4096 or not 1 <= args.runs <= 100 or buyers[0] < 1 \
+    # Every buyer lives on the node's free tier (1000 CU, about 1 CU a token).
+    if not 2 <= args.tokens <= 400 or not 1 <= args.runs <= 100 or buyers[0] < 1 \
             or buyers[-1] > 64:
-        parser.error("--tokens 1..4096, --runs 1..100, --buyers 1..64")
+        parser.error("--tokens takes 2..400, --runs 1..100, --buyers counts in 1..64")
     if 1 not in buyers:
         buyers.insert(0, 1)  # every ratio is against one buyer
 
@@ -429,11 +468,11 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     try:
         node, node_url = start_node(home, env)
         procs.append(node)
-        agents = make_agents(buyers[-1], env)
-        threads = node_threads(node_url, agents[0])
+        accounts = Buyers(node_url, env)
+        threads = node_threads(node_url, accounts.take(1, args.tokens)[0])
         with Engine(path, name="gemma3:270m", n_ctx=args.n_ctx) as engine:  # the same defaults
-            n_gpu_layers = engine.n_gpu_layers
-            gpu_offload = engine.gpu_offload
+            gpu_offload = bool(getattr(engine, "gpu_offload", False))
+            n_gpu_layers = getattr(engine, "n_gpu_layers", -1 if gpu_offload else 0)
             if "n_threads" not in threads:
                 threads = {"n_threads": engine.n_threads}
                 if isinstance(getattr(engine, "n_threads_batch", None), int):
@@ -452,7 +491,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         # free-tier grant.
         for llm in direct.values():
             direct_run(llm, 4)
-        burst(node_url, agents, 4, {"seed": 1})
+        burst(node_url, accounts.take(buyers[-1], args.tokens), 4, {"seed": 1})
         if server_url:
             burst(server_url, [None], 4, {})
 
@@ -461,7 +500,8 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
             one: dict[str, Any] = {"direct": {t: direct_run(llm, args.tokens)
                                               for t, llm in direct.items()}}
             for n in buyers:
-                one[f"node{n}"] = burst(node_url, agents[:n], args.tokens, {"seed": 1})
+                one[f"node{n}"] = burst(node_url, accounts.take(n, args.tokens), args.tokens,
+                                        {"seed": 1})
                 if server_url:
                     one[f"server{n}"] = burst(server_url, [None] * n, args.tokens, {"seed": 1})
             rounds.append(one)
@@ -474,7 +514,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     direct_tps = {t: median([r["direct"][t].decode_tps for r in rounds]) for t in thread_counts}
     best = max(direct_tps, key=direct_tps.__getitem__)
     out: dict[str, Any] = {
-        "model": "gemma3:270m", "model_path": str(path), "tokens": args.tokens,
+        "model": "gemma3:270m", "tokens": args.tokens,
         "runs": args.runs, "n_ctx": args.n_ctx, "cpus": cpus, "physical_cores": physical_cores(),
         "gpu_offload": gpu_offload, "n_gpu_layers": n_gpu_layers, "node_threads": threads,
         "direct_tokens_per_s": {str(t): round(v, 2) for t, v in direct_tps.items()},
