@@ -11,6 +11,7 @@ from forge_cli.cli.node_cmd import (
     ModelOpt,
     PeerOpt,
     PortOpt,
+    ThreadsOpt,
     run_node,
 )
 
@@ -22,10 +23,12 @@ def seed(
     ledger: Path | None = LedgerOpt,
     interface: list[str] = InterfaceOpt,
     peer: list[str] = PeerOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.
 
     The same node as `forge node --mesh`. The interfaces it advertises on are printed at
     start-up; use --peer URL where the network blocks multicast.
     """
-    run_node(model, host, port, ledger, mesh=True, interfaces=interface, peers=peer)
+    run_node(model, host, port, ledger, mesh=True, interfaces=interface, peers=peer,
+             threads=threads)
