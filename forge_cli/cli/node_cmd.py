@@ -105,5 +105,5 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
 def _engine_line(engine) -> str:  # noqa: ANN001
     """`2 threads, 4 slots × 4096 tokens` (and why requests run one at a time, if they do)."""
     line = (f"{engine.n_threads} threads, {engine.slots} slots × {engine.n_ctx} tokens")
-    reason = engine.unbatched_reason
+    reason = engine.slots_note
     return f"{line}; {reason}" if reason else line

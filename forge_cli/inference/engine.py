@@ -238,7 +238,7 @@ class Engine:
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.metadata = self._read_metadata()
-            self._ctx, self.slots, self.unbatched_reason = self._new_context(n_ctx, wanted_slots)
+            self._ctx, self.slots, self.slots_note = self._new_context(n_ctx, wanted_slots)
         except BaseException:
             llama_cpp.llama_model_free(self._model)
             raise
@@ -360,7 +360,7 @@ class Engine:
         return {"n_ctx": self.n_ctx, "slots": self.slots, "threads": self.n_threads,
                 "threads_batch": self.n_threads_batch, "gpu_offload": self.gpu_offload,
                 "n_gpu_layers": self.n_gpu_layers,
-                **({"unbatched": self.unbatched_reason} if self.unbatched_reason else {})}
+                **({"slots_note": self.slots_note} if self.slots_note else {})}
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model's chat template makes of `messages`."""
