@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Sequences decoded together when the operator does not choose (engine.slots = 0). On a CPU
-# one llama_decode over 4 sequences costs little more than over one (the weights are read
-# once per step for all of them): gemma3:270m on 2 cores gives ~1.4-1.7x the aggregate
-# tokens/s of one stream at 4, with each stream slowed less than 2x. More slots buy more
-# aggregate at a growing cost in per-stream speed and KV memory (each slot holds a full
-# context). A GPU batches far more rows for free, so it gets more.
+# Sequences decoded together when the operator does not choose (engine.slots = 0). Every
+# slot holds a full context of KV cache, so slots cost memory in proportion; on a CPU, 4
+# keeps that modest for the 1-8B models people serve while letting 4 buyers share each
+# step. What a step of several rows saves depends on llama.cpp's kernels for the model's
+# weight types: gemma3:270m (a Q8_0 output layer over 262k tokens) on a shared 2-core x86
+# VM measured, per raw llama_decode, about 1.3x the tokens/s of one row at 4 rows and
+# 1.5-2x at 12-16 rows, so an operator with memory to spare gains by raising it. A GPU
+# batches dozens of rows almost for free, so it gets more.
 CPU_SLOTS = 4
 GPU_SLOTS = 8
 
