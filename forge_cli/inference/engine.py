@@ -238,19 +238,20 @@ class Engine:
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.metadata = self._read_metadata()
+            self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+            self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+            self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+            eos = llama_cpp.llama_vocab_eos(self._vocab)
+            self.template = templates.for_model(
+                self.metadata, self._token_text(self._bos), self._token_text(eos)
+            )
+            # Last: nothing after it can fail, so the context is never left unfreed.
             self._ctx, self.slots, self.slots_note = self._new_context(n_ctx, wanted_slots)
         except BaseException:
             llama_cpp.llama_model_free(self._model)
             raise
         self.load_s = time.perf_counter() - started
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        eos = llama_cpp.llama_vocab_eos(self._vocab)
-        self.template = templates.for_model(
-            self.metadata, self._token_text(self._bos), self._token_text(eos)
-        )
         self._jobs: queue.Queue[_Job | _Call | None] = queue.Queue(maxsize=queue_size)
         self._closed = False
 
@@ -372,7 +373,8 @@ class Engine:
         return self._tokenize(text, add_bos=add_bos, special=special)
 
     def call(self, fn: Callable[[], Any], *, block: bool = True) -> Any:
-        """Run `fn` on the scheduler thread, between two decode steps, and return its result."""
+        """Run `fn` on the scheduler thread between two decode steps and return its result
+        (it waits in the queue like a request, and runs once a slot is free)."""
         item = _Call(fn)
         self._put(item, block)
         return item.future.result()
