@@ -9,7 +9,7 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:seed") cmdpath="$cmdpath seed" ;;
@@ -81,18 +81,21 @@ _forge() {
         "forge chat:--seed") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge chat:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge chat:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge chat:--threads") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--model"|"forge node:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--host") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--port"|"forge node:-p") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--peer") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge node:--threads") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--model"|"forge seed:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--host") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--port"|"forge seed:-p") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--peer") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge seed:--threads") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge worker:--model"|"forge worker:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge worker:--seed") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge worker:--mode") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -196,17 +199,17 @@ _forge() {
             fi ;;
         "forge chat")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --system -s --max-tokens -n --temperature -t --seed --no-stream --json --verbose -v --node --token --no-pull --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --system -s --max-tokens -n --temperature -t --seed --no-stream --json --verbose -v --node --token --no-pull --threads --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         "forge node")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --no-pull --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --no-pull --threads --help" -- "$cur"))
             fi ;;
         "forge seed")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --interface --peer --no-pull --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --interface --peer --no-pull --threads --help" -- "$cur"))
             fi ;;
         "forge worker")
             if [[ "$cur" == -* ]]; then

@@ -71,8 +71,17 @@ KEYS: dict[str, Key] = {
             required=True),
         Key("models.catalog", str, "", "TOML file of further catalog entries ([[model]] tables); "
             "empty means the built-in catalog only"),
-        Key("models.n_ctx", int, 4096, "context window llama.cpp allocates, in tokens",
+        Key("models.n_ctx", int, 4096, "context window of each request, in tokens",
             low=256, high=TOKENS_MAX),
+        Key("engine.threads", int, 0,
+            "threads llama.cpp generates with (0: one per physical core)", low=0, high=1024),
+        Key("engine.threads_batch", int, 0,
+            "threads for prompt chunks and steps over several sequences (0: engine.threads)",
+            low=0, high=1024),
+        Key("engine.slots", int, 0,
+            "requests a node decodes together in one context, each with a context of "
+            "models.n_ctx (0: 4 on a CPU, 8 with GPU offload; 1: one at a time)",
+            low=0, high=256),
         Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat", low=1, high=TOKENS_MAX),
         Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000",
             low=0, high=2000),

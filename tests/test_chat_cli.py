@@ -77,6 +77,17 @@ def test_verbose_reports_speed_and_counts_on_stderr(run_forge, tiny_gguf: Path):
     assert "completion  16 tokens" in done.stderr and "gpu offload" in done.stderr
 
 
+def test_verbose_reports_the_threads_chosen_by_flag_and_by_config(run_forge, tiny_gguf: Path):
+    done = run_forge("chat", "-m", str(tiny_gguf), *GREEDY, "-v", "--threads", "3", "hi",
+                     input="")
+    assert done.returncode == 0 and "3 threads (3 for prompts); 1 slot" in done.stderr
+    done = run_forge("chat", "-m", str(tiny_gguf), *GREEDY, "-v", "hi", input="",
+                     env={"FORGE_ENGINE_THREADS": "1", "FORGE_ENGINE_THREADS_BATCH": "2"})
+    assert done.returncode == 0 and "1 threads (2 for prompts)" in done.stderr
+    done = run_forge("chat", "-m", str(tiny_gguf), "--threads", "0", "hi", input="")
+    assert done.returncode == 2 and "--threads" in done.stderr
+
+
 def test_no_prompt_and_empty_stdin_is_a_usage_error(run_forge, tiny_gguf: Path):
     done = run_forge("chat", "-m", str(tiny_gguf), input="")
     assert done.returncode == 2 and "no prompt" in done.stderr

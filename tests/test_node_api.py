@@ -45,6 +45,23 @@ def test_models_lists_the_loaded_model(node, alice):
     assert [m.id for m in models.data] == ["tiny-llama.gguf"]
 
 
+def test_models_report_the_engines_threads_and_slots(node, tmp_path: Path, tiny_gguf: Path):
+    from forge_cli.inference import threads
+
+    status, _, body = node.request("GET", "/v1/models", token=node.operator_token)
+    assert status == 200
+    engine = body["data"][0]["engine"]
+    assert engine["threads"] == engine["threads_batch"] == threads.physical_cores()
+    assert engine["slots"] == threads.default_slots(engine["gpu_offload"])
+    assert engine["n_ctx"] == 4096
+    with NodeProcess(tmp_path / "home", tiny_gguf, "--threads", "1",
+                     env={"FORGE_ENGINE_SLOTS": "3", "FORGE_MODELS_N_CTX": "512"}) as small:
+        status, _, body = small.request("GET", "/v1/models", token=small.operator_token)
+    assert status == 200
+    assert {k: body["data"][0]["engine"][k] for k in ("threads", "slots", "n_ctx")} == {
+        "threads": 1, "slots": 3, "n_ctx": 512}
+
+
 def test_chat_completion_is_a_trade_that_moves_balances_exactly(node, alice):
     before = balance(node, alice["token"]) or 1000  # the free tier arrives with the first buy
     reply = client(node, alice["token"]).chat.completions.create(

@@ -13,6 +13,10 @@ from forge_cli import config
 from forge_cli.config import TOKENS_MAX
 from forge_cli.errors import ForgeError, UsageError
 
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024,
+                          help="Threads llama.cpp runs on [default: engine.threads; "
+                          "0 there means one per physical core].")
+
 
 def chat(
     prompt: list[str] | None = typer.Argument(None, help="The prompt; stdin is joined before it."),
@@ -38,6 +42,7 @@ def chat(
                                      "create NAME` makes one)."),
     no_pull: bool = typer.Option(False, "--no-pull",
                                  help="Refuse a model that is not on disk instead of pulling it."),
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without one on a TTY.
 
@@ -62,14 +67,18 @@ def chat(
     interactive = not prompt and sys.stdin.isatty()
     text = None if interactive else _one_shot_prompt(prompt)
     ref, path = download.ensure_local(model or settings["models.default"], may_pull=not no_pull)
-    engine = Engine(path, name=ref.name, n_ctx=settings["models.n_ctx"])
+    # One conversation: one slot, so the context costs what a plain llama.cpp one does.
+    engine = Engine(path, name=ref.name, n_ctx=settings["models.n_ctx"], slots=1,
+                    n_threads=threads or settings["engine.threads"] or None,
+                    n_threads_batch=settings["engine.threads_batch"] or None)
     try:
         if verbose:
             offload = f"yes ({engine.n_gpu_layers} layers)" if engine.gpu_offload else "no"
             sys.stderr.write(
                 f"model {ref.name} ({path}) loaded in {engine.load_s * 1000:.0f} ms; "
-                f"gpu offload: {offload}; {engine.n_threads} threads; context {engine.n_ctx}; "
-                f"template: {engine.template.origin}\n"
+                f"gpu offload: {offload}; {engine.n_threads} threads "
+                f"({engine.n_threads_batch} for prompts); {engine.slots} slot; "
+                f"context {engine.n_ctx}; template: {engine.template.origin}\n"
             )
         if interactive:
             _repl(engine, system, sampling, verbose)
@@ -165,7 +174,8 @@ def _one_shot(engine, path: Path, system, text, sampling, no_stream, as_json, ve
     if as_json:
         data = result.as_dict() if result else {"text": "".join(pieces)}
         data.update(model=engine.name, model_path=str(path), gpu_offload=engine.gpu_offload,
-                    n_gpu_layers=engine.n_gpu_layers, load_ms=round(engine.load_s * 1000, 3))
+                    n_gpu_layers=engine.n_gpu_layers, load_ms=round(engine.load_s * 1000, 3),
+                    threads=engine.n_threads, threads_batch=engine.n_threads_batch)
         if interrupted:
             data["finish_reason"] = "cancelled"
         sys.stdout.write(json.dumps(data, ensure_ascii=False, sort_keys=True) + "\n")

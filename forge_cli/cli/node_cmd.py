@@ -21,6 +21,9 @@ LedgerOpt = typer.Option(None, "--ledger", help="Ledger file.")
 InterfaceOpt = typer.Option(None, "--interface",
                             help="Address mDNS binds to (repeat for several) "
                             "[default: mesh.interfaces].")
+ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024,
+                          help="Threads llama.cpp runs on [default: engine.threads; "
+                          "0 there means one per physical core].")
 PeerOpt = typer.Option(None, "--peer", help="URL of a node to probe as a peer without mDNS "
                        "(repeat for several; adds to mesh.peers).")
 NoPullOpt = typer.Option(False, "--no-pull",
@@ -37,6 +40,7 @@ def node(
     interface: list[str] = InterfaceOpt,
     peer: list[str] = PeerOpt,
     no_pull: bool = NoPullOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -50,12 +54,13 @@ def node(
         raise UsageError("--interface and --peer configure the mesh, which is off",
                          hint="add --mesh, or use `forge seed`")
     run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer,
-             pull=not no_pull)
+             pull=not no_pull, threads=threads)
 
 
 def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
              *, mesh: bool, interfaces: list[str] | None = None,
-             peers: list[str] | None = None, pull: bool = True) -> None:
+             peers: list[str] | None = None, pull: bool = True,
+             threads: int | None = None) -> None:
     """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers);
     with `pull`, catalog models not on disk are downloaded first."""
     from forge_cli.inference import download
@@ -63,6 +68,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     from forge_cli.trade.build import build_node
 
     settings = config.load()
+    if threads:
+        settings = {**settings, "engine.threads": threads}
     host = host or settings["node.host"]
     port = settings["node.port"] if port is None else port
     home = config.ensure_home()
@@ -85,7 +92,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             f"forge node listening on {url}",
             f"  node id   {signer.node_id}",
             *(f"  model     {m.name}  ({m.params:,} params, sha256 {m.sha256[:16]}…, "
-              f"gpu offload {'on' if offload[m.name] else 'off'})" for m in models),
+              f"gpu offload {'on' if offload[m.name] else 'off'}, {_engine_line(m.engine)})"
+              for m in models),
             f"  token     {token_file}  (operator; consumers need agent tokens)",
             f"  ledger    {node_.ledger.path}  ({node_.ledger.size} entries)",
             f"  mesh      {node_.mesh.describe() if node_.mesh else 'off (start with --mesh)'}",
@@ -102,3 +110,10 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
         serve(node_, host, port, announce=announce)
     finally:
         (home / "node.url").unlink(missing_ok=True)
+
+
+def _engine_line(engine) -> str:  # noqa: ANN001
+    """`2 threads, 4 slots × 4096 tokens` (and why requests run one at a time, if they do)."""
+    line = (f"{engine.n_threads} threads, {engine.slots} slots × {engine.n_ctx} tokens")
+    reason = engine.slots_note
+    return f"{line}; {reason}" if reason else line

@@ -12,6 +12,7 @@ from forge_cli.cli.node_cmd import (
     NoPullOpt,
     PeerOpt,
     PortOpt,
+    ThreadsOpt,
     run_node,
 )
 
@@ -24,6 +25,7 @@ def seed(
     interface: list[str] = InterfaceOpt,
     peer: list[str] = PeerOpt,
     no_pull: bool = NoPullOpt,
+    threads: int | None = ThreadsOpt,
 ) -> None:
     """Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.
 
@@ -31,4 +33,4 @@ def seed(
     start-up; use --peer URL where the network blocks multicast.
     """
     run_node(model, host, port, ledger, mesh=True, interfaces=interface, peers=peer,
-             pull=not no_pull)
+             pull=not no_pull, threads=threads)

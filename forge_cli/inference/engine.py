@@ -1,10 +1,13 @@
-"""The llama.cpp engine: one loaded model, one worker thread, a bounded queue in front.
+"""The llama.cpp engine: one loaded model, one context with N sequence slots, one scheduler
+thread with a bounded queue in front.
 
-llama.cpp is never called concurrently on one context, so every call into it (tokenizing
-included) runs on the worker thread; callers get a `Stream` of text pieces that ends with a
-`Completion` (text, exact token counts, timings). A caller that stops listening cancels its
-request at the next token. llama.cpp's own log is silenced through its log callback, never by
-redirecting the process's stdout or stderr file descriptors.
+Requests are decoded together by continuous batching (forge_cli.inference.batching): each
+step is one `llama_decode` carrying the next token of every live sequence and prompt chunks
+of newly admitted ones, and every sequence samples with its own parameters and seed. Callers
+get a `Stream` of text pieces that ends with a `Completion` (text, exact token counts,
+timings); a caller that stops listening cancels its request at the next step. llama.cpp's
+own log is silenced through its log callback, never by redirecting the process's stdout or
+stderr file descriptors.
 
 >>> with Engine("model.gguf") as engine:                        # doctest: +SKIP
 ...     for piece in engine.chat([{"role": "user", "content": "hi"}], Sampling(max_tokens=8)):
@@ -13,12 +16,9 @@ redirecting the process's stdout or stderr file descriptors.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
 import ctypes
-import io
+import logging
 import queue
-import random
 import threading
 import time
 from collections import deque
@@ -28,11 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forge_cli.errors import EngineBusy, ForgeError, ModelError, UsageError
+from forge_cli.errors import EngineBusy, ModelError, UsageError
 from forge_cli.inference import templates
 
 DEFAULT_N_CTX = 4096
 DEFAULT_QUEUE = 16
+# Tokens one decode step may carry (llama.cpp's n_batch): a long prompt is fed in chunks of
+# this size beside the other sequences' next tokens.
+BATCH_TOKENS = 512
+
+log = logging.getLogger("forge.engine")
+_backend_ready = False
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,13 @@ class Sampling:
 
 @dataclass
 class Completion:
-    """The outcome of one request. Times are seconds, measured on the worker thread."""
+    """The outcome of one request. Times are seconds, measured on the scheduler thread."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or stop string), "length", "cancelled"
-    queued_s: float = 0.0  # waiting for the worker
+    queued_s: float = 0.0  # waiting for a slot
     prompt_s: float = 0.0  # prompt evaluation up to the first sampled token
     generation_s: float = 0.0  # from the first to the last sampled token
 
@@ -113,7 +119,7 @@ class Stream:
     """Text pieces of one request as they are generated; `.completion` once it is exhausted.
 
     Leaving the loop early, `close()`, a `with` block's end or garbage collection cancels the
-    request: the worker stops at the next token and moves on.
+    request: its sequence ends at the next step and frees its slot.
     """
 
     def __init__(self, job: _Job) -> None:
@@ -185,7 +191,16 @@ def _silence_llama_log(llama_cpp: Any) -> None:
 
 
 class Engine:
-    """One GGUF model loaded into llama.cpp and served by one worker thread."""
+    """One GGUF model loaded into llama.cpp, its requests decoded together in `slots`
+    sequence slots of one context by one scheduler thread.
+
+    `n_ctx` is the context of each request: the KV cache holds `slots × n_ctx` tokens, each
+    slot its own stream (not a unified pool), so a request never runs out of room because
+    others are long, and attention never spans another request's cells. `slots=1` decodes
+    one request at a time in a context of `n_ctx`, the memory of a plain llama.cpp context.
+    `n_threads` defaults to the physical cores; `n_threads_batch` (prompt chunks and steps
+    over several sequences) to `n_threads` (forge_cli.inference.threads says why).
+    """
 
     def __init__(
         self,
@@ -194,10 +209,14 @@ class Engine:
         name: str | None = None,
         n_ctx: int = DEFAULT_N_CTX,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        slots: int | None = None,
         n_gpu_layers: int | None = None,
         queue_size: int = DEFAULT_QUEUE,
     ) -> None:
         import llama_cpp
+
+        from forge_cli.inference import threads
 
         self._lib = llama_cpp
         self.path = Path(path)
@@ -207,54 +226,118 @@ class Engine:
         if n_gpu_layers is None:
             n_gpu_layers = -1 if self.gpu_offload else 0
         self.n_gpu_layers = n_gpu_layers
+        self.n_threads = n_threads or threads.default_threads()
+        self.n_threads_batch = n_threads_batch or threads.default_threads_batch(self.n_threads)
+        wanted_slots = slots or threads.default_slots(self.gpu_offload and n_gpu_layers != 0)
         if not self.path.is_file():
             raise ModelError(f"model file {self.path} does not exist")
 
         started = time.perf_counter()
         _LOG_TAIL.clear()
-        # verbose=True keeps llama-cpp-python from dup2()-ing fds 1 and 2 to /dev/null while
-        # it loads; its Python-side chatter goes to a buffer instead of sys.stderr.
-        chatter = io.StringIO()
+        self._model = self._load_model(n_gpu_layers)
         try:
-            with contextlib.redirect_stderr(chatter):
-                llm = llama_cpp.Llama(
-                    model_path=str(self.path),
-                    n_ctx=n_ctx,
-                    n_threads=n_threads,
-                    n_gpu_layers=n_gpu_layers,
-                    verbose=True,
-                )
-        except (ValueError, RuntimeError, OSError, AssertionError) as exc:
-            raise self._load_error(exc) from exc
-        llm.verbose = False
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            self.metadata = self._read_metadata()
+            self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+            self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+            self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+            eos = llama_cpp.llama_vocab_eos(self._vocab)
+            self.template = templates.for_model(
+                self.metadata, self._token_text(self._bos), self._token_text(eos)
+            )
+            # Last: nothing after it can fail, so the context is never left unfreed.
+            self._ctx, self.slots, self.slots_note = self._new_context(n_ctx, wanted_slots)
+        except BaseException:
+            llama_cpp.llama_model_free(self._model)
+            raise
         self.load_s = time.perf_counter() - started
-        self._llm = llm
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self.n_ctx = llm.n_ctx()
-        self.n_threads = llm.n_threads
-        self.metadata: dict[str, str] = dict(llm.metadata)
-        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
-        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        eos = llama_cpp.llama_vocab_eos(self._vocab)
-        self.template = templates.for_model(
-            self.metadata, self._token_text(self._bos), self._token_text(eos)
-        )
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self._jobs: queue.Queue[_Job | _Call | None] = queue.Queue(maxsize=queue_size)
-        self._current: _Job | None = None
         self._closed = False
-        self._worker = threading.Thread(target=self._work, name=f"forge-llama:{self.name}",
-                                        daemon=True)
+
+        from forge_cli.inference.batching import Scheduler
+
+        self._scheduler = Scheduler(self, self._ctx, self.slots, self._jobs)
+        self._worker = threading.Thread(target=self._scheduler.run,
+                                        name=f"forge-llama:{self.name}", daemon=True)
         self._worker.start()
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load_error(self, exc: BaseException) -> ModelError:
+    def _load_model(self, n_gpu_layers: int) -> Any:
+        lib = self._lib
+        global _backend_ready
+        if not _backend_ready:
+            lib.llama_backend_init()
+            _backend_ready = True
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        try:
+            model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise self._load_error(exc) from exc
+        if not model:
+            raise self._load_error(None)
+        return model
+
+    def _new_context(self, n_ctx: int, slots: int) -> tuple[Any, int, str]:
+        """A context of `slots` sequences with `n_ctx` tokens each, or of one sequence (and
+        the reason) when llama.cpp cannot make the batched one for this model."""
+        lib = self._lib
+        reason = ""
+        limit = int(lib.llama_max_parallel_sequences())
+        if slots > limit:
+            reason = f"llama.cpp decodes at most {limit} sequences together"
+            log.warning("%s: %d slots asked; %s", self.name, slots, reason)
+            slots = limit
+        if slots > 1 and lib.llama_model_has_encoder(self._model):
+            reason = "an encoder-decoder model is decoded one request at a time"
+            log.warning("%s: %s", self.name, reason)
+            slots = 1
+        while True:
+            params = lib.llama_context_default_params()
+            params.n_ctx = n_ctx * slots
+            params.n_batch = params.n_ubatch = min(BATCH_TOKENS, n_ctx * slots)
+            params.n_seq_max = slots
+            params.kv_unified = False
+            params.n_threads = self.n_threads
+            params.n_threads_batch = self.n_threads_batch
+            params.no_perf = True
+            _LOG_TAIL.clear()
+            ctx = lib.llama_init_from_model(self._model, params)
+            if ctx:
+                return ctx, slots, reason
+            why = next((line for line in reversed(_LOG_TAIL) if line), "") or "no reason given"
+            if slots == 1:
+                raise ModelError(f"llama.cpp cannot make a context of {n_ctx} tokens for "
+                                 f"{self.path}: {why}",
+                                 hint="a smaller models.n_ctx needs less memory")
+            reason = f"llama.cpp could not make a context of {slots} sequences: {why}"
+            log.warning("%s: %s; decoding one request at a time", self.name, reason)
+            slots = 1
+
+    def _read_metadata(self) -> dict[str, str]:
+        lib = self._lib
+        buf = ctypes.create_string_buffer(1024)
+
+        def read(fn: Callable[..., int], i: int) -> str:
+            nonlocal buf
+            n = fn(self._model, i, buf, len(buf))
+            if n >= len(buf):  # snprintf semantics: n is the full length
+                buf = ctypes.create_string_buffer(n + 1)
+                n = fn(self._model, i, buf, len(buf))
+            return buf.value.decode("utf-8", errors="replace") if n >= 0 else ""
+
+        return {read(lib.llama_model_meta_key_by_index, i):
+                read(lib.llama_model_meta_val_str_by_index, i)
+                for i in range(lib.llama_model_meta_count(self._model))}
+
+    def _load_error(self, exc: BaseException | None) -> ModelError:
         from forge_cli.inference import gguf_meta
 
         gguf_meta.check_loadable(self.path)  # raises the precise reason when there is one
-        reason = next((line for line in reversed(_LOG_TAIL) if line), "") or str(exc)
-        return ModelError(f"llama.cpp cannot load {self.path}: {reason}",
+        reason = next((line for line in reversed(_LOG_TAIL) if line), "") or str(exc or "")
+        return ModelError(f"llama.cpp cannot load {self.path}: {reason or 'no reason given'}",
                           hint="the file may be damaged or of an architecture this llama.cpp "
                           "does not know; `forge models show` tells what it is")
 
@@ -273,13 +356,20 @@ class Engine:
 
         return identity.sha256_file(self.path)
 
+    def describe(self) -> dict[str, Any]:
+        """How the engine runs, as `forge chat -v` and /v1/models report it."""
+        return {"n_ctx": self.n_ctx, "slots": self.slots, "threads": self.n_threads,
+                "threads_batch": self.n_threads_batch, "gpu_offload": self.gpu_offload,
+                "n_gpu_layers": self.n_gpu_layers,
+                **({"slots_note": self.slots_note} if self.slots_note else {})}
+
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model's chat template makes of `messages`."""
         return self.template.render(messages)
 
     @property
     def queued(self) -> int:
-        """Requests waiting for the worker thread (the one it is running is not counted)."""
+        """Requests waiting for a free slot (those being decoded are not counted)."""
         return self._jobs.qsize()
 
     @property
@@ -307,11 +397,13 @@ class Engine:
         return {"device": device, "layers": layers, "gpu_layers": on_gpu}
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        """Token ids of `text` by the model's own tokenizer (run on the worker thread)."""
-        return self.call(lambda: self._tokenize(text, add_bos=add_bos, special=special))
+        """Token ids of `text` by the model's own tokenizer (the vocabulary alone: safe on any
+        thread while the scheduler decodes)."""
+        return self._tokenize(text, add_bos=add_bos, special=special)
 
     def call(self, fn: Callable[[], Any], *, block: bool = True) -> Any:
-        """Run `fn` on the worker thread, between requests, and return its result."""
+        """Run `fn` on the scheduler thread between two decode steps and return its result
+        (it waits in the queue like a request, and runs once a slot is free)."""
         item = _Call(fn)
         self._put(item, block)
         return item.future.result()
@@ -352,13 +444,11 @@ class Engine:
             ) from None
 
     def close(self) -> None:
-        """Cancel what is queued or running, stop the worker and free the model."""
+        """Cancel what is queued or running, stop the scheduler and free the model."""
         if self._closed:
             return
         self._closed = True
-        current = self._current
-        if current is not None:
-            current.cancelled.set()
+        self._scheduler.cancel_all()
         while True:
             try:
                 item = self._jobs.get_nowait()
@@ -371,7 +461,9 @@ class Engine:
         self._jobs.put(None)
         self._worker.join(timeout=60)
         if not self._worker.is_alive():
-            self._llm.close()
+            self._scheduler.free()
+            self._lib.llama_free(self._ctx)
+            self._lib.llama_model_free(self._model)
 
     def __enter__(self) -> Engine:
         return self
@@ -379,121 +471,27 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the worker thread -------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            if isinstance(item, _Call):
-                if item.future.set_running_or_notify_cancel():
-                    try:
-                        item.future.set_result(item.fn())
-                    except BaseException as exc:  # handed to the caller, who re-raises it
-                        item.future.set_exception(exc)
-                continue
-            self._current = item
-            try:
-                item.out.put(("done", self._run(item)))
-            except ForgeError as exc:
-                item.out.put(("error", exc))
-            except Exception as exc:  # a llama.cpp failure must reach the caller, not kill us
-                item.out.put(("error", ModelError(f"generation failed: {exc}")))
-            finally:
-                self._current = None
+    # -- the tokenizer and pieces (vocabulary only) ------------------------------------------
 
     def _tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        lib = self._lib
+        data = text.encode("utf-8")
+        room = len(data) + 2
+        buf = (lib.llama_token * room)()
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, room, False, special)
+        if n < 0:  # more tokens than bytes (rare): ask again with the size it asked for
+            room = -n
+            buf = (lib.llama_token * room)()
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, room, False, special)
+        tokens = list(buf[:n])
         if add_bos and self._add_bos and self._bos >= 0 and tokens[:1] != [self._bos]:
             tokens.insert(0, self._bos)
         return tokens
 
-    def _piece(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
+    def _piece(self, token: int, buf: Any) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         if n < 0:  # longer than the buffer: ask again with the size llama.cpp asked for
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            return buf.raw[:n]
-        return self._piece_buf.raw[:n]
-
-    def _run(self, job: _Job) -> Completion:
-        started = time.perf_counter()
-        queued = started - job.submitted
-        s = job.sampling
-        tokens = self._tokenize(job.prompt, add_bos=job.add_bos)
-        n_prompt = len(tokens)
-        if job.cancelled.is_set():
-            return Completion("", n_prompt, 0, "cancelled", queued_s=queued)
-        if n_prompt >= self.n_ctx:
-            raise UsageError(
-                f"the prompt is {n_prompt} tokens; the context of {self.name} holds {self.n_ctx}",
-                hint="shorten the input, or /reset the conversation",
-            )
-        budget = min(s.max_tokens, self.n_ctx - n_prompt)
-        self._llm.set_seed(s.seed if s.seed is not None else random.getrandbits(32))
-        is_eog = self._lib.llama_vocab_is_eog
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = s.stop
-        longest_stop = max((len(x) for x in stops), default=0)
-        out = job.out
-        parts: list[str] = []
-        held = ""
-        stop_hit = False
-        count = 0
-        finish = "length"
-        first = last = started
-        gen = self._llm.generate(
-            tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, temp=s.temperature,
-            repeat_penalty=s.repeat_penalty, reset=True,
-        )
-        try:
-            for token in gen:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                if is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                count += 1
-                last = time.perf_counter()
-                if count == 1:
-                    first = last
-                piece = decoder.decode(self._piece(token))
-                if stops:
-                    held += piece
-                    cut = min((i for i in (held.find(x) for x in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        piece, held, finish, stop_hit = held[:cut], "", "stop", True
-                    else:
-                        keep = _stop_prefix_len(held, stops, longest_stop)
-                        piece, held = held[: len(held) - keep], held[len(held) - keep :]
-                if piece:
-                    parts.append(piece)
-                    out.put(("text", piece, count))
-                if finish == "stop" or count >= budget:
-                    break
-        finally:
-            gen.close()
-        tail = "" if stop_hit else held + decoder.decode(b"", final=True)
-        if tail:
-            parts.append(tail)
-            out.put(("text", tail, count))
-        return Completion(
-            text="".join(parts),
-            prompt_tokens=n_prompt,
-            completion_tokens=count,
-            finish_reason=finish,
-            queued_s=queued,
-            prompt_s=(first if count else time.perf_counter()) - started,
-            generation_s=last - first,
-        )
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
-    """How many trailing characters of `text` could be the start of a stop string."""
-    for n in range(min(len(text), longest - 1), 0, -1):
-        tail = text[-n:]
-        if any(stop.startswith(tail) for stop in stops):
-            return n
-    return 0
+            big = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, big, -n, 0, False)
+            return big.raw[:n]
+        return buf.raw[:n]

@@ -12,8 +12,11 @@ from typing import Any
 from forge_cli.trade.node import LoadedModel, Node, ms_now
 
 
-def load_models(names: list[str], *, n_ctx: int, queue: int = 16) -> list[LoadedModel]:
-    """Resolve and load each model (catalog name, hf.co reference or .gguf path)."""
+def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int = 0,
+                threads_batch: int = 0, slots: int = 0) -> list[LoadedModel]:
+    """Resolve and load each model (catalog name, hf.co reference or .gguf path).
+
+    `threads`, `threads_batch` and `slots` of 0 leave the choice to the engine."""
     from forge_cli.inference import catalog, gguf_meta
     from forge_cli.inference.engine import Engine
 
@@ -22,7 +25,9 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16) -> list[Loaded
         ref, path = catalog.find_model_file(name)
         # A local file is served under its file name: the path is the operator's business.
         model_id = path.name if ref.kind == "path" else ref.name
-        engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue)
+        engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue,
+                        n_threads=threads or None, n_threads_batch=threads_batch or None,
+                        slots=slots or None)
         params = ref.params or gguf_meta.read_info(path).n_params
         loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
     return loaded
@@ -49,7 +54,9 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
     clock = clock or ms_now
     signer = identity.load_or_create()
     loaded = [m for m in models if isinstance(m, LoadedModel)] or load_models(
-        [str(m) for m in models], n_ctx=settings["models.n_ctx"], queue=settings["node.queue"])
+        [str(m) for m in models], n_ctx=settings["models.n_ctx"], queue=settings["node.queue"],
+        threads=settings["engine.threads"], threads_batch=settings["engine.threads_batch"],
+        slots=settings["engine.slots"])
     path = ledger_path or config.ledger_path(None)
     ledger = Ledger.open_writer(path, signer)
     try:

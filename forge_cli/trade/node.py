@@ -37,7 +37,7 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "forge",
-                "sha256": self.sha256, "params": self.params}
+                "sha256": self.sha256, "params": self.params, "engine": self.engine.describe()}
 
 
 class Node:

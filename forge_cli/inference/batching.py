@@ -1,0 +1,307 @@
+"""Continuous batching: the scheduler thread that owns an Engine's llama.cpp context.
+
+Each step is one `llama_decode` carrying the next token of every generating sequence plus
+prompt chunks of newly admitted ones (up to the context's n_batch), then each sequence
+samples from its own row of logits with its own sampler chain (its temperature, top-k/p,
+min-p, repeat penalty and seed). A finished or cancelled sequence gives its slot and its
+KV cells back before the next step; queued requests take free slots between steps.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import queue
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from forge_cli.errors import ForgeError, ModelError, UsageError
+
+if TYPE_CHECKING:
+    from forge_cli.inference.engine import Engine, Sampling, _Call, _Job
+
+# The repeat penalty looks this far back (prompt included), like llama-cpp-python's default.
+PENALTY_LAST_N = 64
+
+
+class _Text:
+    """Sampled token bytes turned into text pieces, holding back what could start a stop
+    string so that a stop string is never streamed."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = stops
+        self._longest = max((len(x) for x in stops), default=0)
+        self._held = ""
+        self.stopped = False
+
+    def add(self, raw: bytes) -> str:
+        piece = self._decoder.decode(raw)
+        if not self._stops:
+            return piece
+        held = self._held + piece
+        cut = min((i for i in (held.find(x) for x in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held, self.stopped = "", True
+            return held[:cut]
+        keep = stop_prefix_len(held, self._stops, self._longest)
+        self._held = held[len(held) - keep:]
+        return held[: len(held) - keep]
+
+    def tail(self) -> str:
+        """What is left once generation ends (nothing after a stop string)."""
+        return "" if self.stopped else self._held + self._decoder.decode(b"", final=True)
+
+
+class _Sequence:
+    """One request in a slot: its prompt still to decode, its sampler, what it produced."""
+
+    def __init__(self, job: _Job, slot: int, tokens: list[int], budget: int, chain: Any,
+                 started: float) -> None:
+        self.job = job
+        self.slot = slot
+        self.prompt = tokens
+        self.fed = 0  # prompt tokens decoded so far
+        self.pos = 0  # the position the next decoded token takes in this slot
+        self.next = -1  # the last sampled token: decoded at the next step
+        self.budget = budget
+        self.chain = chain
+        self.count = 0
+        self.text = _Text(job.sampling.stop)
+        self.parts: list[str] = []
+        self.started = started
+        self.queued = started - job.submitted
+        self.first = self.last = started
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+
+class Scheduler:
+    """Runs on the engine's worker thread: admits queued requests into free slots and steps
+    every live sequence forward together."""
+
+    def __init__(self, engine: Engine, ctx: Any, slots: int,
+                 jobs: queue.Queue[_Job | _Call | None]) -> None:
+        lib = engine._lib
+        self._engine = engine
+        self._lib = lib
+        self._ctx = ctx
+        self._vocab = engine._vocab
+        self._mem = lib.llama_get_memory(ctx)
+        self._n_batch = int(lib.llama_n_batch(ctx))
+        self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+        self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._live: list[_Sequence] = []
+        self._jobs = jobs
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from forge_cli.inference.engine import _Call
+
+        while True:
+            # Take queued work while a slot is free; wait for it only when nothing is live.
+            while self._free:
+                try:
+                    item = self._jobs.get(block=not self._live)
+                except queue.Empty:
+                    break
+                if item is None:
+                    for seq in list(self._live):
+                        self._finish(seq, "cancelled")
+                    return
+                if isinstance(item, _Call):
+                    if item.future.set_running_or_notify_cancel():
+                        try:
+                            item.future.set_result(item.fn())
+                        except BaseException as exc:  # handed to the caller, who re-raises it
+                            item.future.set_exception(exc)
+                    continue
+                self._admit(item)
+            if self._live:
+                try:
+                    self._step()
+                except Exception as exc:  # a llama.cpp failure must reach the callers
+                    for seq in list(self._live):
+                        self._fail(seq, ModelError(f"generation failed: {exc}"))
+
+    def cancel_all(self) -> None:
+        """Cancel every live sequence (any thread): each ends at the next step."""
+        for seq in list(self._live):
+            seq.job.cancelled.set()
+
+    def free(self) -> None:
+        """Release the batch once the loop has ended."""
+        self._lib.llama_batch_free(self._batch)
+
+    # -- admitting ---------------------------------------------------------------------------
+
+    def _admit(self, job: _Job) -> None:
+        from forge_cli.inference.engine import Completion
+
+        engine = self._engine
+        started = time.perf_counter()
+        try:
+            tokens = engine._tokenize(job.prompt, add_bos=job.add_bos)
+            if job.cancelled.is_set():
+                job.out.put(("done", Completion("", len(tokens), 0, "cancelled",
+                                                queued_s=started - job.submitted)))
+                return
+            if len(tokens) >= engine.n_ctx:
+                raise UsageError(
+                    f"the prompt is {len(tokens)} tokens; the context of {engine.name} holds "
+                    f"{engine.n_ctx}",
+                    hint="shorten the input, or /reset the conversation",
+                )
+            if not tokens:
+                raise UsageError("the prompt is empty and this model adds no BOS token")
+            chain = self._sampler(job.sampling, tokens)
+        except ForgeError as exc:
+            job.out.put(("error", exc))
+            return
+        except Exception as exc:
+            job.out.put(("error", ModelError(f"generation failed: {exc}")))
+            return
+        budget = min(job.sampling.max_tokens, engine.n_ctx - len(tokens))
+        self._live.append(_Sequence(job, self._free.pop(), tokens, budget, chain, started))
+
+    def _sampler(self, s: Sampling, prompt: list[int]) -> Any:
+        """This request's own sampler chain: penalties, then greedy or top-k → top-p → min-p
+        → temperature → a draw seeded by the request (the order llama-cpp-python uses)."""
+        lib = self._lib
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = lib.llama_sampler_chain_init(params)
+        if s.repeat_penalty != 1.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                self._engine.n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
+        if s.temperature == 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            seed = s.seed if s.seed is not None else random.getrandbits(32)
+            for sampler in (lib.llama_sampler_init_top_k(s.top_k),
+                            lib.llama_sampler_init_top_p(s.top_p, 1),
+                            lib.llama_sampler_init_min_p(s.min_p, 1),
+                            lib.llama_sampler_init_temp(s.temperature),
+                            lib.llama_sampler_init_dist(seed & 0xFFFFFFFF)):
+                lib.llama_sampler_chain_add(chain, sampler)
+        if s.repeat_penalty != 1.0:  # the penalty counts the prompt's tokens too
+            for token in prompt[-PENALTY_LAST_N:]:
+                lib.llama_sampler_accept(chain, token)
+        return chain
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        lib, batch = self._lib, self._batch
+        for seq in [s for s in self._live if s.job.cancelled.is_set()]:
+            self._finish(seq, "cancelled")
+        rows: list[tuple[_Sequence, int]] = []  # who samples from which row of logits
+        fed: list[_Sequence] = []
+        n = 0
+        for seq in self._live:
+            if not seq.prefilling:
+                self._put(n, seq.next, seq, True)
+                rows.append((seq, n))
+                fed.append(seq)
+                n += 1
+        for seq in self._live:
+            if not seq.prefilling or n >= self._n_batch:
+                continue
+            take = min(len(seq.prompt) - seq.fed, self._n_batch - n)
+            for token in seq.prompt[seq.fed: seq.fed + take]:
+                self._put(n, token, seq, False)
+                n += 1
+            seq.fed += take
+            fed.append(seq)
+            if not seq.prefilling:  # its last prompt token: sample the first reply token
+                batch.logits[n - 1] = 1
+                rows.append((seq, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        code = lib.llama_decode(self._ctx, batch)
+        if code != 0:
+            for seq in fed:
+                self._fail(seq, ModelError(
+                    f"llama.cpp could not decode a step of {n} tokens (llama_decode "
+                    f"returned {code})"))
+            return
+        for seq, row in rows:
+            self._take(seq, lib.llama_sampler_sample(seq.chain, self._ctx, row))
+
+    def _put(self, i: int, token: int, seq: _Sequence, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = seq.pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq.slot
+        batch.logits[i] = logits
+        seq.pos += 1
+
+    def _take(self, seq: _Sequence, token: int) -> None:
+        """A token sampled for `seq`: stream its text, or end the sequence."""
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop")
+            return
+        seq.count += 1
+        seq.last = time.perf_counter()
+        if seq.count == 1:
+            seq.first = seq.last
+        piece = seq.text.add(self._engine._piece(token, self._piece_buf))
+        if piece:
+            seq.parts.append(piece)
+            seq.job.out.put(("text", piece, seq.count))
+        if seq.text.stopped:
+            self._finish(seq, "stop")
+        elif seq.count >= seq.budget:
+            self._finish(seq, "length")
+        else:
+            seq.next = token
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _release(self, seq: _Sequence) -> None:
+        """Give the slot back and drop its KV cells, so the next sequence starts clean."""
+        self._live.remove(seq)
+        self._lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+        self._lib.llama_sampler_free(seq.chain)
+        self._free.append(seq.slot)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        from forge_cli.inference.engine import Completion
+
+        self._release(seq)
+        tail = seq.text.tail()
+        if tail:
+            seq.parts.append(tail)
+            seq.job.out.put(("text", tail, seq.count))
+        seq.job.out.put(("done", Completion(
+            text="".join(seq.parts),
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=seq.count,
+            finish_reason=reason,
+            queued_s=seq.queued,
+            prompt_s=(seq.first if seq.count else time.perf_counter()) - seq.started,
+            generation_s=seq.last - seq.first,
+        )))
+
+    def _fail(self, seq: _Sequence, exc: ForgeError) -> None:
+        self._release(seq)
+        seq.job.out.put(("error", exc))
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
+    """How many trailing characters of `text` could be the start of a stop string."""
+    for n in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-n:]
+        if any(stop.startswith(tail) for stop in stops):
+            return n
+    return 0
+
+
+__all__ = ["PENALTY_LAST_N", "Scheduler", "stop_prefix_len"]
