@@ -143,7 +143,9 @@ class Span:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (seq, reason), row order
     bad_signatures: list[tuple[int, str]] = field(default_factory=list)  # (seq, what)
     signatures: int = 0
-    fields: list[dict[str, Any] | None] = field(default_factory=list)  # deep: None if unreadable
+    # deep: each row's bytes, None if unreadable (parsing again here costs less than pickling
+    # the parsed fields between processes)
+    entries: list[bytes | None] = field(default_factory=list)
 
     def leaf(self, i: int) -> bytes:
         return self.leaves[32 * i:32 * i + 32]
@@ -177,7 +179,7 @@ def check_span(book: Ledger, start: int, end: int, *, deep: bool, threads: int =
             span.seqs.append(seq)
             leaves.append(check.leaf)
             if deep:
-                span.fields.append(fields)
+                span.entries.append(None if fields is None else raw)
             prev = check.leaf
     span.leaves = b"".join(leaves)
     span.signatures = len(checks)
@@ -303,8 +305,9 @@ class _Verifier:
                 self.find(expected, "entries",
                           f"entries {expected}..{seq - 1} are missing (deleted or reordered)"
                           if seq > expected else f"seq {seq} is out of order")
-            if self.deep and span.fields[i] is not None:
-                self._deep_entry(seq, span.fields[i])
+            raw = span.entries[i] if self.deep else None
+            if raw is not None:
+                self._deep_entry(seq, json.loads(raw))
             for level, idx, node in self.range.append(span.leaf(i)):
                 if self.deep:
                     self.nodes[(level, idx)] = node
