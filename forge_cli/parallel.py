@@ -24,6 +24,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _forget_threads() -> None:
+    # A forked child has none of its parent's threads: it starts its own pool if it needs one.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_threads)
+
+
 def cores() -> int:
     """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
     try:
