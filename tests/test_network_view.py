@@ -174,18 +174,22 @@ def test_peer_state_and_flags_survive_reopening(tmp_path):
     assert view.summary()["flagged_peers"][0]["node_id"] == "p2"
 
 
-def test_a_large_batch_verified_on_two_threads_keeps_each_outcome_in_place(tmp_path, keys):
+def test_a_large_batch_verified_on_every_core_keeps_each_outcome_in_place(tmp_path, keys):
     provider, consumer, forger = keys
     batch = [make_trade(provider, consumer) for _ in range(101)]
-    for i in (3, 77, 100):  # in both halves, and the very last
+    forged_provider, forged_consumer = (3, 77, 100), (0, 50)  # spread over every part
+    for i in forged_provider:
         batch[i] = sign(batch[i]["terms"], forger, consumer)
+    for i in forged_consumer:
+        batch[i] = sign(batch[i]["terms"], provider, forger)
     view = NetworkView.open(tmp_path / "view.db")
     outcomes = view.add_many(batch, "peer")
-    assert view.count() == 98
+    assert view.count() == 96
     view.close()
     for i, outcome in enumerate(outcomes):
-        if i in (3, 77, 100):
+        if i in forged_provider + forged_consumer:
             assert isinstance(outcome, TradeRejected) and outcome.forged
-            assert "provider signature" in str(outcome)
+            party = "provider" if i in forged_provider else "consumer"
+            assert f"{party} signature" in str(outcome)
         else:
             assert outcome == "accepted"

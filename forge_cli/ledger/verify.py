@@ -4,25 +4,38 @@
 kind rules, parent < seq) and every signed checkpoint against the recomputed Merkle root.
 `deep` also re-hashes every body and rebuilds every other table by replay, comparing row by
 row. It never stops at the first problem: every finding is collected.
+
+Entries are checked a span at a time (`check_span`), spans on worker processes, one per
+core; this process folds their results in seq order, so the report is the same for any
+number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import sqlite3
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nacl.bindings import crypto_sign_open
-from nacl.exceptions import BadSignatureError
-
-from forge_cli import canonical
+from forge_cli import canonical, parallel
 from forge_cli.errors import EntryRejected, ForgeError, UsageError
 from forge_cli.ledger import entries, merkle, note, views
 from forge_cli.ledger.store import TABLES, Ledger
+
+log = logging.getLogger("forge.ledger")
+
+# Entries per unit of work: large enough that handing one to a process costs little beside
+# checking it, small enough that every core gets many.
+SPAN = 2048
+# A ledger of fewer spans is checked in this process (threads for its signatures): starting
+# worker processes would cost more than they save.
+PARALLEL_FROM = 4
 
 # (public key, message, signature, seq, what is signed)
 SigCheck = tuple[bytes, bytes, bytes, int, str]
@@ -58,15 +71,11 @@ class Report:
         return data
 
 
-def bad_signatures(batch: list[SigCheck]) -> list[tuple[int, str]]:
-    """(seq, what) of every check in `batch` whose signature does not verify."""
-    bad = []
-    for public_key, message, signature, seq, what in batch:
-        try:
-            crypto_sign_open(signature + message, public_key)
-        except (BadSignatureError, ValueError, TypeError):
-            bad.append((seq, what))
-    return bad
+def bad_signatures(batch: list[SigCheck], *, threads: int = 1) -> list[tuple[int, str]]:
+    """(seq, what) of every check in `batch` whose signature does not verify, in batch order
+    (on `threads` threads; see `parallel.verify_all`)."""
+    valid = parallel.verify_all([check[:3] for check in batch], workers=threads)
+    return [(seq, what) for (_, _, _, seq, what), ok in zip(batch, valid, strict=True) if not ok]
 
 
 def body_matches(body_hash: str, data: bytes) -> bool:
@@ -125,20 +134,87 @@ def check_entry(raw: bytes, sig: bytes, seq: int, prev: bytes, *, strict: bool) 
     return EntryCheck(leaf, fields, problems, checks)
 
 
+@dataclass
+class Span:
+    """What `check_span` found in one seq range, for the verifier to fold in seq order."""
+
+    seqs: list[int] = field(default_factory=list)  # the rows present, in order
+    leaves: bytes = b""  # their leaf hashes, 32 bytes each
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (seq, reason), row order
+    bad_signatures: list[tuple[int, str]] = field(default_factory=list)  # (seq, what)
+    signatures: int = 0
+    # deep: each row's bytes, None if unreadable (parsing again here costs less than pickling
+    # the parsed fields between processes)
+    entries: list[bytes | None] = field(default_factory=list)
+
+    def leaf(self, i: int) -> bytes:
+        return self.leaves[32 * i:32 * i + 32]
+
+
+def check_span(book: Ledger, start: int, end: int, *, deep: bool, threads: int = 1) -> Span:
+    """Every check of the entries with seq in [start, end) that needs nothing outside them.
+
+    The one link out, the first row's `prev`, is the leaf of the row before `start`, read
+    here from the file: spans need not wait for each other, so any process can check any.
+    """
+    before = book.conn.execute(
+        "SELECT entry FROM entries WHERE seq >= 0 AND seq < ? ORDER BY seq DESC LIMIT 1",
+        (start,)).fetchone()
+    prev = bytes.fromhex(entries.GENESIS_PREV) if before is None else merkle.leaf_hash(before[0])
+    span = Span()
+    checks: list[SigCheck] = []
+    leaves: list[bytes] = []
+    for rows in book.iter_rows(start, end, batch=max(1, end - start)):
+        for seq, stored_hash, raw, sig, kind, ts in rows:
+            check = check_entry(raw, sig, seq, prev, strict=deep)
+            fields = check.fields
+            if check.leaf != stored_hash:
+                span.problems.append(
+                    (seq, "stored hash does not match the entry bytes (edited entry)"))
+            span.problems.extend((seq, problem) for problem in check.problems)
+            if fields is not None:
+                if fields["kind"] != kind or fields["ts"] != ts:
+                    span.problems.append((seq, "kind/ts columns do not match the entry"))
+                checks.extend(check.signatures)
+            span.seqs.append(seq)
+            leaves.append(check.leaf)
+            if deep:
+                span.entries.append(None if fields is None else raw)
+            prev = check.leaf
+    span.leaves = b"".join(leaves)
+    span.signatures = len(checks)
+    span.bad_signatures = bad_signatures(checks, threads=threads)
+    return span
+
+
+# The ledger a worker process checks spans of (opened once per worker, by `_open_worker`).
+_worker_book: Ledger | None = None
+
+
+def _open_worker(path: str) -> None:
+    global _worker_book
+    _worker_book = Ledger.open_reader(path)
+
+
+def _check_span_in_worker(start: int, end: int, deep: bool) -> Span:
+    assert _worker_book is not None, "the pool's initializer opens the ledger"
+    return check_span(_worker_book, start, end, deep=deep)
+
+
 class _Verifier:
-    def __init__(self, ledger: Ledger, deep: bool, saved: note.Checkpoint | None) -> None:
+    def __init__(self, ledger: Ledger, deep: bool, saved: note.Checkpoint | None,
+                 workers: int) -> None:
         self.ledger = ledger
         self.deep = deep
         self.saved = saved
+        self.workers = workers
         self.report = Report(deep=deep)
         self.range = merkle.CompactRange()
         self.roots: dict[int, bytes] = {0: merkle.CompactRange().root()}
         self.wanted_roots = {row[0] for row in ledger.checkpoints()}
         if saved is not None:
             self.wanted_roots.add(saved.size)
-        self.pending: list[Future[list[tuple[int, str]]]] = []
-        workers = os.cpu_count() or 1
-        self.pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self.expected = 0
         self.state = views.MemoryState()
         self.nodes: dict[tuple[int, int], bytes] = {}
 
@@ -155,66 +231,92 @@ class _Verifier:
                 self._deep_tables()
         except sqlite3.DatabaseError as exc:
             self.find(None, "file", f"SQLite cannot read the file: {exc}")
-        finally:
-            if self.pool:
-                self.pool.shutdown()
+        # Stable: one seq's findings keep the order they were found in.
         self.report.findings.sort(key=lambda f: (f.seq is None, f.seq or 0, f.table))
         return self.report
 
     # -- entries -------------------------------------------------------------------------------
 
     def _entries(self) -> None:
-        expected, prev = 0, bytes.fromhex(entries.GENESIS_PREV)
-        for rows in self.ledger.iter_rows():
-            checks: list[SigCheck] = []
-            for row in rows:
-                seq = row[0]
-                if seq != expected:
-                    self.find(expected, "entries",
-                              f"entries {expected}..{seq - 1} are missing (deleted or reordered)"
-                              if seq > expected else f"seq {seq} is out of order")
-                prev = self._entry(row, seq, prev, checks)
-                expected = seq + 1
-            self.report.signatures += len(checks)
-            if self.pool:
-                self.pool_submit(checks)
-            else:
-                self._collect(bad_signatures(checks))
-        for future in self.pending:
-            self._collect(future.result())
-        self.report.size = expected
+        self.ledger.refresh()
+        for span in self._spans(self.ledger.size):
+            self._fold(span)
+        self.report.size = self.expected
         self.report.root = self.range.root().hex()
 
-    def pool_submit(self, checks: list[SigCheck]) -> None:
-        assert self.pool is not None
-        step = max(1, len(checks) // (os.cpu_count() or 1) + 1)
-        for i in range(0, len(checks), step):
-            self.pending.append(self.pool.submit(bad_signatures, checks[i:i + step]))
+    def _spans(self, end: int) -> Iterator[Span]:
+        """Every span's result, in seq order: from worker processes when the ledger is large
+        enough to pay for them, a few spans ahead of the fold; from this process otherwise,
+        or when the processes cannot start or die."""
+        bounds = [(start, min(start + SPAN, end)) for start in range(0, end, SPAN)]
+        pool = None
+        if self.workers > 1 and len(bounds) >= PARALLEL_FROM:
+            try:
+                pool = parallel.process_pool(min(self.workers, len(bounds)), _open_worker,
+                                             (str(self.ledger.path),))
+            except (OSError, ImportError) as exc:
+                log.info("verify: no worker processes (%s); checking in this process", exc)
+        if pool is None:
+            for start, stop in bounds:
+                yield check_span(self.ledger, start, stop, deep=self.deep, threads=self.workers)
+            return
+        try:
+            yield from self._spans_on(pool, bounds)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def _collect(self, bad: list[tuple[int, str]]) -> None:
-        for seq, what in bad:
+    def _spans_on(self, pool: ProcessPoolExecutor, bounds: list[tuple[int, int]]) -> Iterator[Span]:
+        # A bounded window: a deep fold slower than the workers must not hold every
+        # entry's fields in memory at once.
+        ahead = 2 * self.workers
+        pending: deque[Future[Span]] = deque()
+        todo = iter(bounds)
+        broken = False
+        for start, stop in bounds:
+            while not broken and len(pending) < ahead:
+                nxt = next(todo, None)
+                if nxt is None:
+                    break
+                try:
+                    pending.append(pool.submit(_check_span_in_worker, *nxt, self.deep))
+                except BrokenProcessPool:
+                    broken = True
+            future = pending.popleft() if pending else None
+            try:
+                if future is None:
+                    raise BrokenProcessPool("no worker left")
+                yield future.result()
+            except BrokenProcessPool as exc:
+                if not broken:
+                    log.info("verify: worker processes failed (%s); checking in this process",
+                             exc)
+                broken = True
+                pending.clear()
+                yield check_span(self.ledger, start, stop, deep=self.deep, threads=self.workers)
+
+    def _fold(self, span: Span) -> None:
+        """Add a span's results in seq order: per entry, its problems, then what replay
+        finds (deep), then its bad signatures, as one sequential pass would find them."""
+        for seq, reason in span.problems:
+            self.find(seq, "entries", reason)
+        for i, seq in enumerate(span.seqs):
+            expected = self.expected
+            if seq != expected:
+                self.find(expected, "entries",
+                          f"entries {expected}..{seq - 1} are missing (deleted or reordered)"
+                          if seq > expected else f"seq {seq} is out of order")
+            raw = span.entries[i] if self.deep else None
+            if raw is not None:
+                self._deep_entry(seq, json.loads(raw))
+            for level, idx, node in self.range.append(span.leaf(i)):
+                if self.deep:
+                    self.nodes[(level, idx)] = node
+            if self.range.size in self.wanted_roots:
+                self.roots[self.range.size] = self.range.root()
+            self.expected = seq + 1
+        for seq, what in span.bad_signatures:
             self.find(seq, "entries", signature_problem(what))
-
-    def _entry(self, row: tuple[Any, ...], seq: int, prev: bytes, checks: list[SigCheck]) -> bytes:
-        _, stored_hash, raw, sig, kind, ts = row
-        check = check_entry(raw, sig, seq, prev, strict=self.deep)
-        leaf, fields = check.leaf, check.fields
-        if leaf != stored_hash:
-            self.find(seq, "entries", "stored hash does not match the entry bytes (edited entry)")
-        for problem in check.problems:
-            self.find(seq, "entries", problem)
-        if fields is not None:
-            if fields["kind"] != kind or fields["ts"] != ts:
-                self.find(seq, "entries", "kind/ts columns do not match the entry")
-            checks.extend(check.signatures)
-            if self.deep:
-                self._deep_entry(seq, fields)
-        for level, idx, node in self.range.append(leaf):
-            if self.deep:
-                self.nodes[(level, idx)] = node
-        if self.range.size in self.wanted_roots:
-            self.roots[self.range.size] = self.range.root()
-        return leaf
+        self.report.signatures += span.signatures
 
     def _deep_entry(self, seq: int, fields: dict[str, Any]) -> None:
         try:
@@ -364,10 +466,15 @@ def open_saved_checkpoint(note_text: str, vkey: str | None = None) -> note.Check
 
 
 def verify(ledger: Ledger, *, deep: bool = False,
-           saved: note.Checkpoint | None = None) -> Report:
+           saved: note.Checkpoint | None = None, workers: int | None = None) -> Report:
     """Check the whole ledger; the report lists every finding (empty means valid).
 
     `saved` is a checkpoint kept outside the ledger: the ledger must still extend it, which
     is what catches a truncated tail when the stored checkpoints were removed too.
+    `workers` (default: every core) only changes the speed; `workers=1` checks everything
+    in this process, one entry after another.
     """
-    return _Verifier(ledger, deep, saved).run()
+    workers = parallel.cores() if workers is None else workers
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1, found {workers}")
+    return _Verifier(ledger, deep, saved, workers).run()
