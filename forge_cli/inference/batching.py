@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from forge_cli.errors import ForgeError, ModelError, UsageError
 
 if TYPE_CHECKING:
-    from forge_cli.inference.engine import Engine, Sampling, _Call, _Job
+    from forge_cli.inference.engine import Call, Engine, Job, Sampling
 
 # The repeat penalty looks this far back (prompt included), like llama-cpp-python's default.
 PENALTY_LAST_N = 64
@@ -57,7 +57,7 @@ class _Text:
 class _Sequence:
     """One request in a slot: its prompt still to decode, its sampler, what it produced."""
 
-    def __init__(self, job: _Job, slot: int, tokens: list[int], budget: int, chain: Any,
+    def __init__(self, job: Job, slot: int, tokens: list[int], budget: int, chain: Any,
                  started: float) -> None:
         self.job = job
         self.slot = slot
@@ -84,7 +84,7 @@ class Scheduler:
     every live sequence forward together."""
 
     def __init__(self, engine: Engine, ctx: Any, slots: int,
-                 jobs: queue.Queue[_Job | _Call | None]) -> None:
+                 jobs: queue.Queue[Job | Call | None]) -> None:
         lib = engine._lib
         self._engine = engine
         self._lib = lib
@@ -101,7 +101,7 @@ class Scheduler:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        from forge_cli.inference.engine import _Call
+        from forge_cli.inference.engine import Call
 
         while True:
             # Take queued work while a slot is free; wait for it only when nothing is live.
@@ -114,7 +114,7 @@ class Scheduler:
                     for seq in list(self._live):
                         self._finish(seq, "cancelled")
                     return
-                if isinstance(item, _Call):
+                if isinstance(item, Call):
                     if item.future.set_running_or_notify_cancel():
                         try:
                             item.future.set_result(item.fn())
@@ -140,7 +140,7 @@ class Scheduler:
 
     # -- admitting ---------------------------------------------------------------------------
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: Job) -> None:
         from forge_cli.inference.engine import Completion
 
         engine = self._engine

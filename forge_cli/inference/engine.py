@@ -100,7 +100,7 @@ class Completion:
 
 
 @dataclass
-class _Job:
+class Job:
     prompt: str
     sampling: Sampling
     add_bos: bool
@@ -110,7 +110,7 @@ class _Job:
 
 
 @dataclass
-class _Call:
+class Call:
     fn: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
 
@@ -122,7 +122,7 @@ class Stream:
     request: its sequence ends at the next step and frees its slot.
     """
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         self._job = job
         self.completion: Completion | None = None
         self.tokens = 0  # tokens generated up to and including the last piece read
@@ -252,7 +252,7 @@ class Engine:
             raise
         self.load_s = time.perf_counter() - started
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
-        self._jobs: queue.Queue[_Job | _Call | None] = queue.Queue(maxsize=queue_size)
+        self._jobs: queue.Queue[Job | Call | None] = queue.Queue(maxsize=queue_size)
         self._closed = False
 
         from forge_cli.inference.batching import Scheduler
@@ -404,7 +404,7 @@ class Engine:
     def call(self, fn: Callable[[], Any], *, block: bool = True) -> Any:
         """Run `fn` on the scheduler thread between two decode steps and return its result
         (it waits in the queue like a request, and runs once a slot is free)."""
-        item = _Call(fn)
+        item = Call(fn)
         self._put(item, block)
         return item.future.result()
 
@@ -428,11 +428,11 @@ class Engine:
             raise UsageError(f"max tokens must be at least 1, found {sampling.max_tokens}")
         if sampling.temperature < 0:
             raise UsageError(f"temperature must be 0 or more, found {sampling.temperature}")
-        job = _Job(prompt, sampling, add_bos)
+        job = Job(prompt, sampling, add_bos)
         self._put(job, block)
         return Stream(job)
 
-    def _put(self, item: _Job | _Call, block: bool) -> None:
+    def _put(self, item: Job | Call, block: bool) -> None:
         if self._closed:
             raise ModelError(f"the engine for {self.name} is closed")
         try:
@@ -454,9 +454,9 @@ class Engine:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Job):
+            if isinstance(item, Job):
                 item.out.put(("error", ModelError(f"the engine for {self.name} was closed")))
-            elif isinstance(item, _Call):
+            elif isinstance(item, Call):
                 item.future.set_exception(ModelError(f"the engine for {self.name} was closed"))
         self._jobs.put(None)
         self._worker.join(timeout=60)

@@ -37,6 +37,13 @@ class RemoteCompletion:
     time_to_first_token_s: float
     generation_s: float
 
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed as the buyer saw it: tokens after the first, over their time."""
+        if self.completion_tokens < 2 or self.generation_s <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / self.generation_s
+
 
 class RemotePump(Pieces):
     """The peer's reply as an async iterator of pieces; `close()` returns a RemoteCompletion
