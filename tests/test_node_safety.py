@@ -238,7 +238,9 @@ def _stream_request(node: NodeProcess, token: str, max_tokens: int) -> urllib.re
 
 
 def test_full_queue_is_429_with_retry_after(tmp_path: Path, tiny_gguf: Path):
-    with NodeProcess(tmp_path / "home", tiny_gguf, env={"FORGE_NODE_QUEUE": "1"}) as running:
+    # One slot and one place in the queue: the third request at once is refused.
+    with NodeProcess(tmp_path / "home", tiny_gguf,
+                     env={"FORGE_NODE_QUEUE": "1", "FORGE_ENGINE_SLOTS": "1"}) as running:
         agents = [running.agent(f"q{i}") for i in range(4)]
         for agent in agents:  # fund them first: the free tier arrives with the first buy
             assert ask(running, agent["token"], max_tokens=1)[0] == 200

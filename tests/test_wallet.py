@@ -51,3 +51,37 @@ def test_no_reader_sees_a_settling_trade_paid_twice(tmp_path: Path):
     assert seen == [60] and wallet.available(account) == 60 and wallet.holds() == {}
     reader.close()
     ledger.close()
+
+
+def test_no_reader_sees_a_hold_without_the_free_tier_that_pays_for_it(tmp_path: Path):
+    # Found by the trade state machine too (available −55): a reader took the balance before
+    # a new account's free-tier grant and the held CU after the hold. The grant and the hold
+    # are now one step: a reader sees neither or both.
+    provider, consumer = Identity.generate(), Identity.generate()
+    ledger = Ledger.open_writer(tmp_path / "ledger.db", provider)
+    reader = Ledger.open_reader(tmp_path / "ledger.db")
+
+    def clock() -> int:
+        return 1_700_000_000_000
+
+    wallet = Wallet(ledger, Safety(ledger, clock=clock, defaults=BIG), clock=clock,
+                    reader=reader)
+    account = consumer.node_id
+    seen: list[tuple[int, int]] = []
+    readers: list[threading.Thread] = []
+
+    def read_during_grant(entry) -> None:  # after the grant's commit, before the hold
+        if entry.kind == "grant":
+            thread = threading.Thread(target=lambda: seen.append(wallet.books(account)))
+            thread.start()
+            thread.join(0.5)
+            readers.append(thread)
+
+    ledger.listeners.append(read_during_grant)
+    hold = wallet.reserve_now(account, 55, what="a purchase of up to 55 CU")
+    for thread in readers:
+        thread.join(10)
+    assert seen == [(1000, 55)] and wallet.available(account) == 945
+    hold.release()
+    reader.close()
+    ledger.close()

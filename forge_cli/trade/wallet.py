@@ -78,7 +78,8 @@ class Wallet:
         self.rules = strangers or StrangerRules()
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
-        # Held while a trade is appended and its hold released, and while both are read.
+        # Held while a grant and its hold are made, while a trade is appended and its hold
+        # released, and while balance and held are read together.
         self._books = threading.RLock()
         self._strangers: dict[str, int] | None = None  # peer account → ts of its live grant
 
@@ -123,16 +124,18 @@ class Wallet:
 
     def reserve_now(self, account: str, cu: int, *, what: str, peer: bool = False,
                     hint: str | None = None) -> Hold:
-        """`reserve` on the writer thread."""
+        """`reserve` on the writer thread. The free-tier grant and the hold are one step for
+        readers: none sees the hold without the grant that pays for it."""
         self.ledger.check_files()  # refused before generating, not after, if the files changed
-        if peer:
-            self._peer_free_tier(account)
-        else:
-            self.free_tier(account)
-        self.check_available(account, cu, what, hint=hint)
-        self.safety.check(account, cu)
-        with self._lock:
-            self._held[account] = self._held.get(account, 0) + cu
+        with self._books:
+            if peer:
+                self._peer_free_tier(account)
+            else:
+                self.free_tier(account)
+            self.check_available(account, cu, what, hint=hint)
+            self.safety.check(account, cu)
+            with self._lock:
+                self._held[account] = self._held.get(account, 0) + cu
         return Hold(account, cu, self)
 
     def check_available(self, account: str, cu: int, what: str, *, hint: str | None = None) -> None:
