@@ -1,9 +1,20 @@
-"""The Wallet on a real ledger file: what readers see while a trade settles."""
+"""The Wallet on a real ledger file: what readers see while CU is reserved and a trade settles.
+
+Both races here were found by the trade state machine (tests/test_trade_state.py): each test
+reads the books from another thread at the exact moment between two writes (a ledger listener
+runs after a commit, before the call that made it returns) and asserts that the reader sees
+the wallet before or after the whole step, never in between.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from forge_cli.economy.safety import Policy, Safety
 from forge_cli.identity import Identity
@@ -15,73 +26,71 @@ BIG = Policy(per_request_cap_cu=10**9, hourly_budget_cu=10**12, lifetime_budget_
              approval_threshold_cu=10**9)
 
 
-def test_no_reader_sees_a_settling_trade_paid_twice(tmp_path: Path):
-    # Found by the trade state machine: between the trade's append and the release of the
-    # hold that covered it, `available` read the cost twice (balance already lower, hold
-    # still there) and went negative. A reader now sees the books before or after, never
-    # in between.
+@dataclass
+class Books:
+    ledger: Ledger
+    wallet: Wallet
+    provider: Identity
+    consumer: Identity
+    seen: list[Any]
+
+    def read_after(self, kind: str, read: Callable[[], Any]) -> None:
+        """After each `kind` entry commits, `read` on another thread (waiting at most 0.5 s
+        for it: a reader that must wait for the step to finish is what the fix is)."""
+        readers: list[threading.Thread] = []
+
+        def listener(entry: Any) -> None:
+            if entry.kind == kind:
+                thread = threading.Thread(target=lambda: self.seen.append(read()))
+                thread.start()
+                thread.join(0.5)
+                readers.append(thread)
+
+        self.ledger.listeners.append(listener)
+        self._readers = readers
+
+    def wait(self) -> None:
+        for thread in self._readers:
+            thread.join(10)
+
+
+@pytest.fixture
+def books(tmp_path: Path) -> Iterator[Books]:
     provider, consumer = Identity.generate(), Identity.generate()
     ledger = Ledger.open_writer(tmp_path / "ledger.db", provider)
     reader = Ledger.open_reader(tmp_path / "ledger.db")
+
     def clock() -> int:
         return 1_700_000_000_000
 
     wallet = Wallet(ledger, Safety(ledger, clock=clock, defaults=BIG), clock=clock,
                     reader=reader)
-    account = consumer.node_id
-    ledger.append("grant", {"account": account, "cu": 100})
-    hold = wallet.reserve_now(account, 100, what="a purchase of up to 100 CU")
-    assert wallet.available(account) == 0
-
-    seen: list[int] = []
-    readers: list[threading.Thread] = []
-
-    def read_during_append(entry) -> None:  # runs after the commit, before append returns
-        if entry.kind == "trade":
-            thread = threading.Thread(target=lambda: seen.append(wallet.available(account)))
-            thread.start()
-            thread.join(0.5)  # without the lock it reads at once, mid-settle
-            readers.append(thread)
-
-    ledger.listeners.append(read_during_append)
-    trade = make_trade(provider, consumer, tokens=40)  # 40 CU at 1 CU/token
-    wallet.record_trade(trade, [b"request", b"response"], hold=hold)
-    for thread in readers:
-        thread.join(10)
-    assert seen == [60] and wallet.available(account) == 60 and wallet.holds() == {}
+    yield Books(ledger, wallet, provider, consumer, [])
     reader.close()
     ledger.close()
 
 
-def test_no_reader_sees_a_hold_without_the_free_tier_that_pays_for_it(tmp_path: Path):
-    # Found by the trade state machine too (available −55): a reader took the balance before
-    # a new account's free-tier grant and the held CU after the hold. The grant and the hold
-    # are now one step: a reader sees neither or both.
-    provider, consumer = Identity.generate(), Identity.generate()
-    ledger = Ledger.open_writer(tmp_path / "ledger.db", provider)
-    reader = Ledger.open_reader(tmp_path / "ledger.db")
+def test_no_reader_sees_a_settling_trade_paid_twice(books: Books):
+    # available read −231 once: the balance already lower, the hold still there.
+    account = books.consumer.node_id
+    books.ledger.append("grant", {"account": account, "cu": 100})
+    hold = books.wallet.reserve_now(account, 100, what="a purchase of up to 100 CU")
+    assert books.wallet.available(account) == 0
+    books.read_after("trade", lambda: books.wallet.available(account))
+    trade = make_trade(books.provider, books.consumer, tokens=40)  # 40 CU at 1 CU/token
+    books.wallet.record_trade(trade, [b"request", b"response"], hold=hold)
+    books.wait()
+    assert books.seen == [60] and books.wallet.available(account) == 60
+    assert books.wallet.holds() == {}
 
-    def clock() -> int:
-        return 1_700_000_000_000
 
-    wallet = Wallet(ledger, Safety(ledger, clock=clock, defaults=BIG), clock=clock,
-                    reader=reader)
-    account = consumer.node_id
-    seen: list[tuple[int, int]] = []
-    readers: list[threading.Thread] = []
-
-    def read_during_grant(entry) -> None:  # after the grant's commit, before the hold
-        if entry.kind == "grant":
-            thread = threading.Thread(target=lambda: seen.append(wallet.books(account)))
-            thread.start()
-            thread.join(0.5)
-            readers.append(thread)
-
-    ledger.listeners.append(read_during_grant)
-    hold = wallet.reserve_now(account, 55, what="a purchase of up to 55 CU")
-    for thread in readers:
-        thread.join(10)
-    assert seen == [(1000, 55)] and wallet.available(account) == 945
+def test_no_reader_sees_a_hold_without_the_free_tier_that_pays_for_it(books: Books):
+    # available read −55 once: the balance from before a new account's free-tier grant, the
+    # held CU from after its hold.
+    account = books.consumer.node_id
+    books.read_after("grant", lambda: books.wallet.books(account))
+    hold = books.wallet.reserve_now(account, 55, what="a purchase of up to 55 CU")
+    books.wait()
+    assert books.seen == [(1000, 55)] and books.wallet.available(account) == 945
     hold.release()
-    reader.close()
-    ledger.close()
+    assert books.wallet.available(account) == 1000
