@@ -86,6 +86,8 @@ async def test_a_purchase_moves_the_overview(node):
         cu, tokens = body["x_forge"]["cu_cost"], body["usage"]["completion_tokens"]
         assert cu > 0 and tokens > 0
         await wait_for(pilot, lambda: "trades 1" in glance(app), "the trade count to move")
+        # The request ends after its trade is recorded: its `activity` event brings the reply.
+        await wait_for(pilot, lambda: "last reply" in glance(app), "the finished request")
         after = glance(app)
         assert f"tok/s {tokens / 60:.2f} last min" in after and "tok/s 0.00" not in after, after
         assert f"earned {cu}, spent 0" in after, after

@@ -135,11 +135,12 @@ class ForgeApp(App[None]):
 
     @work(exclusive=True, group="events")
     async def event_loop(self) -> None:
-        """Wake the poller on every ledger entry or safety change; reconnect when the stream ends."""
+        """Wake the poller on every ledger entry, safety change or finished request; reconnect
+        when the stream ends."""
         while True:
             try:
                 async for event in self.client.stream("/v1/forge/events", until_done=False):
-                    if event.name in ("entry", "safety", "hello"):
+                    if event.name in ("entry", "safety", "activity", "hello"):
                         self._wake.set()
             except ForgeError:
                 pass

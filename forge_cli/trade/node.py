@@ -218,6 +218,9 @@ class Node:
         """A session started (+1) or stopped (−1) generating: the demand the market sees."""
         self.in_flight += delta
         self.metrics.queue_depth.set(self.in_flight)
+        if delta < 0 and self.events is not None:  # a request ended: what watchers show moved
+            self.events.publish("activity", {"in_flight": self.in_flight,
+                                             "last_reply": self.last_reply})
 
     def session(self, *, account: str, label: str, model: Any, max_tokens: int, request: bytes,
                 settle: Settle | None = None, price: int | None = None, peer: bool = False,
