@@ -47,7 +47,7 @@ class Quotas:
     Example::
 
         quotas = Quotas(view, per_source=5000, total=200_000)
-        room, reason, why = quotas.claim("10.0.0.7")   # room 0: refuse with `why`
+        room, reason, why = quotas.claim("10.0.0.7", 500)   # room 0: refuse with `why`
         ...add at most `room` trades...
         quotas.settle("10.0.0.7", room, accepted)
     """
@@ -68,7 +68,7 @@ class Quotas:
         window, used = self._used.get(source, (self._window(), 0))
         return used if window == self._window() else 0
 
-    def claim(self, source: str, want: int) -> tuple[int, str, str]:
+    def room(self, source: str, want: int) -> tuple[int, str, str]:
         """(room, reason, why): how many new trades `source` may add now (at most `want`);
         which quota binds ("source_quota" or "total_quota"); and a sentence saying so."""
         source_left = max(0, self.per_source - self._taken(source))
@@ -81,7 +81,11 @@ class Quotas:
             reason = "total_quota"
             why = (f"the network view holds {self.total} foreign trades or is about to, the "
                    f"most it keeps (mesh.gossip_max_trades)")
-        room = min(source_left, total_left, want)
+        return min(source_left, total_left, want), reason, why
+
+    def claim(self, source: str, want: int) -> tuple[int, str, str]:
+        """`room`, held for `source` until `settle` gives back what was not used."""
+        room, reason, why = self.room(source, want)
         self._record(source, room)
         self._claimed += room
         return room, reason, why
@@ -254,8 +258,7 @@ class Gossip:
         cursor, added = state.cursor, 0
         source = urllib.parse.urlsplit(peer.url).hostname or peer.url
         for _ in range(PAGES_PER_ROUND):
-            room, _reason, why = self.quotas.claim(source, self.batch)
-            self.quotas.settle(source, room, 0)  # a page is sized to the room, not held to it
+            room, _reason, why = self.quotas.room(source, self.batch)  # the page's size
             if room == 0:
                 log.warning("not pulling from %s: %s", peer.url, why)
                 break
