@@ -195,3 +195,21 @@ def test_more_slots_than_llama_cpp_allows_are_capped_and_said(tiny_gguf: Path,
             assert "at most 256 sequences" in wide.describe()["slots_note"]
             assert wide.chat(ask("hi"), GREEDY).result().completion_tokens == GREEDY.max_tokens
     assert "300 slots asked" in caplog.text
+
+
+def test_plain_greedy_picks_what_llama_cpp_pythons_own_greedy_sampler_picks(engine: Engine,
+                                                                           tiny_gguf: Path):
+    """The scheduler takes a plain greedy request's argmax itself; llama-cpp-python's high-level
+    `Llama`, sampling through llama.cpp's chain, must produce the same text."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=512, verbose=False)
+    try:
+        for prompt in PROMPTS:
+            theirs = llm.create_completion(prompt, max_tokens=24, temperature=0.0,
+                                           repeat_penalty=1.0)["choices"][0]["text"]
+            ours = engine.generate(prompt, Sampling(max_tokens=24, temperature=0.0)).result()
+            assert ours.text == theirs
+            assert ours.completion_tokens > 0
+    finally:
+        llm.close()

@@ -3,7 +3,9 @@
 Each step is one `llama_decode` carrying the next token of every generating sequence plus
 prompt chunks of newly admitted ones (up to the context's n_batch), then each sequence
 samples from its own row of logits with its own sampler chain (its temperature, top-k/p,
-min-p, repeat penalty and seed). A finished or cancelled sequence gives its slot and its
+min-p, repeat penalty and seed); a plain greedy request (no penalty) takes the row's argmax
+itself, the first of equal maxima as llama.cpp's greedy sampler does, without the chain's copy
+of the whole vocabulary. A finished or cancelled sequence gives its slot and its
 KV cells back before the next step; queued requests take free slots between steps.
 """
 
@@ -15,6 +17,8 @@ import queue
 import random
 import time
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from forge_cli.errors import ForgeError, ModelError, UsageError
 
@@ -90,6 +94,7 @@ class Scheduler:
         self._lib = lib
         self._ctx = ctx
         self._vocab = engine._vocab
+        self._n_vocab = engine.n_vocab
         self._mem = lib.llama_get_memory(ctx)
         self._n_batch = int(lib.llama_n_batch(ctx))
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
@@ -171,7 +176,10 @@ class Scheduler:
 
     def _sampler(self, s: Sampling, prompt: list[int]) -> Any:
         """This request's own sampler chain: penalties, then greedy or top-k → top-p → min-p
-        → temperature → a draw seeded by the request (the order llama-cpp-python uses)."""
+        → temperature → a draw seeded by the request (the order llama-cpp-python uses).
+        None for plain greedy, which `_step` samples itself."""
+        if s.temperature == 0 and s.repeat_penalty == 1.0:
+            return None
         lib = self._lib
         params = lib.llama_sampler_chain_default_params()
         params.no_perf = True
@@ -232,7 +240,12 @@ class Scheduler:
                     f"returned {code})"))
             return
         for seq, row in rows:
-            self._take(seq, lib.llama_sampler_sample(seq.chain, self._ctx, row))
+            if seq.chain is None:
+                logits = lib.llama_get_logits_ith(self._ctx, row)
+                token = int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
+            else:
+                token = lib.llama_sampler_sample(seq.chain, self._ctx, row)
+            self._take(seq, token)
 
     def _put(self, i: int, token: int, seq: _Sequence, logits: bool) -> None:
         batch = self._batch
@@ -269,7 +282,8 @@ class Scheduler:
         """Give the slot back and drop its KV cells, so the next sequence starts clean."""
         self._live.remove(seq)
         self._lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
-        self._lib.llama_sampler_free(seq.chain)
+        if seq.chain is not None:
+            self._lib.llama_sampler_free(seq.chain)
         self._free.append(seq.slot)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
