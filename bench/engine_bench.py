@@ -14,7 +14,9 @@ under the same load:
    (target >= 0.95), and time to first token.
 3. 4 and 8 buyers at once (one agent account each): aggregate tokens/s (all completion tokens
    over the wall time from the first request to the last byte) against one buyer's (target
-   >= 1.4x at 4), and the mean time to first token.
+   >= 1.4x at 4), and the mean time to first token. Beside it, the same ratio of a bare
+   `llama_decode` loop stepping 1, 4 and 8 sequences at the node's threads: the ceiling any
+   batching scheduler has on this machine with this model.
 4. `python -m llama_cpp.server` with the node's thread counts, n_ctx and GPU layers, 1, 4 and 8
    OpenAI streaming clients: aggregate tokens/s, and the node's ratio to it (target > 1).
    Its extras (fastapi, starlette-context, pydantic-settings, ...) are pip-installed the first
@@ -124,6 +126,71 @@ def direct_run(llm: Any, tokens: int) -> Streamed:
     if not count:
         raise RuntimeError("llama-cpp-python generated no text: is the chat format right?")
     return Streamed(started, first, last, count)
+
+
+# -- llama.cpp alone: the ceiling for batching ---------------------------------------------
+
+class BareDecode:
+    """`n` sequences stepped together by `llama_decode` and nothing else: no sampling, no
+    server, no text. What one buyer and n buyers get from it is the most any batching
+    scheduler can get from this machine with this model, so n buyers' ratio to one buyer is
+    measured against this one's."""
+
+    PROMPT = 32
+
+    def __init__(self, path: Path, seqs: list[int], *, n_threads: int, n_threads_batch: int,
+                 n_gpu_layers: int) -> None:
+        import llama_cpp
+
+        lib = self.lib = llama_cpp
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp cannot load {path}")
+        self.contexts: dict[int, tuple[Any, Any]] = {}
+        for n in seqs:
+            cp = lib.llama_context_default_params()
+            cp.n_ctx = 1024 * n
+            cp.n_batch = cp.n_ubatch = 512
+            cp.n_seq_max = n
+            cp.kv_unified = False
+            cp.n_threads, cp.n_threads_batch = n_threads, n_threads_batch
+            cp.no_perf = True
+            ctx = lib.llama_init_from_model(self.model, cp)
+            if not ctx:
+                raise RuntimeError(f"llama.cpp cannot make a context of {n} sequences")
+            self.contexts[n] = (ctx, lib.llama_batch_init(cp.n_batch, 0, n))
+
+    def tokens_per_s(self, n: int, steps: int) -> float:
+        lib = self.lib
+        ctx, batch = self.contexts[n]
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+
+        def put(i: int, token: int, pos: int, seq: int) -> None:
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, 1
+
+        for seq in range(n):  # each sequence's prompt, then `steps` tokens for all of them
+            for j in range(self.PROMPT):
+                put(seq * self.PROMPT + j, 100 + 7 * seq + j, j, seq)
+        batch.n_tokens = n * self.PROMPT
+        if lib.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed on the prompts")
+        started = time.perf_counter()
+        for step in range(steps):
+            for seq in range(n):
+                put(seq, 200 + step, self.PROMPT + step, seq)
+            batch.n_tokens = n
+            if lib.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed on a step")
+        return n * steps / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        for ctx, batch in self.contexts.values():
+            self.lib.llama_batch_free(batch)
+            self.lib.llama_free(ctx)
+        self.lib.llama_model_free(self.model)
 
 
 # -- HTTP streaming ----------------------------------------------------------------------------
@@ -467,6 +534,7 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
     cpus = os.cpu_count() or 1
     thread_counts = sorted({1, physical_cores(), cpus})
     direct = {}
+    bare: BareDecode | None = None
     procs: list[subprocess.Popen[Any]] = []
     try:
         node, node_url = start_node(home, env, args.model)
@@ -484,6 +552,10 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
             direct[t] = llama_cpp.Llama(model_path=str(path), n_ctx=args.n_ctx, n_threads=t,
                                         n_threads_batch=t, n_gpu_layers=n_gpu_layers,
                                         chat_format=CHAT_FORMATS[args.model], verbose=False)
+        bare = BareDecode(path, buyers if 1 in buyers else [1, *buyers],
+                          n_threads=threads["n_threads"],
+                          n_threads_batch=threads.get("n_threads_batch", threads["n_threads"]),
+                          n_gpu_layers=n_gpu_layers)
         server_url = None
         if server_extras is not None:
             server, server_url = start_server(path, home, server_extras, model=args.model,
@@ -495,6 +567,8 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         # free-tier grant.
         for llm in direct.values():
             direct_run(llm, 4)
+        for n in bare.contexts:
+            bare.tokens_per_s(n, 4)
         burst(node_url, accounts.take(buyers[-1], args.tokens), 4, {"seed": 1})
         if server_url:
             burst(server_url, [None], 4, {})
@@ -502,7 +576,9 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         rounds: list[dict[str, Any]] = []
         for _ in range(args.runs):
             one: dict[str, Any] = {"direct": {t: direct_run(llm, args.tokens)
-                                              for t, llm in direct.items()}}
+                                              for t, llm in direct.items()},
+                                   "bare": {n: bare.tokens_per_s(n, args.tokens)
+                                            for n in bare.contexts}}
             for n in buyers:
                 one[f"node{n}"] = burst(node_url, accounts.take(n, args.tokens), args.tokens,
                                         {"seed": 1})
@@ -514,6 +590,8 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
             stop(proc)
         for llm in direct.values():
             llm.close()
+        if bare is not None:
+            bare.close()
 
     direct_tps = {t: median([r["direct"][t].decode_tps for r in rounds]) for t in thread_counts}
     best = max(direct_tps, key=direct_tps.__getitem__)
@@ -530,8 +608,13 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         "node1_vs_direct_best": round(median([
             r["node1"].streams[0].decode_tps / r["direct"][best].decode_tps for r in rounds
             if r["direct"][best].decode_tps > 0]), 3),
-        "node": {}, "server": {},
+        "node": {}, "server": {}, "bare": {},
     }
+    for n in bare.contexts:
+        out["bare"][str(n)] = {
+            "tokens_per_s": round(median([r["bare"][n] for r in rounds]), 2),
+            "vs_one": round(median([r["bare"][n] / r["bare"][1] for r in rounds]), 3),
+        }
     for n in buyers:
         node_row = {
             "aggregate_tokens_per_s": round(median([r[f"node{n}"].aggregate_tps
@@ -540,6 +623,8 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
             "vs_one_buyer": round(median([r[f"node{n}"].aggregate_tps / r["node1"].aggregate_tps
                                           for r in rounds]), 3),
         }
+        node_row["of_bare_ratio"] = round(node_row["vs_one_buyer"]
+                                          / out["bare"][str(n)]["vs_one"], 3)
         if f"server{n}" in rounds[0]:
             node_row["vs_server"] = round(median([
                 r[f"node{n}"].aggregate_tps / r[f"server{n}"].aggregate_tps for r in rounds]), 3)
@@ -563,10 +648,14 @@ def report(r: dict[str, Any]) -> None:
               f"TTFT {r['direct_ttft_ms'][t]:7.1f} ms{mark}")
     print(f"node, 1 buyer            decode {r['node1_decode_tokens_per_s']:8.2f} tok/s   "
           f"{r['node1_vs_direct_best']:.3f}x the baseline (target >= 0.95)")
+    for n, row in r["bare"].items():
+        print(f"llama_decode alone, {int(n):2d} seq(s) a step {row['tokens_per_s']:8.2f} tok/s  "
+              f"{row['vs_one']:.3f}x one sequence (the ceiling for {n} buyer(s))")
     for n, row in r["node"].items():
         target = "  (target >= 1.4 at 4)" if n == "4" else ""
         line = (f"node, {int(n):2d} buyer(s) aggregate {row['aggregate_tokens_per_s']:8.2f} tok/s  "
-                f"TTFT {row['ttft_ms']:7.1f} ms  {row['vs_one_buyer']:.3f}x one buyer{target}")
+                f"TTFT {row['ttft_ms']:7.1f} ms  {row['vs_one_buyer']:.3f}x one buyer{target}, "
+                f"{row['of_bare_ratio']:.2f} of the ceiling's ratio")
         print(line)
     for n, row in r["server"].items():
         print(f"llama_cpp.server {int(n):2d} client(s) {row['aggregate_tokens_per_s']:8.2f} tok/s  "
