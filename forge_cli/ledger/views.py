@@ -75,9 +75,17 @@ HEARTBEATS = View("heartbeats", ("account", "hour"), ("seq",), ("TEXT", "INTEGER
 FIRST_SEEN = View("first_seen", ("account",), ("ts",), ("TEXT", "INTEGER"))
 # Per consumer: peer-to-peer terms it was served and never countersigned (its standing).
 UNSETTLED = View("unsettled", ("account",), ("count", "seq"), ("TEXT", "INTEGER", "INTEGER"))
+# Per account: audits of its sales passed and disputes upheld against it (as provider), and
+# disputes it wrote that did not re-check (as auditor): its standing.
+AUDIT_RECORD = View("audit_record", ("account",), ("passed", "disputed", "forged"),
+                    ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
+# Every dispute recorded, once per (trade, auditor): who it accuses and what this node found.
+DISPUTES = View("disputes", ("trade_id", "auditor"), ("provider", "verdict", "seq"),
+                ("TEXT", "TEXT", "TEXT", "TEXT", "INTEGER"))
 VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS, TRADE_TOTALS,
                            KILL_SWITCH, POLICIES, APPROVALS, POOL, LENDERS, LOANS, ESCROW,
-                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN, UNSETTLED)
+                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN, UNSETTLED, AUDIT_RECORD,
+                           DISPUTES)
 KILL_KEY = ("global",)
 POOL_KEY = ("pool",)
 
@@ -309,6 +317,21 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         state.put(POLICIES, (data["account"],), (*(data[k] for k in POLICY_LIMITS), seq))
     elif kind == "approval":
         _approval(state, data, seq, fields["ts"])
+    elif kind == "audit":
+        _add(state, AUDIT_RECORD, (data["provider"],), 1, 0, 0)
+    elif kind == "dispute":
+        claim = data["claim"]
+        key = (_kinds.trade_id(claim["trade"]), claim["auditor"])
+        seen = state.get(DISPUTES, key)
+        if seen is not None:
+            raise EntryRejected(f"seq {seq}: auditor {key[1][:16]}… already disputed trade "
+                                f"{key[0][:16]}… at seq {seen[2]}")
+        provider = claim["trade"]["terms"]["provider"]
+        state.put(DISPUTES, key, (provider, data["verdict"], seq))
+        if data["verdict"] == "upheld":
+            _add(state, AUDIT_RECORD, (provider,), 0, 1, 0)
+        else:
+            _add(state, AUDIT_RECORD, (claim["auditor"],), 0, 0, 1)
 
 
 class MemoryState:
