@@ -1,0 +1,213 @@
+"""Audits between real nodes: a buyer at `audit.every = 1` audits every purchase over the real
+P2P protocol, records `audit` entries for an honest seller and signed `dispute` entries for a
+seller that serves another GGUF than the one it quotes; the dispute travels to a third node,
+re-checks there and, with a second auditor's, flags the seller; a forged dispute is refused
+and counts against its author.
+
+Four nodes built by build_node run in this process, each served by aiohttp on 127.0.0.1 from
+its own thread (tests/app_thread.py); the cheat is a node whose engine is loaded from a second
+random-weight tiny GGUF while its offer names the first one's SHA-256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forge_cli.ledger import entries, queries
+from forge_cli.mesh import audit
+from tests.app_thread import AppThread
+
+HONEST_BUYS = 12
+CHEAT_BUYS = 3
+MAX_TOKENS = 10
+
+
+class InProcessNode:
+    """A node built by build_node over its own FORGE_HOME, served from a thread."""
+
+    def __init__(self, home: Path, model: Any) -> None:
+        from forge_cli import config
+        from forge_cli.node.app import make_app
+        from forge_cli.trade.build import build_node
+
+        saved = os.environ.get("FORGE_HOME")
+        os.environ["FORGE_HOME"] = str(home)
+        try:
+            self.node = build_node(config.load(), models=[model], ledger_path=home / "ledger.db")
+        finally:
+            os.environ.pop("FORGE_HOME")
+            if saved is not None:
+                os.environ["FORGE_HOME"] = saved
+        self.served = AppThread(lambda: make_app(self.node))
+        self.url = self.served.url
+
+    @property
+    def id(self) -> str:
+        return self.node.node_id
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on this node's event loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.served.loop).result(120)
+
+    def buy(self, seller: InProcessNode, n: int, temperature: float) -> Any:
+        from forge_cli.mesh.buyer import Seller
+
+        payload = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": temperature,
+                   "messages": [{"role": "user", "content": f"tell me about mats {n}"}]}
+
+        async def buy() -> Any:  # the buyer's HTTP session belongs to the node's loop
+            return await self.node.peer_buyer().buy(Seller(seller.id, seller.url, "tiny"),
+                                                     payload)
+
+        return self.run(buy())
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=120)
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def reputation(self, account: str) -> int:
+        return self.node.reputation(account)
+
+    def record(self, account: str) -> tuple[int, int, int]:
+        return queries.audit_records(self.node.reader).get(account, (0, 0, 0))
+
+    def close(self) -> None:
+        self.served.close()
+        self.node.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
+         ) -> Iterator[dict[str, InProcessNode]]:
+    from forge_cli.inference.engine import Engine
+    from forge_cli.trade.node import LoadedModel
+    from tests.gguf_model import write_tiny_llama
+
+    root = tmp_path_factory.mktemp("audit-mesh")
+    other = write_tiny_llama(root / "other.gguf", seed=4321)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("FORGE_")}
+    for name in saved:
+        del os.environ[name]
+    # Every purchase audited; many purchases a minute are the point here, not the breaker.
+    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000")
+    nodes: dict[str, InProcessNode] = {}
+
+    def model(path: Path, sha256: str | None = None) -> LoadedModel:
+        engine = Engine(path, name="tiny", n_ctx=256, slots=1)
+        return LoadedModel("tiny", engine, sha256 or engine.sha256, 100_000, path)
+
+    try:
+        honest_sha = model(tiny_gguf).sha256
+        for name in ("honest", "buyer", "third"):
+            nodes[name] = InProcessNode(root / name, model(tiny_gguf))
+        # The cheat quotes the honest model's SHA-256 and runs the other GGUF.
+        nodes["cheat"] = InProcessNode(root / "cheat", model(other, honest_sha))
+        nodes["buyer"].node.auditor.peers = lambda: [nodes["third"].url]
+        yield nodes
+    finally:
+        for running in nodes.values():
+            running.close()
+        for name in [k for k in os.environ if k.startswith("FORGE_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+def test_every_purchase_from_an_honest_seller_passes_its_audit(mesh):
+    buyer, honest = mesh["buyer"], mesh["honest"]
+    before = buyer.reputation(honest.id)
+    for n in range(HONEST_BUYS):
+        purchase = buyer.buy(honest, n, [0.0, 0.9][n % 2])
+        assert purchase.audit is not None and purchase.audit.kind == "audit", purchase.audit
+        assert purchase.audit.data["positions"] == purchase.terms["completion_tokens"] > 0
+    assert buyer.record(honest.id) == (HONEST_BUYS, 0, 0)
+    # +100 per trade provided, +20 per audit passed
+    assert buyer.reputation(honest.id) == before + HONEST_BUYS * (100 + 20)
+
+
+def test_a_cheating_seller_is_disputed_and_the_dispute_rechecks_at_a_third_node(mesh):
+    buyer, cheat, third = mesh["buyer"], mesh["cheat"], mesh["third"]
+    for n in range(CHEAT_BUYS):
+        purchase = buyer.buy(cheat, 100 + n, [0.0, 0.9][n % 2])
+        assert purchase.audit is not None and purchase.audit.kind == "dispute"
+        claim = purchase.audit.data["claim"]
+        assert claim["reason"].startswith("model:") and claim["failures"]
+        assert claim["trade"] == purchase.trade
+    # The buyer's own record, and the third node's after re-checking each dispute it was sent.
+    assert buyer.record(cheat.id) == (0, CHEAT_BUYS, 0)
+    assert third.record(cheat.id) == (0, CHEAT_BUYS, 0)
+    assert third.reputation(cheat.id) == max(0, 5_000 - 2_500 * CHEAT_BUYS)
+    # One auditor is not enough to flag: the third node still trusts the cheat's node id.
+    assert cheat.id not in third.node.network.flags()
+    from forge_cli.ledger.verify import verify
+
+    third.node.reader.refresh()
+    report = verify(third.node.reader, deep=True, workers=1)
+    assert report.ok and report.size == third.node.reader.size >= CHEAT_BUYS, report.findings
+
+
+def test_a_second_auditor_flags_the_cheat_like_a_forked_peer(mesh):
+    cheat, third = mesh["cheat"], mesh["third"]
+    purchase = third.buy(cheat, 200, 0.0)  # the third node audits its own purchase too
+    assert purchase.audit is not None and purchase.audit.kind == "dispute"
+    assert queries.dispute_auditors(third.node.reader, cheat.id) == 2
+    assert "distinct auditors" in third.node.network.flags()[cheat.id]
+    honest = mesh["honest"]
+    assert honest.id not in third.node.network.flags()
+
+
+def test_a_forged_dispute_is_rejected_and_counts_against_its_author(mesh):
+    buyer, honest, third = mesh["buyer"], mesh["honest"], mesh["third"]
+    trade_entry = next(e for e in buyer.node.reader.iter_entries(0, kind="trade")
+                       if e.data["terms"]["provider"] == honest.id)
+    terms = trade_entry.data["terms"]
+    bodies = {h: buyer.node.reader.body(h) for h in
+              (terms["request_sha256"], terms["response_sha256"], terms["tokens_sha256"])}
+    lie = audit.Verdict(False, "model: 3 of 10 tokens are outside the committed top-k", 10,
+                        [{"pos": 0, "token": 65, "token_mlogit": -9000, "bound_mlogit": 1000,
+                          "top": [[66, 12000]]}])
+    data = audit.sign_dispute(trade_entry.data, lie, buyer.node.signer, 1)
+    payload = {"dispute": data, "bodies": {h: b.hex() for h, b in bodies.items()}}
+    reputation = third.reputation(buyer.id)
+    status, body = third.post("/v1/forge/audit/dispute", payload)
+    assert status == 422 and "forged dispute" in body["error"]["message"], body
+    assert third.record(buyer.id)[2] == 1
+    assert third.reputation(buyer.id) == max(0, reputation - 2_500)
+    assert honest.id not in third.node.network.flags()
+    assert third.record(honest.id)[1] == 0
+    # The same claim again is refused: one dispute per trade and auditor.
+    status, body = third.post("/v1/forge/audit/dispute", payload)
+    assert status in (409, 422), body
+
+
+def test_a_dispute_with_a_bad_signature_or_missing_bodies_is_refused_unrecorded(mesh):
+    buyer, cheat, third = mesh["buyer"], mesh["cheat"], mesh["third"]
+    dispute = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    bodies = {h: buyer.node.reader.body(h).hex() for h in audit.dispute_bodies(dispute.data)}
+    third.node.reader.refresh()
+    size = third.node.reader.size
+    tampered = {**dispute.data, "claim": {**dispute.data["claim"], "positions": 1}}
+    for payload, expected in (
+            ({"dispute": tampered, "bodies": bodies}, "auditor signature does not verify"),
+            ({"dispute": dispute.data, "bodies": {}}, "lacks body"),
+            ({"dispute": {"claim": 1}, "bodies": {}}, "malformed dispute"),
+            ({"bodies": []}, "{dispute, bodies")):
+        status, body = third.post("/v1/forge/audit/dispute", payload)
+        assert status == 422 and expected in body["error"]["message"], body
+    third.node.reader.refresh()
+    assert third.node.reader.size == size
+    assert entries.trade_id(dispute.data["claim"]["trade"])  # the evidence names its trade
+    assert cheat.id in third.node.network.flags()
