@@ -11,7 +11,6 @@ from forge_cli.ledger import entries
 from forge_cli.ledger.store import Draft, Ledger
 from forge_cli.ledger.witness import witness
 
-
 SAMPLING = {"temperature_ppm": 0, "top_p_ppm": 950_000, "top_k": 40, "min_p_ppm": 50_000,
             "repeat_penalty_ppm": 1_000_000, "seed": 7, "max_tokens": 64}
 
