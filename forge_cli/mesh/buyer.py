@@ -9,6 +9,7 @@ the reply as received is never paid.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from forge_cli.trade.session import failed
 if TYPE_CHECKING:
     from forge_cli.mesh.audit import Auditor
     from forge_cli.trade.wallet import Hold, Wallet
+
+log = logging.getLogger("forge.mesh")
 
 CONNECT_TIMEOUT_S = 60  # each JSON call to a provider, and connecting for its stream
 READ_TIMEOUT_S = 120  # the longest wait for the provider's next piece
@@ -218,8 +221,11 @@ class Buyer:
                             first if first is not None else 0.0, done - started, last,
                             done - terms_at)
         if self.auditor is not None and self.auditor.due(terms["model_sha256"]):
-            purchase.audit = await self.auditor.audit_purchase(data, request_bytes,
-                                                               text.encode(), ids_body)
+            try:
+                purchase.audit = await self.auditor.audit_purchase(data, request_bytes,
+                                                                   text.encode(), ids_body)
+            except ForgeError as exc:  # the purchase stands; only its audit is lost
+                log.warning("could not audit the purchase from %s: %s", seller.short(), exc)
         return purchase
 
 
