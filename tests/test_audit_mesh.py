@@ -1,20 +1,24 @@
 """Audits between real nodes: a buyer at `audit.every = 1` audits every purchase over the real
-P2P protocol, records `audit` entries for an honest seller and signed `dispute` entries for a
-seller that serves another GGUF than the one it quotes; the dispute travels to a third node,
-re-checks there and, with a second auditor's, flags the seller; a forged dispute is refused
-and counts against its author.
+P2P protocol, records `audit` entries for an honest seller and signed `dispute` entries for
+cheats — a seller that serves another GGUF than the one it quotes, one that inflates its token
+count, one that pads its replies; the disputes travel to a third node, re-check there and,
+with a second auditor's, flag the seller; a forged dispute is refused and counts against its
+author.
 
-Four nodes built by build_node run in this process, each served by aiohttp on 127.0.0.1 from
-its own thread (tests/app_thread.py); the cheat is a node whose engine is loaded from a second
-random-weight tiny GGUF while its offer names the first one's SHA-256.
+The nodes are built by build_node and run in this process, each served by aiohttp on
+127.0.0.1 from its own thread (tests/app_thread.py). The model cheat's engine is loaded from a
+second random-weight tiny GGUF while its offer names the first one's SHA-256; the inflater and
+the padder run the real engine and doctor what it produced before the sale commits to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,62 @@ from forge_cli.ledger import entries, queries
 from forge_cli.mesh import audit
 from tests.app_thread import AppThread
 
-HONEST_BUYS = 12
-CHEAT_BUYS = 3
+HONEST_BUYS = 20
+CHEAT_BUYS = 50
 MAX_TOKENS = 10
+SHORT_BY = 3  # tokens the inflater bills and the padder pads on top of what it generated
+
+
+class DoctoredEngine:
+    """A real engine whose replies a cheating seller changes after generating them: it
+    generates SHORT_BY tokens fewer than asked, then `inflate` bills SHORT_BY tokens it never
+    produced, or `pad` appends SHORT_BY filler tokens (streamed, billed and committed)."""
+
+    def __init__(self, engine: Any, cheat: str) -> None:
+        self._engine = engine
+        self.cheat = cheat
+        self.rng = random.Random(cheat)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def chat(self, messages: Any, sampling: Any, *, block: bool = True) -> Any:
+        fewer = dataclasses.replace(sampling, max_tokens=max(1, sampling.max_tokens - SHORT_BY))
+        done = self._engine.chat(messages, fewer, block=block).result()
+        pieces = [done.text]
+        if self.cheat == "pad":
+            pad = [self.rng.randrange(0x20, 0x7F) for _ in range(SHORT_BY)]
+            pieces.append(bytes(pad).decode())
+            done = dataclasses.replace(done, token_ids=done.token_ids + pad,
+                                       completion_tokens=done.completion_tokens + SHORT_BY,
+                                       text="".join(pieces))
+        else:
+            done = dataclasses.replace(done, completion_tokens=done.completion_tokens + SHORT_BY)
+        return DoctoredStream(pieces, done)
+
+
+class DoctoredStream:
+    """What the engine's Stream offers a seller's pump: pieces, a running count, the end."""
+
+    def __init__(self, pieces: list[str], completion: Any) -> None:
+        self._pieces = iter(pieces)
+        self.completion = None
+        self._done = completion
+        self.tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces, None)
+        if piece is None:
+            self.completion = self._done
+            raise StopIteration
+        self.tokens = self._done.completion_tokens
+        return piece
+
+    def cancel(self) -> None:
+        """Nothing to stop: the reply was generated before the first piece."""
 
 
 class InProcessNode:
@@ -112,11 +169,18 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
 
     try:
         honest_sha = model(tiny_gguf).sha256
-        for name in ("honest", "buyer", "third"):
+        for name in ("honest", "buyer", "second", "third"):
             nodes[name] = InProcessNode(root / name, model(tiny_gguf))
         # The cheat quotes the honest model's SHA-256 and runs the other GGUF.
         nodes["cheat"] = InProcessNode(root / "cheat", model(other, honest_sha))
-        nodes["buyer"].node.auditor.peers = lambda: [nodes["third"].url]
+        for cheat in ("inflate", "pad"):
+            doctored = model(tiny_gguf)
+            doctored.engine = DoctoredEngine(doctored.engine, cheat)
+            nodes[cheat] = InProcessNode(root / cheat, doctored)
+        buyer = nodes["buyer"]  # enough CU for every purchase here
+        buyer.run(buyer.node.append("grant", {"account": buyer.id, "cu": 10_000}))
+        for auditor in ("buyer", "second"):  # their disputes go to the third node
+            nodes[auditor].node.auditor.peers = lambda: [nodes["third"].url]
         yield nodes
     finally:
         for running in nodes.values():
@@ -160,13 +224,30 @@ def test_a_cheating_seller_is_disputed_and_the_dispute_rechecks_at_a_third_node(
 
 
 def test_a_second_auditor_flags_the_cheat_like_a_forked_peer(mesh):
-    cheat, third = mesh["cheat"], mesh["third"]
-    purchase = third.buy(cheat, 200, 0.0)  # the third node audits its own purchase too
+    """Both disputes reach the third node by gossip; it re-checks each and flags the cheat."""
+    cheat, second, third = mesh["cheat"], mesh["second"], mesh["third"]
+    purchase = second.buy(cheat, 200, 0.0)
     assert purchase.audit is not None and purchase.audit.kind == "dispute"
     assert queries.dispute_auditors(third.node.reader, cheat.id) == 2
     assert "distinct auditors" in third.node.network.flags()[cheat.id]
+    assert third.record(cheat.id) == (0, CHEAT_BUYS + 1, 0)
+    # The second auditor alone has one auditor's word: it lowers the cheat, it does not flag.
+    assert cheat.id not in second.node.network.flags()
     honest = mesh["honest"]
     assert honest.id not in third.node.network.flags()
+
+
+@pytest.mark.parametrize("cheat", ["inflate", "pad"])
+def test_a_seller_inflating_or_padding_is_disputed_on_every_purchase(mesh, cheat):
+    buyer, seller, third = mesh["buyer"], mesh[cheat], mesh["third"]
+    for n in range(CHEAT_BUYS):
+        purchase = buyer.buy(seller, 300 + n, [0.0, 0.9][n % 2])
+        assert purchase.terms["completion_tokens"] == MAX_TOKENS
+        assert purchase.audit is not None and purchase.audit.kind == "dispute", n
+        reason = purchase.audit.data["claim"]["reason"]
+        assert reason.startswith("counts:" if cheat == "inflate" else "model:"), reason
+    assert buyer.record(seller.id) == (0, CHEAT_BUYS, 0)
+    assert third.record(seller.id) == (0, CHEAT_BUYS, 0)  # each re-checked there
 
 
 def test_a_forged_dispute_is_rejected_and_counts_against_its_author(mesh):
