@@ -37,8 +37,8 @@ def engines(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     from tests.gguf_model import write_tiny_llama
 
     other = write_tiny_llama(tmp_path_factory.mktemp("cheat") / "other.gguf", seed=4321)
-    made = [Engine(tiny_gguf, n_ctx=256, slots=2), Engine(tiny_gguf, n_ctx=256, slots=2),
-            Engine(other, n_ctx=256, slots=2)]
+    made = [Engine(tiny_gguf, n_ctx=512, slots=2), Engine(tiny_gguf, n_ctx=512, slots=2),
+            Engine(other, n_ctx=512, slots=2)]
     try:
         yield made
     finally:
@@ -50,14 +50,14 @@ PROVIDER, CONSUMER = identity.Identity.generate(), identity.Identity.generate()
 
 
 def sell(engine: Any, n: int, temperature: float, *, quoted_sha256: str | None = None,
-         repeat_penalty: float = 1.0) -> dict[str, Any]:
+         repeat_penalty: float = 1.0, content: str | None = None) -> dict[str, Any]:
     """One sale as the P2P route makes it: terms, request, response and the tokens body."""
     from forge_cli.inference.engine import Sampling
     from forge_cli.node.routes_openai import parse_messages, parse_sampling
 
     rng = random.Random(n)
     body = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": temperature,
-            "seed": n, "messages": [{"role": "user", "content": " ".join(
+            "seed": n, "messages": [{"role": "user", "content": content or " ".join(
                 rng.choice(WORDS) for _ in range(rng.randint(2, 9)))}]}
     parsed = parse_sampling(body, engine.n_ctx)
     if repeat_penalty != 1.0:  # not an API field: the engine's own knob, committed all the same
@@ -179,3 +179,19 @@ def test_scoring_shares_the_slots_and_agrees_with_greedy_generation(engines):
     assert rows.shape == (len(reply), seller.n_vocab)
     assert [int(r.argmax()) for r in rows] == reply
     assert all(stream.result().completion_tokens > 0 for stream in beside)
+
+
+def test_what_the_auditor_cannot_check_is_refused_never_disputed(engines, tiny_gguf):
+    """A reply longer than the auditor's context, or a request it cannot parse, is the
+    auditor's limit or the consumer's doing: no verdict against the seller."""
+    from forge_cli.inference.engine import Engine
+
+    seller, auditor, _ = engines
+    sale = sell(seller, 9, 0.7, content="rain " * 60)  # 300 byte tokens: more than 256
+    with Engine(tiny_gguf, n_ctx=256, slots=1) as small:
+        with pytest.raises(DisputeRejected, match="cannot audit them"):
+            run_audit(small, sale)
+    garbled = {**sale, "request": b"not json"}
+    garbled["terms"] = {**sale["terms"], "request_sha256": entries.body_hash(b"not json")}
+    with pytest.raises(DisputeRejected, match="not a chat request"):
+        run_audit(auditor, garbled)

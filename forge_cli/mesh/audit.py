@@ -176,12 +176,13 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     ids = ids_of(tokens) or []
     if any(t >= engine.n_vocab for t in ids):
         return Verdict(False, f"counts: a token id is outside the vocabulary of {engine.n_vocab}")
-    try:
+    try:  # the consumer wrote the request: what is wrong with it is never the seller's lie
         body = json.loads(request)
         messages = parse_messages(body)
-        stops = parse_sampling(body, engine.n_ctx).stop
+        stops = parse_sampling(body, entries.MAX_AMOUNT).stop
     except (ValueError, UnicodeDecodeError, ForgeError) as exc:
-        return Verdict(False, f"request: the request sold is not a valid chat request ({exc})")
+        raise DisputeRejected(f"the request sold is not a chat request this node can audit "
+                              f"({exc})") from None
     prompt = engine.tokenize(engine.render(messages))
     if len(prompt) != terms["prompt_tokens"]:
         return Verdict(False, f"prompt: terms bill {terms['prompt_tokens']} prompt tokens; the "
@@ -192,9 +193,9 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
                               "ends the reply (padding)")
     if text.encode() != response:
         return Verdict(False, "text: the reply delivered is not the text of the committed tokens")
-    if len(prompt) + len(ids) > engine.n_ctx:
-        return Verdict(False, f"counts: prompt and reply are {len(prompt) + len(ids)} tokens, "
-                              f"more than the context of {engine.n_ctx}")
+    if len(prompt) + len(ids) > engine.n_ctx:  # a seller may well have a larger context
+        raise DisputeRejected(f"prompt and reply are {len(prompt) + len(ids)} tokens, more than "
+                              f"this node's context of {engine.n_ctx}; it cannot audit them")
     if not ids:
         return Verdict(True)
     rows = engine.score(prompt + ids, len(prompt))
