@@ -195,3 +195,20 @@ def test_what_the_auditor_cannot_check_is_refused_never_disputed(engines, tiny_g
     garbled["terms"] = {**sale["terms"], "request_sha256": entries.body_hash(b"not json")}
     with pytest.raises(DisputeRejected, match="not a chat request"):
         run_audit(auditor, garbled)
+
+
+def test_a_failing_score_reducer_fails_only_its_own_job(engines):
+    from forge_cli.errors import ModelError
+    from forge_cli.inference.engine import Sampling
+
+    seller, _, _ = engines
+    beside = seller.chat([{"role": "user", "content": "quiet fields"}],
+                         Sampling(max_tokens=20, temperature=0))
+
+    def broken(i: int, row: Any) -> None:
+        raise ValueError("no")
+
+    with pytest.raises(ModelError, match="scoring failed: no"):
+        seller.score([1, 2, 3, 4], 2, reduce=broken)
+    assert beside.result().completion_tokens == 20
+    assert seller.score([1, 2, 3, 4], 2, reduce=lambda i, row: i) == [0, 1]

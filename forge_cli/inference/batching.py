@@ -97,7 +97,10 @@ class _Scoring:
         self.prompt = job.tokens
         self.fed = 0
         self.pos = 0
-        self.rows = np.empty((len(job.tokens) - job.start, n_vocab), dtype=np.float32)
+        n = len(job.tokens) - job.start
+        self.rows: Any = (np.empty((n, n_vocab), dtype=np.float32) if job.reduce is None
+                          else [None] * n)
+        self.error: Exception | None = None  # the caller's `reduce` failed: only this job fails
 
     @property
     def prefilling(self) -> bool:
@@ -274,14 +277,20 @@ class Scheduler:
 
             n_vocab = self._engine.n_vocab
             for job, row, at in kept:
-                job.rows[at] = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row),
-                                                     shape=(n_vocab,))
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row),
+                                               shape=(n_vocab,))
+                reduce = job.job.reduce
+                try:
+                    job.rows[at] = logits if reduce is None else reduce(at, logits)
+                except Exception as exc:  # the caller's code: it must not fail the others
+                    job.error = job.error or exc
         for seq, row in rows:
             self._take(seq, lib.llama_sampler_sample(seq.chain, self._ctx, row))
         for seq in fed:
             if isinstance(seq, _Scoring) and not seq.prefilling:
                 self._release(seq)
-                seq.job.out.put(("done", seq.rows))
+                seq.job.out.put(("done", seq.rows) if seq.error is None else
+                                ("error", ModelError(f"scoring failed: {seq.error}")))
 
     def _put(self, i: int, token: int, seq: _Sequence | _Scoring, logits: bool) -> None:
         batch = self._batch

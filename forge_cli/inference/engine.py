@@ -114,10 +114,12 @@ class Job:
 @dataclass
 class Score:
     """Teacher-forced scoring: `tokens` decoded in one prefill, the logits of every position
-    from `start - 1` on kept (each row predicts the token after it)."""
+    from `start - 1` on kept (each row predicts the token after it), or what `reduce` makes
+    of each."""
 
     tokens: list[int]
     start: int
+    reduce: Callable[[int, Any], Any] | None = None
     out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -456,11 +458,15 @@ class Engine:
         self._put(job, block)
         return Stream(job)
 
-    def score(self, tokens: list[int], start: int, *, block: bool = True) -> Any:
+    def score(self, tokens: list[int], start: int, *,
+              reduce: Callable[[int, Any], Any] | None = None, block: bool = True) -> Any:
         """The logits (a float32 array, one row of n_vocab per token of `tokens[start:]`) that
         this model gives each of those tokens after all the tokens before it: one prefill of
         `tokens` through a slot of the same scheduler, nothing sampled. Row i scores
         `tokens[start + i]`; an audit reads a provider's reply against them.
+
+        With `reduce`, the list of `reduce(i, row)` instead: it runs on the scheduler thread
+        over llama.cpp's own buffer (keep nothing of `row`), so no row is copied or held.
 
         >>> rows = engine.score(prompt + reply, len(prompt))     # doctest: +SKIP
         >>> int(rows[0].argmax()) == reply[0]                    # greedy's first token
@@ -470,7 +476,7 @@ class Engine:
         if len(tokens) > self.n_ctx:
             raise UsageError(f"{len(tokens)} tokens to score; the context of {self.name} holds "
                              f"{self.n_ctx}")
-        job = Score(list(tokens), start)
+        job = Score(list(tokens), start, reduce)
         self._put(job, block)
         while True:
             try:

@@ -118,24 +118,24 @@ def _mlogit(x: float) -> int:
     return round(float(x) * 1000)
 
 
-def check_positions(rows: Any, prompt: list[int], ids: list[int],
-                    commit: dict[str, int]) -> tuple[int, list[dict[str, Any]]]:
-    """How many positions of `ids` the committed sampler could not have drawn, given the
-    auditor's logit `rows` (row i scores ids[i]), and the first MAX_FAILURES of them with the
-    evidence a dispute carries."""
+def position_check(prompt: list[int], ids: list[int],
+                   commit: dict[str, int]) -> Callable[[int, Any], dict[str, Any] | None]:
+    """The check of one reply position: given i and the auditor's logits that score ids[i],
+    None when the committed sampler could have drawn ids[i], else the evidence a dispute
+    carries (milli-logits: integers, they are signed). It reads the row and keeps nothing of
+    it, so the scheduler can run it on llama.cpp's own buffer."""
     import numpy as np
+
+    from forge_cli.inference.batching import PENALTY_LAST_N
 
     penalty = commit["repeat_penalty_ppm"] / PPM
     greedy = commit["temperature_ppm"] == 0
     top_k, min_p = commit["top_k"], commit["min_p_ppm"] / PPM
     if not greedy and top_k <= 0 and min_p <= 0:
         top_k = AUDIT_TOP_K
-    from forge_cli.inference.batching import PENALTY_LAST_N
 
-    failed = 0
-    failures = []
-    for i, token in enumerate(ids):
-        row = rows[i]
+    def check(i: int, row: Any) -> dict[str, Any] | None:
+        token = ids[i]
         if penalty != 1.0:  # llama.cpp's penalties over the last 64 tokens, prompt included
             row = row.copy()
             seen = np.unique(np.array((prompt + ids[:i])[-PENALTY_LAST_N:], dtype=np.int64))
@@ -151,14 +151,13 @@ def check_positions(rows: Any, prompt: list[int], ids: list[int],
             if min_p > 0:
                 bound = max(bound, best + math.log(min_p) - MARGIN)
         if float(row[token]) >= bound:
-            continue
-        failed += 1
-        if len(failures) < entries.MAX_FAILURES:
-            top = np.argsort(-row, kind="stable")[:entries.MAX_TOP]
-            failures.append({"pos": i, "token": token, "token_mlogit": _mlogit(row[token]),
-                             "bound_mlogit": _mlogit(bound),
-                             "top": [[int(t), _mlogit(row[t])] for t in top]})
-    return failed, failures
+            return None
+        top = np.argsort(-row, kind="stable")[:entries.MAX_TOP]
+        return {"pos": i, "token": token, "token_mlogit": _mlogit(row[token]),
+                "bound_mlogit": _mlogit(bound),
+                "top": [[int(t), _mlogit(row[t])] for t in top]}
+
+    return check
 
 
 def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
@@ -198,11 +197,13 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
                               f"this node's context of {engine.n_ctx}; it cannot audit them")
     if not ids:
         return Verdict(True)
-    rows = engine.score(prompt + ids, len(prompt))
-    failed, failures = check_positions(rows, prompt, ids, terms["sampling"])
-    if failed:
-        return Verdict(False, f"model: {failed} of {len(ids)} tokens are outside what the "
-                              "committed model and sampling could draw", len(ids), failures)
+    found = engine.score(prompt + ids, len(prompt),
+                         reduce=position_check(prompt, ids, terms["sampling"]))
+    failures = [f for f in found if f is not None]
+    if failures:
+        return Verdict(False, f"model: {len(failures)} of {len(ids)} tokens are outside what "
+                              "the committed model and sampling could draw", len(ids),
+                       failures[:entries.MAX_FAILURES])
     return Verdict(True, "", len(ids))
 
 
@@ -366,5 +367,5 @@ async def _maybe_await(value: Any) -> Any:
 
 
 __all__ = ["AUDIT_TOP_K", "Auditor", "DEFAULT_EVERY", "FORGED", "MARGIN", "UPHELD", "Verdict",
-           "audit", "check_dispute", "check_positions", "commit_sampling", "counts_problem",
-           "ids_of", "recheck", "run_terms", "sign_dispute", "tokens_body"]
+           "audit", "check_dispute", "commit_sampling", "counts_problem",
+           "ids_of", "position_check", "recheck", "run_terms", "sign_dispute", "tokens_body"]
