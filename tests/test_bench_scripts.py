@@ -101,5 +101,5 @@ def test_audit_bench_refuses_bad_counts_before_loading_anything():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "audit_bench.py"),
                            "--replies", "0"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "--replies, --tokens and --cheats must be at least 1" in done.stderr
+    assert "--replies, --tokens, --rounds and --cheats must be at least 1" in done.stderr
     assert "Traceback" not in done.stderr
