@@ -61,7 +61,8 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         audited = signed_trade(stranger, consumer, tokens=5, run=True)
         book.append("audit", {"trade_id": entries.trade_id(audited), "provider": stranger.node_id,
                               "model_sha256": "ab" * 32, "positions": 5})
-        claim = {"trade": audited, "auditor": owner.node_id, "reason": "model: 1 of 5 tokens",
+        disputed = signed_trade(stranger, consumer, tokens=5, run=True)
+        claim = {"trade": disputed, "auditor": owner.node_id, "reason": "model: 1 of 5 tokens",
                  "failures": [{"pos": 2, "token": 65, "token_mlogit": -4000,
                                "bound_mlogit": 9500, "top": [[66, 10000], [67, 9800]]}],
                  "positions": 5, "ts": 1_700_000_000_000}

@@ -112,7 +112,7 @@ TABLE_COLUMNS = [
     ("unsettled", "account"), ("unsettled", "count"), ("unsettled", "seq"),
     ("audit_record", "account"), ("audit_record", "passed"), ("audit_record", "disputed"),
     ("audit_record", "forged"),
-    *(("disputes", c) for c in ("trade_id", "auditor", "provider", "verdict", "seq")),
+    *(("audits", c) for c in ("trade_id", "auditor", "provider", "verdict", "seq")),
 ]
 
 

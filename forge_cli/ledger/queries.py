@@ -122,7 +122,7 @@ def trades_from(ledger: Ledger, start: int) -> Iterator[tuple[int, dict[str, Any
 def dispute_auditors(ledger: Ledger, provider: str) -> int:
     """Distinct auditors whose disputes against `provider` this ledger upheld."""
     return ledger.conn.execute(
-        "SELECT count(DISTINCT auditor) FROM disputes WHERE provider = ? AND verdict = 'upheld'",
+        "SELECT count(DISTINCT auditor) FROM audits WHERE provider = ? AND verdict = 'upheld'",
         (provider,)).fetchone()[0]
 
 
