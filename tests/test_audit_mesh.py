@@ -114,23 +114,30 @@ class InProcessNode:
         """Run a coroutine on this node's event loop and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.served.loop).result(120)
 
-    def buy(self, seller: InProcessNode, n: int, temperature: float) -> Any:
+    def buy(self, seller: InProcessNode, n: int, temperature: float, *,
+            audit: bool = True) -> Any:
+        """A purchase through the node's buyer (audited at audit.every unless `audit` is off)."""
         from forge_cli.mesh.buyer import Seller
 
         payload = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": temperature,
                    "messages": [{"role": "user", "content": f"tell me about mats {n}"}]}
 
         async def buy() -> Any:  # the buyer's HTTP session belongs to the node's loop
-            return await self.node.peer_buyer().buy(Seller(seller.id, seller.url, "tiny"),
-                                                     payload)
+            buyer = self.node.peer_buyer()
+            buyer.auditor = self.node.auditor if audit else None
+            try:
+                return await buyer.buy(Seller(seller.id, seller.url, "tiny"), payload)
+            finally:
+                buyer.auditor = self.node.auditor
 
         return self.run(buy())
 
-    def post(self, path: str, body: Any) -> tuple[int, Any]:
+    def post(self, path: str, body: Any, token: str | None = None) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=120)
         try:
-            conn.request("POST", path, body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json",
+                       **({"Authorization": f"Bearer {token}"} if token else {})}
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
             response = conn.getresponse()
             return response.status, json.loads(response.read())
         finally:
@@ -292,3 +299,31 @@ def test_a_dispute_with_a_bad_signature_or_missing_bodies_is_refused_unrecorded(
     assert third.node.reader.size == size
     assert entries.trade_id(dispute.data["claim"]["trade"])  # the evidence names its trade
     assert cheat.id in third.node.network.flags()
+
+
+def test_a_node_audits_a_trade_it_holds_on_request(mesh, run_forge):
+    """`POST /v1/forge/audit/trade` and `forge audit run SEQ`: an honest trade passes once; a
+    padded one is disputed (exit 1) and its dispute goes to the peers."""
+    second, honest, pad, third = mesh["second"], mesh["honest"], mesh["pad"], mesh["third"]
+    token = second.node.operator_token
+    fair = second.buy(honest, 400, 0.0, audit=False)
+    assert fair.audit is None
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq}, token)
+    assert status == 200 and body["kind"] == "audit" and body["verdict"] == "passed", body
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq}, token)
+    assert status == 409 and "already audited" in body["error"]["message"], body
+    for seq, expected in ((0, 400), (10**6, 404)):
+        status, body = second.post("/v1/forge/audit/trade", {"seq": seq}, token)
+        assert status == expected, body
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq})
+    assert status == 401, body
+
+    padded = second.buy(pad, 401, 0.0, audit=False)
+    before = third.record(pad.id)
+    done = run_forge("audit", "run", str(padded.trade_seq), "--json", "--node", second.url,
+                     "--token", token)
+    assert done.returncode == 1, done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["kind"] == "dispute" and verdict["reason"].startswith("model:")
+    assert verdict["failing_positions"] == list(range(MAX_TOKENS - SHORT_BY, MAX_TOKENS))
+    assert third.record(pad.id)[1] == before[1] + 1  # re-checked at the third node

@@ -73,7 +73,7 @@ ROUTES = [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/v1/completions"),
           ("POST", "/v1/forge/approve"),
           ("GET", "/v1/forge/ledger/entries"), ("GET", "/v1/forge/ledger/entry/0"),
           ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/events"),
-          ("GET", "/v1/forge/audits")]
+          ("GET", "/v1/forge/audits"), ("POST", "/v1/forge/audit/trade")]
 # Peers read each other's checkpoints and consistency proofs (hashes only) and gossip trades
 # (verified by their signatures) without tokens.
 MESH_PUBLIC = [("GET", "/v1/forge/ledger/checkpoint"), ("GET", "/v1/forge/ledger/consistency"),
@@ -189,6 +189,7 @@ JSON_ROUTES = [
     ("POST", "/v1/forge/p2p/settle", None),
     ("POST", "/v1/forge/gossip/trades", None),
     ("POST", "/v1/forge/audit/dispute", None),
+    ("POST", "/v1/forge/audit/trade", "operator"),
 ]
 
 

@@ -9,6 +9,7 @@ import typer
 
 from forge_cli import config
 from forge_cli.cli.output import print_json
+from forge_cli.config import INT_MAX
 from forge_cli.errors import NotFound, UsageError
 
 app = typer.Typer(
@@ -67,6 +68,31 @@ def list_(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
     for r in rows:
         typer.echo(f"{r['node_id'][:16]:<18}{r['audits_passed']:>8}{r['disputes_against']:>10}"
                    f"{r['disputes_forged']:>8}{r['reputation']:>8}")
+
+
+@app.command()
+def run(seq: int = typer.Argument(..., min=0, max=INT_MAX,
+                                  help="Seq of a trade in the running node's ledger."),
+        as_json: bool = JsonOpt,
+        node: str | None = typer.Option(
+            None, "--node", help="Node URL (default: FORGE_NODE or FORGE_HOME/node.url)."),
+        token: str | None = typer.Option(
+            None, "--token", help="API token (default: FORGE_TOKEN or the operator's).")) -> None:
+    """Audit one trade the running node holds, with its own copy of the model: recorded as an
+    `audit` entry, or a `dispute` sent to its peers. Exit 1 when the audit fails."""
+    from forge_cli.client import running_node
+
+    done = running_node(node, token, "`forge audit run` audits with the node's model").post(
+        "/v1/forge/audit/trade", {"seq": seq})
+    if as_json:
+        print_json(done)
+    elif done["kind"] == "audit":
+        typer.echo(f"trade {seq}: audit passed (seq {done['seq']})")
+    else:
+        typer.echo(f"trade {seq}: DISPUTED (seq {done['seq']}): {done['reason']}; failing "
+                   f"positions {', '.join(map(str, done['failing_positions'])) or '-'}")
+    if done["kind"] != "audit":
+        raise typer.Exit(1)
 
 
 @app.command()

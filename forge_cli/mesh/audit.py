@@ -307,6 +307,30 @@ class Auditor:
         await self.broadcast(data, bodies)
         return entry
 
+    async def audit_held(self, trade: dict[str, Any],
+                         body: Callable[[str], bytes | None]) -> entries.Entry:
+        """Audit a trade this node holds (any trade it can read: its bodies from `body`)."""
+        terms = trade["terms"]
+        if not entries.TRADE_RUN <= terms.keys():
+            raise DisputeRejected("the trade's terms commit to no run (sampling and token ids): "
+                                  "there is nothing to audit")
+        if terms["provider"] == self.signer.node_id:
+            raise DisputeRejected("this node sold that reply: a seller does not audit itself")
+        if self.engines(terms["model_sha256"]) is None:
+            raise DisputeRejected(f"this node does not hold the model the trade names "
+                                  f"({terms['model'][:64]}, {terms['model_sha256'][:16]}…)")
+        held = {}
+        for digest in (terms["request_sha256"], terms["response_sha256"],
+                       terms["tokens_sha256"]):
+            found = body(digest)
+            if found is None:
+                raise DisputeRejected(f"body {digest[:16]}… of the trade is not here "
+                                      "(redacted, or never stored)")
+            held[digest] = found
+        return await self.audit_purchase(trade, held[terms["request_sha256"]],
+                                         held[terms["response_sha256"]],
+                                         held[terms["tokens_sha256"]])
+
     async def record(self, data: dict[str, Any], bodies: dict[str, bytes]) -> entries.Entry:
         """Append a dispute (its bodies stored with it); flag the provider once disputes from
         FLAG_AUDITORS distinct auditors are upheld here."""
