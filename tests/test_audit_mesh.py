@@ -221,6 +221,10 @@ def test_a_cheating_seller_is_disputed_and_the_dispute_rechecks_at_a_third_node(
     assert buyer.record(cheat.id) == (0, CHEAT_BUYS, 0)
     assert third.record(cheat.id) == (0, CHEAT_BUYS, 0)
     assert third.reputation(cheat.id) == max(0, 5_000 - 2_500 * CHEAT_BUYS)
+    # Its standing sets what it pays the third node: base × (2 − reputation), now × 2.
+    quote = third.node.sales.quote({"consumer": cheat.id, "model": "tiny", "max_tokens": 5})
+    assert quote["quote"]["consumer_reputation"] == 0
+    assert quote["quote"]["price_ucu_per_token"] == 2 * quote["quote"]["base_price_ucu_per_token"]
     # One auditor is not enough to flag: the third node still trusts the cheat's node id.
     assert cheat.id not in third.node.network.flags()
     from forge_cli.ledger.verify import verify
