@@ -7,7 +7,8 @@
    SHA-256 of the exact request bytes, signed by the consumer (`forge-intent-v1\\n` + canonical
    JSON). The intent caps what the consumer will pay at the quote's `max_cu`.
 3. The provider streams the reply (each piece with the running token count), then the trade
-   **terms** (DESIGN §4) signed with the trade domain.
+   **terms** (DESIGN §4) signed with the trade domain, committing to the run (the sampling it
+   used and the hash of the token ids, which it sends beside them: `forge_cli.mesh.audit`).
 4. The consumer checks the terms against the quote and what it received (see `terms_problem`)
    and only then **countersigns**; both ledgers append the same dual-signed trade.
 
