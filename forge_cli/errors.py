@@ -28,6 +28,7 @@
     │   ├── TamperDetected          1    500  also a LedgerError: the ledger or an imported file fails
     │   ├── ProofFailed             1    422  also a LedgerError: a Merkle proof or checkpoint fails
     │   ├── TradeRejected           1    422  a gossiped trade is malformed, forged or replays a nonce
+    │   ├── DisputeRejected         1    422  a dispute is malformed, forged, or does not re-check
     │   └── PlanRejected            1    422  an agent plan is malformed or not a DAG (recorded)
     ├── NodeError                   2    502  the node answered with an error no class here names
     │   └── BadResponse             2    502  the node's answer is not JSON, or its stream is malformed
@@ -207,6 +208,12 @@ class TamperDetected(CheckFailed, LedgerError):
 
 class ProofFailed(CheckFailed, LedgerError):
     """A Merkle inclusion/consistency proof or a signed checkpoint does not verify."""
+
+
+class DisputeRejected(CheckFailed):
+    """An audit dispute is malformed, its signatures or bodies fail, it names a model this
+    node cannot audit, or its evidence does not re-check here (then it counts against its
+    author)."""
 
 
 class TradeRejected(CheckFailed):

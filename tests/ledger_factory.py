@@ -11,9 +11,14 @@ from forge_cli.ledger import entries
 from forge_cli.ledger.store import Draft, Ledger
 from forge_cli.ledger.witness import witness
 
+SAMPLING = {"temperature_ppm": 0, "top_p_ppm": 950_000, "top_k": 40, "min_p_ppm": 50_000,
+            "repeat_penalty_ppm": 1_000_000, "seed": 7, "max_tokens": 64}
+
 
 def signed_trade(provider: Identity, consumer: Identity, *, tokens: int = 40,
-                 price: int = 1_000_000, nonce: str | None = None) -> dict[str, Any]:
+                 price: int = 1_000_000, nonce: str | None = None,
+                 run: bool = False) -> dict[str, Any]:
+    """A dual-signed trade; with `run`, its terms commit to sampling and token ids."""
     terms = {
         "provider": provider.node_id, "consumer": consumer.node_id, "model": "tiny:test",
         "model_sha256": "ab" * 32, "prompt_tokens": 7, "completion_tokens": tokens,
@@ -21,6 +26,8 @@ def signed_trade(provider: Identity, consumer: Identity, *, tokens: int = 40,
         "request_sha256": "cd" * 32, "response_sha256": "ef" * 32,
         "nonce": nonce or secrets.token_hex(8), "ts": 1_700_000_000_000,
     }
+    if run:
+        terms.update(sampling=SAMPLING, tokens_sha256="12" * 32)
     message = entries.trade_message(terms)
     return {"terms": terms, "provider_sig": provider.sign(message).hex(),
             "consumer_sig": consumer.sign(message).hex()}
@@ -50,6 +57,17 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         book.append("unsettled", {"terms": served["terms"], "provider_sig": served["provider_sig"],
                                   "reason": "not countersigned within 30 s"})
         book.append("note", {"text": "checkpoint soon"})
+        # Audits: a pass, and a dispute (three more signatures: auditor, provider, consumer).
+        audited = signed_trade(stranger, consumer, tokens=5, run=True)
+        book.append("audit", {"trade_id": entries.trade_id(audited), "provider": stranger.node_id,
+                              "model_sha256": "ab" * 32, "positions": 5})
+        disputed = signed_trade(stranger, consumer, tokens=5, run=True)
+        claim = {"trade": disputed, "auditor": owner.node_id, "reason": "model: 1 of 5 tokens",
+                 "failures": [{"pos": 2, "token": 65, "token_mlogit": -4000,
+                               "bound_mlogit": 9500, "top": [[66, 10000], [67, 9800]]}],
+                 "positions": 5, "ts": 1_700_000_000_000}
+        book.append("dispute", {"claim": claim, "verdict": "upheld", "auditor_sig":
+                                owner.sign(entries.dispute_message(claim)).hex()})
         book.checkpoint()
         book.append("redact", {"body": trade.fields["bodies"][0], "reason": "user asked"},
                     parent=trade.seq)

@@ -102,3 +102,11 @@ def test_gpu_check_refuses_a_bad_token_count(tmp_path):
     done = _gpu_check(_bin(tmp_path), tmp_path, "--tokens", "many")
     assert done.returncode == 2
     assert "--tokens must be a whole number in 2..4096, found 'many'" in done.stderr
+
+
+def test_audit_bench_refuses_bad_counts_before_loading_anything():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "audit_bench.py"),
+                           "--replies", "0"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--replies, --tokens, --rounds and --cheats must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -63,8 +63,8 @@ def test_untouched_ledger_is_valid_plain_and_deep(ledger_copy, run_forge):
         assert code == 0, report["findings"]
         assert report["valid"] and report["size"] == info["size"]
         assert report["checkpoints"] == 2
-        # one actor signature per entry plus two per trade
-        assert report["signatures"] == info["size"] + 4
+        # one actor signature per entry plus two per trade and three per dispute
+        assert report["signatures"] == info["size"] + 4 + 3
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,9 @@ TABLE_COLUMNS = [
     ("heartbeats", "account"), ("heartbeats", "hour"), ("heartbeats", "seq"),
     ("first_seen", "account"), ("first_seen", "ts"),
     ("unsettled", "account"), ("unsettled", "count"), ("unsettled", "seq"),
+    ("audit_record", "account"), ("audit_record", "passed"), ("audit_record", "disputed"),
+    ("audit_record", "forged"),
+    *(("audits", c) for c in ("trade_id", "auditor", "provider", "verdict", "seq")),
 ]
 
 

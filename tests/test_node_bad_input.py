@@ -72,11 +72,13 @@ ROUTES = [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/v1/completions"),
           ("GET", "/v1/forge/safety"), ("POST", "/v1/forge/kill"), ("POST", "/v1/forge/policy"),
           ("POST", "/v1/forge/approve"),
           ("GET", "/v1/forge/ledger/entries"), ("GET", "/v1/forge/ledger/entry/0"),
-          ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/events")]
+          ("GET", "/v1/forge/ledger/proof/0"), ("GET", "/v1/forge/events"),
+          ("GET", "/v1/forge/audits"), ("POST", "/v1/forge/audit/trade")]
 # Peers read each other's checkpoints and consistency proofs (hashes only) and gossip trades
 # (verified by their signatures) without tokens.
 MESH_PUBLIC = [("GET", "/v1/forge/ledger/checkpoint"), ("GET", "/v1/forge/ledger/consistency"),
-               ("GET", "/v1/forge/gossip/trades"), ("POST", "/v1/forge/gossip/trades")]
+               ("GET", "/v1/forge/gossip/trades"), ("POST", "/v1/forge/gossip/trades"),
+               ("POST", "/v1/forge/audit/dispute")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -186,6 +188,8 @@ JSON_ROUTES = [
     ("POST", "/v1/forge/p2p/chat", None),
     ("POST", "/v1/forge/p2p/settle", None),
     ("POST", "/v1/forge/gossip/trades", None),
+    ("POST", "/v1/forge/audit/dispute", None),
+    ("POST", "/v1/forge/audit/trade", "operator"),
 ]
 
 

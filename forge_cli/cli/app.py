@@ -9,6 +9,7 @@ import typer
 from forge_cli import version as forge_version
 from forge_cli.cli import (
     agent_cmd,
+    audit_cmd,
     chat_cmd,
     config_cmd,
     ledger_cmd,
@@ -73,6 +74,7 @@ app.add_typer(config_cmd.app, name="config")
 app.command("tui")(tui_cmd.tui)
 app.add_typer(agent_cmd.app, name="agent")
 app.command("mcp")(mcp_cmd.mcp)
+app.add_typer(audit_cmd.app, name="audit")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,10 @@
 """Reputation and credit score: folds over the ledger's views, nothing kept elsewhere.
 
 Reputation (basis points 0..10000): 5000, +100 per dual-signed trade provided, −2000 per loan
-default, −500 per peer-to-peer reply taken and never countersigned (`unsettled`), clamped.
+default, −500 per peer-to-peer reply taken and never countersigned (`unsettled`), +20 per audit
+of its sales passed, −2500 per dispute upheld against it, −2500 per dispute it wrote that did
+not re-check (a forged dispute), clamped. A peer's P2P price is × (2 − reputation), so each
+dispute also raises what the disputed peer pays here by 0.25 × the base price.
 Credit score (basis points) = (3·volume + 4·repayment + 2·uptime + 1·age) / 10, rounded down,
 every component in basis points and computed from the ledger:
 
@@ -30,20 +33,27 @@ WEIGHTS = {"volume": 3, "repayment": 4, "uptime": 2, "age": 1}  # tenths
 
 
 UNSETTLED_PENALTY_BP = 500
+AUDIT_PASS_BP = 20
+DISPUTE_PENALTY_BP = 2_500  # per dispute upheld against a provider
+FORGED_DISPUTE_PENALTY_BP = 2_500  # per dispute an auditor wrote that did not re-check
 
 
-def reputation(provided: int, defaulted: int = 0, unsettled: int = 0) -> int:
+def reputation(provided: int, defaulted: int = 0, unsettled: int = 0, passed: int = 0,
+               disputed: int = 0, forged: int = 0) -> int:
     """Basis points: 5000 to start, +100 per trade provided, −2000 per loan default,
-    −500 per peer-to-peer reply taken and never countersigned; clamped to 0..10000."""
+    −500 per peer-to-peer reply taken and never countersigned, +20 per audit passed,
+    −2500 per dispute upheld against it or forged by it; clamped to 0..10000."""
     return max(0, min(BP, 5_000 + 100 * provided - 2_000 * defaulted
-                      - UNSETTLED_PENALTY_BP * unsettled))
+                      - UNSETTLED_PENALTY_BP * unsettled + AUDIT_PASS_BP * passed
+                      - DISPUTE_PENALTY_BP * disputed - FORGED_DISPUTE_PENALTY_BP * forged))
 
 
 def account_reputation(ledger: Ledger, account: str) -> int:
     provided = (ledger.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0))[2]
     defaulted = (ledger.row(views.LOAN_HISTORY, (account,)) or (0, 0, 0))[2]
     unsettled = (ledger.row(views.UNSETTLED, (account,)) or (0, 0))[0]
-    return reputation(provided, defaulted, unsettled)
+    passed, disputed, forged = ledger.row(views.AUDIT_RECORD, (account,)) or (0, 0, 0)
+    return reputation(provided, defaulted, unsettled, passed, disputed, forged)
 
 
 def credit(ledger: Ledger, account: str, now_ms: int, host: str | None = None) -> dict[str, Any]:

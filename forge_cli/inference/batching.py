@@ -5,8 +5,11 @@ prompt chunks of newly admitted ones (up to the context's n_batch), then each se
 samples from its own row of logits with its own sampler chain (its temperature, top-k/p,
 min-p, repeat penalty and seed); a plain greedy request (no penalty) takes the row's argmax
 itself, the first of equal maxima as llama.cpp's greedy sampler does, without the chain's copy
-of the whole vocabulary. A finished or cancelled sequence gives its slot and its
-KV cells back before the next step; queued requests take free slots between steps.
+of the whole vocabulary. A finished or cancelled sequence gives its slot and its KV cells back
+before the next step; queued requests take free slots between steps. A scoring job (an audit's
+teacher-forced prefill) takes a slot like a request whose prompt is the whole text: its chunks
+ride in the same steps, it keeps the logits of the positions it was asked for, and it samples
+nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ctypes
 import queue
 import random
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +27,7 @@ import numpy as np
 from forge_cli.errors import ForgeError, ModelError, UsageError
 
 if TYPE_CHECKING:
-    from forge_cli.inference.engine import Call, Engine, Job, Sampling
+    from forge_cli.inference.engine import Call, Engine, Job, Sampling, Score
 
 # The repeat penalty looks this far back (prompt included), like llama-cpp-python's default.
 PENALTY_LAST_N = 64
@@ -77,10 +81,38 @@ class _Sequence:
         self.started = started
         self.queued = started - job.submitted
         self.first = self.last = started
+        self.ids: list[int] = []  # the tokens counted, in order
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
+
+
+class _Scoring:
+    """A scoring job in a slot: its tokens still to decode and the logit rows kept so far."""
+
+    chain = None
+
+    def __init__(self, job: Score, slot: int, n_vocab: int) -> None:
+        import numpy as np
+
+        self.job = job
+        self.slot = slot
+        self.prompt = job.tokens
+        self.fed = 0
+        self.pos = 0
+        n = len(job.tokens) - job.start
+        self.rows: Any = (np.empty((n, n_vocab), dtype=np.float32) if job.reduce is None
+                          else [None] * n)
+        self.error: Exception | None = None  # the caller's `reduce` failed: only this job fails
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def wanted(self, i: int) -> bool:
+        """Whether the logits after token i are kept (they score token i + 1 of the reply)."""
+        return self.job.start - 1 <= i < len(self.prompt) - 1
 
 
 class Scheduler:
@@ -88,7 +120,7 @@ class Scheduler:
     every live sequence forward together."""
 
     def __init__(self, engine: Engine, ctx: Any, slots: int,
-                 jobs: queue.Queue[Job | Call | None]) -> None:
+                 jobs: queue.Queue[Job | Score | Call | None]) -> None:
         lib = engine._lib
         self._engine = engine
         self._lib = lib
@@ -99,14 +131,14 @@ class Scheduler:
         self._n_batch = int(lib.llama_n_batch(ctx))
         self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
         self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
-        self._live: list[_Sequence] = []
+        self._live: list[_Sequence | _Scoring] = []
         self._jobs = jobs
         self._piece_buf = ctypes.create_string_buffer(256)
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        from forge_cli.inference.engine import Call
+        from forge_cli.inference.engine import Call, Score
 
         while True:
             # Take queued work while a slot is free; wait for it only when nothing is live.
@@ -125,6 +157,9 @@ class Scheduler:
                             item.future.set_result(item.fn())
                         except BaseException as exc:  # handed to the caller, who re-raises it
                             item.future.set_exception(exc)
+                    continue
+                if isinstance(item, Score):
+                    self._live.append(_Scoring(item, self._free.pop(), self._engine.n_vocab))
                     continue
                 self._admit(item)
             if self._live:
@@ -209,10 +244,11 @@ class Scheduler:
         for seq in [s for s in self._live if s.job.cancelled.is_set()]:
             self._finish(seq, "cancelled")
         rows: list[tuple[_Sequence, int]] = []  # who samples from which row of logits
-        fed: list[_Sequence] = []
+        kept: list[tuple[_Scoring, int, int]] = []  # (job, batch row, its row of scores)
+        fed: list[_Sequence | _Scoring] = []
         n = 0
         for seq in self._live:
-            if not seq.prefilling:
+            if not seq.prefilling and isinstance(seq, _Sequence):
                 self._put(n, seq.next, seq, True)
                 rows.append((seq, n))
                 fed.append(seq)
@@ -221,11 +257,16 @@ class Scheduler:
             if not seq.prefilling or n >= self._n_batch:
                 continue
             take = min(len(seq.prompt) - seq.fed, self._n_batch - n)
-            for token in seq.prompt[seq.fed: seq.fed + take]:
-                self._put(n, token, seq, False)
+            for i in range(seq.fed, seq.fed + take):
+                keep = isinstance(seq, _Scoring) and seq.wanted(i)
+                self._put(n, seq.prompt[i], seq, keep)
+                if keep:
+                    kept.append((seq, n, i - seq.job.start + 1))
                 n += 1
             seq.fed += take
             fed.append(seq)
+            if isinstance(seq, _Scoring):
+                continue
             if not seq.prefilling:  # its last prompt token: sample the first reply token
                 batch.logits[n - 1] = 1
                 rows.append((seq, n - 1))
@@ -239,6 +280,15 @@ class Scheduler:
                     f"llama.cpp could not decode a step of {n} tokens (llama_decode "
                     f"returned {code})"))
             return
+        if kept:
+            for job, row, at in kept:
+                logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row),
+                                               shape=(self._n_vocab,))
+                reduce = job.job.reduce
+                try:
+                    job.rows[at] = logits if reduce is None else reduce(at, logits)
+                except Exception as exc:  # the caller's code: it must not fail the others
+                    job.error = job.error or exc
         for seq, row in rows:
             if seq.chain is None:
                 logits = lib.llama_get_logits_ith(self._ctx, row)
@@ -246,8 +296,13 @@ class Scheduler:
             else:
                 token = lib.llama_sampler_sample(seq.chain, self._ctx, row)
             self._take(seq, token)
+        for seq in fed:
+            if isinstance(seq, _Scoring) and not seq.prefilling:
+                self._release(seq)
+                seq.job.out.put(("done", seq.rows) if seq.error is None else
+                                ("error", ModelError(f"scoring failed: {seq.error}")))
 
-    def _put(self, i: int, token: int, seq: _Sequence, logits: bool) -> None:
+    def _put(self, i: int, token: int, seq: _Sequence | _Scoring, logits: bool) -> None:
         batch = self._batch
         batch.token[i] = token
         batch.pos[i] = seq.pos
@@ -262,6 +317,7 @@ class Scheduler:
             self._finish(seq, "stop")
             return
         seq.count += 1
+        seq.ids.append(token)
         seq.last = time.perf_counter()
         if seq.count == 1:
             seq.first = seq.last
@@ -278,7 +334,7 @@ class Scheduler:
 
     # -- ending ------------------------------------------------------------------------------
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: _Sequence | _Scoring) -> None:
         """Give the slot back and drop its KV cells, so the next sequence starts clean."""
         self._live.remove(seq)
         self._lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
@@ -286,9 +342,12 @@ class Scheduler:
             self._lib.llama_sampler_free(seq.chain)
         self._free.append(seq.slot)
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: _Sequence | _Scoring, reason: str) -> None:
         from forge_cli.inference.engine import Completion
 
+        if isinstance(seq, _Scoring):  # cancelled: the engine is closing
+            self._fail(seq, ModelError("scoring was cancelled: the engine is closing"))
+            return
         self._release(seq)
         tail = seq.text.tail()
         if tail:
@@ -302,11 +361,27 @@ class Scheduler:
             queued_s=seq.queued,
             prompt_s=(seq.first if seq.count else time.perf_counter()) - seq.started,
             generation_s=seq.last - seq.first,
+            token_ids=seq.ids,
         )))
 
-    def _fail(self, seq: _Sequence, exc: ForgeError) -> None:
+    def _fail(self, seq: _Sequence | _Scoring, exc: ForgeError) -> None:
         self._release(seq)
         seq.job.out.put(("error", exc))
+
+
+def reply_text(pieces: Iterable[bytes], stops: tuple[str, ...]) -> tuple[str, int]:
+    """The text that a reply of these token pieces streams (a stop string cut as generation
+    cuts it) and how many pieces were read: fewer than given when a stop string ended it."""
+    text = _Text(stops)
+    parts: list[str] = []
+    read = 0
+    for raw in pieces:
+        read += 1
+        parts.append(text.add(raw))
+        if text.stopped:
+            break
+    parts.append(text.tail())
+    return "".join(parts), read
 
 
 def stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
@@ -318,4 +393,4 @@ def stop_prefix_len(text: str, stops: tuple[str, ...], longest: int) -> int:
     return 0
 
 
-__all__ = ["PENALTY_LAST_N", "Scheduler", "stop_prefix_len"]
+__all__ = ["PENALTY_LAST_N", "Scheduler", "reply_text", "stop_prefix_len"]

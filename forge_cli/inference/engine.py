@@ -66,6 +66,8 @@ class Completion:
     queued_s: float = 0.0  # waiting for a slot
     prompt_s: float = 0.0  # prompt evaluation up to the first sampled token
     generation_s: float = 0.0  # from the first to the last sampled token
+    # Every token sampled and counted (what the provider commits to in a sale; no end-of-turn)
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -104,6 +106,20 @@ class Job:
     prompt: str
     sampling: Sampling
     add_bos: bool
+    out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Score:
+    """Teacher-forced scoring: `tokens` decoded in one prefill, the logits of every position
+    from `start - 1` on kept (each row predicts the token after it), or what `reduce` makes
+    of each."""
+
+    tokens: list[int]
+    start: int
+    reduce: Callable[[int, Any], Any] | None = None
     out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -252,7 +268,7 @@ class Engine:
             raise
         self.load_s = time.perf_counter() - started
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
-        self._jobs: queue.Queue[Job | Call | None] = queue.Queue(maxsize=queue_size)
+        self._jobs: queue.Queue[Job | Score | Call | None] = queue.Queue(maxsize=queue_size)
         self._closed = False
 
         from forge_cli.inference.batching import Scheduler
@@ -401,6 +417,16 @@ class Engine:
         thread while the scheduler decodes)."""
         return self._tokenize(text, add_bos=add_bos, special=special)
 
+    def reply_text(self, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, int]:
+        """The text `chat` streams for a reply of these token ids (with `stops` and the
+        template's stop strings cut as generation cuts them), and how many ids it read before
+        a stop string ended it (vocabulary only: safe on any thread)."""
+        from forge_cli.inference.batching import reply_text
+
+        buf = ctypes.create_string_buffer(256)
+        return reply_text((self._piece(t, buf) for t in ids),
+                          tuple(dict.fromkeys(stops + self.template.stops)))
+
     def call(self, fn: Callable[[], Any], *, block: bool = True) -> Any:
         """Run `fn` on the scheduler thread between two decode steps and return its result
         (it waits in the queue like a request, and runs once a slot is free)."""
@@ -432,7 +458,36 @@ class Engine:
         self._put(job, block)
         return Stream(job)
 
-    def _put(self, item: Job | Call, block: bool) -> None:
+    def score(self, tokens: list[int], start: int, *,
+              reduce: Callable[[int, Any], Any] | None = None, block: bool = True) -> Any:
+        """The logits (a float32 array, one row of n_vocab per token of `tokens[start:]`) that
+        this model gives each of those tokens after all the tokens before it: one prefill of
+        `tokens` through a slot of the same scheduler, nothing sampled. Row i scores
+        `tokens[start + i]`; an audit reads a provider's reply against them.
+
+        With `reduce`, the list of `reduce(i, row)` instead: it runs on the scheduler thread
+        over llama.cpp's own buffer (keep nothing of `row`), so no row is copied or held.
+
+        >>> rows = engine.score(prompt + reply, len(prompt))     # doctest: +SKIP
+        >>> int(rows[0].argmax()) == reply[0]                    # greedy's first token
+        """
+        if not 1 <= start <= len(tokens):
+            raise UsageError(f"scoring needs 1 ≤ start ≤ {len(tokens)} tokens, found {start}")
+        if len(tokens) > self.n_ctx:
+            raise UsageError(f"{len(tokens)} tokens to score; the context of {self.name} holds "
+                             f"{self.n_ctx}")
+        job = Score(list(tokens), start, reduce)
+        self._put(job, block)
+        while True:
+            try:
+                kind, value = job.out.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if kind == "error":
+                raise value
+            return value
+
+    def _put(self, item: Job | Score | Call, block: bool) -> None:
         if self._closed:
             raise ModelError(f"the engine for {self.name} is closed")
         try:
@@ -454,7 +509,7 @@ class Engine:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, Job):
+            if isinstance(item, Job | Score):
                 item.out.put(("error", ModelError(f"the engine for {self.name} was closed")))
             elif isinstance(item, Call):
                 item.future.set_exception(ModelError(f"the engine for {self.name} was closed"))

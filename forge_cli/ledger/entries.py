@@ -19,6 +19,7 @@ from forge_cli.errors import EntryRejected
 VERSION = 1
 GENESIS_PREV = "0" * 64
 TRADE_DOMAIN = b"forge-trade-v1\n"
+DISPUTE_DOMAIN = b"forge-dispute-v1\n"
 UCU_PER_CU = 1_000_000
 # Every amount, count and time in an entry or trade is at most 2^53: exact in SQLite, in JSON
 # readers that use doubles, and far from 2^63 when summed.
@@ -163,6 +164,32 @@ TRADE_TERMS = {
 }
 
 
+# What a provider commits to about the run itself (optional in terms, both or neither): the
+# sampling it used, as integers (probabilities and temperature in ppm), and the SHA-256 of the
+# token ids it produced (the ids travel as a body: `forge_cli.mesh.audit.tokens_body`).
+TRADE_RUN = frozenset({"sampling", "tokens_sha256"})
+SAMPLING_KEYS = frozenset({"temperature_ppm", "top_p_ppm", "top_k", "min_p_ppm",
+                           "repeat_penalty_ppm", "seed", "max_tokens"})
+_SAMPLING_LIMITS = {"temperature_ppm": 2_000_000, "top_p_ppm": 1_000_000, "top_k": 1_000_000,
+                    "min_p_ppm": 1_000_000, "repeat_penalty_ppm": 10_000_000, "seed": 2**32 - 1,
+                    "max_tokens": 1_000_000}
+
+
+def check_sampling(sampling: Any) -> str | None:
+    """Why committed sampling parameters are malformed, or None."""
+    if not isinstance(sampling, dict):
+        return "terms.sampling is not an object"
+    missing, extra = SAMPLING_KEYS - set(sampling), set(sampling) - SAMPLING_KEYS
+    if missing or extra:
+        return (f"terms.sampling has missing keys {sorted(missing)} / unexpected keys "
+                f"{sorted(extra)}")
+    for key, high in _SAMPLING_LIMITS.items():
+        value = sampling[key]
+        if type(value) is not int or not 0 <= value <= high:
+            return f"terms.sampling.{key} must be an integer from 0 to {high}, found {value!r}"
+    return None
+
+
 def trade_cost(completion_tokens: int, price_ucu_per_token: int) -> int:
     """cu = ceil(completion_tokens × price), price in µCU per token."""
     return -(-completion_tokens * price_ucu_per_token // UCU_PER_CU)
@@ -176,10 +203,19 @@ def trade_message(terms: dict[str, Any]) -> bytes:
 def check_terms(terms: Any) -> str | None:
     if not isinstance(terms, dict):
         return "data.terms is not an object"
-    reason = _first(_exact_keys(terms, TRADE_TERMS), _account(terms, "provider"),
+    reason = _first(_exact_keys(terms, TRADE_TERMS, TRADE_RUN), _account(terms, "provider"),
                     _account(terms, "consumer"))
     if reason:
         return reason
+    if TRADE_RUN & set(terms):
+        if not TRADE_RUN <= set(terms):
+            return "terms commit to the run with both sampling and tokens_sha256, or neither"
+        reason = check_sampling(terms["sampling"])
+        if reason:
+            return reason
+        if not isinstance(terms["tokens_sha256"], str) or \
+                not _HEX64.fullmatch(terms["tokens_sha256"]):
+            return "terms.tokens_sha256 is not a sha256 hex digest"
     for key in ("model_sha256", "request_sha256", "response_sha256"):
         if not isinstance(terms[key], str) or not _HEX64.fullmatch(terms[key]):
             return f"terms.{key} is not a sha256 hex digest"
@@ -463,6 +499,99 @@ def _agent(data: dict[str, Any]) -> str | None:
     return None
 
 
+# -- audits (proof of useful work): a pass, or a dispute carrying its evidence ----------------
+
+AUDIT_VERDICTS = ("upheld", "forged")
+MAX_FAILURES = 16  # failing positions a dispute carries (the first ones)
+MAX_TOP = 8  # the auditor's best tokens listed at each
+FAILURE_KEYS = frozenset({"pos", "token", "token_mlogit", "bound_mlogit", "top"})
+
+
+def _audit(data: dict[str, Any]) -> str | None:
+    """A passed audit of a trade by the entry's actor: it counts for the provider."""
+    return _first(_exact_keys(data, {"trade_id", "provider", "model_sha256", "positions"}),
+                  _account(data, "provider"), _nonneg(data, "positions"),
+                  *(None if isinstance(data.get(k), str) and _HEX64.fullmatch(data[k])
+                    else f"data.{k} is not a sha256 hex digest"
+                    for k in ("trade_id", "model_sha256")))
+
+
+def _failure(item: Any) -> str | None:
+    if not isinstance(item, dict) or set(item) != FAILURE_KEYS:
+        return f"each failure has exactly {', '.join(sorted(FAILURE_KEYS))}"
+    for key in ("pos", "token"):
+        if type(item[key]) is not int or not 0 <= item[key] <= MAX_AMOUNT:
+            return f"failure.{key} must be a non-negative integer"
+    for key in ("token_mlogit", "bound_mlogit"):
+        if type(item[key]) is not int or abs(item[key]) > MAX_AMOUNT:
+            return f"failure.{key} must be an integer (milli-logits)"
+    top = item["top"]
+    if not isinstance(top, list) or len(top) > MAX_TOP or not all(
+            isinstance(t, list) and len(t) == 2 and all(type(v) is int for v in t) for t in top):
+        return f"failure.top must list at most {MAX_TOP} [token, milli-logit] pairs"
+    return None
+
+
+def dispute_message(claim: dict[str, Any]) -> bytes:
+    """What an auditor signs: the domain prefix and the canonical claim."""
+    return DISPUTE_DOMAIN + canonical.encode(claim)
+
+
+def _dispute(data: dict[str, Any]) -> str | None:
+    """An auditor's signed claim that a trade's reply is not what its terms commit to, and the
+    verdict of the node that recorded it: `upheld` (it re-checked, or it is the auditor) or
+    `forged` (the evidence did not re-check: it counts against the auditor)."""
+    reason = _first(_exact_keys(data, {"claim", "auditor_sig", "verdict"}),
+                    None if data.get("verdict") in AUDIT_VERDICTS
+                    else f"data.verdict must be one of {', '.join(AUDIT_VERDICTS)}")
+    if reason:
+        return reason
+    claim = data["claim"]
+    if not isinstance(claim, dict):
+        return "data.claim is not an object"
+    reason = _first(_exact_keys(claim, {"trade", "auditor", "reason", "failures", "positions",
+                                        "ts"}),
+                    _account(claim, "auditor"), _text(claim, "reason"),
+                    _nonneg(claim, "positions"), _nonneg(claim, "ts"))
+    if reason:
+        return f"claim: {reason}"
+    trade = claim["trade"]
+    reason = _trade(trade) if isinstance(trade, dict) else "data.claim.trade is not an object"
+    if reason:
+        return f"claim.trade: {reason}"
+    if not TRADE_RUN <= set(trade["terms"]):
+        return "claim.trade: the terms commit to no run (sampling and tokens), nothing to audit"
+    if claim["auditor"] == trade["terms"]["provider"]:
+        return "claim: a provider cannot dispute its own trade"
+    failures = claim["failures"]
+    if not isinstance(failures, list) or len(failures) > MAX_FAILURES:
+        return f"claim.failures must be a list of at most {MAX_FAILURES}"
+    reason = next((r for r in map(_failure, failures) if r), None)
+    if reason:
+        return f"claim: {reason}"
+    if not isinstance(data["auditor_sig"], str) or not _HEX128.fullmatch(data["auditor_sig"]):
+        return "data.auditor_sig is not a 64-byte hex signature"
+    return None
+
+
+def dispute_signatures(data: dict[str, Any]) -> list[tuple[str, bytes, str, str]]:
+    """The signatures a (well-formed) dispute carries: (signer, message, signature, whose)."""
+    claim = data["claim"]
+    terms = claim["trade"]["terms"]
+    message = trade_message(terms)
+    return [(claim["auditor"], dispute_message(claim), data["auditor_sig"], "dispute auditor"),
+            (terms["provider"], message, claim["trade"]["provider_sig"], "disputed trade provider"),
+            (terms["consumer"], message, claim["trade"]["consumer_sig"], "disputed trade consumer")]
+
+
+def dispute_signature_problem(data: dict[str, Any]) -> str | None:
+    """Why a (well-formed) dispute's signatures fail, or None when all three verify."""
+    for signer, message, sig, whose in dispute_signatures(data):
+        if not identity.verify_hex(signer, message, sig):
+            return f"{whose} signature does not verify"
+    return None
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "grant": _mint,
     "burn": _mint,
@@ -481,6 +610,8 @@ KINDS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "heartbeat": _heartbeat,
     "unsettled": _unsettled,
     "agent": _agent,
+    "audit": _audit,
+    "dispute": _dispute,
 }
 
 
@@ -492,7 +623,7 @@ def check_draft(kind: str, data: dict[str, Any]) -> None:
     reason = rule(data) if isinstance(data, dict) else "data is not an object"
     if reason:
         raise EntryRejected(f"{kind}: {reason}")
-    if kind == "trade":
-        reason = trade_signature_problem(data)
+    if kind in ("trade", "dispute"):
+        reason = (trade_signature_problem if kind == "trade" else dispute_signature_problem)(data)
         if reason:
-            raise EntryRejected(f"trade: {reason}")
+            raise EntryRejected(f"{kind}: {reason}")

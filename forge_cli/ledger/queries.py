@@ -117,3 +117,31 @@ def trades_from(ledger: Ledger, start: int) -> Iterator[tuple[int, dict[str, Any
     """(seq, trade data) of every trade entry at seq ≥ `start`, in seq order."""
     for entry in ledger.iter_entries(start, kind="trade"):
         yield entry.seq, entry.data
+
+
+def dispute_auditors(ledger: Ledger, provider: str) -> int:
+    """Distinct auditors whose disputes against `provider` this ledger upheld."""
+    return ledger.conn.execute(
+        "SELECT count(DISTINCT auditor) FROM audits WHERE provider = ? AND verdict = 'upheld'",
+        (provider,)).fetchone()[0]
+
+
+def audit_records(ledger: Ledger) -> dict[str, tuple[int, int, int]]:
+    """account → (audits passed, disputes upheld against it, disputes it forged)."""
+    return {key[0]: value for key, value in view_rows(ledger, views.AUDIT_RECORD).items()}
+
+
+def audit_entries(ledger: Ledger, account: str | None = None) -> Iterator[Any]:
+    """Every `audit` and `dispute` entry in seq order; with `account`, those about it (as
+    provider or auditor)."""
+    found = [*ledger.iter_entries(0, kind="audit"), *ledger.iter_entries(0, kind="dispute")]
+    for entry in sorted(found, key=lambda e: e.seq):
+        if account is not None:
+            if entry.kind == "audit":
+                parties = {entry.data["provider"], entry.actor}
+            else:
+                claim = entry.data["claim"]
+                parties = {claim["trade"]["terms"]["provider"], claim["auditor"]}
+            if account not in parties:
+                continue
+        yield entry

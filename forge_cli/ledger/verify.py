@@ -131,6 +131,10 @@ def check_entry(raw: bytes, sig: bytes, seq: int, prev: bytes, *, strict: bool) 
         for party in ("provider", "consumer"):
             checks.append((bytes.fromhex(data["terms"][party]), message,
                            bytes.fromhex(data[f"{party}_sig"]), seq, f"trade {party}"))
+    elif fields["kind"] == "dispute":
+        checks.extend((bytes.fromhex(signer), message, bytes.fromhex(sig), seq, whose)
+                      for signer, message, sig, whose in
+                      entries.dispute_signatures(fields["data"]))
     return EntryCheck(leaf, fields, problems, checks)
 
 

@@ -75,9 +75,18 @@ HEARTBEATS = View("heartbeats", ("account", "hour"), ("seq",), ("TEXT", "INTEGER
 FIRST_SEEN = View("first_seen", ("account",), ("ts",), ("TEXT", "INTEGER"))
 # Per consumer: peer-to-peer terms it was served and never countersigned (its standing).
 UNSETTLED = View("unsettled", ("account",), ("count", "seq"), ("TEXT", "INTEGER", "INTEGER"))
+# Per account: audits of its sales passed and disputes upheld against it (as provider), and
+# disputes it wrote that did not re-check (as auditor): its standing.
+AUDIT_RECORD = View("audit_record", ("account",), ("passed", "disputed", "forged"),
+                    ("TEXT", "INTEGER", "INTEGER", "INTEGER"))
+# Every audit outcome recorded, once per (trade, auditor): the provider audited and the verdict
+# ('passed', or for a dispute what this node found: 'upheld' or 'forged').
+AUDITS = View("audits", ("trade_id", "auditor"), ("provider", "verdict", "seq"),
+              ("TEXT", "TEXT", "TEXT", "TEXT", "INTEGER"))
 VIEWS: tuple[View, ...] = (ACCOUNTS, SUPPLY, TRADE_NONCES, REDACTIONS, BODY_REFS, TRADE_TOTALS,
                            KILL_SWITCH, POLICIES, APPROVALS, POOL, LENDERS, LOANS, ESCROW,
-                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN, UNSETTLED)
+                           LOAN_HISTORY, HEARTBEATS, FIRST_SEEN, UNSETTLED, AUDIT_RECORD,
+                           AUDITS)
 KILL_KEY = ("global",)
 POOL_KEY = ("pool",)
 
@@ -309,6 +318,30 @@ def apply(state: State, fields: dict[str, Any]) -> None:
         state.put(POLICIES, (data["account"],), (*(data[k] for k in POLICY_LIMITS), seq))
     elif kind == "approval":
         _approval(state, data, seq, fields["ts"])
+    elif kind in ("audit", "dispute"):
+        _audited(state, fields)
+
+
+def _audited(state: State, fields: dict[str, Any]) -> None:
+    """An audit's outcome: once per trade and auditor, counted in the parties' records."""
+    data, seq = fields["data"], fields["seq"]
+    if fields["kind"] == "audit":
+        key, provider, verdict = (data["trade_id"], fields["actor"]), data["provider"], "passed"
+    else:
+        claim = data["claim"]
+        key = (_kinds.trade_id(claim["trade"]), claim["auditor"])
+        provider, verdict = claim["trade"]["terms"]["provider"], data["verdict"]
+    seen = state.get(AUDITS, key)
+    if seen is not None:
+        raise EntryRejected(f"seq {seq}: auditor {key[1][:16]}… already audited trade "
+                            f"{key[0][:16]}… at seq {seen[2]} ({seen[1]})")
+    state.put(AUDITS, key, (provider, verdict, seq))
+    if verdict == "passed":
+        _add(state, AUDIT_RECORD, (provider,), 1, 0, 0)
+    elif verdict == "upheld":
+        _add(state, AUDIT_RECORD, (provider,), 0, 1, 0)
+    else:
+        _add(state, AUDIT_RECORD, (key[1],), 0, 0, 1)
 
 
 class MemoryState:

@@ -9,6 +9,7 @@ the reply as received is never paid.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -27,10 +28,14 @@ from forge_cli.errors import (
 )
 from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
+from forge_cli.mesh.audit import tokens_body
 from forge_cli.trade.session import failed
 
 if TYPE_CHECKING:
+    from forge_cli.mesh.audit import Auditor
     from forge_cli.trade.wallet import Hold, Wallet
+
+log = logging.getLogger("forge.mesh")
 
 CONNECT_TIMEOUT_S = 60  # each JSON call to a provider, and connecting for its stream
 READ_TIMEOUT_S = 120  # the longest wait for the provider's next piece
@@ -73,6 +78,7 @@ class Purchase:
     total_s: float  # from the quote request to the trade in the consumer's ledger
     last_piece_s: float = 0.0  # from the quote request to the last piece
     settle_s: float = 0.0  # from the provider's terms to the trade in the consumer's ledger
+    audit: entries.Entry | None = None  # the `audit` or `dispute` entry, when audited
 
     @property
     def cu(self) -> int:
@@ -90,6 +96,7 @@ class Buyer:
         self.account = signer.node_id
         self.session = session
         self.clock = clock
+        self.auditor: Auditor | None = None  # set by a node that audits its purchases
 
     def _client(self, seller: Seller) -> AsyncClient:
         return AsyncClient(seller.url, timeout=CONNECT_TIMEOUT_S, session=self.session)
@@ -193,9 +200,13 @@ class Buyer:
                                  "without signed terms; nothing was recorded or paid")
         text = "".join(pieces)
         terms, provider_sig = final["terms"], final.get("provider_sig")
+        ids = final.get("tokens")
+        ids_body = (tokens_body(ids) if isinstance(ids, list) and
+                    all(type(t) is int for t in ids) else b"")
         reason = protocol.terms_problem(terms, provider_sig, quote=quote, nonce=intent["nonce"],
                                         request_sha256=intent["request_sha256"],
-                                        response=text.encode(), streamed_tokens=tokens)
+                                        response=text.encode(), streamed_tokens=tokens,
+                                        tokens=ids_body)
         if reason:
             raise TermsRejected(f"refused to countersign the terms of provider "
                                 f"{seller.short()}: {reason}; nothing was recorded or paid")
@@ -203,12 +214,19 @@ class Buyer:
                 "consumer_sig": self.signer.sign(entries.trade_message(terms)).hex()}
         ack = await self._post(seller, "/v1/forge/p2p/settle", data)
         entry = await self.wallet.run(self.wallet.record_trade, data,
-                                      [request_bytes, text.encode()], hold=hold)
+                                      [request_bytes, text.encode(), ids_body], hold=hold)
         seq, balance = entry.seq, self.wallet.balance(self.account)
         done = time.perf_counter()
-        return Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,
-                        first if first is not None else 0.0, done - started, last,
-                        done - terms_at)
+        purchase = Purchase(seller, text, terms, data, seq, ack.get("trade_seq"), balance,
+                            first if first is not None else 0.0, done - started, last,
+                            done - terms_at)
+        if self.auditor is not None and self.auditor.due(terms["model_sha256"]):
+            try:
+                purchase.audit = await self.auditor.audit_purchase(data, request_bytes,
+                                                                   text.encode(), ids_body)
+            except ForgeError as exc:  # the purchase stands; only its audit is lost
+                log.warning("could not audit the purchase from %s: %s", seller.short(), exc)
+        return purchase
 
 
 def _said(exc: ForgeError) -> str:

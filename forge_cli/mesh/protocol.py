@@ -7,7 +7,8 @@
    SHA-256 of the exact request bytes, signed by the consumer (`forge-intent-v1\\n` + canonical
    JSON). The intent caps what the consumer will pay at the quote's `max_cu`.
 3. The provider streams the reply (each piece with the running token count), then the trade
-   **terms** (DESIGN §4) signed with the trade domain.
+   **terms** (DESIGN §4) signed with the trade domain, committing to the run (the sampling it
+   used and the hash of the token ids, which it sends beside them: `forge_cli.mesh.audit`).
 4. The consumer checks the terms against the quote and what it received (see `terms_problem`)
    and only then **countersigns**; both ledgers append the same dual-signed trade.
 
@@ -108,12 +109,15 @@ def intent_problem(intent: Any, consumer_sig: Any) -> str | None:
 
 
 def terms_problem(terms: Any, provider_sig: Any, *, quote: dict[str, Any], nonce: str,
-                  request_sha256: str, response: bytes, streamed_tokens: int) -> str | None:
+                  request_sha256: str, response: bytes, streamed_tokens: int,
+                  tokens: bytes) -> str | None:
     """Why a consumer must not countersign these terms, or None when they are what was bought.
 
     The terms must be well formed and signed by the quoting provider, name this consumer,
     the quoted model and price, this request's nonce and hash, the hash of the reply as
-    received, the token count the stream reported, and cost no more than the quote allows.
+    received, the token count the stream reported, and cost no more than the quote allows;
+    they must commit to the run (sampling, and the hash of `tokens`, the ids body the
+    provider sent, one id per billed token), so that the purchase can be audited.
     """
     reason = entries.check_terms(terms)
     if reason:
@@ -134,6 +138,13 @@ def terms_problem(terms: Any, provider_sig: Any, *, quote: dict[str, Any], nonce
                 f"{quote['max_tokens']}")
     if terms["cu"] > quote["max_cu"]:
         return f"terms charge {terms['cu']} CU, above the quoted maximum of {quote['max_cu']} CU"
+    if not entries.TRADE_RUN <= terms.keys():
+        return "the terms do not commit to the run (sampling and tokens_sha256): not auditable"
+    if terms["sampling"]["max_tokens"] != quote["max_tokens"]:
+        return (f"terms.sampling.max_tokens is {terms['sampling']['max_tokens']}, the quote's "
+                f"max_tokens is {quote['max_tokens']}")
+    if entries.body_hash(tokens) != terms["tokens_sha256"]:
+        return "the token ids sent do not hash to terms.tokens_sha256"
     return None
 
 

@@ -28,7 +28,7 @@ from forge_cli.errors import (
     UnsettledExposure,
 )
 from forge_cli.ledger import entries
-from forge_cli.mesh import protocol
+from forge_cli.mesh import audit, protocol
 from forge_cli.trade.seams import Node
 from forge_cli.trade.session import Settled, TradeSession
 from forge_cli.trade.wallet import FREE_TIER_CU, Hold
@@ -46,6 +46,8 @@ class Sale:
     model: Any  # LoadedModel
     session: TradeSession | None = None
     data: dict[str, Any] | None = None  # the signed terms, once served
+    sampling: dict[str, int] | None = None  # the committed sampling (forge_cli.mesh.audit)
+    ids: list[int] | None = None  # the token ids produced, once served
 
     @property
     def quote(self) -> dict[str, Any]:
@@ -63,6 +65,7 @@ class Pending:
     response: bytes
     deadline_ms: int
     hold: Hold | None  # the consumer's reservation, until settled or expired
+    tokens: bytes | None = None  # the ids body the terms commit to
 
 
 class Sales:
@@ -204,6 +207,8 @@ class Sales:
         the consumer's reservation, for the countersignature."""
         quote = sale.quote
         tokens = completion.completion_tokens if completion is not None else 0
+        sale.ids = list(completion.token_ids) if completion is not None else []
+        run = audit.run_terms(sale.sampling, sale.ids) if sale.sampling is not None else {}
         terms = {
             "provider": self.node.node_id, "consumer": quote["consumer"], "model": quote["model"],
             "model_sha256": quote["model_sha256"],
@@ -212,12 +217,13 @@ class Sales:
             "cu": entries.trade_cost(tokens, quote["price_ucu_per_token"]),
             "request_sha256": sale.intent["request_sha256"],
             "response_sha256": protocol.sha256_hex(session.response),
-            "nonce": sale.intent["nonce"], "ts": self.node.clock(),
+            "nonce": sale.intent["nonce"], "ts": self.node.clock(), **run,
         }
         sale.data = {"terms": terms,
                      "provider_sig": self.node.signer.sign(entries.trade_message(terms)).hex()}
         self.pending[sale.key] = Pending(sale.data, sale.request, session.response,
-                                         self.node.clock() + self.settle_ms, session.keep_hold())
+                                         self.node.clock() + self.settle_ms, session.keep_hold(),
+                                         audit.tokens_body(sale.ids) if run else None)
         return Settled(terms["cu"], quote["price_ucu_per_token"], 0, None)
 
     def abandon(self, sale: Sale) -> None:
@@ -253,8 +259,10 @@ class Sales:
         """Append the trade (or the unsettled terms), then let go of the reserved CU."""
         try:
             if kind == "trade":
-                return await self.node.on_ledger(self.node.wallet.record_trade, data,
-                                                 [pending.request, pending.response],
+                bodies = [pending.request, pending.response]
+                if pending.tokens is not None:
+                    bodies.append(pending.tokens)
+                return await self.node.on_ledger(self.node.wallet.record_trade, data, bodies,
                                                  hold=pending.hold)
             return await self.node.append("unsettled", data)
         finally:

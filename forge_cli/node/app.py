@@ -13,6 +13,7 @@ from aiohttp import web
 from forge_cli.errors import UsageError
 from forge_cli.node import (
     routes_agent,
+    routes_audit,
     routes_economy,
     routes_gossip,
     routes_ledger,
@@ -40,7 +41,7 @@ from forge_cli.node.web import (
 ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
                        *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
                        *routes_p2p.ROUTES, *routes_gossip.ROUTES, *routes_system.ROUTES,
-                       *routes_agent.ROUTES]
+                       *routes_agent.ROUTES, *routes_audit.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("timers")
 

@@ -8,16 +8,23 @@ from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import MeshNotRunning
+from forge_cli.ledger import queries
 from forge_cli.node.web import NODE, Route
 from forge_cli.trade.node import Node
 
 
 def peer_table(node: Node) -> list[dict[str, Any]]:
-    """The mesh's peers with the reputation this node's ledger gives each (raises when off)."""
+    """The mesh's peers with the reputation and audit record this node's ledger gives each
+    (raises when off)."""
     if node.mesh is None:
         raise MeshNotRunning("mesh is not running on this node",
                              hint="start it with `forge node --mesh` or `forge seed`")
-    return node.mesh.table(lambda node_id: account_reputation(node.reader, node_id))
+    rows = node.mesh.table(lambda node_id: account_reputation(node.reader, node_id))
+    records = queries.audit_records(node.reader)
+    for row in rows:
+        passed, disputed, forged = records.get(row["node_id"] or "", (0, 0, 0))
+        row["audits"] = {"passed": passed, "disputed": disputed, "forged": forged}
+    return rows
 
 
 async def peers(request: web.Request) -> web.Response:

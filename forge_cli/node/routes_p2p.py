@@ -9,6 +9,7 @@ import asyncio
 from aiohttp import web
 
 from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.mesh.audit import commit_sampling
 from forge_cli.node.routes_openai import parse_messages, parse_sampling
 from forge_cli.node.web import NODE, STREAMING, Route, error_body, read_json, sse
 from forge_cli.trade.node import Node
@@ -27,7 +28,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     sales = node.sales  # made at start-up (forge_cli.node.app)
     sale = sales.admit(await read_json(request))
     messages = parse_messages(sale.body)
-    sampling = parse_sampling(sale.body, sale.model.engine.n_ctx)
+    # The terms commit to the sampling run (ppm-exact, with its seed) and the ids produced.
+    sampling, sale.sampling = commit_sampling(parse_sampling(sale.body, sale.model.engine.n_ctx))
     session = await sales.open_sale(sale)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
@@ -46,7 +48,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             # unfinished character) are billed, so the consumer is told of them first.
             await response.write(sse({"text": "", "tokens": completion.completion_tokens}))
             await session.settle()
-            await response.write(sse(sale.data))
+            await response.write(sse({**sale.data, "tokens": sale.ids}))
     except ForgeError as exc:  # the consumer hears why, and pays nothing
         if not response.prepared:
             raise

@@ -72,7 +72,8 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                 clock=clock,
                 ledger_thread=ThreadPoolExecutor(1, thread_name_prefix="forge-ledger"),
                 settle_ms=settings["mesh.settle_s"] * 1000,
-                max_unsettled=settings["mesh.max_unsettled"])
+                max_unsettled=settings["mesh.max_unsettled"],
+                audit_every=settings["audit.every"])
     node.wallet = Wallet(ledger, safety, node.on_ledger, clock=clock, reader=reader,
                          strangers=StrangerRules.from_config())
     node.lending = Lending(ledger, safety, clock=clock, host=node.node_id, wallet=node.wallet)

@@ -46,7 +46,8 @@ class Node:
     def __init__(self, *, home: Path, ledger: Any, reader: Any, signer: identity.Identity,
                  models: list[LoadedModel], accounts: Any, operator_token: str, safety: Any,
                  clock: Callable[[], int], ledger_thread: ThreadPoolExecutor,
-                 settle_ms: int = 30_000, max_unsettled: int = 3) -> None:
+                 settle_ms: int = 30_000, max_unsettled: int = 3,
+                 audit_every: int = 20) -> None:
         from forge_cli.node.metrics import Metrics
 
         self.home = home
@@ -79,6 +80,7 @@ class Node:
         self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
         self.sales: Any = None  # forge_cli.mesh.seller.Sales: what peers buy from this node
         self.buyer: Any = None  # forge_cli.mesh.buyer.Buyer: what this node buys from peers
+        self.auditor = self._auditor(audit_every)
         self.events: Any = None  # EventBus, attached once the event loop runs
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -121,6 +123,40 @@ class Node:
         if self.events is not None:
             self.events.close()
 
+    def _auditor(self, every: int) -> Any:
+        """Audits of this node's purchases, and disputes from peers (forge_cli.mesh.audit)."""
+        from forge_cli.ledger import queries
+        from forge_cli.mesh.audit import Auditor
+
+        return Auditor(self.signer, every=every, engines=self.engine_for,
+                       append=self.append,
+                       disputes_against=lambda p: queries.dispute_auditors(self.reader, p),
+                       flag=self.flag_peer, peers=self._dispute_peers,
+                       send=self._send_dispute, clock=self.clock)
+
+    def engine_for(self, model_sha256: str) -> Any:
+        """This node's engine for the GGUF of that SHA-256, or None."""
+        return next((m.engine for m in self.models.values() if m.sha256 == model_sha256), None)
+
+    async def flag_peer(self, node_id: str, reason: str) -> None:
+        """Take a peer off this node's mesh for good, as a forked log does."""
+        if self.network is not None:
+            await asyncio.to_thread(self.network.flag, node_id, reason)
+        if self.mesh is not None:
+            self.mesh.flag_peer(node_id, reason)
+
+    def _dispute_peers(self) -> list[str]:
+        if self.mesh is None:
+            return []
+        return [p.url for p in self.mesh.trusted_peers() if p.node_id != self.node_id]
+
+    async def _send_dispute(self, url: str, payload: dict[str, Any]) -> Any:
+        from forge_cli.client import AsyncClient
+
+        session = self.peer_buyer().session
+        return await AsyncClient(url, timeout=60, session=session).post(
+            "/v1/forge/audit/dispute", payload)
+
     def peer_buyer(self) -> Any:
         """The node's buyer on the mesh: its own account in its wallet, one HTTP session."""
         if self.buyer is None:
@@ -131,6 +167,7 @@ class Node:
             self.buyer = Buyer(self.wallet, self.signer,
                                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)),
                                clock=self.clock)
+            self.buyer.auditor = self.auditor
         return self.buyer
 
     def close(self) -> None:

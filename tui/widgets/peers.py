@@ -1,4 +1,5 @@
-"""Peers on the mesh: id, models, price, reputation, last seen, latency, flagged peers."""
+"""Peers on the mesh: id, models, price, reputation, audit record, last seen, latency, flagged
+peers."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class PeersPanel(Panel):
         yield Static(classes="notice")
         yield Static(NO_MESH, id="peers-state")
         table: DataTable = DataTable(id="peers-table", cursor_type="row")
-        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "last seen", "latency", "flag")
+        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "audits", "last seen",
+                          "latency", "flag")
         yield table
 
     def show(self, snapshot: Snapshot) -> None:
@@ -43,17 +45,30 @@ class PeersPanel(Panel):
             names = ", ".join(m if isinstance(m, str) else m.get("name", "?") for m in models)
             latency = peer.get("latency_ms")
             table.add_row(short(peer.get("node_id")), names, _or_dash(peer.get("price_ucu_per_token")),
-                          _or_dash(peer.get("reputation")), ago, "-" if latency is None else f"{latency} ms",
-                          _flag(peer))
+                          _or_dash(peer.get("reputation")), _audits(peer), ago,
+                          "-" if latency is None else f"{latency} ms", _flag(peer))
 
 
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _audits(peer: dict) -> str:
+    """Audits of its sales passed, disputes upheld against it, disputes it forged."""
+    record = peer.get("audits") or {}
+    passed, disputed, forged = (int(record.get(k) or 0) for k in ("passed", "disputed", "forged"))
+    if not passed and not disputed and not forged:
+        return "-"
+    parts = [f"{passed} ok"] + [f"{n} {what}" for n, what in ((disputed, "disputed"),
+                                                              (forged, "forged")) if n]
+    return ", ".join(parts)
+
+
 def _flag(peer: dict) -> str:
-    """A short word for why a peer is flagged (duplicate node id now; forked logs later)."""
+    """A short word for why a peer is flagged (duplicate node id, disputes, a forked log)."""
     if not peer.get("flagged"):
         return ""
     reason = str(peer.get("flag_reason") or "")
-    return "DUPLICATE ID" if reason.startswith("duplicate") else "FLAGGED"
+    if reason.startswith("duplicate"):
+        return "DUPLICATE ID"
+    return "DISPUTED" if reason.startswith("disputes") else "FLAGGED"

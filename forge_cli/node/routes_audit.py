@@ -1,0 +1,61 @@
+"""Audit routes: a peer's dispute (re-checked here before it counts), an audit of a trade this
+node holds, and its record.
+
+The dispute route is public: peers hold no tokens here, and a dispute authenticates itself by
+its auditor's signature and the two signatures of the trade it disputes.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from forge_cli.errors import Forbidden, NotFound
+from forge_cli.ledger import queries
+from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.trade.node import Node
+
+
+async def dispute(request: web.Request) -> web.Response:
+    """{dispute, bodies}: re-checked with this node's copy of the model and recorded."""
+    node: Node = request.app[NODE]
+    return web.json_response(await node.auditor.receive(await read_json(request)))
+
+
+async def audit_trade(request: web.Request) -> web.Response:
+    """{seq}: audit the trade at that seq of this node's ledger (operator only); the outcome
+    is recorded like a purchase's audit, and a dispute goes to the peers."""
+    node: Node = request.app[NODE]
+    if not request[WHO].is_operator:
+        raise Forbidden("only the node operator may order an audit")
+    seq = field(await read_json(request), "seq", int, required=True)
+    if not 0 <= seq < node.ledger.size:
+        raise NotFound(f"no entry {seq}; the ledger holds {node.ledger.size}")
+    entry = node.reader.entry(seq)
+    if entry.kind != "trade":
+        raise bad_request(f"entry {seq} is a {entry.kind} entry, not a trade")
+    done = await node.auditor.audit_held(entry.data, node.reader.body)
+    claim = done.data.get("claim", {})
+    return web.json_response({"seq": done.seq, "kind": done.kind,
+                              "verdict": done.data.get("verdict", "passed"),
+                              "reason": claim.get("reason", ""),
+                              "failing_positions": [f["pos"] for f in claim.get("failures", [])]})
+
+
+async def audits(request: web.Request) -> web.Response:
+    """Per peer: audits passed, disputes upheld against it, disputes it forged."""
+    node: Node = request.app[NODE]
+    rows = queries.audit_records(node.reader)
+    return web.json_response({"peers": [
+        {"node_id": account, "passed": passed, "disputed": disputed, "forged": forged}
+        for account, (passed, disputed, forged) in sorted(rows.items())]})
+
+
+ROUTES = [
+    Route("POST", "/v1/forge/audit/dispute", dispute,
+          "A peer's audit dispute with its bodies: re-checked here, recorded as upheld or forged",
+          public=True),
+    Route("POST", "/v1/forge/audit/trade", audit_trade,
+          "Audit a trade of this node's ledger (operator): recorded as audit or dispute"),
+    Route("GET", "/v1/forge/audits", audits,
+          "Audit record per peer: audits passed, disputes upheld against it, disputes it forged"),
+]

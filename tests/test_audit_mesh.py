@@ -1,0 +1,333 @@
+"""Audits between real nodes: a buyer at `audit.every = 1` audits every purchase over the real
+P2P protocol, records `audit` entries for an honest seller and signed `dispute` entries for
+cheats — a seller that serves another GGUF than the one it quotes, one that inflates its token
+count, one that pads its replies; the disputes travel to a third node, re-check there and,
+with a second auditor's, flag the seller; a forged dispute is refused and counts against its
+author.
+
+The nodes are built by build_node and run in this process, each served by aiohttp on
+127.0.0.1 from its own thread (tests/app_thread.py). The model cheat's engine is loaded from a
+second random-weight tiny GGUF while its offer names the first one's SHA-256; the inflater and
+the padder run the real engine and doctor what it produced before the sale commits to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forge_cli.ledger import entries, queries
+from forge_cli.mesh import audit
+from tests.app_thread import AppThread
+
+HONEST_BUYS = 20
+CHEAT_BUYS = 50
+MAX_TOKENS = 10
+SHORT_BY = 3  # tokens the inflater bills and the padder pads on top of what it generated
+
+
+class DoctoredEngine:
+    """A real engine whose replies a cheating seller changes after generating them: it
+    generates SHORT_BY tokens fewer than asked, then `inflate` bills SHORT_BY tokens it never
+    produced, or `pad` appends SHORT_BY filler tokens (streamed, billed and committed)."""
+
+    def __init__(self, engine: Any, cheat: str) -> None:
+        self._engine = engine
+        self.cheat = cheat
+        self.rng = random.Random(cheat)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def chat(self, messages: Any, sampling: Any, *, block: bool = True) -> Any:
+        fewer = dataclasses.replace(sampling, max_tokens=max(1, sampling.max_tokens - SHORT_BY))
+        done = self._engine.chat(messages, fewer, block=block).result()
+        pieces = [done.text]
+        if self.cheat == "pad":
+            pad = [self.rng.randrange(0x20, 0x7F) for _ in range(SHORT_BY)]
+            pieces.append(bytes(pad).decode())
+            done = dataclasses.replace(done, token_ids=done.token_ids + pad,
+                                       completion_tokens=done.completion_tokens + SHORT_BY,
+                                       text="".join(pieces))
+        else:
+            done = dataclasses.replace(done, completion_tokens=done.completion_tokens + SHORT_BY)
+        return DoctoredStream(pieces, done)
+
+
+class DoctoredStream:
+    """What the engine's Stream offers a seller's pump: pieces, a running count, the end."""
+
+    def __init__(self, pieces: list[str], completion: Any) -> None:
+        self._pieces = iter(pieces)
+        self.completion = None
+        self._done = completion
+        self.tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces, None)
+        if piece is None:
+            self.completion = self._done
+            raise StopIteration
+        self.tokens = self._done.completion_tokens
+        return piece
+
+    def cancel(self) -> None:
+        """Nothing to stop: the reply was generated before the first piece."""
+
+
+class InProcessNode:
+    """A node built by build_node over its own FORGE_HOME, served from a thread."""
+
+    def __init__(self, home: Path, model: Any) -> None:
+        from forge_cli import config
+        from forge_cli.node.app import make_app
+        from forge_cli.trade.build import build_node
+
+        saved = os.environ.get("FORGE_HOME")
+        os.environ["FORGE_HOME"] = str(home)
+        try:
+            self.node = build_node(config.load(), models=[model], ledger_path=home / "ledger.db")
+        finally:
+            os.environ.pop("FORGE_HOME")
+            if saved is not None:
+                os.environ["FORGE_HOME"] = saved
+        self.served = AppThread(lambda: make_app(self.node))
+        self.url = self.served.url
+
+    @property
+    def id(self) -> str:
+        return self.node.node_id
+
+    def run(self, coro: Any) -> Any:
+        """Run a coroutine on this node's event loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.served.loop).result(120)
+
+    def buy(self, seller: InProcessNode, n: int, temperature: float, *,
+            audit: bool = True) -> Any:
+        """A purchase through the node's buyer (audited at audit.every unless `audit` is off)."""
+        from forge_cli.mesh.buyer import Seller
+
+        payload = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": temperature,
+                   "messages": [{"role": "user", "content": f"tell me about mats {n}"}]}
+
+        async def buy() -> Any:  # the buyer's HTTP session belongs to the node's loop
+            buyer = self.node.peer_buyer()
+            buyer.auditor = self.node.auditor if audit else None
+            try:
+                return await buyer.buy(Seller(seller.id, seller.url, "tiny"), payload)
+            finally:
+                buyer.auditor = self.node.auditor
+
+        return self.run(buy())
+
+    def post(self, path: str, body: Any, token: str | None = None) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.served.port, timeout=120)
+        try:
+            headers = {"Content-Type": "application/json",
+                       **({"Authorization": f"Bearer {token}"} if token else {})}
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def reputation(self, account: str) -> int:
+        return self.node.reputation(account)
+
+    def record(self, account: str) -> tuple[int, int, int]:
+        return queries.audit_records(self.node.reader).get(account, (0, 0, 0))
+
+    def close(self) -> None:
+        self.served.close()
+        self.node.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
+         ) -> Iterator[dict[str, InProcessNode]]:
+    from forge_cli.inference.engine import Engine
+    from forge_cli.trade.node import LoadedModel
+    from tests.gguf_model import write_tiny_llama
+
+    root = tmp_path_factory.mktemp("audit-mesh")
+    other = write_tiny_llama(root / "other.gguf", seed=4321)
+    saved = {k: v for k, v in os.environ.items() if k.startswith("FORGE_")}
+    for name in saved:
+        del os.environ[name]
+    # Every purchase audited; many purchases a minute are the point here, not the breaker.
+    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000")
+    nodes: dict[str, InProcessNode] = {}
+
+    def model(path: Path, sha256: str | None = None) -> LoadedModel:
+        engine = Engine(path, name="tiny", n_ctx=256, slots=1)
+        return LoadedModel("tiny", engine, sha256 or engine.sha256, 100_000, path)
+
+    try:
+        honest_sha = model(tiny_gguf).sha256
+        for name in ("honest", "buyer", "second", "third"):
+            nodes[name] = InProcessNode(root / name, model(tiny_gguf))
+        # The cheat quotes the honest model's SHA-256 and runs the other GGUF.
+        nodes["cheat"] = InProcessNode(root / "cheat", model(other, honest_sha))
+        for cheat in ("inflate", "pad"):
+            doctored = model(tiny_gguf)
+            doctored.engine = DoctoredEngine(doctored.engine, cheat)
+            nodes[cheat] = InProcessNode(root / cheat, doctored)
+        buyer = nodes["buyer"]  # enough CU for every purchase here
+        buyer.run(buyer.node.append("grant", {"account": buyer.id, "cu": 10_000}))
+        for auditor in ("buyer", "second"):  # their disputes go to the third node
+            nodes[auditor].node.auditor.peers = lambda: [nodes["third"].url]
+        yield nodes
+    finally:
+        for running in nodes.values():
+            running.close()
+        for name in [k for k in os.environ if k.startswith("FORGE_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+
+
+def test_every_purchase_from_an_honest_seller_passes_its_audit(mesh):
+    buyer, honest = mesh["buyer"], mesh["honest"]
+    before = buyer.reputation(honest.id)
+    for n in range(HONEST_BUYS):
+        purchase = buyer.buy(honest, n, [0.0, 0.9][n % 2])
+        assert purchase.audit is not None and purchase.audit.kind == "audit", purchase.audit
+        assert purchase.audit.data["positions"] == purchase.terms["completion_tokens"] > 0
+    assert buyer.record(honest.id) == (HONEST_BUYS, 0, 0)
+    # +100 per trade provided, +20 per audit passed
+    assert buyer.reputation(honest.id) == before + HONEST_BUYS * (100 + 20)
+
+
+def test_a_cheating_seller_is_disputed_and_the_dispute_rechecks_at_a_third_node(mesh):
+    buyer, cheat, third = mesh["buyer"], mesh["cheat"], mesh["third"]
+    for n in range(CHEAT_BUYS):
+        purchase = buyer.buy(cheat, 100 + n, [0.0, 0.9][n % 2])
+        assert purchase.audit is not None and purchase.audit.kind == "dispute"
+        claim = purchase.audit.data["claim"]
+        assert claim["reason"].startswith("model:") and claim["failures"]
+        assert claim["trade"] == purchase.trade
+    # The buyer's own record, and the third node's after re-checking each dispute it was sent.
+    assert buyer.record(cheat.id) == (0, CHEAT_BUYS, 0)
+    assert third.record(cheat.id) == (0, CHEAT_BUYS, 0)
+    assert third.reputation(cheat.id) == max(0, 5_000 - 2_500 * CHEAT_BUYS)
+    # Its standing sets what it pays the third node: base × (2 − reputation), now × 2.
+    quote = third.node.sales.quote({"consumer": cheat.id, "model": "tiny", "max_tokens": 5})
+    assert quote["quote"]["consumer_reputation"] == 0
+    assert quote["quote"]["price_ucu_per_token"] == 2 * quote["quote"]["base_price_ucu_per_token"]
+    # One auditor is not enough to flag: the third node still trusts the cheat's node id.
+    assert cheat.id not in third.node.network.flags()
+    from forge_cli.ledger.verify import verify
+
+    third.node.reader.refresh()
+    report = verify(third.node.reader, deep=True, workers=1)
+    assert report.ok and report.size == third.node.reader.size >= CHEAT_BUYS, report.findings
+
+
+def test_a_second_auditor_flags_the_cheat_like_a_forked_peer(mesh):
+    """Both disputes reach the third node by gossip; it re-checks each and flags the cheat."""
+    cheat, second, third = mesh["cheat"], mesh["second"], mesh["third"]
+    purchase = second.buy(cheat, 200, 0.0)
+    assert purchase.audit is not None and purchase.audit.kind == "dispute"
+    assert queries.dispute_auditors(third.node.reader, cheat.id) == 2
+    assert "distinct auditors" in third.node.network.flags()[cheat.id]
+    assert third.record(cheat.id) == (0, CHEAT_BUYS + 1, 0)
+    # The second auditor alone has one auditor's word: it lowers the cheat, it does not flag.
+    assert cheat.id not in second.node.network.flags()
+    honest = mesh["honest"]
+    assert honest.id not in third.node.network.flags()
+
+
+@pytest.mark.parametrize("cheat", ["inflate", "pad"])
+def test_a_seller_inflating_or_padding_is_disputed_on_every_purchase(mesh, cheat):
+    buyer, seller, third = mesh["buyer"], mesh[cheat], mesh["third"]
+    for n in range(CHEAT_BUYS):
+        purchase = buyer.buy(seller, 300 + n, [0.0, 0.9][n % 2])
+        assert purchase.terms["completion_tokens"] == MAX_TOKENS
+        assert purchase.audit is not None and purchase.audit.kind == "dispute", n
+        reason = purchase.audit.data["claim"]["reason"]
+        assert reason.startswith("counts:" if cheat == "inflate" else "model:"), reason
+    assert buyer.record(seller.id) == (0, CHEAT_BUYS, 0)
+    assert third.record(seller.id) == (0, CHEAT_BUYS, 0)  # each re-checked there
+
+
+def test_a_forged_dispute_is_rejected_and_counts_against_its_author(mesh):
+    buyer, honest, third = mesh["buyer"], mesh["honest"], mesh["third"]
+    trade_entry = next(e for e in buyer.node.reader.iter_entries(0, kind="trade")
+                       if e.data["terms"]["provider"] == honest.id)
+    terms = trade_entry.data["terms"]
+    bodies = {h: buyer.node.reader.body(h) for h in
+              (terms["request_sha256"], terms["response_sha256"], terms["tokens_sha256"])}
+    lie = audit.Verdict(False, "model: 3 of 10 tokens are outside the committed top-k", 10,
+                        [{"pos": 0, "token": 65, "token_mlogit": -9000, "bound_mlogit": 1000,
+                          "top": [[66, 12000]]}])
+    data = audit.sign_dispute(trade_entry.data, lie, buyer.node.signer, 1)
+    payload = {"dispute": data, "bodies": {h: b.hex() for h, b in bodies.items()}}
+    reputation = third.reputation(buyer.id)
+    status, body = third.post("/v1/forge/audit/dispute", payload)
+    assert status == 422 and "forged dispute" in body["error"]["message"], body
+    assert third.record(buyer.id)[2] == 1
+    assert third.reputation(buyer.id) == max(0, reputation - 2_500)
+    assert honest.id not in third.node.network.flags()
+    assert third.record(honest.id)[1] == 0
+    # The same claim again is refused: one dispute per trade and auditor.
+    status, body = third.post("/v1/forge/audit/dispute", payload)
+    assert status in (409, 422), body
+
+
+def test_a_dispute_with_a_bad_signature_or_missing_bodies_is_refused_unrecorded(mesh):
+    buyer, cheat, third = mesh["buyer"], mesh["cheat"], mesh["third"]
+    dispute = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    bodies = {h: buyer.node.reader.body(h).hex() for h in audit.dispute_bodies(dispute.data)}
+    third.node.reader.refresh()
+    size = third.node.reader.size
+    tampered = {**dispute.data, "claim": {**dispute.data["claim"], "positions": 1}}
+    for payload, expected in (
+            ({"dispute": tampered, "bodies": bodies}, "auditor signature does not verify"),
+            ({"dispute": dispute.data, "bodies": {}}, "lacks body"),
+            ({"dispute": {"claim": 1}, "bodies": {}}, "malformed dispute"),
+            ({"bodies": []}, "{dispute, bodies")):
+        status, body = third.post("/v1/forge/audit/dispute", payload)
+        assert status == 422 and expected in body["error"]["message"], body
+    third.node.reader.refresh()
+    assert third.node.reader.size == size
+    assert entries.trade_id(dispute.data["claim"]["trade"])  # the evidence names its trade
+    assert cheat.id in third.node.network.flags()
+
+
+def test_a_node_audits_a_trade_it_holds_on_request(mesh, run_forge):
+    """`POST /v1/forge/audit/trade` and `forge audit run SEQ`: an honest trade passes once; a
+    padded one is disputed (exit 1) and its dispute goes to the peers."""
+    second, honest, pad, third = mesh["second"], mesh["honest"], mesh["pad"], mesh["third"]
+    token = second.node.operator_token
+    fair = second.buy(honest, 400, 0.0, audit=False)
+    assert fair.audit is None
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq}, token)
+    assert status == 200 and body["kind"] == "audit" and body["verdict"] == "passed", body
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq}, token)
+    assert status == 409 and "already audited" in body["error"]["message"], body
+    for seq, expected in ((0, 400), (10**6, 404)):
+        status, body = second.post("/v1/forge/audit/trade", {"seq": seq}, token)
+        assert status == expected, body
+    status, body = second.post("/v1/forge/audit/trade", {"seq": fair.trade_seq})
+    assert status == 401, body
+
+    padded = second.buy(pad, 401, 0.0, audit=False)
+    before = third.record(pad.id)
+    done = run_forge("audit", "run", str(padded.trade_seq), "--json", "--node", second.url,
+                     "--token", token)
+    assert done.returncode == 1, done.stderr
+    verdict = json.loads(done.stdout)
+    assert verdict["kind"] == "dispute" and verdict["reason"].startswith("model:")
+    assert verdict["failing_positions"] == list(range(MAX_TOKENS - SHORT_BY, MAX_TOKENS))
+    assert third.record(pad.id)[1] == before[1] + 1  # re-checked at the third node
