@@ -24,7 +24,7 @@ def ask(text: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf: Path) -> Iterator[Engine]:
-    with Engine(tiny_gguf, name="tiny", n_ctx=2048, slots=4, queue_size=16) as eng:
+    with Engine(tiny_gguf, name="tiny", n_ctx=2048, slots=4, lanes=1, queue_size=16) as eng:
         yield eng
 
 
@@ -139,7 +139,7 @@ def test_token_counts_of_batched_requests_are_exact(engine: Engine):
 
 
 def test_a_full_queue_in_front_of_the_slots_refuses_without_blocking(tiny_gguf: Path):
-    with Engine(tiny_gguf, n_ctx=512, slots=2, queue_size=3) as small:
+    with Engine(tiny_gguf, n_ctx=512, slots=2, lanes=1, queue_size=3) as small:
         inside, release = threading.Event(), threading.Event()
 
         def hold() -> None:
@@ -157,6 +157,64 @@ def test_a_full_queue_in_front_of_the_slots_refuses_without_blocking(tiny_gguf: 
             release.set()
             holder.join(timeout=30)
         assert [s.result().completion_tokens for s in waiting] == [GREEDY.max_tokens] * 3
+
+
+def hold_one_lane(engine: Engine) -> tuple[threading.Thread, threading.Event]:
+    """Occupy one scheduler thread with a call until the returned event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        inside.set()
+        release.wait(timeout=60)
+
+    holder = threading.Thread(target=engine.call, args=(hold,))
+    holder.start()
+    assert inside.wait(timeout=30)
+    return holder, release
+
+
+def test_lanes_split_the_slots_and_each_request_keeps_its_text_alone(tiny_gguf: Path):
+    expected = [alone(tiny_gguf, p) for p in PROMPTS]
+    with Engine(tiny_gguf, n_ctx=1024, slots=4, lanes=2, n_threads=2) as laned:
+        assert laned.describe()["lanes"] == 2 and laned.slots == 4
+        assert laned._lib.llama_n_seq_max(laned._ctx) == 2  # each lane's context: 2 of the 4
+        streams = [laned.chat(ask(p), GREEDY) for p in PROMPTS]
+        assert [s.result().text for s in streams] == expected
+
+
+def test_a_request_is_served_by_the_idle_lane_while_the_other_is_held(tiny_gguf: Path):
+    expected = alone(tiny_gguf, PROMPTS[1])
+    with Engine(tiny_gguf, n_ctx=512, slots=2, lanes=2, n_threads=2) as laned:
+        holder, release = hold_one_lane(laned)
+        try:
+            # With one lane held, only the other can finish it before the hold ends.
+            stream = laned.chat(ask(PROMPTS[1]), GREEDY)
+            result = stream.result()
+            assert holder.is_alive()
+        finally:
+            release.set()
+            holder.join(timeout=30)
+        assert result.text == expected
+
+
+def test_one_lane_is_all_a_single_request_gets_on_one_thread(tiny_gguf: Path):
+    with Engine(tiny_gguf, n_ctx=512, slots=4, lanes=4, n_threads=1) as narrow:
+        assert narrow.lanes == 1  # never more lanes than threads to run them
+    with Engine(tiny_gguf, n_ctx=512, slots=1, lanes=2, n_threads=2) as single:
+        assert single.lanes == 1  # nor than slots
+
+
+def test_busy_lanes_share_the_threads_and_a_lone_lane_takes_them_all():
+    from forge_cli.inference.batching import Lanes
+
+    lanes = Lanes(2, n_threads=4, n_threads_batch=2)
+    assert lanes.idle == 2
+    lanes.set_busy(True)
+    assert lanes.threads() == (4, 2) and lanes.idle == 1
+    lanes.set_busy(True)
+    assert lanes.threads() == (2, 1) and lanes.idle == 0
+    lanes.set_busy(False)
+    assert lanes.threads() == (4, 2)
 
 
 def test_many_more_requests_than_slots_all_complete_in_freed_slots(engine: Engine,
@@ -190,7 +248,7 @@ def test_many_more_requests_than_slots_all_complete_in_freed_slots(engine: Engin
 def test_more_slots_than_llama_cpp_allows_are_capped_and_said(tiny_gguf: Path,
                                                              caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.WARNING, logger="forge.engine"):
-        with Engine(tiny_gguf, n_ctx=256, slots=300) as wide:
+        with Engine(tiny_gguf, n_ctx=256, slots=300, lanes=1) as wide:
             assert wide.slots == 256
             assert "at most 256 sequences" in wide.describe()["slots_note"]
             assert wide.chat(ask("hi"), GREEDY).result().completion_tokens == GREEDY.max_tokens

@@ -113,7 +113,9 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
 
 
 def _engine_line(engine) -> str:  # noqa: ANN001
-    """`2 threads, 4 slots × 4096 tokens` (and why requests run one at a time, if they do)."""
-    line = (f"{engine.n_threads} threads, {engine.slots} slots × {engine.n_ctx} tokens")
+    """`2 threads, 4 slots × 4096 tokens in 2 lanes` (and why requests run one at a time, if
+    they do)."""
+    line = (f"{engine.n_threads} threads, {engine.slots} slots × {engine.n_ctx} tokens"
+            f"{f' in {engine.lanes} lanes' if engine.lanes > 1 else ''}")
     reason = engine.slots_note
     return f"{line}; {reason}" if reason else line

@@ -18,6 +18,7 @@ import codecs
 import ctypes
 import queue
 import random
+import threading
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -115,12 +116,40 @@ class _Scoring:
         return self.job.start - 1 <= i < len(self.prompt) - 1
 
 
+class Lanes:
+    """What an engine's lanes share: how many are busy, so each knows its thread count.
+
+    A lane is one context with its own scheduler thread. A lone busy lane decodes on every
+    thread the engine has; when k lanes are busy, each gets 1/k of them, so together they never
+    ask for more threads than there are cores. Busy lanes leave queued work to idle ones.
+    """
+
+    def __init__(self, count: int, n_threads: int, n_threads_batch: int) -> None:
+        self.count = count
+        self._threads = (n_threads, n_threads_batch)
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    def set_busy(self, busy: bool) -> None:
+        with self._lock:
+            self._busy += 1 if busy else -1
+
+    @property
+    def idle(self) -> int:
+        return self.count - self._busy
+
+    def threads(self) -> tuple[int, int]:
+        """(generation, batch) threads for a step of a busy lane, given the others."""
+        busy = max(1, self._busy)
+        return tuple(max(1, n // busy) for n in self._threads)  # type: ignore[return-value]
+
+
 class Scheduler:
-    """Runs on the engine's worker thread: admits queued requests into free slots and steps
-    every live sequence forward together."""
+    """Runs on one of the engine's worker threads (a lane): admits queued requests into its
+    free slots and steps every live sequence of its context forward together."""
 
     def __init__(self, engine: Engine, ctx: Any, slots: int,
-                 jobs: queue.Queue[Job | Score | Call | None]) -> None:
+                 jobs: queue.Queue[Job | Score | Call | None], lanes: Lanes) -> None:
         lib = engine._lib
         self._engine = engine
         self._lib = lib
@@ -134,6 +163,9 @@ class Scheduler:
         self._live: list[_Sequence | _Scoring] = []
         self._jobs = jobs
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._lanes = lanes
+        self._busy = False
+        self._threads = (0, 0)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -141,8 +173,10 @@ class Scheduler:
         from forge_cli.inference.engine import Call, Score
 
         while True:
-            # Take queued work while a slot is free; wait for it only when nothing is live.
-            while self._free:
+            # Take queued work while a slot is free; wait for it only when nothing is live, and
+            # while another lane is idle leave it to that one.
+            while self._free and (not self._live or not self._lanes.idle):
+                self._mark_busy(bool(self._live))
                 try:
                     item = self._jobs.get(block=not self._live)
                 except queue.Empty:
@@ -150,6 +184,7 @@ class Scheduler:
                 if item is None:
                     for seq in list(self._live):
                         self._finish(seq, "cancelled")
+                    self._mark_busy(False)
                     return
                 if isinstance(item, Call):
                     if item.future.set_running_or_notify_cancel():
@@ -162,12 +197,18 @@ class Scheduler:
                     self._live.append(_Scoring(item, self._free.pop(), self._engine.n_vocab))
                     continue
                 self._admit(item)
+            self._mark_busy(bool(self._live))
             if self._live:
                 try:
                     self._step()
                 except Exception as exc:  # a llama.cpp failure must reach the callers
                     for seq in list(self._live):
                         self._fail(seq, ModelError(f"generation failed: {exc}"))
+
+    def _mark_busy(self, busy: bool) -> None:
+        if busy != self._busy:
+            self._busy = busy
+            self._lanes.set_busy(busy)
 
     def cancel_all(self) -> None:
         """Cancel every live sequence (any thread): each ends at the next step."""
@@ -273,6 +314,10 @@ class Scheduler:
         if n == 0:
             return
         batch.n_tokens = n
+        threads = self._lanes.threads()
+        if threads != self._threads:
+            lib.llama_set_n_threads(self._ctx, *threads)
+            self._threads = threads
         code = lib.llama_decode(self._ctx, batch)
         if code != 0:
             for seq in fed:

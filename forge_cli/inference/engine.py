@@ -208,7 +208,8 @@ def _silence_llama_log(llama_cpp: Any) -> None:
 
 class Engine:
     """One GGUF model loaded into llama.cpp, its requests decoded together in `slots`
-    sequence slots of one context by one scheduler thread.
+    sequence slots, spread over `lanes`: contexts of their own, each stepped by its own
+    scheduler thread (see batching.Lanes for how they share the threads).
 
     `n_ctx` is the context of each request: the KV cache holds `slots × n_ctx` tokens, each
     slot its own stream (not a unified pool), so a request never runs out of room because
@@ -227,6 +228,7 @@ class Engine:
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         slots: int | None = None,
+        lanes: int | None = None,
         n_gpu_layers: int | None = None,
         queue_size: int = DEFAULT_QUEUE,
     ) -> None:
@@ -250,6 +252,7 @@ class Engine:
 
         started = time.perf_counter()
         _LOG_TAIL.clear()
+        self._contexts: list[tuple[Any, int]] = []  # each lane's context and its slots
         self._model = self._load_model(n_gpu_layers)
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -261,22 +264,37 @@ class Engine:
             self.template = templates.for_model(
                 self.metadata, self._token_text(self._bos), self._token_text(eos)
             )
-            # Last: nothing after it can fail, so the context is never left unfreed.
-            self._ctx, self.slots, self.slots_note = self._new_context(n_ctx, wanted_slots)
+            self.lanes = self._lane_count(lanes, wanted_slots)
+            # Last: nothing after them can fail, so no context is ever left unfreed.
+            per_lane = -(-wanted_slots // self.lanes)
+            self.slots_note = ""
+            for _ in range(self.lanes):
+                ctx, got, note = self._new_context(n_ctx, per_lane)
+                self._contexts.append((ctx, got))
+                self.slots_note = self.slots_note or note
+                per_lane = got  # a lane that had to make do with fewer: the rest match it
         except BaseException:
+            for ctx, _ in self._contexts:
+                llama_cpp.llama_free(ctx)
             llama_cpp.llama_model_free(self._model)
             raise
+        self._ctx = self._contexts[0][0]
+        self.slots = sum(got for _, got in self._contexts)
         self.load_s = time.perf_counter() - started
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self._jobs: queue.Queue[Job | Score | Call | None] = queue.Queue(maxsize=queue_size)
         self._closed = False
 
-        from forge_cli.inference.batching import Scheduler
+        from forge_cli.inference.batching import Lanes, Scheduler
 
-        self._scheduler = Scheduler(self, self._ctx, self.slots, self._jobs)
-        self._worker = threading.Thread(target=self._scheduler.run,
-                                        name=f"forge-llama:{self.name}", daemon=True)
-        self._worker.start()
+        shared = Lanes(self.lanes, self.n_threads, self.n_threads_batch)
+        self._schedulers = [Scheduler(self, ctx, got, self._jobs, shared)
+                            for ctx, got in self._contexts]
+        self._workers = [threading.Thread(target=scheduler.run, daemon=True,
+                                          name=f"forge-llama:{self.name}:{i}")
+                         for i, scheduler in enumerate(self._schedulers)]
+        for worker in self._workers:
+            worker.start()
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -295,6 +313,17 @@ class Engine:
         if not model:
             raise self._load_error(None)
         return model
+
+    def _lane_count(self, lanes: int | None, slots: int) -> int:
+        """`lanes` as asked, or the default: on a CPU one per physical core, since a token
+        decoded on one thread costs little more than on several while another core decodes
+        another; one lane when a GPU holds the layers. Never more lanes than slots."""
+        from forge_cli.inference import threads
+
+        if not lanes:
+            offloaded = self.gpu_offload and self.n_gpu_layers != 0
+            lanes = 1 if offloaded else threads.physical_cores()
+        return max(1, min(lanes, slots, self.n_threads))
 
     def _new_context(self, n_ctx: int, slots: int) -> tuple[Any, int, str]:
         """A context of `slots` sequences with `n_ctx` tokens each, or of one sequence (and
@@ -374,7 +403,8 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """How the engine runs, as `forge chat -v` and /v1/models report it."""
-        return {"n_ctx": self.n_ctx, "slots": self.slots, "threads": self.n_threads,
+        return {"n_ctx": self.n_ctx, "slots": self.slots, "lanes": self.lanes,
+                "threads": self.n_threads,
                 "threads_batch": self.n_threads_batch, "gpu_offload": self.gpu_offload,
                 "n_gpu_layers": self.n_gpu_layers,
                 **({"slots_note": self.slots_note} if self.slots_note else {})}
@@ -503,7 +533,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self._scheduler.cancel_all()
+        for scheduler in self._schedulers:
+            scheduler.cancel_all()
         while True:
             try:
                 item = self._jobs.get_nowait()
@@ -513,11 +544,15 @@ class Engine:
                 item.out.put(("error", ModelError(f"the engine for {self.name} was closed")))
             elif isinstance(item, Call):
                 item.future.set_exception(ModelError(f"the engine for {self.name} was closed"))
-        self._jobs.put(None)
-        self._worker.join(timeout=60)
-        if not self._worker.is_alive():
-            self._scheduler.free()
-            self._lib.llama_free(self._ctx)
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(timeout=60)
+        if not any(worker.is_alive() for worker in self._workers):
+            for scheduler in self._schedulers:
+                scheduler.free()
+            for ctx, _ in self._contexts:
+                self._lib.llama_free(ctx)
             self._lib.llama_model_free(self._model)
 
     def __enter__(self) -> Engine:

@@ -13,10 +13,10 @@ from forge_cli.trade.node import LoadedModel, Node, ms_now
 
 
 def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int = 0,
-                threads_batch: int = 0, slots: int = 0) -> list[LoadedModel]:
+                threads_batch: int = 0, slots: int = 0, lanes: int = 0) -> list[LoadedModel]:
     """Resolve and load each model (catalog name, hf.co reference or .gguf path).
 
-    `threads`, `threads_batch` and `slots` of 0 leave the choice to the engine."""
+    `threads`, `threads_batch`, `slots` and `lanes` of 0 leave the choice to the engine."""
     from forge_cli.inference import catalog, gguf_meta
     from forge_cli.inference.engine import Engine
 
@@ -27,7 +27,7 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int =
         model_id = path.name if ref.kind == "path" else ref.name
         engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue,
                         n_threads=threads or None, n_threads_batch=threads_batch or None,
-                        slots=slots or None)
+                        slots=slots or None, lanes=lanes or None)
         params = ref.params or gguf_meta.read_info(path).n_params
         loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
     return loaded
@@ -56,7 +56,7 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
     loaded = [m for m in models if isinstance(m, LoadedModel)] or load_models(
         [str(m) for m in models], n_ctx=settings["models.n_ctx"], queue=settings["node.queue"],
         threads=settings["engine.threads"], threads_batch=settings["engine.threads_batch"],
-        slots=settings["engine.slots"])
+        slots=settings["engine.slots"], lanes=settings["engine.lanes"])
     path = ledger_path or config.ledger_path(None)
     ledger = Ledger.open_writer(path, signer)
     try:
