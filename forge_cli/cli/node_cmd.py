@@ -41,6 +41,10 @@ def node(
     peer: list[str] = PeerOpt,
     no_pull: bool = NoPullOpt,
     threads: int | None = ThreadsOpt,
+    split: str | None = typer.Option(None, "--split",
+                                     help="Split the model's layers with layer peers "
+                                     "(`forge rpc serve`) at URL[,URL…]; each is paid per "
+                                     "layer-token."),
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -54,13 +58,31 @@ def node(
         raise UsageError("--interface and --peer configure the mesh, which is off",
                          hint="add --mesh, or use `forge seed`")
     run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer,
-             pull=not no_pull, threads=threads)
+             pull=not no_pull, threads=threads, split=_split_urls(split, model))
+
+
+def _split_urls(split: str | None, model: list[str] | None) -> list[str] | None:
+    from forge_cli.errors import UsageError
+
+    if split is None:
+        return None
+    if split == "auto":
+        raise UsageError("--split auto (layer peers found on the mesh) is not available yet",
+                         hint="name the layer peers: --split http://HOST:PORT[,URL…]")
+    urls = [url.strip() for url in split.split(",") if url.strip()]
+    bad = [url for url in urls if not url.startswith(("http://", "https://"))]
+    if not urls or bad:
+        raise UsageError(f"--split takes URL[,URL…] of layer peers, found {split!r}",
+                         hint="e.g. --split http://10.0.0.2:3002,http://10.0.0.3:3002")
+    if model is not None and len(model) > 1:
+        raise UsageError("--split serves one model; name only one with -m")
+    return urls
 
 
 def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
              *, mesh: bool, interfaces: list[str] | None = None,
              peers: list[str] | None = None, pull: bool = True,
-             threads: int | None = None) -> None:
+             threads: int | None = None, split: list[str] | None = None) -> None:
     """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers);
     with `pull`, catalog models not on disk are downloaded first."""
     from forge_cli.inference import download
@@ -81,7 +103,7 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             download.ensure_local(name)
     node_ = build_node(settings, models=names,
                        ledger_path=config.ledger_path(ledger), mesh=mesh,
-                       interfaces=interfaces, peers=peers)
+                       interfaces=interfaces, peers=peers, split=split)
     signer, models = node_.signer, list(node_.models.values())
 
     def announce(site) -> None:  # noqa: ANN001

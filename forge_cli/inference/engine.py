@@ -212,6 +212,7 @@ class Engine:
         n_threads_batch: int | None = None,
         slots: int | None = None,
         n_gpu_layers: int | None = None,
+        tensor_split: list[float] | None = None,
         queue_size: int = DEFAULT_QUEUE,
     ) -> None:
         import llama_cpp
@@ -234,7 +235,7 @@ class Engine:
 
         started = time.perf_counter()
         _LOG_TAIL.clear()
-        self._model = self._load_model(n_gpu_layers)
+        self._model = self._load_model(n_gpu_layers, tensor_split)
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.metadata = self._read_metadata()
@@ -264,7 +265,7 @@ class Engine:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load_model(self, n_gpu_layers: int) -> Any:
+    def _load_model(self, n_gpu_layers: int, tensor_split: list[float] | None = None) -> Any:
         lib = self._lib
         global _backend_ready
         if not _backend_ready:
@@ -272,6 +273,9 @@ class Engine:
             _backend_ready = True
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if tensor_split:  # shares of the offloaded layers per device (a split model's peers)
+            shares = (ctypes.c_float * lib.llama_max_devices())(*tensor_split)
+            params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
         try:
             model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         except (ValueError, RuntimeError, OSError) as exc:
