@@ -116,6 +116,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             *(f"  model     {m.name}  ({m.params:,} params, sha256 {m.sha256[:16]}…, "
               f"gpu offload {'on' if offload[m.name] else 'off'}, {_engine_line(m.engine)})"
               for m in models),
+            *(split_lines(m.engine.describe()["split"]) for m in models
+              if "split" in m.engine.describe()),
             f"  token     {token_file}  (operator; consumers need agent tokens)",
             f"  ledger    {node_.ledger.path}  ({node_.ledger.size} entries)",
             f"  mesh      {node_.mesh.describe() if node_.mesh else 'off (start with --mesh)'}",
@@ -132,6 +134,18 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
         serve(node_, host, port, announce=announce)
     finally:
         (home / "node.url").unlink(missing_ok=True)
+
+
+def split_lines(split: dict) -> str:
+    """Which device runs which layer of a split model (layer N is the output layer)."""
+    lines = [f"  split     head runs layers {_layers(split['head']['layers'])}"]
+    lines += [f"            {p['peer'][:12]}… at {p['url']} runs layers {_layers(p['layers'])} "
+              f"at {p['rate_ucu_per_layer_token']} µCU per layer-token" for p in split["peers"]]
+    return "\n".join(lines)
+
+
+def _layers(layers: list[int]) -> str:
+    return ",".join(map(str, layers)) or "none"
 
 
 def _engine_line(engine) -> str:  # noqa: ANN001

@@ -223,7 +223,11 @@ class Engine:
         self.path = Path(path)
         self.name = name or self.path.name
         _silence_llama_log(llama_cpp)
-        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        # A wheel with the RPC backend says it supports offload on any machine; it offloads to
+        # nothing until a GPU or an RPC server is there, so count the devices that are.
+        from forge_cli.rpc.ggml import gpu_devices
+
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload()) and gpu_devices() > 0
         if n_gpu_layers is None:
             n_gpu_layers = -1 if self.gpu_offload else 0
         self.n_gpu_layers = n_gpu_layers

@@ -27,6 +27,7 @@ from aiohttp import WSMsgType, web
 from forge_cli.errors import BadIntent, EntryRejected, Replay, RpcUnavailable, TunnelRefused
 from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
+from forge_cli.trade.seams import Node
 
 log = logging.getLogger("forge.rpc")
 PEER: web.AppKey[LayerPeer] = web.AppKey("layer_peer", object)  # type: ignore[arg-type]
@@ -71,7 +72,7 @@ class Traffic:
 class LayerPeer:
     """The peer's state: its node (ledger, wallet, key), the ggml server, the terms issued."""
 
-    node: Any  # forge_cli.trade.node.Node, without models
+    node: Node  # a node without models: its key, ledger and wallet
     rate: int  # µCU per layer per generated token
     memory_mb: int  # 0: what the machine has available
     threads: int
@@ -171,17 +172,17 @@ class LayerPeer:
         seen = self.node.nonce_seq(trade["consumer"], trade["nonce"])
         if seen is not None:
             raise Replay(f"this trade was already recorded at seq {seen}")
-        wallet = self.node.wallet
-        hold = await wallet.reserve(trade["consumer"], trade["cu"], peer=True,
-                                    what=f"a layer trade of {trade['cu']:,} CU")
         data = {"terms": trade, "provider_sig": self.node.signer.sign(
                     entries.trade_message(trade)).hex(), "consumer_sig": body["consumer_sig"]}
+
+        async def signed() -> tuple[dict[str, Any], list[bytes]]:
+            return data, [request, response]
+
         try:
-            entry = await wallet.run(wallet.record_trade, data, [request, response], hold=hold)
+            entry = await self.node.wallet.pay(trade["consumer"], trade["cu"], signed, peer=True,
+                                               what=f"a layer trade of {trade['cu']:,} CU")
         except EntryRejected as exc:
             raise BadIntent(f"layer trade refused by the ledger: {exc}") from None
-        finally:
-            hold.release()
         return {"trade_seq": entry.seq, "provider_sig": data["provider_sig"]}
 
     def health(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from forge_cli import errors
 from forge_cli.errors import ModelError, PeerLost, TunnelRefused, UsageError
@@ -34,9 +34,22 @@ from forge_cli.ledger import entries
 from forge_cli.rpc import terms
 from forge_cli.rpc.tunnel import HeadTunnel
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from forge_cli.trade.wallet import Wallet
+
 log = logging.getLogger("forge.rpc")
 LOAD_TIMEOUT_S = 600
 HTTP_TIMEOUT_S = 30
+
+
+class Paying(Protocol):
+    """What a split model needs of the node to pay its peers: the node's account and wallet."""
+
+    node_id: str
+    wallet: Wallet
+    clock: Callable[[], int]
 
 
 @dataclass
@@ -202,7 +215,7 @@ class SplitEngine:
             raise ModelError(f"{self.path} does not say how many layers it has "
                              f"({info.architecture}.block_count): it cannot be split")
         self.sha256 = identity.sha256_file(self.path)
-        self._node: Any = None
+        self._node: Paying | None = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -216,6 +229,7 @@ class SplitEngine:
         self.info: dict[str, Any] = {}
         self.load_s = 0.0
         self.loads = 0
+        self._tunnels_http: Any = None
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="forge-rpc-tunnels",
                          daemon=True).start()
@@ -236,6 +250,9 @@ class SplitEngine:
     async def _session(self) -> Any:
         import aiohttp
 
+        # Tunnels live as long as the model is loaded: only connecting is timed.
+        self._tunnels_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT_S))
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
 
     async def _json(self, method: str, url: str, body: Any = None) -> Any:
@@ -275,7 +292,8 @@ class SplitEngine:
         lender.agreed = agreed
         if lender.tunnel is not None:
             await lender.tunnel.close()
-        lender.tunnel = HeadTunnel(lender.url, lender.node_id, self.signer, agreed, self._http)
+        lender.tunnel = HeadTunnel(lender.url, lender.node_id, self.signer, agreed,
+                                   self._tunnels_http)
         return await lender.tunnel.start()
 
     # -- loading -------------------------------------------------------------------------------
@@ -432,7 +450,7 @@ class SplitEngine:
 
     # -- metering ------------------------------------------------------------------------------
 
-    def attach(self, node: Any) -> None:
+    def attach(self, node: Paying) -> None:
         """Pay layer peers through `node`'s wallet, as `node`'s account."""
         self._node = node
 
@@ -460,15 +478,9 @@ class SplitEngine:
         trade = terms.layer_trade(agreed, model=self.name, prompt_tokens=prompt_tokens,
                                   completion_tokens=tokens, request=request, response=record,
                                   now_ms=node.clock())
-        try:
-            hold = await node.wallet.reserve(node.node_id, trade["cu"],
-                                             what=f"{trade['cu']} CU owed to layer peer "
-                                                  f"{lender.short}")
-        except errors.ForgeError as exc:
-            log.error("cannot pay layer peer %s: %s", lender.short, exc)
-            return
-        try:
-            consumer_sig = self.signer.sign(entries.trade_message(trade)).hex()
+        consumer_sig = self.signer.sign(entries.trade_message(trade)).hex()
+
+        async def countersigned() -> tuple[dict[str, Any], list[bytes]]:
             answer = await self._json("POST", f"{lender.url}/v1/forge/rpc/settle", {
                 "trade": trade, "consumer_sig": consumer_sig, "request": request.decode(),
                 "response": record.decode()})
@@ -476,14 +488,17 @@ class SplitEngine:
             if not isinstance(provider_sig, str) or not identity.verify_hex(
                     lender.node_id, entries.trade_message(trade), provider_sig):
                 raise TunnelRefused(f"layer peer {lender.short} did not sign the layer trade")
-            data = {"terms": trade, "provider_sig": provider_sig, "consumer_sig": consumer_sig}
-            await node.wallet.run(node.wallet.record_trade, data, [request, record], hold=hold)
-            lender.paid_cu += trade["cu"]
-            lender.trades += 1
+            return ({"terms": trade, "provider_sig": provider_sig, "consumer_sig": consumer_sig},
+                    [request, record])
+
+        try:
+            await node.wallet.pay(node.node_id, trade["cu"], countersigned,
+                                  what=f"{trade['cu']} CU owed to layer peer {lender.short}")
         except errors.ForgeError as exc:
             log.error("layer trade with %s not settled: %s", lender.short, exc)
-        finally:
-            hold.release()
+            return
+        lender.paid_cu += trade["cu"]
+        lender.trades += 1
 
     def settled(self, timeout: float = 30) -> None:
         """Wait for the payments under way (tests and shutdown)."""
@@ -598,8 +613,9 @@ class SplitEngine:
             for lender in getattr(self, "lenders", []):
                 if lender.tunnel is not None:
                     await lender.tunnel.close()
-            if getattr(self, "_http", None) is not None:
-                await self._http.close()
+            for session in (getattr(self, "_http", None), getattr(self, "_tunnels_http", None)):
+                if session is not None:
+                    await session.close()
 
         try:
             self._run(stop(), timeout=10)
