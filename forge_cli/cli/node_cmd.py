@@ -138,14 +138,16 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
 
 def split_lines(split: dict) -> str:
     """Which device runs which layer of a split model (layer N is the output layer)."""
-    lines = [f"  split     head runs layers {_layers(split['head']['layers'])}"]
-    lines += [f"            {p['peer'][:12]}… at {p['url']} runs layers {_layers(p['layers'])} "
-              f"at {p['rate_ucu_per_layer_token']} µCU per layer-token" for p in split["peers"]]
+    output = split.get("output_layer")
+
+    def named(layers: list[int]) -> str:
+        return ",".join("output" if layer == output else str(layer) for layer in layers) or "none"
+
+    lines = [f"  split     head runs layers {named(split['head']['layers'])}"]
+    lines += [f"            {p['peer'][:12]}… at {p['url']} runs layers {named(p['layers'])} "
+              f"at {p['rate_ucu_per_layer_token']} µCU per layer-token"
+              + (f" (lost: {p['lost']})" if p.get("lost") else "") for p in split["peers"]]
     return "\n".join(lines)
-
-
-def _layers(layers: list[int]) -> str:
-    return ",".join(map(str, layers)) or "none"
 
 
 def _engine_line(engine) -> str:  # noqa: ANN001

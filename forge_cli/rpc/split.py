@@ -575,6 +575,7 @@ class SplitEngine:
     def split(self) -> dict[str, Any]:
         """Which device runs which layer (layer n_layer is the output layer)."""
         return {"head": {"peer": self.signer.node_id, "layers": self.plan.head if self.plan else []},
+                "output_layer": self.n_layer,
                 "peers": [lender.describe() for lender in self.lenders], "loads": self.loads,
                 "load_s": round(self.load_s, 3)}
 
