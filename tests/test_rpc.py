@@ -81,9 +81,28 @@ def start_peers(root: Path, n: int, *extra: str, prefix: tuple[str, ...] = (),
     return peers
 
 
-def start_head(root: Path, model: Path, peers: list[PeerProcess]) -> NodeProcess:
+def start_head(root: Path, model: Path, peers: list[PeerProcess], stall_s: int = 60
+               ) -> NodeProcess:
     return NodeProcess(root / "head", model, "--split", ",".join(p.url for p in peers),
-                       log=root / "head.log", env={"FORGE_RPC_STALL_S": "60"})
+                       log=root / "head.log", env={"FORGE_RPC_STALL_S": str(stall_s)})
+
+
+def stream_until(head: NodeProcess, token: str, pieces: int, then: Any) -> tuple[str, Any]:
+    """Stream a long greedy reply, call `then()` after `pieces` pieces; (text, the error)."""
+    from forge_cli.client import Client
+    from forge_cli.errors import ForgeError
+
+    received: list[str] = []
+    with pytest.raises(ForgeError) as failure:
+        for chunk in Client(head.url, token, timeout=60).stream_chat(
+                {"messages": MESSAGES, "temperature": 0, "max_tokens": 900}):
+            delta = chunk["choices"][0].get("delta", {}).get("content") \
+                if chunk.get("choices") else None
+            if delta:
+                received.append(delta)
+            if len(received) == pieces:
+                then()
+    return "".join(received), failure.value
 
 
 def chat(head: NodeProcess, token: str, **extra: Any) -> tuple[int, Any]:
@@ -186,6 +205,17 @@ def test_a_layer_trade_must_pay_the_agreed_price_over_the_agreement():
                                                               response=record)
     assert terms.handshake_problem(terms.handshake(head, agreed, "c1"), peer=peer.node_id,
                                    challenge="c2", now_ms=2_000) is not None  # replayed
+
+
+def test_the_dashboard_says_which_peer_runs_how_many_layers():
+    from tui.widgets.overview import placement
+
+    split = {"head": {"layers": [2]}, "peers": [{"peer": "ab" * 32, "layers": [0]},
+                                                {"peer": "cd" * 32, "layers": [1], "lost": "x"}]}
+    activity = {"models": [{"model": "tiny", "device": "CPU+RPC", "layers": 2, "gpu_layers": 2,
+                            "split": split}]}
+    assert placement("tiny", activity) == \
+        "tiny: 1 layers here, peers abababab… 1, cdcdcdcd… 1 lost"
 
 
 # -- the tunnel and the binding ------------------------------------------------------------------
@@ -319,8 +349,6 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
 
 @needs_rpc
 def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tiny_gguf, tmp_path):
-    from forge_cli.client import Client
-    from forge_cli.errors import ForgeError
     from forge_cli.ledger.entries import trade_cost
 
     peers_ = start_peers(tmp_path, 2)
@@ -330,20 +358,10 @@ def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tin
         buyer = head.agent("buyer")
         victim, survivor = peers_
         victim_id = victim.health()["node_id"]
-        client = Client(head.url, buyer["token"], timeout=60)
-        received: list[str] = []
-        with pytest.raises(ForgeError) as failure:
-            for chunk in client.stream_chat({"messages": MESSAGES, "temperature": 0,
-                                             "max_tokens": 900}):
-                delta = chunk["choices"][0].get("delta", {}).get("content") \
-                    if chunk.get("choices") else None
-                if delta:
-                    received.append(delta)
-                if len(received) == 5:
-                    os.kill(victim.proc.pid, signal.SIGKILL)
-        assert type(failure.value).__name__ == "PeerLost"
-        assert victim_id[:12] in str(failure.value) and victim.url in str(failure.value)
-        text = "".join(received)
+        text, error = stream_until(head, buyer["token"], 5,
+                                   lambda: os.kill(victim.proc.pid, signal.SIGKILL))
+        assert type(error).__name__ == "PeerLost"
+        assert victim_id[:12] in str(error) and victim.url in str(error)
         assert 5 <= len(text) < 900
 
         # The buyer's trade is for the tokens it received (one byte token each), no more.
@@ -378,6 +396,31 @@ def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tin
     for home in ("head", "peer0", "peer1"):
         done = verify_deep(tmp_path / home)
         assert done.returncode == 0, (home, done.stdout, done.stderr)
+
+
+@needs_rpc
+def test_a_stalled_peer_is_named_and_the_head_goes_on_without_it(tiny_gguf, tmp_path):
+    peers_ = start_peers(tmp_path, 2)
+    head = None
+    stalled = peers_[1]
+    try:
+        head = start_head(tmp_path, tiny_gguf, peers_, stall_s=2)
+        buyer = head.agent("buyer")
+        stalled_id = stalled.health()["node_id"]
+        text, error = stream_until(head, buyer["token"], 5,
+                                   lambda: os.kill(stalled.proc.pid, signal.SIGSTOP))
+        assert type(error).__name__ == "PeerLost"
+        assert f"{stalled_id[:12]}… at {stalled.url} stalled" in str(error)
+        assert len(text) >= 5
+        wait_for("the reload without the stalled peer", lambda: split_of(head)["loads"] == 2)
+        status, body = chat(head, buyer["token"])
+        assert status == 200, body
+    finally:
+        os.kill(stalled.proc.pid, signal.SIGCONT)
+        if head is not None:
+            head.stop()
+        for peer in peers_:
+            peer.stop()
 
 
 # -- split across network namespaces --------------------------------------------------------------
