@@ -133,6 +133,9 @@ KEYS: dict[str, Key] = {
             low=0, high=INT_MAX),
         Key("rpc.terms_s", int, 3600, "seconds a layer peer's signed terms stay valid",
             low=1, high=30 * DAY_S),
+        Key("rpc.discover_s", int, 5,
+            "seconds `forge node --split auto` looks for layer peers on the mesh", low=1,
+            high=3600),
         Key("rpc.stall_s", int, 120,
             "seconds a split model may go without a token before the head fails the request "
             "and blames the peer it waits on", low=1, high=DAY_S),

@@ -53,7 +53,7 @@ class PeerProcess(NodeProcess):
     def _wait_for_url(self) -> str:
         url = super()._wait_for_url()
         assert self.proc.stdout is not None
-        self.lines += [self.proc.stdout.readline() for _ in range(5)]  # the rest of the banner
+        self.lines += [self.proc.stdout.readline() for _ in range(6)]  # the rest of the banner
         return url
 
     @property
@@ -417,6 +417,25 @@ def test_a_stalled_peer_is_named_and_the_head_goes_on_without_it(tiny_gguf, tmp_
         assert status == 200, body
     finally:
         os.kill(stalled.proc.pid, signal.SIGCONT)
+        if head is not None:
+            head.stop()
+        for peer in peers_:
+            peer.stop()
+
+
+@needs_rpc
+def test_split_auto_finds_the_layer_peers_on_the_mesh(tiny_gguf, unsplit, tmp_path):
+    peers_ = start_peers(tmp_path, 2, "--mesh")
+    head = None
+    try:
+        assert all("mDNS _forge._tcp.local. on 127.0.0.1" in "".join(p.lines) for p in peers_)
+        head = NodeProcess(tmp_path / "head", tiny_gguf, "--split", "auto",
+                           log=tmp_path / "head.log", env={"FORGE_RPC_DISCOVER_S": "20"})
+        assert {p["url"] for p in split_of(head)["peers"]} == {p.url for p in peers_}
+        status, body = chat(head, head.agent("buyer")["token"])
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == unsplit
+    finally:
         if head is not None:
             head.stop()
         for peer in peers_:

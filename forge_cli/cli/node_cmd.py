@@ -43,8 +43,8 @@ def node(
     threads: int | None = ThreadsOpt,
     split: str | None = typer.Option(None, "--split",
                                      help="Split the model's layers with layer peers "
-                                     "(`forge rpc serve`) at URL[,URL…]; each is paid per "
-                                     "layer-token."),
+                                     "(`forge rpc serve`): auto (found on the mesh) or "
+                                     "URL[,URL…]; each is paid per layer-token."),
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -66,16 +66,15 @@ def _split_urls(split: str | None, model: list[str] | None) -> list[str] | None:
 
     if split is None:
         return None
+    if model is not None and len(model) > 1:
+        raise UsageError("--split serves one model; name only one with -m")
     if split == "auto":
-        raise UsageError("--split auto (layer peers found on the mesh) is not available yet",
-                         hint="name the layer peers: --split http://HOST:PORT[,URL…]")
+        return ["auto"]  # found on the mesh when the node starts
     urls = [url.strip() for url in split.split(",") if url.strip()]
     bad = [url for url in urls if not url.startswith(("http://", "https://"))]
     if not urls or bad:
-        raise UsageError(f"--split takes URL[,URL…] of layer peers, found {split!r}",
+        raise UsageError(f"--split takes auto or URL[,URL…] of layer peers, found {split!r}",
                          hint="e.g. --split http://10.0.0.2:3002,http://10.0.0.3:3002")
-    if model is not None and len(model) > 1:
-        raise UsageError("--split serves one model; name only one with -m")
     return urls
 
 
@@ -98,6 +97,11 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     token_file = home / "api_token"
     check_bind(host, token_file)
     names = model or [settings["models.default"]]
+    if split == ["auto"]:
+        from forge_cli import identity
+        from forge_cli.rpc.split import find_lenders
+
+        split = find_lenders(identity.load_or_create().node_id, settings)
     if pull:
         for name in names:
             download.ensure_local(name)

@@ -8,6 +8,7 @@ import sys
 import typer
 
 from forge_cli import config
+from forge_cli.cli.node_cmd import InterfaceOpt
 
 app = typer.Typer(help="Split one model across machines: serve layers to a head.",
                   no_args_is_help=True)
@@ -29,6 +30,9 @@ def serve(
     rate: int | None = typer.Option(None, "--rate", min=0, max=config.INT_MAX,
                                     help="µCU charged per layer per generated token "
                                     "[default: rpc.rate_ucu]."),
+    mesh: bool = typer.Option(False, "--mesh", help="Advertise on the mesh (mDNS TXT: "
+                              "role layer-peer, free memory) for heads started with --split auto."),
+    interface: list[str] = InterfaceOpt,
 ) -> None:
     """Serve model layers to a head (`forge node -m MODEL --split URL`), paid per layer-token.
 
@@ -55,6 +59,13 @@ def serve(
     except BaseException:
         node.close()
         raise
+    if mesh:
+        from forge_cli.mesh.discovery import Mesh
+
+        node.mesh = Mesh(node.node_id, lambda: [], interfaces=interface or settings["mesh.interfaces"],
+                         mdns=settings["mesh.mdns"], probe_s=settings["mesh.probe_s"],
+                         expire_s=settings["mesh.expire_s"],
+                         txt=lambda: {"role": "layer-peer", "free_mb": str(peer.free_mb())})
 
     def announce(site) -> None:  # noqa: ANN001
         bound = site._server.sockets[0].getsockname()
@@ -67,6 +78,7 @@ def serve(
             f"{peer.rate} µCU per layer-token",
             f"  cache     {peer.cache_dir}",
             f"  ledger    {node.ledger.path}  ({node.ledger.size} entries)",
+            f"  mesh      {node.mesh.describe() if node.mesh else 'off (advertise with --mesh)'}",
         ]) + "\n")
         sys.stdout.flush()
 

@@ -20,14 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
 from forge_cli.errors import BadIntent, EntryRejected, Replay, RpcUnavailable, TunnelRefused
 from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
-from forge_cli.trade.seams import Node
+
+if TYPE_CHECKING:
+    from forge_cli.trade.node import Node
 
 log = logging.getLogger("forge.rpc")
 PEER: web.AppKey[LayerPeer] = web.AppKey("layer_peer", object)  # type: ignore[arg-type]
@@ -72,7 +74,7 @@ class Traffic:
 class LayerPeer:
     """The peer's state: its node (ledger, wallet, key), the ggml server, the terms issued."""
 
-    node: Node  # a node without models: its key, ledger and wallet
+    node: Node  # a node without models: its key, ledger, wallet and mesh
     rate: int  # µCU per layer per generated token
     memory_mb: int  # 0: what the machine has available
     threads: int
@@ -308,6 +310,11 @@ def make_app(peer: LayerPeer) -> web.Application:
     app.router.add_post("/v1/forge/rpc/terms", offer_terms)
     app.router.add_post("/v1/forge/rpc/settle", settle)
     app.router.add_get("/v1/forge/rpc/tunnel", tunnel)
+
+    async def stop(app: web.Application) -> None:
+        await peer.node.stop()  # withdraws the mesh advertisement
+
+    app.on_shutdown.append(stop)
     return app
 
 
