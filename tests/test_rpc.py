@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +70,45 @@ class PeerProcess(NodeProcess):
 
 def start_peers(root: Path, n: int, *extra: str, prefix: tuple[str, ...] = (),
                 env: dict[str, str] | None = None) -> list[PeerProcess]:
-    peers: list[PeerProcess] = []
-    try:
-        for i in range(n):
-            peers.append(PeerProcess(root / f"peer{i}", None, *extra, prefix=prefix, env=env,
-                                     log=root / f"peer{i}.log"))
-    except BaseException:
+    """`n` layer peers, started side by side (each with its own FORGE_HOME)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n) as pool:
+        starting = [pool.submit(PeerProcess, root / f"peer{i}", None, *extra, prefix=prefix,
+                                env=env, log=root / f"peer{i}.log") for i in range(n)]
+    peers = [f.result() for f in starting if f.exception() is None]
+    if len(peers) < n:
         for peer in peers:
             peer.stop()
-        raise
+        raise next(f.exception() for f in starting if f.exception() is not None)  # type: ignore[misc]
     return peers
 
 
-def start_head(root: Path, model: Path, peers: list[PeerProcess], stall_s: int = 60
-               ) -> NodeProcess:
-    return NodeProcess(root / "head", model, "--split", ",".join(p.url for p in peers),
-                       log=root / "head.log", env={"FORGE_RPC_STALL_S": str(stall_s)})
+@contextmanager
+def split_cluster(root: Path, model: Path, *peer_args: str, prefix: tuple[str, ...] = (),
+                  split: str | None = None, stall_s: int = 60
+                  ) -> Iterator[tuple[list[PeerProcess], NodeProcess]]:
+    """Two layer peers and a head splitting `model` with them (`split`: --split's value, the
+    peers' URLs without it); every process is stopped on the way out."""
+    peers = start_peers(root, 2, *peer_args, prefix=prefix)
+    head = None
+    try:
+        head = NodeProcess(root / "head", model, "--split",
+                           split or ",".join(p.url for p in peers), log=root / "head.log",
+                           env={"FORGE_RPC_STALL_S": str(stall_s), "FORGE_RPC_DISCOVER_S": "20"})
+        yield peers, head
+    finally:
+        if head is not None:
+            head.stop()
+        for peer in peers:
+            peer.stop()
+
+
+def verified(root: Path) -> None:
+    """`forge ledger verify --deep` exits 0 for the head and both peers."""
+    for home in ("head", "peer0", "peer1"):
+        done = verify_deep(root / home)
+        assert done.returncode == 0, (home, done.stdout, done.stderr)
 
 
 def stream_until(head: NodeProcess, token: str, pieces: int, then: Any) -> tuple[str, Any]:
@@ -300,10 +324,7 @@ def test_tunnel_refuses_a_wrong_key_and_expired_terms(peers, tmp_path):
 
 @needs_rpc
 def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, unsplit, tmp_path):
-    peers_ = start_peers(tmp_path, 2)
-    head = None
-    try:
-        head = start_head(tmp_path, tiny_gguf, peers_)
+    with split_cluster(tmp_path, tiny_gguf) as (peers_, head):
         buyer = head.agent("buyer")
         status, body = chat(head, buyer["token"])
         assert status == 200, body
@@ -320,11 +341,6 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
 
         wait_for("both layer trades", lambda: all(p["trades"] == 1 for p in split_of(head)["peers"]))
         tokens = body["usage"]["completion_tokens"]
-    finally:
-        if head is not None:
-            head.stop()
-        for peer in peers_:
-            peer.stop()
 
     head_id = node_id(tmp_path / "head")
     head_trades = trades(tmp_path / "head")
@@ -340,9 +356,7 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
         assert trade["price_ucu_per_token"] == len(split["peers"][i]["layers"]) * 20_000
         in_peer = trades(tmp_path / f"peer{i}")
         assert [trade_id(t) for t in in_peer] == [trade_id(bought[peer_id])]
-    for home in ("head", "peer0", "peer1"):
-        done = verify_deep(tmp_path / home)
-        assert done.returncode == 0, (home, done.stdout, done.stderr)
+    verified(tmp_path)
 
 
 # -- a peer killed mid-generation ---------------------------------------------------------------
@@ -351,12 +365,8 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
 def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tiny_gguf, tmp_path):
     from forge_cli.ledger.entries import trade_cost
 
-    peers_ = start_peers(tmp_path, 2)
-    head = None
-    try:
-        head = start_head(tmp_path, tiny_gguf, peers_)
+    with split_cluster(tmp_path, tiny_gguf) as ((victim, survivor), head):
         buyer = head.agent("buyer")
-        victim, survivor = peers_
         victim_id = victim.health()["node_id"]
         text, error = stream_until(head, buyer["token"], 5,
                                    lambda: os.kill(victim.proc.pid, signal.SIGKILL))
@@ -383,63 +393,40 @@ def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tin
         assert status == 200, body
         wait_for("the survivor's layer trades",
                  lambda: [p for p in split_of(head)["peers"] if p["lost"] is None][0]["trades"] == 2)
-    finally:
-        if head is not None:
-            head.stop()
-        for peer in peers_:
-            peer.stop()
 
     paid = [t["terms"] for t in trades(tmp_path / "head") if t["terms"]["consumer"] == head_id]
     assert victim_id not in {t["provider"] for t in paid}
     assert sorted(t["completion_tokens"] for t in paid) == sorted(
         [len(text.encode()), body["usage"]["completion_tokens"]])
-    for home in ("head", "peer0", "peer1"):
-        done = verify_deep(tmp_path / home)
-        assert done.returncode == 0, (home, done.stdout, done.stderr)
+    verified(tmp_path)
 
 
 @needs_rpc
 def test_a_stalled_peer_is_named_and_the_head_goes_on_without_it(tiny_gguf, tmp_path):
-    peers_ = start_peers(tmp_path, 2)
-    head = None
-    stalled = peers_[1]
-    try:
-        head = start_head(tmp_path, tiny_gguf, peers_, stall_s=2)
+    with split_cluster(tmp_path, tiny_gguf, stall_s=2) as ((_, stalled), head):
         buyer = head.agent("buyer")
         stalled_id = stalled.health()["node_id"]
-        text, error = stream_until(head, buyer["token"], 5,
-                                   lambda: os.kill(stalled.proc.pid, signal.SIGSTOP))
-        assert type(error).__name__ == "PeerLost"
-        assert f"{stalled_id[:12]}… at {stalled.url} stalled" in str(error)
-        assert len(text) >= 5
-        wait_for("the reload without the stalled peer", lambda: split_of(head)["loads"] == 2)
-        status, body = chat(head, buyer["token"])
-        assert status == 200, body
-    finally:
-        os.kill(stalled.proc.pid, signal.SIGCONT)
-        if head is not None:
-            head.stop()
-        for peer in peers_:
-            peer.stop()
+        try:
+            text, error = stream_until(head, buyer["token"], 5,
+                                       lambda: os.kill(stalled.proc.pid, signal.SIGSTOP))
+            assert type(error).__name__ == "PeerLost"
+            assert f"{stalled_id[:12]}… at {stalled.url} stalled" in str(error)
+            assert len(text) >= 5
+            wait_for("the reload without the stalled peer", lambda: split_of(head)["loads"] == 2)
+            status, body = chat(head, buyer["token"])
+            assert status == 200, body
+        finally:
+            os.kill(stalled.proc.pid, signal.SIGCONT)
 
 
 @needs_rpc
 def test_split_auto_finds_the_layer_peers_on_the_mesh(tiny_gguf, unsplit, tmp_path):
-    peers_ = start_peers(tmp_path, 2, "--mesh")
-    head = None
-    try:
+    with split_cluster(tmp_path, tiny_gguf, "--mesh", split="auto") as (peers_, head):
         assert all("mDNS _forge._tcp.local. on 127.0.0.1" in "".join(p.lines) for p in peers_)
-        head = NodeProcess(tmp_path / "head", tiny_gguf, "--split", "auto",
-                           log=tmp_path / "head.log", env={"FORGE_RPC_DISCOVER_S": "20"})
         assert {p["url"] for p in split_of(head)["peers"]} == {p.url for p in peers_}
         status, body = chat(head, head.agent("buyer")["token"])
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == unsplit
-    finally:
-        if head is not None:
-            head.stop()
-        for peer in peers_:
-            peer.stop()
 
 
 # -- split across network namespaces --------------------------------------------------------------
@@ -486,22 +473,12 @@ def namespace() -> Iterator[tuple[str, str]]:
 @needs_rpc
 def test_split_across_network_namespaces(tiny_gguf, unsplit, namespace, tmp_path):
     ns, address = namespace
-    peers_ = start_peers(tmp_path, 2, "--host", address, prefix=("ip", "netns", "exec", ns))
-    head = None
-    try:
+    with split_cluster(tmp_path, tiny_gguf, "--host", address,
+                       prefix=("ip", "netns", "exec", ns)) as (peers_, head):
         assert all(p.url.startswith(f"http://{address}:") for p in peers_)
-        head = start_head(tmp_path, tiny_gguf, peers_)
-        buyer = head.agent("buyer")
-        status, body = chat(head, buyer["token"])
+        status, body = chat(head, head.agent("buyer")["token"])
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == unsplit
         assert all(p["tunnel_bytes_up"] > 0 for p in split_of(head)["peers"])
         wait_for("both layer trades", lambda: all(p["trades"] == 1 for p in split_of(head)["peers"]))
-    finally:
-        if head is not None:
-            head.stop()
-        for peer in peers_:
-            peer.stop()
-    for home in ("head", "peer0", "peer1"):
-        done = verify_deep(tmp_path / home)
-        assert done.returncode == 0, (home, done.stdout, done.stderr)
+    verified(tmp_path)

@@ -145,8 +145,12 @@ class Stream:
             if kind == "done":
                 self.completion = value
                 raise StopIteration
-            self.completion = Completion("", 0, 0, "error")
+            self.completion = self._failed()
             raise value
+
+    def _failed(self) -> Completion:
+        """What a request that failed produced (here: nothing is counted)."""
+        return Completion("", 0, 0, "error")
 
     def result(self) -> Completion:
         """Wait for the end and return the Completion (pieces not yet read are included)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from forge_cli import errors
 from forge_cli.errors import ModelError, PeerLost, TunnelRefused, UsageError
-from forge_cli.inference.engine import Completion, Sampling
+from forge_cli.inference.engine import Completion, Sampling, Stream
 from forge_cli.ledger import entries
 from forge_cli.rpc import terms
 from forge_cli.rpc.tunnel import HeadTunnel
@@ -133,56 +133,32 @@ class _Job:
     pieces: list[str] = field(default_factory=list)
     last: float = field(default_factory=time.monotonic)
     ended: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-class SplitStream:
+class SplitStream(Stream):
     """A request's text pieces, as `Engine`'s Stream gives them; a failed request still has
     its `completion`: what was produced before the failure, which is what the buyer pays for."""
 
     def __init__(self, engine: SplitEngine, job: _Job) -> None:
+        super().__init__(job)  # type: ignore[arg-type]
         self._engine = engine
-        self._job = job
-        self.completion: Completion | None = None
-        self.tokens = 0
+        self._split_job = job
 
-    def __iter__(self) -> SplitStream:
-        return self
-
-    def __next__(self) -> str:
-        if self.completion is not None:
-            raise StopIteration
-        while True:
-            try:
-                kind, *rest = self._job.out.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if kind == "text":
-                piece, self.tokens = rest
-                return piece
-            if kind == "done":
-                self.completion = rest[0]
-                raise StopIteration
-            job = self._job
-            self.completion = Completion("".join(job.pieces), job.prompt_tokens, job.tokens,
-                                         "error")
-            raise rest[0]
-
-    def result(self) -> Completion:
-        for _ in self:
-            pass
-        assert self.completion is not None
-        return self.completion
+    def _failed(self) -> Completion:
+        job = self._split_job
+        return Completion("".join(job.pieces), job.prompt_tokens, job.tokens, "error")
 
     def cancel(self) -> None:
-        self._engine._cancel(self._job)
+        self._engine._cancel(self._split_job)
 
     close = cancel
 
-    def __enter__(self) -> SplitStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:  # the engine may already be gone at interpreter exit
+            pass
 
 
 class SplitEngine:
