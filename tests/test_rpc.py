@@ -242,6 +242,14 @@ def test_the_dashboard_says_which_peer_runs_how_many_layers():
         "tiny: 1 layers here, peers abababab… 1, cdcdcdcd… 1 lost"
 
 
+def test_split_refuses_what_is_not_a_list_of_peer_urls(run_forge, tiny_gguf):
+    for bad in ("ftp://a", ",", "peer0"):
+        done = run_forge("node", "-m", str(tiny_gguf), "--split", bad)
+        assert done.returncode == 2, done.stderr
+        assert "--split takes auto or URL[,URL…] of layer peers" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 # -- the tunnel and the binding ------------------------------------------------------------------
 
 def listening(pid: int) -> list[tuple[str, int]]:
@@ -292,6 +300,29 @@ async def _handshake(url: str, answer: Any) -> dict[str, Any]:
 
 
 @needs_rpc
+async def _while_open(url: str, head: Any, other: Any) -> str:
+    """Hold a tunnel open for `head`; what the peer answers `other` meanwhile."""
+    import aiohttp
+
+    from forge_cli.rpc import terms
+
+    async def agree(who: Any) -> dict[str, Any]:
+        async with session.post(f"{url}/v1/forge/rpc/terms", json={
+                "head": who.node_id, "model_sha256": "ab" * 32, "layers": 1}) as response:
+            return await response.json()
+
+    async with aiohttp.ClientSession() as session:
+        mine, theirs = await agree(head), await agree(other)
+        async with session.ws_connect(f"{url}/v1/forge/rpc/tunnel") as ws:
+            hello = await ws.receive_json(timeout=10)
+            await ws.send_json(terms.handshake(head, mine, hello["challenge"]))
+            assert await ws.receive_json(timeout=10) == {"ok": True}
+            async with session.ws_connect(f"{url}/v1/forge/rpc/tunnel") as second:
+                hello = await second.receive_json(timeout=10)
+                await second.send_json(terms.handshake(other, theirs, hello["challenge"]))
+                return (await second.receive_json(timeout=10)).get("error")
+
+
 def test_tunnel_refuses_a_wrong_key_and_expired_terms(peers, tmp_path):
     from forge_cli import identity
     from forge_cli.rpc import terms
@@ -311,11 +342,13 @@ def test_tunnel_refuses_a_wrong_key_and_expired_terms(peers, tmp_path):
     assert "signature over the terms does not verify" in cheap["error"]
     good = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(head, agreed, c)))
     assert good == {"ok": True}
+    assert asyncio.run(_while_open(peer.url, head, stranger)) == \
+        "tunnel refused: this peer is serving another head; try again when it is done"
 
     time.sleep(3.2)  # FORGE_RPC_TERMS_S=3 on these peers
     late = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(head, agreed, c)))
     assert "expired" in late["error"]
-    assert peer.health()["traffic"]["refused"] == refused + 3
+    assert peer.health()["traffic"]["refused"] == refused + 4
     status, _, body = peer.request("POST", "/v1/forge/rpc/terms", {"head": "x", "layers": 1})
     assert status == 422 and "head" in body["error"]["message"]
 

@@ -83,6 +83,7 @@ class LayerPeer:
     endpoint: str = ""  # the ggml server, 127.0.0.1:PORT
     issued: dict[str, dict[str, Any]] = field(default_factory=dict)  # nonce → signed terms
     traffic: Traffic = field(default_factory=Traffic)
+    serving: dict[str, int] = field(default_factory=dict)  # head → its open tunnels
 
     @property
     def node_id(self) -> str:
@@ -142,6 +143,9 @@ class LayerPeer:
             issued = self.issued.get(answer["terms"]["nonce"])
             if issued is None or issued["terms"] != answer["terms"]:
                 reason = "these terms were not issued by this peer"
+            elif any(head != answer["terms"]["head"] for head in self.serving):
+                # ggml serves one connection at a time: another head would wait unseen.
+                reason = "this peer is serving another head; try again when it is done"
         if reason:
             self.traffic.refused += 1
             self.traffic.last_refusal = reason
@@ -254,16 +258,21 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
         await ws.send_json({"error": reason})
         await ws.close(code=4403, message=b"refused")
         return ws
-    host, port = peer.endpoint.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    await ws.send_json({"ok": True})
+    head = answer["terms"]["head"]  # counted at once: no other head is admitted meanwhile
+    peer.serving[head] = peer.serving.get(head, 0) + 1
     peer.traffic.tunnels += 1
     peer.traffic.open += 1
     try:
+        host, port = peer.endpoint.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        await ws.send_json({"ok": True})
         await relay(ws, reader, writer, from_ws=peer.traffic.add_up,
                     from_tcp=peer.traffic.add_down)
     finally:
         peer.traffic.open -= 1
+        peer.serving[head] -= 1
+        if not peer.serving[head]:
+            del peer.serving[head]
     return ws
 
 
