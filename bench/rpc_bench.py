@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """One model split across two loopback layer peers, against the same model unsplit.
 
-    python bench/rpc_bench.py [--model smollm2:135m] [--tokens 64] [--runs 3] [--json]
+    python bench/rpc_bench.py [--model smollm2:135m] [--tokens 64] [--runs 3]
+                              [--peer-threads 1] [--json]
 
 1. The unsplit engine in this process: greedy decode tokens/s (median of --runs) and load time.
 2. Two `forge rpc serve` peers (their own FORGE_HOMEs, loopback) and a SplitEngine head in this
    process: load time with the peers' tensor caches cold, decode tokens/s, and the bytes that
-   crossed the tunnels per generated token (head → peers and back, over a whole request,
-   prompt included) — the ratio split / unsplit is the price of the split on this machine.
+   crossed the tunnels per generated token (head → peers and back): over whole requests
+   (prompt included), and per extra token (a 2-token request against a --tokens one) — the
+   ratio split / unsplit is the price of the split on this machine. On one machine the peers
+   share its cores with the head: --peer-threads (1) keeps them from starving each other.
 3. The same head loaded again over the same peers: load time with the caches warm. ggml caches
    only tensors above 10 MiB, so a small model's layers load the same either way; the cache
    size printed says whether anything was cached.
@@ -35,12 +38,13 @@ PROMPT = "Run {i}: write a long story about a lighthouse keeper and the sea."
 START_TIMEOUT_S = 120
 
 
-def start_peer(home: Path) -> tuple[subprocess.Popen[str], str]:
+def start_peer(home: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
     env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "rpc", "serve", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "rpc", "serve", "--port", "0",
+                             "--threads", str(threads)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=REPO, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -81,10 +85,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2:135m")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peer-threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.tokens < 2 or args.runs < 1:
-        parser.error("--tokens must be at least 2 and --runs at least 1")
+    if args.tokens < 3 or args.runs < 1 or args.peer_threads < 1:
+        parser.error("--tokens must be at least 3, --runs and --peer-threads at least 1")
 
     from forge_cli import identity
     from forge_cli.inference import catalog
@@ -98,11 +103,12 @@ def main() -> None:
         unsplit_tps, _ = decode(engine, args.tokens, args.runs)
 
     result: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "runs": args.runs,
+                              "peer_threads": args.peer_threads,
                               "unsplit_tokens_per_s": round(unsplit_tps, 2),
                               "unsplit_load_s": round(unsplit_load, 3)}
     with tempfile.TemporaryDirectory(prefix="forge-rpc-bench-") as tmp:
         homes = [Path(tmp) / f"peer{i}" for i in range(2)]
-        peers = [start_peer(home) for home in homes]
+        peers = [start_peer(home, args.peer_threads) for home in homes]
         head = identity.Identity.generate()
         try:
             split = SplitEngine(path, name=args.model, urls=[url for _, url in peers],
@@ -114,6 +120,10 @@ def main() -> None:
                 before = traffic(split)
                 split_tps, done = decode(split, args.tokens, args.runs)
                 after = traffic(split)
+                _, short = decode(split, 2, 1)
+                mid = traffic(split)
+                _, long = decode(split, args.tokens, 1)
+                end = traffic(split)
             finally:
                 split.close()
             produced = sum(c.completion_tokens for c in done)
@@ -122,6 +132,12 @@ def main() -> None:
                 split_over_unsplit=round(split_tps / unsplit_tps, 3) if unsplit_tps else None,
                 tunnel_bytes_per_token_up=round((after[0] - before[0]) / produced),
                 tunnel_bytes_per_token_down=round((after[1] - before[1]) / produced),
+                tunnel_bytes_per_extra_token_up=round(
+                    ((end[0] - mid[0]) - (mid[0] - after[0]))
+                    / (long[0].completion_tokens - short[0].completion_tokens)),
+                tunnel_bytes_per_extra_token_down=round(
+                    ((end[1] - mid[1]) - (mid[1] - after[1]))
+                    / (long[0].completion_tokens - short[0].completion_tokens)),
                 cache_bytes_after_cold=cache_bytes(homes))
             warm = SplitEngine(path, name=args.model, urls=[url for _, url in peers],
                                signer=head, n_ctx=1024, slots=1)
@@ -139,7 +155,9 @@ def main() -> None:
     print(f"decode  unsplit {result['unsplit_tokens_per_s']} tok/s · split over 2 loopback peers "
           f"{result['split_tokens_per_s']} tok/s · ratio {result['split_over_unsplit']}")
     print(f"tunnel  {result['tunnel_bytes_per_token_up']:,} B/token head→peers, "
-          f"{result['tunnel_bytes_per_token_down']:,} B/token back")
+          f"{result['tunnel_bytes_per_token_down']:,} B/token back (whole requests); per extra "
+          f"token {result['tunnel_bytes_per_extra_token_up']:,} B up, "
+          f"{result['tunnel_bytes_per_extra_token_down']:,} B back")
     print(f"load    unsplit {result['unsplit_load_s']} s · split cold cache "
           f"{result['load_cold_s']} s · warm cache {result['load_warm_s']} s "
           f"({result['cache_bytes_after_cold']:,} bytes cached by the peers)")

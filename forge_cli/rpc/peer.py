@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from forge_cli.errors import BadIntent, EntryRejected, Replay, RpcUnavailable, TunnelRefused
+from forge_cli.errors import (
+    BadIntent,
+    EngineBusy,
+    EntryRejected,
+    Replay,
+    RpcUnavailable,
+    TunnelRefused,
+)
 from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
 
@@ -36,6 +43,7 @@ PEER: web.AppKey[LayerPeer] = web.AppKey("layer_peer", object)  # type: ignore[a
 HANDSHAKE_TIMEOUT_S = 10
 CHUNK = 1 << 20  # bytes per tunnel message
 SETTLE_GRACE_MS = 600_000  # work done under terms may be paid this long after they expire
+MAX_ISSUED = 1000  # terms held at once (anyone may ask for terms: the memory is bounded)
 
 
 def available_mb() -> int:
@@ -124,6 +132,9 @@ class LayerPeer:
             raise BadIntent("terms refused: a node cannot lend layers to itself")
         now = self.node.clock()
         self._forget(now)
+        if len(self.issued) >= MAX_ISSUED:
+            raise EngineBusy(f"this layer peer holds {MAX_ISSUED} terms not yet expired; ask "
+                             "again later")
         agreed = terms.offer(self.node.signer, head=body["head"],
                              model_sha256=body["model_sha256"], layers=body["layers"],
                              rate=self.rate, now_ms=now, ttl_ms=self.terms_ms)
