@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from forge_cli import errors
-from forge_cli.errors import ModelError, PeerLost, TunnelRefused, UsageError
+from forge_cli.errors import EngineBusy, ModelError, PeerLost, TunnelRefused, UsageError
 from forge_cli.inference.engine import Completion, Sampling, Stream
 from forge_cli.ledger import entries
 from forge_cli.rpc import terms
@@ -250,8 +250,11 @@ class SplitEngine:
         health = await self._json("GET", f"{url}/health")
         if not isinstance(health, dict) or health.get("role") != "layer-peer":
             raise UsageError(f"{url} is not a layer peer (start one with `forge rpc serve`)")
-        return Lender(url, health["node_id"], int(health["free_mb"]),
-                      int(health["rate_ucu_per_layer_token"]))
+        try:
+            return Lender(url, str(health["node_id"]), int(health["free_mb"]),
+                          int(health["rate_ucu_per_layer_token"]))
+        except (KeyError, TypeError, ValueError):
+            raise TunnelRefused(f"layer peer at {url} describes itself badly: {health}") from None
 
     async def _agree(self, lender: Lender) -> str:
         """Terms for the lender's layers, checked; then its tunnel's loopback endpoint."""
@@ -409,12 +412,13 @@ class SplitEngine:
         self._meter(job)
 
     def _watch(self) -> None:
-        """A generation without a token for `stall_s` fails: the peer the head waits on longest
-        is blamed (its tunnel is cut, so ggml fails and the child exits)."""
+        """Generation that makes no progress for `stall_s` fails: the peer the head waits on
+        longest is blamed, and the child is killed (its requests fail by that peer's name)."""
         while not self._closing:
             time.sleep(1)
-            now = time.monotonic()
-            if not any(now - job.last > self.stall_s for job in list(self._jobs.values())):
+            jobs = list(self._jobs.values())
+            # No request moved for stall_s (queued ones wait on the others: not a stall).
+            if not jobs or time.monotonic() - max(job.last for job in jobs) <= self.stall_s:
                 continue
             waiting = [(lender.tunnel.waiting_s(), lender) for lender in self.live
                        if lender.tunnel is not None]
@@ -484,9 +488,13 @@ class SplitEngine:
 
     # -- the Engine surface --------------------------------------------------------------------
 
-    def _submit(self, kind: str, *args: Any) -> SplitStream:
+    def _submit(self, kind: str, block: bool, *args: Any) -> SplitStream:
         if self._closing:
             raise ModelError(f"the engine for {self.name} is closed")
+        if not self._ready.is_set() and not block:  # never hold the caller's event loop
+            lost = "; ".join(lender.lost for lender in self.lenders if lender.lost)
+            raise EngineBusy(f"{self.name} is reloading on the layer peers left ({lost}); "
+                             "try again shortly")
         if not self._ready.wait(LOAD_TIMEOUT_S):
             raise ModelError(f"{self.name} is still reloading without a lost layer peer")
         if self._unavailable is not None:
@@ -503,11 +511,11 @@ class SplitEngine:
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
              block: bool = True) -> SplitStream:
-        return self._submit("chat", messages, sampling)
+        return self._submit("chat", block, messages, sampling)
 
     def generate(self, prompt: str, sampling: Sampling = Sampling(), *, add_bos: bool = True,
                  block: bool = True) -> SplitStream:
-        return self._submit("generate", prompt, sampling, add_bos)
+        return self._submit("generate", block, prompt, sampling, add_bos)
 
     def _cancel(self, job: _Job) -> None:
         if job.ended or self._conn is None:
