@@ -329,25 +329,29 @@ def test_tunnel_refuses_a_wrong_key_and_expired_terms(peers, tmp_path):
 
     head, stranger = (identity.Identity.generate() for _ in range(2))
     peer = peers[0]
-    status, _, agreed = peer.request("POST", "/v1/forge/rpc/terms", {
-        "head": head.node_id, "model_sha256": "ab" * 32, "layers": 1})
-    assert status == 200, agreed
-    assert terms.terms_problem(agreed) is None and agreed["terms"]["peer"] == peer.health()["node_id"]
-    refused = peer.health()["traffic"]["refused"]
 
-    wrong = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(stranger, agreed, c)))
-    assert "wrong key" in wrong["error"]
-    forged = {**agreed, "terms": {**agreed["terms"], "rate_ucu_per_layer_token": 0}}
-    cheap = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(head, forged, c)))
-    assert "signature over the terms does not verify" in cheap["error"]
-    good = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(head, agreed, c)))
-    assert good == {"ok": True}
+    def agree() -> dict[str, Any]:  # terms live 3 s on these peers (FORGE_RPC_TERMS_S=3)
+        status, _, agreed = peer.request("POST", "/v1/forge/rpc/terms", {
+            "head": head.node_id, "model_sha256": "ab" * 32, "layers": 1})
+        assert status == 200, agreed
+        return agreed
+
+    def answer(signer: Any, agreed: dict[str, Any]) -> dict[str, Any]:
+        return asyncio.run(_handshake(peer.url, lambda c: terms.handshake(signer, agreed, c)))
+
+    first = agree()
+    assert terms.terms_problem(first) is None and first["terms"]["peer"] == peer.health()["node_id"]
+    refused = peer.health()["traffic"]["refused"]
+    assert "wrong key" in answer(stranger, agree())["error"]
+    live = agree()
+    forged = {**live, "terms": {**live["terms"], "rate_ucu_per_layer_token": 0}}
+    assert "signature over the terms does not verify" in answer(head, forged)["error"]
+    assert answer(head, agree()) == {"ok": True}
     assert asyncio.run(_while_open(peer.url, head, stranger)) == \
         "tunnel refused: this peer is serving another head; try again when it is done"
 
-    time.sleep(3.2)  # FORGE_RPC_TERMS_S=3 on these peers
-    late = asyncio.run(_handshake(peer.url, lambda c: terms.handshake(head, agreed, c)))
-    assert "expired" in late["error"]
+    time.sleep(max(0.0, first["terms"]["expires_ms"] / 1000 - time.time()) + 0.2)
+    assert "expired" in answer(head, first)["error"]
     assert peer.health()["traffic"]["refused"] == refused + 4
     status, _, body = peer.request("POST", "/v1/forge/rpc/terms", {"head": "x", "layers": 1})
     assert status == 422 and "head" in body["error"]["message"]
@@ -375,20 +379,34 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
         wait_for("both layer trades", lambda: all(p["trades"] == 1 for p in split_of(head)["peers"]))
         tokens = body["usage"]["completion_tokens"]
 
+        shown = subprocess.run(
+            [sys.executable, "-m", "forge_cli", "chat", "--node", head.url, "--token",
+             buyer["token"], "-v", "-n", "4", "--temperature", "0", "split me"],
+            capture_output=True, text=True, cwd=REPO, env=forge_env(tmp_path / "buyer"),
+            timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert "layers: head runs layers output" in shown.stderr
+        for peer_id, described in zip(ids, split["peers"], strict=True):
+            assert (f"{peer_id[:12]}… at {described['url']} runs layers "
+                    f"{described['layers'][0]}") in shown.stderr
+        wait_for("the layer trades of forge chat",
+                 lambda: all(p["trades"] == 2 for p in split_of(head)["peers"]))
+
     head_id = node_id(tmp_path / "head")
     head_trades = trades(tmp_path / "head")
-    sold = [t for t in head_trades if t["terms"]["provider"] == head_id]
-    assert len(sold) == 1 and sold[0]["terms"]["consumer"] == buyer["account"]
-    bought = {t["terms"]["provider"]: t for t in head_trades if t["terms"]["consumer"] == head_id}
-    assert set(bought) == set(ids)
+    sold = [t["terms"] for t in head_trades if t["terms"]["provider"] == head_id]
+    assert [(t["consumer"], t["completion_tokens"]) for t in sold] == \
+        [(buyer["account"], tokens), (buyer["account"], 4)]
     from forge_cli.ledger.entries import trade_id
 
     for i, peer_id in enumerate(ids):
-        trade = bought[peer_id]["terms"]
-        assert trade["completion_tokens"] == tokens
-        assert trade["price_ucu_per_token"] == len(split["peers"][i]["layers"]) * 20_000
-        in_peer = trades(tmp_path / f"peer{i}")
-        assert [trade_id(t) for t in in_peer] == [trade_id(bought[peer_id])]
+        bought = [t for t in head_trades if t["terms"]["consumer"] == head_id
+                  and t["terms"]["provider"] == peer_id]
+        assert [t["terms"]["completion_tokens"] for t in bought] == [tokens, 4]
+        assert all(t["terms"]["price_ucu_per_token"] == len(split["peers"][i]["layers"]) * 20_000
+                   for t in bought)
+        in_peer = trades(tmp_path / f"peer{i}")  # the same dual-signed trades, in both ledgers
+        assert [trade_id(t) for t in in_peer] == [trade_id(t) for t in bought]
     verified(tmp_path)
 
 
