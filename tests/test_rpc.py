@@ -413,7 +413,8 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
 # -- a peer killed mid-generation ---------------------------------------------------------------
 
 @needs_rpc
-def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tiny_gguf, tmp_path):
+def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tiny_gguf, unsplit,
+                                                                             tmp_path):
     from forge_cli.ledger.entries import trade_cost
 
     with split_cluster(tmp_path, tiny_gguf) as ((victim, survivor), head):
@@ -444,6 +445,15 @@ def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tin
         assert status == 200, body
         wait_for("the survivor's layer trades",
                  lambda: [p for p in split_of(head)["peers"] if p["lost"] is None][0]["trades"] == 2)
+
+        # The last peer dies between requests: the head reloads at once and runs it all.
+        os.kill(survivor.proc.pid, signal.SIGKILL)
+        alone = wait_for("the reload on the head alone", lambda: (s := split_of(head))["loads"] == 3
+                         and s)
+        assert alone["head"]["layers"] == [0, 1, 2] and all(p["lost"] for p in alone["peers"])
+        status, third = chat(head, buyer["token"])
+        assert status == 200, third
+        assert third["choices"][0]["message"]["content"] == unsplit
 
     paid = [t["terms"] for t in trades(tmp_path / "head") if t["terms"]["consumer"] == head_id]
     assert victim_id not in {t["provider"] for t in paid}

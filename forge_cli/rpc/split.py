@@ -272,7 +272,7 @@ class SplitEngine:
         if lender.tunnel is not None:
             await lender.tunnel.close()
         lender.tunnel = HeadTunnel(lender.url, lender.node_id, self.signer, agreed,
-                                   self._tunnels_http)
+                                   self._tunnels_http, on_lost=self._peer_gone)
         return await lender.tunnel.start()
 
     # -- loading -------------------------------------------------------------------------------
@@ -331,6 +331,13 @@ class SplitEngine:
     def _death_reason(self) -> str:
         lost = [lender.lost for lender in self.lenders if lender.tunnel and lender.tunnel.lost]
         return "; ".join(lost) or "its process exited"
+
+    def _peer_gone(self) -> None:
+        """A tunnel lost its peer: end the child now, even idle (ggml would only notice at the
+        next request, and fail it), so the engine reloads without the peer at once."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _kill_child(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

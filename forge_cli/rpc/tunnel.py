@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from forge_cli.errors import TunnelRefused
@@ -24,12 +25,13 @@ class HeadTunnel:
     """One peer's loopback port on the head; `endpoint` is what ggml registers."""
 
     def __init__(self, url: str, peer_id: str, signer: Any, agreed: dict[str, Any],
-                 session: Any) -> None:
+                 session: Any, on_lost: Callable[[], None] = lambda: None) -> None:
         self.url = url.rstrip("/")
         self.peer_id = peer_id
         self.signer = signer
         self.agreed = agreed
         self.session = session  # aiohttp.ClientSession on the tunnel's event loop
+        self.on_lost = on_lost  # told once, when the peer is lost
         self.traffic = Traffic()
         self.lost: str | None = None
         self.endpoint = ""
@@ -95,6 +97,7 @@ class HeadTunnel:
         if not self._closing and self.lost is None:
             self.lost = why
             log.warning("%s", why)
+            self.on_lost()
 
     async def close(self) -> None:
         self._closing = True
