@@ -196,15 +196,19 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[PeerProcess
 # -- plans and terms (no processes) -------------------------------------------------------------
 
 def test_layers_are_planned_by_free_memory_as_llama_cpp_assigns_them():
-    from forge_cli.errors import UsageError
+    from forge_cli.errors import ModelError, UsageError
     from forge_cli.rpc.split import plan_layers
 
     even = plan_layers(2, 8000, [8000, 8000])
-    assert (even.n_gpu_layers, even.head, even.peers) == (2, [2], [[0], [1]])
+    assert (even.n_gpu_layers, even.head, even.peers) == (2, [0], [[1], [2]])
+    even.check({0: "CPU", 1: "RPC0", 2: "RPC1"})  # what llama.cpp logs for this plan
+    with pytest.raises(ModelError, match="not as planned"):
+        even.check({0: "CPU", 1: "RPC0", 2: "CPU"})
     uneven = plan_layers(30, 8000, [8000, 16000])
-    assert uneven.head == [0, 1, 2, 3, 4, 5, 6, 30]
+    assert uneven.head == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert (uneven.peers[0][0], uneven.peers[1][-1]) == (8, 30)  # the last peer has the output
     assert (len(uneven.peers[0]), len(uneven.peers[1])) == (8, 15)  # 1 : 2 by memory
-    assert plan_layers(2, 100, [8000, 10]).peers == [[0], [1]]  # every peer gets a layer
+    assert plan_layers(2, 100, [8000, 10]).peers == [[1], [2]]  # every peer gets a layer
     with pytest.raises(UsageError, match="too few"):
         plan_layers(2, 8000, [1, 1, 1])
 
@@ -234,8 +238,8 @@ def test_a_layer_trade_must_pay_the_agreed_price_over_the_agreement():
 def test_the_dashboard_says_which_peer_runs_how_many_layers():
     from tui.widgets.overview import placement
 
-    split = {"head": {"layers": [2]}, "peers": [{"peer": "ab" * 32, "layers": [0]},
-                                                {"peer": "cd" * 32, "layers": [1], "lost": "x"}]}
+    split = {"head": {"layers": [0]}, "peers": [{"peer": "ab" * 32, "layers": [1]},
+                                                {"peer": "cd" * 32, "layers": [2], "lost": "x"}]}
     activity = {"models": [{"model": "tiny", "device": "CPU+RPC", "layers": 2, "gpu_layers": 2,
                             "split": split}]}
     assert placement("tiny", activity) == \
@@ -385,10 +389,11 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
             capture_output=True, text=True, cwd=REPO, env=forge_env(tmp_path / "buyer"),
             timeout=120)
         assert shown.returncode == 0, shown.stderr
-        assert "layers: head runs layers output" in shown.stderr
-        for peer_id, described in zip(ids, split["peers"], strict=True):
-            assert (f"{peer_id[:12]}… at {described['url']} runs layers "
-                    f"{described['layers'][0]}") in shown.stderr
+        assert split["head"]["layers"] == [0] and [p["layers"] for p in split["peers"]] == \
+            [[1], [2]]  # as llama.cpp reported placing them (layer 2 is the output layer)
+        assert "layers: head runs layers 0\n" in shown.stderr
+        assert f"{ids[0][:12]}… at {peers_[0].url} runs layers 1 " in shown.stderr
+        assert f"{ids[1][:12]}… at {peers_[1].url} runs layers output " in shown.stderr
         wait_for("the layer trades of forge chat",
                  lambda: all(p["trades"] == 2 for p in split_of(head)["peers"]))
 

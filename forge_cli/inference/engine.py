@@ -177,6 +177,8 @@ class Stream:
 # llama.cpp calls this for every log line of every model; it must outlive them all.
 _LOG_TAIL: deque[str] = deque(maxlen=20)
 _log_callback: Any = None
+# Also told every line (level, text): how a split model learns where llama.cpp put each layer.
+LOG_WATCHERS: list[Callable[[int, str], None]] = []
 
 
 def _silence_llama_log(llama_cpp: Any) -> None:
@@ -189,6 +191,8 @@ def _silence_llama_log(llama_cpp: Any) -> None:
     def keep_tail(level: int, text: bytes, user_data: Any) -> None:
         if level in (2, 3):  # warnings and errors: what explains a failed load
             _LOG_TAIL.append(text.decode("utf-8", errors="replace").strip())
+        for watch in LOG_WATCHERS:
+            watch(level, text.decode("utf-8", errors="replace"))
 
     _log_callback = keep_tail
     llama_cpp.llama_log_set(keep_tail, ctypes.c_void_p(0))

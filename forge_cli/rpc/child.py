@@ -15,10 +15,13 @@ Messages (pickled, multiprocessing.connection framing):
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
+
+ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
 
 
 class Child:
@@ -33,20 +36,29 @@ class Child:
             self.conn.send(msg)
 
     def load(self, config: dict[str, Any]) -> None:
-        from forge_cli.inference.engine import Engine
+        from forge_cli.inference import engine as engines
         from forge_cli.rpc import ggml
 
         for endpoint in config["endpoints"]:
             ggml.add_server(endpoint)
-        self.engine = Engine(config["path"], name=config["name"], n_ctx=config["n_ctx"],
-                             n_threads=config["n_threads"],
-                             n_threads_batch=config["n_threads_batch"], slots=config["slots"],
-                             n_gpu_layers=config["n_gpu_layers"],
-                             tensor_split=config["tensor_split"],
-                             queue_size=config["queue_size"])
-        engine = self.engine
+        assigned: dict[int, str] = {}  # layer → device, as llama.cpp reports it (debug log)
+
+        def watch(level: int, text: str) -> None:
+            match = ASSIGNED.search(text)
+            if match:
+                assigned[int(match[1])] = match[2]
+
+        engines.LOG_WATCHERS.append(watch)
+        try:
+            self.engine = engine = engines.Engine(
+                config["path"], name=config["name"], n_ctx=config["n_ctx"],
+                n_threads=config["n_threads"], n_threads_batch=config["n_threads_batch"],
+                slots=config["slots"], n_gpu_layers=config["n_gpu_layers"],
+                tensor_split=config["tensor_split"], queue_size=config["queue_size"])
+        finally:
+            engines.LOG_WATCHERS.remove(watch)
         self.send("ready", {**engine.describe(), "load_s": engine.load_s, "name": engine.name,
-                            "n_threads": engine.n_threads,
+                            "assigned": assigned, "n_threads": engine.n_threads,
                             "n_threads_batch": engine.n_threads_batch,
                             "template_origin": engine.template.origin})
 

@@ -54,8 +54,8 @@ class Paying(Protocol):
 
 @dataclass
 class Plan:
-    """Which device runs which layer: layer `n_layer` is the output layer; the head keeps the
-    input embeddings, its layers and, unless every layer is offloaded, the output."""
+    """Which device runs which layer: layer `n_layer` is the output layer. The head keeps the
+    input embeddings and the first layers; the peers run the rest, the last one the output."""
 
     n_layer: int
     n_gpu_layers: int
@@ -63,10 +63,31 @@ class Plan:
     head: list[int]
     peers: list[list[int]]
 
+    def check(self, assigned: dict[int, str]) -> None:
+        """ModelError unless llama.cpp put the layers where the plan (and the terms agreed
+        from it) says: `assigned` is layer → device ("CPU", "RPC0", …) from its load log."""
+        if not assigned:
+            return  # this llama.cpp does not log placements: the plan stands
+        planned = {layer: "CPU" for layer in self.head}
+        planned.update({layer: f"RPC{i}" for i, layers in enumerate(self.peers)
+                        for layer in layers})
+        if assigned != planned:
+            raise ModelError(f"llama.cpp placed the layers as {_by_device(assigned)}, not as "
+                             f"planned ({_by_device(planned)}), so the terms agreed with the "
+                             "peers would not pay what they run")
+
+
+def _by_device(assigned: dict[int, str]) -> str:
+    devices: dict[str, list[int]] = {}
+    for layer, device in sorted(assigned.items()):
+        devices.setdefault(device, []).append(layer)
+    return "; ".join(f"{device} {','.join(map(str, layers))}" for device, layers in devices.items())
+
 
 def plan_layers(n_layer: int, head_mb: int, peers_mb: list[int]) -> Plan:
     """Layers split by free memory between the head and its peers, as llama.cpp assigns them
-    for the `n_gpu_layers` and `tensor_split` returned (llama_model::load_tensors)."""
+    for the `n_gpu_layers` and `tensor_split` returned: the last `n_gpu_layers` layers (output
+    included) go to the devices, cut where the cumulative shares cross (load_tensors)."""
     import numpy as np
 
     units = n_layer + 1
@@ -79,7 +100,7 @@ def plan_layers(n_layer: int, head_mb: int, peers_mb: list[int]) -> Plan:
     shares = [float(max(1, mb)) for mb in peers_mb]
     cumulative = np.cumsum(np.array(shares, dtype=np.float32))
     splits = [float(x) for x in cumulative / cumulative[-1]]
-    start = max(n_layer - n_gpu, 0)
+    start = max(units - n_gpu, 0)
     head, peers = [], [[] for _ in peers_mb]  # type: list[int], list[list[int]]
     for layer in range(units):
         if layer < start or layer - start >= n_gpu:
@@ -295,6 +316,11 @@ class SplitEngine:
         self._start_child({**self._config, "endpoints": endpoints,
                            "n_gpu_layers": plan.n_gpu_layers,
                            "tensor_split": plan.tensor_split or None})
+        try:
+            plan.check({int(k): v for k, v in self.info.get("assigned", {}).items()})
+        except ModelError:
+            self._kill_child()
+            raise
         self.plan = plan
         self.live = live
         self.load_s = time.perf_counter() - started
