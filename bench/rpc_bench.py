@@ -4,9 +4,10 @@
     python bench/rpc_bench.py [--model smollm2:135m] [--tokens 64] [--runs 3]
                               [--peer-threads 1] [--json]
 
-1. The unsplit engine in this process: greedy decode tokens/s (median of --runs) and load time.
+1. The unsplit engine in this process: load time, and greedy decode tokens/s.
 2. Two `forge rpc serve` peers (their own FORGE_HOMEs, loopback) and a SplitEngine head in this
-   process: load time with the peers' tensor caches cold, decode tokens/s, and the bytes that
+   process: load time with the peers' tensor caches cold, decode tokens/s (each of --runs
+   rounds decodes unsplit then split; tokens/s and the ratio are medians over rounds), the bytes that
    crossed the tunnels per generated token (head → peers and back): over whole requests
    (prompt included), and per extra token (a 2-token request against a --tokens one) — the
    ratio split / unsplit is the price of the split on this machine. On one machine the peers
@@ -59,15 +60,12 @@ def start_peer(home: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
     raise SystemExit("forge rpc serve did not start in time")
 
 
-def decode(engine: Any, tokens: int, runs: int) -> tuple[float, list[Any]]:
+def decode(engine: Any, tokens: int, i: int) -> Any:
+    """One greedy chat completion of `tokens` tokens (a fresh prompt per `i`)."""
     from forge_cli.inference.engine import Sampling
 
-    done = []
-    for i in range(runs):
-        stream = engine.chat([{"role": "user", "content": PROMPT.format(i=i)}],
-                             Sampling(temperature=0, max_tokens=tokens, seed=1))
-        done.append(stream.result())
-    return statistics.median(c.tokens_per_s for c in done), done
+    return engine.chat([{"role": "user", "content": PROMPT.format(i=i)}],
+                       Sampling(temperature=0, max_tokens=tokens, seed=1)).result()
 
 
 def traffic(engine: Any) -> tuple[int, int]:
@@ -98,14 +96,10 @@ def main() -> None:
 
     _, path = catalog.find_model_file(args.model)
     started = time.perf_counter()
-    with Engine(path, n_ctx=1024, slots=1) as engine:
-        unsplit_load = time.perf_counter() - started
-        unsplit_tps, _ = decode(engine, args.tokens, args.runs)
-
+    unsplit = Engine(path, n_ctx=1024, slots=1)
     result: dict[str, Any] = {"model": args.model, "tokens": args.tokens, "runs": args.runs,
                               "peer_threads": args.peer_threads,
-                              "unsplit_tokens_per_s": round(unsplit_tps, 2),
-                              "unsplit_load_s": round(unsplit_load, 3)}
+                              "unsplit_load_s": round(time.perf_counter() - started, 3)}
     with tempfile.TemporaryDirectory(prefix="forge-rpc-bench-") as tmp:
         homes = [Path(tmp) / f"peer{i}" for i in range(2)]
         peers = [start_peer(home, args.peer_threads) for home in homes]
@@ -117,33 +111,38 @@ def main() -> None:
                 result["load_cold_s"] = round(split.load_s, 3)
                 result["layers"] = {"head": split.plan.head if split.plan else [],
                                     "peers": [p["layers"] for p in split.split()["peers"]]}
-                before = traffic(split)
-                split_tps, done = decode(split, args.tokens, args.runs)
+                # Each round runs both, one after the other, so a ratio compares numbers
+                # taken under the same load (the machine may be shared).
+                rounds, produced, before = [], 0, traffic(split)
+                for i in range(args.runs):
+                    alone, shared = decode(unsplit, args.tokens, i), decode(split, args.tokens, i)
+                    rounds.append((alone.tokens_per_s, shared.tokens_per_s))
+                    produced += shared.completion_tokens
                 after = traffic(split)
-                _, short = decode(split, 2, 1)
+                short = decode(split, 2, args.runs)
                 mid = traffic(split)
-                _, long = decode(split, args.tokens, 1)
+                long = decode(split, args.tokens, args.runs + 1)
                 end = traffic(split)
             finally:
                 split.close()
-            produced = sum(c.completion_tokens for c in done)
+            extra = long.completion_tokens - short.completion_tokens
             result.update(
-                split_tokens_per_s=round(split_tps, 2),
-                split_over_unsplit=round(split_tps / unsplit_tps, 3) if unsplit_tps else None,
+                unsplit_tokens_per_s=round(statistics.median(u for u, _ in rounds), 2),
+                split_tokens_per_s=round(statistics.median(s for _, s in rounds), 2),
+                split_over_unsplit=round(statistics.median(s / u for u, s in rounds if u), 3),
                 tunnel_bytes_per_token_up=round((after[0] - before[0]) / produced),
                 tunnel_bytes_per_token_down=round((after[1] - before[1]) / produced),
                 tunnel_bytes_per_extra_token_up=round(
-                    ((end[0] - mid[0]) - (mid[0] - after[0]))
-                    / (long[0].completion_tokens - short[0].completion_tokens)),
+                    ((end[0] - mid[0]) - (mid[0] - after[0])) / extra),
                 tunnel_bytes_per_extra_token_down=round(
-                    ((end[1] - mid[1]) - (mid[1] - after[1]))
-                    / (long[0].completion_tokens - short[0].completion_tokens)),
+                    ((end[1] - mid[1]) - (mid[1] - after[1])) / extra),
                 cache_bytes_after_cold=cache_bytes(homes))
             warm = SplitEngine(path, name=args.model, urls=[url for _, url in peers],
                                signer=head, n_ctx=1024, slots=1)
             result["load_warm_s"] = round(warm.load_s, 3)
             warm.close()
         finally:
+            unsplit.close()
             for proc, _ in peers:
                 proc.terminate()
                 proc.wait(timeout=60)
@@ -153,7 +152,8 @@ def main() -> None:
     print(f"model {args.model}: layers head {result['layers']['head']}, "
           f"peers {result['layers']['peers']}")
     print(f"decode  unsplit {result['unsplit_tokens_per_s']} tok/s · split over 2 loopback peers "
-          f"{result['split_tokens_per_s']} tok/s · ratio {result['split_over_unsplit']}")
+          f"{result['split_tokens_per_s']} tok/s · ratio {result['split_over_unsplit']} "
+          f"(median of {args.runs} rounds)")
     print(f"tunnel  {result['tunnel_bytes_per_token_up']:,} B/token head→peers, "
           f"{result['tunnel_bytes_per_token_down']:,} B/token back (whole requests); per extra "
           f"token {result['tunnel_bytes_per_extra_token_up']:,} B up, "
