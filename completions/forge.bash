@@ -9,7 +9,7 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit show:--ledger") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge node:--split"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit show:--ledger"|"forge rpc serve:--host"|"forge rpc serve:--port"|"forge rpc serve:-p"|"forge rpc serve:--threads"|"forge rpc serve:--memory"|"forge rpc serve:--rate"|"forge rpc serve:--interface") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:seed") cmdpath="$cmdpath seed" ;;
@@ -26,6 +26,7 @@ _forge() {
             "forge:config") cmdpath="$cmdpath config" ;;
             "forge:agent") cmdpath="$cmdpath agent" ;;
             "forge:audit") cmdpath="$cmdpath audit" ;;
+            "forge:rpc") cmdpath="$cmdpath rpc" ;;
             "forge models:list") cmdpath="$cmdpath list" ;;
             "forge models:pull") cmdpath="$cmdpath pull" ;;
             "forge models:show") cmdpath="$cmdpath show" ;;
@@ -75,6 +76,7 @@ _forge() {
             "forge audit:list") cmdpath="$cmdpath list" ;;
             "forge audit:run") cmdpath="$cmdpath run" ;;
             "forge audit:show") cmdpath="$cmdpath show" ;;
+            "forge rpc:serve") cmdpath="$cmdpath serve" ;;
         esac
     done
     case "$cmdpath:$prev" in
@@ -93,6 +95,7 @@ _forge() {
         "forge node:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--peer") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge node:--threads") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge node:--split") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--model"|"forge seed:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--host") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge seed:--port"|"forge seed:-p") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -197,13 +200,19 @@ _forge() {
         "forge audit run:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge audit run:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge audit show:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--host") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--port"|"forge rpc serve:-p") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--threads") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--memory") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--rate") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge rpc serve:--interface") COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     case "$cmdpath" in
         "forge")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--version -V --install-completion --show-completion --help" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "chat node seed worker peers tui mcp models wallet ledger safety loan settle config agent audit" -- "$cur"))
+                COMPREPLY=($(compgen -W "chat node seed worker peers tui mcp models wallet ledger safety loan settle config agent audit rpc" -- "$cur"))
             fi ;;
         "forge chat")
             if [[ "$cur" == -* ]]; then
@@ -213,7 +222,7 @@ _forge() {
             fi ;;
         "forge node")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --no-pull --threads --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--model -m --host --port -p --ledger --mesh --interface --peer --no-pull --threads --split --help" -- "$cur"))
             fi ;;
         "forge seed")
             if [[ "$cur" == -* ]]; then
@@ -538,6 +547,16 @@ _forge() {
                 COMPREPLY=($(compgen -W "--json --ledger --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge rpc")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "serve" -- "$cur"))
+            fi ;;
+        "forge rpc serve")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--host --port -p --threads --memory --rate --mesh --interface --help" -- "$cur"))
             fi ;;
     esac
 }

@@ -7,7 +7,7 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit show:--ledger') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge node:--split'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit show:--ledger'|'forge rpc serve:--host'|'forge rpc serve:--port'|'forge rpc serve:-p'|'forge rpc serve:--threads'|'forge rpc serve:--memory'|'forge rpc serve:--rate'|'forge rpc serve:--interface') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
             ('forge:seed') cmdpath="$cmdpath seed" ;;
@@ -24,6 +24,7 @@ _forge() {
             ('forge:config') cmdpath="$cmdpath config" ;;
             ('forge:agent') cmdpath="$cmdpath agent" ;;
             ('forge:audit') cmdpath="$cmdpath audit" ;;
+            ('forge:rpc') cmdpath="$cmdpath rpc" ;;
             ('forge models:list') cmdpath="$cmdpath list" ;;
             ('forge models:pull') cmdpath="$cmdpath pull" ;;
             ('forge models:show') cmdpath="$cmdpath show" ;;
@@ -73,6 +74,7 @@ _forge() {
             ('forge audit:list') cmdpath="$cmdpath list" ;;
             ('forge audit:run') cmdpath="$cmdpath run" ;;
             ('forge audit:show') cmdpath="$cmdpath show" ;;
+            ('forge rpc:serve') cmdpath="$cmdpath serve" ;;
         esac
     done
     case "$cmdpath:${words[CURRENT-1]}" in
@@ -91,6 +93,7 @@ _forge() {
         ('forge node:--interface') _files; return ;;
         ('forge node:--peer') _files; return ;;
         ('forge node:--threads') _files; return ;;
+        ('forge node:--split') _files; return ;;
         ('forge seed:--model'|'forge seed:-m') _files; return ;;
         ('forge seed:--host') _files; return ;;
         ('forge seed:--port'|'forge seed:-p') _files; return ;;
@@ -195,6 +198,12 @@ _forge() {
         ('forge audit run:--node') _files; return ;;
         ('forge audit run:--token') _files; return ;;
         ('forge audit show:--ledger') _files; return ;;
+        ('forge rpc serve:--host') _files; return ;;
+        ('forge rpc serve:--port'|'forge rpc serve:-p') _files; return ;;
+        ('forge rpc serve:--threads') _files; return ;;
+        ('forge rpc serve:--memory') _files; return ;;
+        ('forge rpc serve:--rate') _files; return ;;
+        ('forge rpc serve:--interface') _files; return ;;
     esac
     case "$cmdpath" in
         ('forge')
@@ -202,7 +211,7 @@ _forge() {
                 items=('--version:Print the version.' '-V:Print the version.' '--install-completion:Install completion for the current shell.' '--show-completion:Show completion for the current shell, to copy it or customize the installation.' '--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'seed:Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.' 'worker:Buy inference from a seller on the mesh and pay for it with this node'\''s CU.' 'peers:Peers the running node found on the mesh (it must run with --mesh or be a seed).' 'tui:The live dashboard: the node at a glance, trades, prices, loans, safety, peer...' 'mcp:Serve the node'\''s tools to an MCP host over stdio (the official MCP SDK).' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).' 'agent:Budgeted agent runs: a plan (a DAG of tasks) runs in waves of paid calls on t...' 'audit:Audits of purchases (proof of useful work): each peer'\''s record of audits pass...')
+                items=('chat:Chat with a local model: one-shot with a PROMPT (or stdin), a REPL without on...' 'node:Serve inference where every request is a dual-signed trade in the ledger.' 'seed:Sell inference on the mesh: serve MODEL, advertise it over mDNS and find peers.' 'worker:Buy inference from a seller on the mesh and pay for it with this node'\''s CU.' 'peers:Peers the running node found on the mesh (it must run with --mesh or be a seed).' 'tui:The live dashboard: the node at a glance, trades, prices, loans, safety, peer...' 'mcp:Serve the node'\''s tools to an MCP host over stdio (the official MCP SDK).' 'models:Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], or...' 'wallet:This node'\''s identity and balance; agent accounts and their API tokens.' 'ledger:Verify, inspect, prove and move the ledger. Exit codes: 0 valid, 1 invalid (t...' 'safety:Safety controls on every spend: kill switch, per-account policies, approvals....' 'loan:Lending pool: lend for shares, borrow against collateral, repay, credit score...' 'settle:Signed settlement statements for a time window; `verify` checks one offline.' 'config:Read and change config.toml (keys are checked; FORGE_<SECTION>_<KEY> overrides).' 'agent:Budgeted agent runs: a plan (a DAG of tasks) runs in waves of paid calls on t...' 'audit:Audits of purchases (proof of useful work): each peer'\''s record of audits pass...' 'rpc:Split one model across machines: serve layers to a head.')
                 _describe -t commands command items
             fi ;;
         ('forge chat')
@@ -214,7 +223,7 @@ _forge() {
             fi ;;
         ('forge node')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--mesh:Join the mesh: advertise this node, find peers (`forge seed` is `forge node -...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--no-pull:Refuse a model that is not on disk instead of pulling it.' '--threads:Threads llama.cpp runs on [default: engine.threads; 0 there means one per phy...' '--help:Show this message and exit.')
+                items=('--model:Model to serve (repeat for several) [default: models.default].' '-m:Model to serve (repeat for several) [default: models.default].' '--host:Address to bind [default: node.host].' '--port:Port [default: node.port]; 0 picks a free one.' '-p:Port [default: node.port]; 0 picks a free one.' '--ledger:Ledger file.' '--mesh:Join the mesh: advertise this node, find peers (`forge seed` is `forge node -...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--peer:URL of a node to probe as a peer without mDNS (repeat for several; adds to me...' '--no-pull:Refuse a model that is not on disk instead of pulling it.' '--threads:Threads llama.cpp runs on [default: engine.threads; 0 there means one per phy...' '--split:Split the model'\''s layers with layer peers (`forge rpc serve`): auto (found on...' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
         ('forge seed')
@@ -614,6 +623,19 @@ _forge() {
                 _describe -t options option items
             else
                 _files
+            fi ;;
+        ('forge rpc')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                items=('serve:Serve model layers to a head (`forge node -m MODEL --split URL`), paid per la...')
+                _describe -t commands command items
+            fi ;;
+        ('forge rpc serve')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--host:Address the tunnel listens on (ggml'\''s own server always binds 127.0.0.1).' '--port:Tunnel port [default: rpc.port]; 0 picks a free one.' '-p:Tunnel port [default: rpc.port]; 0 picks a free one.' '--threads:Threads the layers run on [default: engine.threads; 0 there means one per phy...' '--memory:MiB offered to heads [default: rpc.memory_mb; 0 there means what the machine...' '--rate:µCU charged per layer per generated token [default: rpc.rate_ucu].' '--mesh:Advertise on the mesh (mDNS TXT: role layer-peer, free memory) for heads star...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--help:Show this message and exit.')
+                _describe -t options option items
             fi ;;
     esac
 }

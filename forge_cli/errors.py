@@ -16,7 +16,8 @@
     ├── StorageError                2    500  a file could not be read or written
     │   └── NodeUnreachable         2    503  no node answered at the URL (refused, reset, timed out)
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
-    │   └── OfflineError            2    503  a download was needed but the network is not available
+    │   ├── OfflineError            2    503  a download was needed but the network is not available
+    │   └── RpcUnavailable          2    503  this llama.cpp build lacks the RPC backend (GGML_RPC)
     ├── EngineBusy                  2    429  the model's request queue is full
     │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
     │   └── GossipQuota             2    429  a source, or all sources together, used their gossip quota
@@ -51,7 +52,9 @@
         ├── ProviderFailed          1    502  the provider was unreachable, refused or stopped early
         ├── TermsRejected           1    502  the provider's signed terms do not match the quote
         ├── BadIntent               1    422  a consumer's quote, intent or countersignature is bad
-        └── Replay                  1    409  a nonce or trade that was already used, offered again
+        ├── Replay                  1    409  a nonce or trade that was already used, offered again
+        ├── TunnelRefused           1    403  a layer peer refused the head's handshake or terms
+        └── PeerLost                1    502  a layer peer died or stalled mid-generation
 
     RunStopped                                an agent run must not start another call (control
                                               flow inside forge_cli.agents.run; never shown)
@@ -154,6 +157,10 @@ class ModelError(ForgeError):
 
 class OfflineError(ModelError):
     """A download was needed while offline (HF_HUB_OFFLINE=1 or no network)."""
+
+
+class RpcUnavailable(ModelError):
+    """This llama.cpp build lacks the RPC backend (llama-cpp-python built without GGML_RPC)."""
 
 
 class EngineBusy(ForgeError):
@@ -368,6 +375,16 @@ class Replay(MeshError):
     """A nonce or trade that was already used or settled was offered again."""
 
     http_status = 409
+
+
+class TunnelRefused(MeshError):
+    """A layer peer refused the head's terms or tunnel handshake (wrong key, expired terms)."""
+
+    http_status = 403
+
+
+class PeerLost(MeshError):
+    """A layer peer of a split model died or stalled mid-generation; the request failed."""
 
 
 class RunStopped(Exception):

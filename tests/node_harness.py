@@ -19,18 +19,26 @@ START_TIMEOUT = 60
 
 
 class NodeProcess:
-    def __init__(self, home: Path, model: Path, *extra: str, env: dict[str, str] | None = None,
-                 log: Path | None = None) -> None:
-        """`log`: a file that receives the node's stderr (its log lines); discarded without."""
+    ANNOUNCE = "forge node listening on "  # the line that names the URL once it listens
+
+    def __init__(self, home: Path, model: Path | None, *extra: str,
+                 env: dict[str, str] | None = None, log: Path | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`log`: a file that receives the node's stderr (its log lines); discarded without.
+        `prefix` runs the command under another (`ip netns exec NS`)."""
         self.home = home
         self._log = log.open("w") if log is not None else None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forge_cli", "node", "-m", str(model), "--port", "0", *extra],
+            [*prefix, sys.executable, "-m", "forge_cli", *self.command(model), *extra],
             stdout=subprocess.PIPE, stderr=self._log or subprocess.DEVNULL, text=True, cwd=REPO,
             env=forge_env(home, **(env or {})),
         )
+        self.lines: list[str] = []  # what it printed up to the URL
         self.url = self._wait_for_url()
         self.operator_token = (home / "api_token").read_text().strip()
+
+    def command(self, model: Path | None) -> list[str]:
+        return ["node", "-m", str(model), "--port", "0"]
 
     def _wait_for_url(self) -> str:
         deadline = time.monotonic() + START_TIMEOUT
@@ -38,8 +46,10 @@ class NodeProcess:
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"node exited with {self.proc.wait()} before listening")
-            if line.startswith("forge node listening on "):
+                raise RuntimeError(f"{self.command(None)[0]} exited with {self.proc.wait()} "
+                                   "before listening")
+            self.lines.append(line)
+            if line.startswith(self.ANNOUNCE):
                 return line.split()[-1]
         raise RuntimeError("node did not start in time")
 

@@ -30,6 +30,18 @@ def test_engine_bench_refuses_a_model_it_has_no_chat_format_for():
     assert "invalid choice: 'llama3:8b'" in done.stderr
 
 
+def test_rpc_bench_help_names_its_options_and_refuses_bad_ones():
+    bench = REPO / "bench" / "rpc_bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--model", "--tokens", "--runs", "--peer-threads", "--json"):
+        assert option in done.stdout
+    done = subprocess.run([sys.executable, str(bench), "--tokens", "1"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "--tokens must be at least 3" in done.stderr
+
+
 def test_engine_bench_refuses_bad_buyers_before_loading_anything():
     done = subprocess.run([sys.executable, str(ENGINE_BENCH), "--buyers", "four"],
                           capture_output=True, text=True, timeout=60)

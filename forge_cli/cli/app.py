@@ -18,6 +18,7 @@ from forge_cli.cli import (
     models_cmd,
     node_cmd,
     peers_cmd,
+    rpc_cmd,
     safety_cmd,
     seed_cmd,
     settle_cmd,
@@ -75,6 +76,7 @@ app.command("tui")(tui_cmd.tui)
 app.add_typer(agent_cmd.app, name="agent")
 app.command("mcp")(mcp_cmd.mcp)
 app.add_typer(audit_cmd.app, name="audit")
+app.add_typer(rpc_cmd.app, name="rpc")
 
 
 def main(argv: list[str] | None = None) -> None:

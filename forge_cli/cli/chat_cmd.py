@@ -144,6 +144,23 @@ def _buy(url, token, prompt, model, system, max_tokens, temperature, seed, no_st
         ttft = (first - started) * 1000 if first else 0
         sys.stderr.write(f"{usage.get('completion_tokens', 0)} tokens in {elapsed:.2f} s, "
                          f"first token {ttft:.0f} ms (over HTTP)\n")
+        _split_of(client, final.get("model"))
+
+
+def _split_of(client, model: str | None) -> None:  # noqa: ANN001
+    """Which peer runs which layers, when the node splits the model across machines."""
+    from forge_cli.cli.node_cmd import split_lines
+    from forge_cli.errors import ForgeError
+
+    try:
+        served = client.get("/v1/models").get("data", [])
+    except ForgeError:
+        return
+    for entry in served:
+        split = entry.get("engine", {}).get("split") if entry.get("id") == model else None
+        if split:
+            sys.stderr.write(split_lines(split).replace("  split     ", "layers: ", 1)
+                             .replace("\n            ", "\n        ") + "\n")
 
 
 def _one_shot_prompt(prompt: list[str] | None) -> str:

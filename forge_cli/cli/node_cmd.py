@@ -41,6 +41,10 @@ def node(
     peer: list[str] = PeerOpt,
     no_pull: bool = NoPullOpt,
     threads: int | None = ThreadsOpt,
+    split: str | None = typer.Option(None, "--split",
+                                     help="Split the model's layers with layer peers "
+                                     "(`forge rpc serve`): auto (found on the mesh) or "
+                                     "URL[,URL…]; each is paid per layer-token."),
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -54,13 +58,30 @@ def node(
         raise UsageError("--interface and --peer configure the mesh, which is off",
                          hint="add --mesh, or use `forge seed`")
     run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer,
-             pull=not no_pull, threads=threads)
+             pull=not no_pull, threads=threads, split=_split_urls(split, model))
+
+
+def _split_urls(split: str | None, model: list[str] | None) -> list[str] | None:
+    from forge_cli.errors import UsageError
+
+    if split is None:
+        return None
+    if model is not None and len(model) > 1:
+        raise UsageError("--split serves one model; name only one with -m")
+    if split == "auto":
+        return ["auto"]  # found on the mesh when the node starts
+    urls = [url.strip() for url in split.split(",") if url.strip()]
+    bad = [url for url in urls if not url.startswith(("http://", "https://"))]
+    if not urls or bad:
+        raise UsageError(f"--split takes auto or URL[,URL…] of layer peers, found {split!r}",
+                         hint="e.g. --split http://10.0.0.2:3002,http://10.0.0.3:3002")
+    return urls
 
 
 def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
              *, mesh: bool, interfaces: list[str] | None = None,
              peers: list[str] | None = None, pull: bool = True,
-             threads: int | None = None) -> None:
+             threads: int | None = None, split: list[str] | None = None) -> None:
     """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers);
     with `pull`, catalog models not on disk are downloaded first."""
     from forge_cli.inference import download
@@ -76,12 +97,17 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     token_file = home / "api_token"
     check_bind(host, token_file)
     names = model or [settings["models.default"]]
+    if split == ["auto"]:
+        from forge_cli import identity
+        from forge_cli.rpc.split import find_lenders
+
+        split = find_lenders(identity.load_or_create().node_id, settings)
     if pull:
         for name in names:
             download.ensure_local(name)
     node_ = build_node(settings, models=names,
                        ledger_path=config.ledger_path(ledger), mesh=mesh,
-                       interfaces=interfaces, peers=peers)
+                       interfaces=interfaces, peers=peers, split=split)
     signer, models = node_.signer, list(node_.models.values())
 
     def announce(site) -> None:  # noqa: ANN001
@@ -94,6 +120,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             *(f"  model     {m.name}  ({m.params:,} params, sha256 {m.sha256[:16]}…, "
               f"gpu offload {'on' if offload[m.name] else 'off'}, {_engine_line(m.engine)})"
               for m in models),
+            *(split_lines(m.engine.describe()["split"]) for m in models
+              if "split" in m.engine.describe()),
             f"  token     {token_file}  (operator; consumers need agent tokens)",
             f"  ledger    {node_.ledger.path}  ({node_.ledger.size} entries)",
             f"  mesh      {node_.mesh.describe() if node_.mesh else 'off (start with --mesh)'}",
@@ -110,6 +138,20 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
         serve(node_, host, port, announce=announce)
     finally:
         (home / "node.url").unlink(missing_ok=True)
+
+
+def split_lines(split: dict) -> str:
+    """Which device runs which layer of a split model (layer N is the output layer)."""
+    output = split.get("output_layer")
+
+    def named(layers: list[int]) -> str:
+        return ",".join("output" if layer == output else str(layer) for layer in layers) or "none"
+
+    lines = [f"  split     head runs layers {named(split['head']['layers'])}"]
+    lines += [f"            {p['peer'][:12]}… at {p['url']} runs layers {named(p['layers'])} "
+              f"at {p['rate_ucu_per_layer_token']} µCU per layer-token"
+              + (f" (lost: {p['lost']})" if p.get("lost") else "") for p in split["peers"]]
+    return "\n".join(lines)
 
 
 def _engine_line(engine) -> str:  # noqa: ANN001

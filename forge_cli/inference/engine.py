@@ -161,8 +161,12 @@ class Stream:
             if kind == "done":
                 self.completion = value
                 raise StopIteration
-            self.completion = Completion("", 0, 0, "error")
+            self.completion = self._failed()
             raise value
+
+    def _failed(self) -> Completion:
+        """What a request that failed produced (here: nothing is counted)."""
+        return Completion("", 0, 0, "error")
 
     def result(self) -> Completion:
         """Wait for the end and return the Completion (pieces not yet read are included)."""
@@ -189,6 +193,8 @@ class Stream:
 # llama.cpp calls this for every log line of every model; it must outlive them all.
 _LOG_TAIL: deque[str] = deque(maxlen=20)
 _log_callback: Any = None
+# Also told every line (level, text): how a split model learns where llama.cpp put each layer.
+LOG_WATCHERS: list[Callable[[int, str], None]] = []
 
 
 def _silence_llama_log(llama_cpp: Any) -> None:
@@ -201,6 +207,8 @@ def _silence_llama_log(llama_cpp: Any) -> None:
     def keep_tail(level: int, text: bytes, user_data: Any) -> None:
         if level in (2, 3):  # warnings and errors: what explains a failed load
             _LOG_TAIL.append(text.decode("utf-8", errors="replace").strip())
+        for watch in LOG_WATCHERS:
+            watch(level, text.decode("utf-8", errors="replace"))
 
     _log_callback = keep_tail
     llama_cpp.llama_log_set(keep_tail, ctypes.c_void_p(0))
@@ -230,6 +238,7 @@ class Engine:
         slots: int | None = None,
         lanes: int | None = None,
         n_gpu_layers: int | None = None,
+        tensor_split: list[float] | None = None,
         queue_size: int = DEFAULT_QUEUE,
     ) -> None:
         import llama_cpp
@@ -240,7 +249,11 @@ class Engine:
         self.path = Path(path)
         self.name = name or self.path.name
         _silence_llama_log(llama_cpp)
-        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        # A wheel with the RPC backend says it supports offload on any machine; it offloads to
+        # nothing until a GPU or an RPC server is there, so count the devices that are.
+        from forge_cli.rpc.ggml import gpu_devices
+
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload()) and gpu_devices() > 0
         if n_gpu_layers is None:
             n_gpu_layers = -1 if self.gpu_offload else 0
         self.n_gpu_layers = n_gpu_layers
@@ -253,7 +266,7 @@ class Engine:
         started = time.perf_counter()
         _LOG_TAIL.clear()
         self._contexts: list[tuple[Any, int]] = []  # each lane's context and its slots
-        self._model = self._load_model(n_gpu_layers)
+        self._model = self._load_model(n_gpu_layers, tensor_split)
         try:
             self._vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.metadata = self._read_metadata()
@@ -298,7 +311,7 @@ class Engine:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load_model(self, n_gpu_layers: int) -> Any:
+    def _load_model(self, n_gpu_layers: int, tensor_split: list[float] | None = None) -> Any:
         lib = self._lib
         global _backend_ready
         if not _backend_ready:
@@ -306,6 +319,9 @@ class Engine:
             _backend_ready = True
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if tensor_split:  # shares of the offloaded layers per device (a split model's peers)
+            shares = (ctypes.c_float * lib.llama_max_devices())(*tensor_split)
+            params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
         try:
             model = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         except (ValueError, RuntimeError, OSError) as exc:

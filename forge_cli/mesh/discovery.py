@@ -59,6 +59,7 @@ class Peer:
     last_seen_ms: int | None = None
     latency_ms: int | None = None
     flag: str | None = None  # why this peer is not trusted (duplicate node id)
+    lends_mb: int | None = None  # a layer peer (`forge rpc serve`): the MiB it offers a head
 
     @property
     def price_ucu_per_token(self) -> int | None:
@@ -72,6 +73,14 @@ class Peer:
                 "price_ucu_per_token": self.price_ucu_per_token, "reputation": reputation,
                 "last_seen_ms": self.last_seen_ms, "latency_ms": self.latency_ms,
                 "flagged": reason is not None, "flag_reason": reason, "source": self.source}
+
+
+def _lends(record: dict[str, Any]) -> int | None:
+    """The MiB a layer peer says it offers (its TXT record or /health), None when malformed."""
+    try:
+        return max(0, int(record.get("free_mb") or 0))
+    except (TypeError, ValueError):
+        return None
 
 
 def normalise_url(url: str) -> str:
@@ -93,7 +102,8 @@ class Mesh:
     def __init__(self, node_id: str, offers: Callable[[], list[Offer]], *, interfaces: list[str],
                  static_peers: Sequence[str] = (), mdns: bool = True, probe_s: float = 5,
                  expire_s: float = 30,
-                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+                 clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                 txt: Callable[[], dict[str, str]] | None = None) -> None:
         for address in interfaces:
             try:
                 ipaddress.ip_address(address)
@@ -102,6 +112,7 @@ class Mesh:
                                   "an address of this machine such as 127.0.0.1") from None
         self.node_id = node_id
         self.offers = offers
+        self.extra_txt = txt  # more TXT records (a layer peer's role and free memory)
         self.interfaces = list(interfaces)
         self.mdns = mdns
         self.probe_s = probe_s
@@ -186,6 +197,8 @@ class Mesh:
         txt["models"] = str(len(offers))
         for i, offer in enumerate(offers):
             txt[f"m{i}"] = offer.txt()[:255]
+        if self.extra_txt is not None:
+            txt.update(self.extra_txt())
         return txt
 
     # -- mDNS --------------------------------------------------------------------------------
@@ -232,6 +245,7 @@ class Mesh:
         peer.instance = name
         peer.node_id = txt.get("id") or peer.node_id
         peer.offers = offers or peer.offers
+        peer.lends_mb = _lends(txt) if txt.get("role") == "layer-peer" else peer.lends_mb
         self._check_duplicate(peer)
 
     # -- probing -----------------------------------------------------------------------------
@@ -275,6 +289,8 @@ class Mesh:
         peer.latency_ms = max(0, round((time.perf_counter() - started) * 1000))
         peer.last_seen_ms = self.clock()
         peer.node_id = str(health.get("node_id") or peer.node_id)
+        if health.get("role") == "layer-peer":
+            peer.lends_mb = _lends(health)
         try:
             offers = [Offer.from_json(o) for o in health.get("offers", [])]
         except (KeyError, TypeError, ValueError):

@@ -82,10 +82,12 @@ def check_bind(host: str, token_file: Path) -> None:
             "or bind to 127.0.0.1")
 
 
-def serve(node: Node, host: str, port: int, *, announce: Any = None) -> None:
-    """Run until SIGINT/SIGTERM; in-flight requests finish or are cancelled cleanly."""
+def serve(node: Node, host: str, port: int, *, announce: Any = None,
+          app: web.Application | None = None) -> None:
+    """Run until SIGINT/SIGTERM; in-flight requests finish or are cancelled cleanly. `app`
+    serves another skin over the node (a layer peer's); the node's own API without it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = make_app(node)
+    app = app or make_app(node)
 
     async def main() -> None:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)

@@ -13,10 +13,13 @@ from forge_cli.trade.node import LoadedModel, Node, ms_now
 
 
 def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int = 0,
-                threads_batch: int = 0, slots: int = 0, lanes: int = 0) -> list[LoadedModel]:
+                threads_batch: int = 0, slots: int = 0, lanes: int = 0,
+                split: list[str] | None = None, signer: Any = None,
+                stall_s: int = 120) -> list[LoadedModel]:
     """Resolve and load each model (catalog name, hf.co reference or .gguf path).
 
-    `threads`, `threads_batch`, `slots` and `lanes` of 0 leave the choice to the engine."""
+    `threads`, `threads_batch`, `slots` and `lanes` of 0 leave the choice to the engine;
+    `split` names layer peers the (one) model is split with, the head signing as `signer`."""
     from forge_cli.inference import catalog, gguf_meta
     from forge_cli.inference.engine import Engine
 
@@ -25,9 +28,17 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int =
         ref, path = catalog.find_model_file(name)
         # A local file is served under its file name: the path is the operator's business.
         model_id = path.name if ref.kind == "path" else ref.name
-        engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue,
-                        n_threads=threads or None, n_threads_batch=threads_batch or None,
-                        slots=slots or None, lanes=lanes or None)
+        if split:
+            from forge_cli.rpc.split import SplitEngine
+
+            engine = SplitEngine(path, name=model_id, urls=split, signer=signer, n_ctx=n_ctx,
+                                 queue_size=queue, n_threads=threads or None,
+                                 n_threads_batch=threads_batch or None, slots=slots or None,
+                                 stall_s=stall_s)
+        else:
+            engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue,
+                            n_threads=threads or None, n_threads_batch=threads_batch or None,
+                            slots=slots or None, lanes=lanes or None)
         params = ref.params or gguf_meta.read_info(path).n_params
         loaded.append(LoadedModel(model_id, engine, engine.sha256, params, path))
     return loaded
@@ -36,11 +47,11 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int =
 def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedModel],
                ledger_path: Path | None = None, mesh: bool = False,
                interfaces: list[str] | None = None, peers: list[str] | None = None,
-               clock: Callable[[], int] | None = None) -> Node:
+               clock: Callable[[], int] | None = None, split: list[str] | None = None) -> Node:
     """A node over FORGE_HOME as `settings` (config.load()) describe it.
 
     `models` are names to load or models already loaded; `mesh` joins the mesh (mDNS on
-    `interfaces`, plus static `peers`)."""
+    `interfaces`, plus static `peers`); `split` names layer peers the model is split with."""
     from forge_cli import config, identity
     from forge_cli.economy.accounts import Accounts, operator_token
     from forge_cli.economy.lending import Lending
@@ -56,7 +67,8 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
     loaded = [m for m in models if isinstance(m, LoadedModel)] or load_models(
         [str(m) for m in models], n_ctx=settings["models.n_ctx"], queue=settings["node.queue"],
         threads=settings["engine.threads"], threads_batch=settings["engine.threads_batch"],
-        slots=settings["engine.slots"], lanes=settings["engine.lanes"])
+        slots=settings["engine.slots"], lanes=settings["engine.lanes"], split=split,
+        signer=signer, stall_s=settings["rpc.stall_s"])
     path = ledger_path or config.ledger_path(None)
     ledger = Ledger.open_writer(path, signer)
     try:
@@ -76,6 +88,10 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                 audit_every=settings["audit.every"])
     node.wallet = Wallet(ledger, safety, node.on_ledger, clock=clock, reader=reader,
                          strangers=StrangerRules.from_config())
+    for model in loaded:  # a split model pays its layer peers through the node's wallet
+        attach = getattr(model.engine, "attach", None)
+        if attach is not None:
+            attach(node)
     node.lending = Lending(ledger, safety, clock=clock, host=node.node_id, wallet=node.wallet)
     node.markets = {name: Market() for name in node.models}
     # Every verified dual-signed trade: ours (followed from the ledger) and gossiped ones.

@@ -159,6 +159,19 @@ class Wallet:
         self.safety.record_spend(data["terms"]["consumer"], data["terms"]["cu"])
         return entry
 
+    async def pay(self, account: str, cu: int, countersigned: Callable[[], Awaitable[Any]], *,
+                  what: str, peer: bool = False) -> Any:
+        """A trade whose other party signs over the network, as one lifecycle: reserve `cu` of
+        `account`, await `countersigned()` for the (data, bodies) of the dual-signed trade,
+        record it, release; nothing is recorded if it raises. (A split model's layer trades:
+        the head paying a peer, and the peer recording what the head pays it.)"""
+        hold = await self.reserve(account, cu, what=what, peer=peer)
+        try:
+            data, bodies = await countersigned()
+            return await self.run(self.record_trade, data, bodies, hold=hold)
+        finally:
+            hold.release()
+
     def _unhold(self, account: str, cu: int) -> None:
         with self._lock:
             left = self._held.get(account, 0) - cu

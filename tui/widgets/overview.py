@@ -21,6 +21,12 @@ def placement(model: str, activity: dict[str, Any] | None) -> str:
         return f"{model}: layers on CPU"
     layers, on_gpu = int(found.get("layers", 0)), int(found.get("gpu_layers", 0))
     device = found.get("device", "CPU")
+    split = found.get("split")
+    if isinstance(split, dict):  # split across machines: which peer runs which layers
+        peers = [f"{p.get('peer', '?')[:8]}… {len(p.get('layers', []))}"
+                 + (" lost" if p.get("lost") else "") for p in split.get("peers", [])]
+        return (f"{model}: {len(split.get('head', {}).get('layers', []))} layers here, "
+                f"peers {', '.join(peers) or 'none'}")
     if device == "GPU":
         return f"{model}: {layers or 'all'} layers on GPU"
     if device == "GPU+CPU":
