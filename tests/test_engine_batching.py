@@ -204,17 +204,38 @@ def test_one_lane_is_all_a_single_request_gets_on_one_thread(tiny_gguf: Path):
         assert single.lanes == 1  # nor than slots
 
 
-def test_busy_lanes_share_the_threads_and_a_lone_lane_takes_them_all():
+def test_lane_zero_has_every_thread_but_one_per_other_busy_lane():
     from forge_cli.inference.batching import Lanes
 
-    lanes = Lanes(2, n_threads=4, n_threads_batch=2)
-    assert lanes.idle == 2
-    lanes.set_busy(True)
-    assert lanes.threads() == (4, 2) and lanes.idle == 1
-    lanes.set_busy(True)
-    assert lanes.threads() == (2, 1) and lanes.idle == 0
-    lanes.set_busy(False)
-    assert lanes.threads() == (4, 2)
+    lanes = Lanes(3, n_threads=4, n_threads_batch=6)
+    assert not lanes.primary_busy.is_set()
+    assert lanes.idle_for(1)  # lane 0 is idle: it takes the next request
+    lanes.set_busy(0, True)
+    assert lanes.primary_busy.is_set()
+    assert lanes.threads(0) == (4, 6) and lanes.threads(1) == (1, 1)
+    lanes.set_busy(1, True)
+    lanes.set_busy(2, True)
+    assert lanes.threads(0) == (2, 4) and lanes.threads(2) == (1, 1)
+    assert not lanes.idle_for(0)
+    lanes.set_busy(0, False)
+    assert not lanes.primary_busy.is_set()
+    assert lanes.idle_for(1)  # lane 0 idle again: busy lanes leave it the queue
+    lanes.set_busy(1, False)
+    lanes.set_busy(2, False)
+    lanes.set_busy(0, True)
+    assert lanes.idle_for(0)  # lane 0 busy: the others may take work now
+    lanes.close()
+    lanes.set_busy(0, False)
+    assert lanes.primary_busy.is_set()  # closing: every lane reaches its end in the queue
+
+
+def test_a_lone_request_runs_on_lane_zero_with_every_thread(tiny_gguf: Path):
+    with Engine(tiny_gguf, n_ctx=512, slots=2, lanes=2, n_threads=2) as laned:
+        for prompt in PROMPTS[:3]:
+            assert laned.chat(ask(prompt), GREEDY).result().completion_tokens > 0
+        # Only lane 0 ever decoded: the other waits for lane 0 to be busy first.
+        assert laned._schedulers[0]._threads == (2, 2)
+        assert laned._schedulers[1]._threads == (0, 0)
 
 
 def test_many_more_requests_than_slots_all_complete_in_freed_slots(engine: Engine,

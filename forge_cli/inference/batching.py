@@ -117,31 +117,51 @@ class _Scoring:
 
 
 class Lanes:
-    """What an engine's lanes share: how many are busy, so each knows its thread count.
+    """What an engine's lanes share: which are busy, and so how many threads each decodes on.
 
-    A lane is one context with its own scheduler thread. A lone busy lane decodes on every
-    thread the engine has; when k lanes are busy, each gets 1/k of them, so together they never
-    ask for more threads than there are cores. Busy lanes leave queued work to idle ones.
+    A lane is one context with its own scheduler thread. Lane 0 decodes on all the engine's
+    threads but one for each other busy lane; every other lane decodes on one thread, and takes
+    new work only while lane 0 is busy. So a lone request gets every thread, k requests in k
+    lanes get a core each at least, and the lanes together never run more threads than the
+    engine has. That matters beyond sharing the cores: llama.cpp's CPU backend runs a decode's
+    threads as an OpenMP team of the calling thread, and once the teams of all threads hold
+    more threads than there are cores, libgomp stops spinning at its barriers and sleeps in
+    them instead, which halved a lone token's speed here. One-thread lanes hold no team.
+    A busy lane leaves queued work to an idle lane that may take it.
     """
 
     def __init__(self, count: int, n_threads: int, n_threads_batch: int) -> None:
         self.count = count
         self._threads = (n_threads, n_threads_batch)
-        self._busy = 0
+        self._busy = [False] * count
         self._lock = threading.Lock()
+        self._closing = False
+        self.primary_busy = threading.Event()  # set while lane 0 is busy (or on closing)
 
-    def set_busy(self, busy: bool) -> None:
+    def set_busy(self, lane: int, busy: bool) -> None:
         with self._lock:
-            self._busy += 1 if busy else -1
+            self._busy[lane] = busy
+            if lane == 0 and not self._closing:
+                (self.primary_busy.set if busy else self.primary_busy.clear)()
 
-    @property
-    def idle(self) -> int:
-        return self.count - self._busy
+    def close(self) -> None:
+        """Let every lane reach the queue, where its end is waiting."""
+        with self._lock:
+            self._closing = True
+            self.primary_busy.set()
 
-    def threads(self) -> tuple[int, int]:
-        """(generation, batch) threads for a step of a busy lane, given the others."""
-        busy = max(1, self._busy)
-        return tuple(max(1, n // busy) for n in self._threads)  # type: ignore[return-value]
+    def idle_for(self, lane: int) -> bool:
+        """Whether a lane other than `lane` is idle and would take queued work now."""
+        primary = self._busy[0]
+        return any(not busy and (i == 0 or primary)
+                   for i, busy in enumerate(self._busy) if i != lane)
+
+    def threads(self, lane: int) -> tuple[int, int]:
+        """(generation, batch) threads for a step of `lane`."""
+        if lane > 0:
+            return (1, 1)
+        others = sum(self._busy[1:])
+        return (max(1, self._threads[0] - others), max(1, self._threads[1] - others))
 
 
 class Scheduler:
@@ -149,7 +169,8 @@ class Scheduler:
     free slots and steps every live sequence of its context forward together."""
 
     def __init__(self, engine: Engine, ctx: Any, slots: int,
-                 jobs: queue.Queue[Job | Score | Call | None], lanes: Lanes) -> None:
+                 jobs: queue.Queue[Job | Score | Call | None], lanes: Lanes,
+                 lane: int = 0) -> None:
         lib = engine._lib
         self._engine = engine
         self._lib = lib
@@ -164,6 +185,7 @@ class Scheduler:
         self._jobs = jobs
         self._piece_buf = ctypes.create_string_buffer(256)
         self._lanes = lanes
+        self._lane = lane
         self._busy = False
         self._threads = (0, 0)
 
@@ -175,10 +197,10 @@ class Scheduler:
         while True:
             # Take queued work while a slot is free; wait for it only when nothing is live, and
             # while another lane is idle leave it to that one.
-            while self._free and (not self._live or not self._lanes.idle):
+            while self._free and (not self._live or not self._lanes.idle_for(self._lane)):
                 self._mark_busy(bool(self._live))
                 try:
-                    item = self._jobs.get(block=not self._live)
+                    item = self._next()
                 except queue.Empty:
                     break
                 if item is None:
@@ -188,10 +210,12 @@ class Scheduler:
                     return
                 if isinstance(item, Call):
                     if item.future.set_running_or_notify_cancel():
+                        self._mark_busy(True)  # a call holds this lane like a request
                         try:
                             item.future.set_result(item.fn())
                         except BaseException as exc:  # handed to the caller, who re-raises it
                             item.future.set_exception(exc)
+                        self._mark_busy(bool(self._live))
                     continue
                 if isinstance(item, Score):
                     self._live.append(_Scoring(item, self._free.pop(), self._engine.n_vocab))
@@ -205,10 +229,26 @@ class Scheduler:
                     for seq in list(self._live):
                         self._fail(seq, ModelError(f"generation failed: {exc}"))
 
+    def _next(self) -> Job | Score | Call | None:
+        """The next queued item (queue.Empty when there is none to take now)."""
+        if self._live:
+            return self._jobs.get_nowait()
+        if self._lane == 0:
+            return self._jobs.get()
+        # An idle lane beside lane 0 waits for lane 0 to be busy: a lone request belongs on
+        # lane 0, which has the threads.
+        self._lanes.primary_busy.wait()
+        item = self._jobs.get(timeout=0.02)
+        if item is not None and not self._lanes.primary_busy.is_set():
+            # Lane 0 went idle while this lane waited: the request is lane 0's after all.
+            self._jobs.put(item)
+            raise queue.Empty
+        return item
+
     def _mark_busy(self, busy: bool) -> None:
         if busy != self._busy:
             self._busy = busy
-            self._lanes.set_busy(busy)
+            self._lanes.set_busy(self._lane, busy)
 
     def cancel_all(self) -> None:
         """Cancel every live sequence (any thread): each ends at the next step."""
@@ -314,7 +354,7 @@ class Scheduler:
         if n == 0:
             return
         batch.n_tokens = n
-        threads = self._lanes.threads()
+        threads = self._lanes.threads(self._lane)
         if threads != self._threads:
             lib.llama_set_n_threads(self._ctx, *threads)
             self._threads = threads
@@ -382,6 +422,8 @@ class Scheduler:
     def _release(self, seq: _Sequence | _Scoring) -> None:
         """Give the slot back and drop its KV cells, so the next sequence starts clean."""
         self._live.remove(seq)
+        if not self._live:  # idle before its caller hears: a request it sends next finds so
+            self._mark_busy(False)
         self._lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
         if seq.chain is not None:
             self._lib.llama_sampler_free(seq.chain)

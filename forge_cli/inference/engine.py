@@ -300,9 +300,9 @@ class Engine:
 
         from forge_cli.inference.batching import Lanes, Scheduler
 
-        shared = Lanes(self.lanes, self.n_threads, self.n_threads_batch)
-        self._schedulers = [Scheduler(self, ctx, got, self._jobs, shared)
-                            for ctx, got in self._contexts]
+        self._lanes = Lanes(self.lanes, self.n_threads, self.n_threads_batch)
+        self._schedulers = [Scheduler(self, ctx, got, self._jobs, self._lanes, lane)
+                            for lane, (ctx, got) in enumerate(self._contexts)]
         self._workers = [threading.Thread(target=scheduler.run, daemon=True,
                                           name=f"forge-llama:{self.name}:{i}")
                          for i, scheduler in enumerate(self._schedulers)]
@@ -560,6 +560,7 @@ class Engine:
                 item.out.put(("error", ModelError(f"the engine for {self.name} was closed")))
             elif isinstance(item, Call):
                 item.future.set_exception(ModelError(f"the engine for {self.name} was closed"))
+        self._lanes.close()
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:
