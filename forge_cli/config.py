@@ -82,9 +82,9 @@ KEYS: dict[str, Key] = {
             "requests a node decodes together (spread over engine.lanes), each with a context of "
             "models.n_ctx (0: 4 on a CPU, 8 with GPU offload; 1: one at a time)",
             low=0, high=256),
-        Key("engine.lanes", int, 0,
-            "contexts the slots are spread over, each stepped on its own thread (0: one per "
-            "physical core on a CPU, 1 with GPU offload)", low=0, high=256),
+        Key("engine.lanes", int, 1,
+            "contexts the slots are spread over, each stepped on its own thread (on a CPU, up "
+            "to one per physical core; measure with bench/engine_bench.py)", low=1, high=256),
         Key("chat.max_tokens", int, 512, "default --max-tokens of forge chat", low=1, high=TOKENS_MAX),
         Key("chat.temperature_milli", int, 700, "default temperature of forge chat, in 1/1000",
             low=0, high=2000),

@@ -16,7 +16,7 @@ OUT_OF_RANGE = [("node.port", "-5", "0 and 65535"), ("node.port", "70000", "0 an
                 ("models.n_ctx", "0", "between"), ("mesh.gossip_batch", "100000", "1 and 500"),
                 ("safety.breaker_errors", "-1", "between"), ("mesh.probe_s", "0", "between"),
                 ("safety.per_request_cap_cu", HUGE, "between"), ("audit.every", "0", "between"),
-                ("engine.lanes", "-1", "0 and 256")]
+                ("engine.lanes", "0", "1 and 256")]
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:

@@ -16,13 +16,11 @@ from pathlib import Path
 
 # Sequences decoded together when the operator does not choose (engine.slots = 0). Every
 # slot holds a full context of KV cache, so slots cost memory in proportion; on a CPU, 4
-# keeps that modest for the 1-8B models people serve while letting 4 buyers decode at once.
-# On a CPU they are spread over lanes, one per physical core (engine.lanes): on a shared
-# 2-core x86 VM, one raw llama_decode of 4 rows measured only 1.2-1.4x the tokens/s of one
-# row at 2 threads, while two contexts each decoding on a thread of their own measured about
-# 2x one row, since a lone token on two threads spends much of its step waiting at the
-# threads' barriers. A GPU batches dozens of rows almost for free, so it gets more slots and
-# one lane.
+# keeps that modest for the 1-8B models people serve while letting 4 buyers share each
+# step. What a step of several rows saves depends on llama.cpp's kernels for the model's
+# weight types: on this project's shared 2-core x86 VM a raw llama_decode of 4 rows measured
+# 1.15-1.3x the tokens/s of one row, and of 8 rows 1.3-2x (bench/engine_bench.py prints it
+# beside the node's figures). A GPU batches dozens of rows almost for free, so it gets more.
 CPU_SLOTS = 4
 GPU_SLOTS = 8
 
