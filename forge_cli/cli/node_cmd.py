@@ -158,6 +158,6 @@ def _engine_line(engine) -> str:  # noqa: ANN001
     """`2 threads, 4 slots × 4096 tokens in 2 lanes` (and why requests run one at a time, if
     they do)."""
     line = (f"{engine.n_threads} threads, {engine.slots} slots × {engine.n_ctx} tokens"
-            f"{f' in {engine.lanes} lanes' if engine.lanes > 1 else ''}")
+            f"{f' in {lanes} lanes' if (lanes := getattr(engine, 'lanes', 1)) > 1 else ''}")
     reason = engine.slots_note
     return f"{line}; {reason}" if reason else line

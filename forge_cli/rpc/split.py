@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from forge_cli import errors
-from forge_cli.errors import EngineBusy, ModelError, PeerLost, TunnelRefused, UsageError
+from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost, TunnelRefused, UsageError
 from forge_cli.inference.engine import Completion, Sampling, Stream
 from forge_cli.ledger import entries
 from forge_cli.rpc import terms
@@ -255,16 +255,19 @@ class SplitEngine:
     async def _json(self, method: str, url: str, body: Any = None) -> Any:
         import aiohttp
 
+        from forge_cli.client import answer
+
         try:
             async with self._http.request(method, url, json=body) as response:
-                data = await response.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise TunnelRefused(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
                                 ) from None
-        if response.status != 200:
-            message = data.get("error", {}).get("message") if isinstance(data, dict) else data
-            raise TunnelRefused(f"layer peer at {url} refused: {message}")
-        return data
+        try:
+            return answer(response.status, response.reason or "", raw, f"layer peer at {url}")
+        except ForgeError as exc:  # the peer's own words where it gave an envelope
+            said = (getattr(exc, "envelope", None) or {}).get("message") or exc.message
+            raise TunnelRefused(f"layer peer at {url} refused: {said}") from None
 
     async def _hello(self, url: str) -> Lender:
         url = url.rstrip("/")
