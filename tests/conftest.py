@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +62,18 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.gguf_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+def hold_one_lane(engine: Any) -> tuple[threading.Thread, threading.Event]:
+    """Occupy one of an Engine's scheduler threads with a call until the returned event is
+    set (the thread running the call is returned too, to join)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        inside.set()
+        release.wait(timeout=60)
+
+    holder = threading.Thread(target=engine.call, args=(hold,))
+    holder.start()
+    assert inside.wait(timeout=30)
+    return holder, release

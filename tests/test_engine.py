@@ -10,6 +10,7 @@ import pytest
 
 from forge_cli.errors import EngineBusy, ModelError, UsageError
 from forge_cli.inference.engine import Engine, Sampling
+from tests.conftest import hold_one_lane
 
 GREEDY = Sampling(max_tokens=24, temperature=0.0)
 
@@ -80,22 +81,8 @@ def test_concurrent_callers_are_served_one_at_a_time_without_crash(engine: Engin
     assert errors == [] and results == expected
 
 
-def _hold_worker(engine: Engine) -> tuple[threading.Event, threading.Thread]:
-    """Occupy the worker thread until the returned event is set."""
-    inside, release = threading.Event(), threading.Event()
-
-    def blocker() -> None:
-        inside.set()
-        release.wait(timeout=60)
-
-    thread = threading.Thread(target=engine.call, args=(blocker,))
-    thread.start()
-    assert inside.wait(timeout=30)
-    return release, thread
-
-
 def test_full_queue_refuses_without_blocking(engine: Engine):
-    release, holder = _hold_worker(engine)
+    holder, release = hold_one_lane(engine)
     try:
         waiting = [engine.chat(ask(f"q{i}"), GREEDY, block=False) for i in range(4)]
         with pytest.raises(EngineBusy, match="4 requests waiting"):
@@ -107,7 +94,7 @@ def test_full_queue_refuses_without_blocking(engine: Engine):
 
 
 def test_a_cancelled_request_is_skipped_and_the_next_one_served(engine: Engine):
-    release, holder = _hold_worker(engine)
+    holder, release = hold_one_lane(engine)
     try:
         gone = engine.chat(ask("never mind"), GREEDY)
         gone.cancel()

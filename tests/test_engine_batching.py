@@ -12,6 +12,7 @@ import pytest
 
 from forge_cli.errors import EngineBusy
 from forge_cli.inference.engine import Engine, Sampling, Stream
+from tests.conftest import hold_one_lane
 
 GREEDY = Sampling(max_tokens=32, temperature=0.0)
 PROMPTS = ["the first buyer asks", "a second, longer question from another buyer",
@@ -36,17 +37,10 @@ def alone(tiny_gguf: Path, prompt: str, sampling: Sampling = GREEDY) -> str:
 
 def together(engine: Engine, requests: list[tuple[str, Sampling]]) -> list[Stream]:
     """Start `requests` so that all are admitted before the first decode step: the scheduler
-    is held until every one is queued, then takes them all into free slots at once."""
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        inside.set()
-        release.wait(timeout=60)
-
-    holder = threading.Thread(target=engine.call, args=(hold,))
-    holder.start()
+    (of a one-lane engine) is held until every one is queued, then takes them all into free
+    slots at once."""
+    holder, release = hold_one_lane(engine)
     try:
-        assert inside.wait(timeout=30)
         streams = [engine.chat(ask(prompt), sampling) for prompt, sampling in requests]
     finally:
         release.set()
@@ -140,16 +134,8 @@ def test_token_counts_of_batched_requests_are_exact(engine: Engine):
 
 def test_a_full_queue_in_front_of_the_slots_refuses_without_blocking(tiny_gguf: Path):
     with Engine(tiny_gguf, n_ctx=512, slots=2, lanes=1, queue_size=3) as small:
-        inside, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            inside.set()
-            release.wait(timeout=60)
-
-        holder = threading.Thread(target=small.call, args=(hold,))
-        holder.start()
+        holder, release = hold_one_lane(small)
         try:
-            assert inside.wait(timeout=30)
             waiting = [small.chat(ask(f"q{i}"), GREEDY, block=False) for i in range(3)]
             with pytest.raises(EngineBusy, match="3 requests waiting"):
                 small.chat(ask("one too many"), GREEDY, block=False)
@@ -157,20 +143,6 @@ def test_a_full_queue_in_front_of_the_slots_refuses_without_blocking(tiny_gguf: 
             release.set()
             holder.join(timeout=30)
         assert [s.result().completion_tokens for s in waiting] == [GREEDY.max_tokens] * 3
-
-
-def hold_one_lane(engine: Engine) -> tuple[threading.Thread, threading.Event]:
-    """Occupy one scheduler thread with a call until the returned event is set."""
-    inside, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        inside.set()
-        release.wait(timeout=60)
-
-    holder = threading.Thread(target=engine.call, args=(hold,))
-    holder.start()
-    assert inside.wait(timeout=30)
-    return holder, release
 
 
 def test_lanes_split_the_slots_and_each_request_keeps_its_text_alone(tiny_gguf: Path):
