@@ -19,8 +19,10 @@ ifeq ($(findstring GGML_RPC,$(CMAKE_ARGS)),)
 export CMAKE_ARGS := $(strip $(CMAKE_ARGS) -DGGML_RPC=on)
 endif
 LLAMA_BUILD := $(VENV)/.llama-build
+# The installed version, or on a fresh venv the one forge is tested with (forge_cli/rpc calls
+# C functions whose signatures follow that release's llama.cpp).
 LLAMA_PKG = llama-cpp-python$$($(BIN)/python -c 'import importlib.metadata as m; \
-	print("==" + m.version("llama-cpp-python"))' 2>/dev/null || echo '>=0.3.2')
+	print("==" + m.version("llama-cpp-python"))' 2>/dev/null || echo '==0.3.36')
 # pip's wheel cache does not know CMAKE_ARGS, so each set of flags keeps its own wheels here.
 LLAMA_WHEELS = $${XDG_CACHE_HOME:-$$HOME/.cache}/forge/llama-wheels/$$(echo '$(CMAKE_ARGS)' | \
 	sha256sum | cut -c1-16)
