@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +77,24 @@ def hold_one_lane(engine: Any) -> tuple[threading.Thread, threading.Event]:
     holder.start()
     assert inside.wait(timeout=30)
     return holder, release
+
+
+def in_threads(worker: Callable[[Any], None], items: Iterable[Any],
+               timeout: float = 120) -> list[BaseException]:
+    """Run `worker(item)` for each item on a thread of its own, all at once; what they raised.
+    Every thread must end within `timeout`."""
+    errors: list[BaseException] = []
+
+    def run(item: Any) -> None:
+        try:
+            worker(item)
+        except BaseException as exc:  # reported to the caller, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads)
+    return errors

@@ -3,14 +3,13 @@ thread behind a bounded queue, cancellation."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
 from forge_cli.errors import EngineBusy, ModelError, UsageError
 from forge_cli.inference.engine import Engine, Sampling
-from tests.conftest import hold_one_lane
+from tests.conftest import hold_one_lane, in_threads
 
 GREEDY = Sampling(max_tokens=24, temperature=0.0)
 
@@ -61,23 +60,14 @@ def test_concurrent_callers_are_served_one_at_a_time_without_crash(engine: Engin
     prompts = [f"thread {i} asks" for i in range(6)]
     expected = {p: engine.chat(ask(p), GREEDY).result().text for p in prompts}
     results: dict[str, str] = {}
-    errors: list[BaseException] = []
 
     def worker(prompt: str) -> None:
-        try:
-            for _ in range(3):
-                text = engine.chat(ask(prompt), GREEDY).result().text
-                results[prompt] = text
-                assert text == expected[prompt]
-        except BaseException as exc:  # reported below with the thread's prompt
-            errors.append(exc)
+        for _ in range(3):
+            text = engine.chat(ask(prompt), GREEDY).result().text
+            results[prompt] = text
+            assert text == expected[prompt]
 
-    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
+    errors = in_threads(worker, prompts)
     assert errors == [] and results == expected
 
 

@@ -4,7 +4,6 @@ text each gives alone, keep their own sampling, free their slots, and count toke
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from forge_cli.errors import EngineBusy
 from forge_cli.inference.engine import Engine, Sampling, Stream
-from tests.conftest import hold_one_lane
+from tests.conftest import hold_one_lane, in_threads
 
 GREEDY = Sampling(max_tokens=32, temperature=0.0)
 PROMPTS = ["the first buyer asks", "a second, longer question from another buyer",
@@ -218,22 +217,12 @@ def test_many_more_requests_than_slots_all_complete_in_freed_slots(engine: Engin
                                    for p in PROMPTS])
     expected = {p: alone(tiny_gguf, p) for p in prompts}
     results: dict[tuple[str, int], str] = {}
-    errors: list[BaseException] = []
 
     def worker(prompt: str) -> None:
-        try:
-            for n in range(3):
-                results[prompt, n] = engine.chat(ask(prompt), GREEDY).result().text
-        except BaseException as exc:  # reported below with the thread's prompt
-            errors.append(exc)
+        for n in range(3):
+            results[prompt, n] = engine.chat(ask(prompt), GREEDY).result().text
 
-    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    assert in_threads(worker, prompts) == []
     assert all(s.result().completion_tokens == 300 for s in first_wave)
     assert results == {(p, n): expected[p] for p in prompts for n in range(3)}
 

@@ -25,15 +25,15 @@ ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
 
 
 class Child:
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
         self.lock = threading.Lock()
         self.streams: dict[int, Any] = {}
         self.engine: Any = None
 
     def send(self, *msg: Any) -> None:
         with self.lock:
-            self.conn.send(msg)
+            self.pipe.send(msg)
 
     def load(self, config: dict[str, Any]) -> None:
         from forge_cli.inference import engine as engines
@@ -85,7 +85,7 @@ class Child:
     def serve(self) -> None:
         while True:
             try:
-                msg = self.conn.recv()
+                msg = self.pipe.recv()
             except (EOFError, OSError):
                 break
             kind = msg[0]
