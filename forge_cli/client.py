@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forge_cli import config, errors
+from forge_cli import config, errors, wire
 from forge_cli.errors import (
     ApprovalRequired,
     BadResponse,
@@ -87,8 +87,8 @@ def answer(status: int, reason: str, raw: bytes, source: str) -> Any:
     that asks for an approval)."""
     parsed = True
     try:
-        payload: Any = json.loads(raw) if raw.strip() else None
-    except ValueError:
+        payload: Any = wire.parse(raw) if raw.strip() else None
+    except wire.BadJSON:
         payload, parsed = None, False
     envelope = payload.get("error") if isinstance(payload, dict) else None
     if status >= 400 or (status == 202 and isinstance(envelope, dict)):
@@ -340,10 +340,12 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 10,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 max_bytes: int | None = None) -> None:
         self.url = base_url(url)
         self.token = token
         self.timeout = timeout
+        self.max_bytes = max_bytes  # a peer's answer is read no further than this
         self._session = session
         self._owned = session is None
 
@@ -370,8 +372,17 @@ class AsyncClient:
                     method, self.url + path, json=body, data=encoded,
                     headers=_headers(self.token, body is not None or encoded is not None),
                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
-                raw = await response.read()
+                raw = await self._read(response, self.url + path)
         return answer(response.status, response.reason or "", raw, self.url + path)
+
+    async def _read(self, response: aiohttp.ClientResponse, source: str) -> bytes:
+        """The whole body, or BadResponse once it passes `max_bytes` (read no further)."""
+        if self.max_bytes is None:
+            return await response.read()
+        raw = await response.content.read(self.max_bytes + 1)
+        if len(raw) > self.max_bytes:
+            raise BadResponse(f"{source} answered more than {self.max_bytes:,} bytes")
+        return raw
 
     async def get(self, path: str) -> Any:
         return await self.call("GET", path)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from forge_cli import wire
 from forge_cli.errors import (
     ApprovalRequired,
     EngineBusy,
@@ -39,7 +40,7 @@ STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 PUBLIC = {"/health", "/metrics", "/openapi.json"}
 AUTH_FAILURES_PER_MINUTE = 20
 MAX_BODY = 1024 * 1024
-MAX_DEPTH = 64  # arrays and objects nested in a request body; forge's own requests use < 10
+MAX_DEPTH = wire.MAX_DEPTH
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -219,40 +220,12 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 def parse_json(raw: bytes | str) -> Any:
-    """JSON text as a value, or UsageError (400): invalid, or nested deeper than MAX_DEPTH.
-
-    Deep nesting is refused before anything walks the value: the parser, the canonical encoder
-    and the SSE writer all recurse, and a RecursionError would otherwise surface as a 500.
-    """
+    """JSON text as a value, or UsageError (400): invalid, non-finite, or nested deeper than
+    MAX_DEPTH (the limits are `wire.parse`'s, the one parser)."""
     try:
-        value = json.loads(raw)
-    except RecursionError:
-        raise bad_request(f"body is JSON nested more than {MAX_DEPTH} levels deep") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"body is not valid JSON: {exc}") from None
-    brackets = ("[", "{") if isinstance(raw, str) else (b"[", b"{")
-    # Fast path: with no more brackets than MAX_DEPTH (a chat request) the value cannot nest
-    # deeper, and nothing needs walking.
-    if sum(map(raw.count, brackets)) > MAX_DEPTH and _depth(value) > MAX_DEPTH:
-        raise bad_request(f"body is JSON nested more than {MAX_DEPTH} levels deep")
-    return value
-
-
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest in a parsed JSON value, walked without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, level)
-        if deepest > MAX_DEPTH:
-            return deepest
-        stack.extend((sub, level + 1) for sub in item if isinstance(sub, (dict, list)))
-    return deepest
+        return wire.parse(raw, what="body")
+    except wire.BadJSON as exc:
+        raise bad_request(str(exc)) from None
 
 
 def bad_request(message: str) -> UsageError:

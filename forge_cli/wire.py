@@ -1,0 +1,75 @@
+"""The one JSON parser for everything that arrives from outside: request bodies, peers' answers,
+gossip pages, dispute evidence, RPC handshakes.
+
+`parse` refuses what the rest of forge cannot walk safely: text over a size cap, nesting deeper
+than MAX_DEPTH (the parser, the canonical encoder and the SSE writer all recurse), and the
+non-finite numbers Python's json accepts (`NaN`, `Infinity`) that no peer may send. It raises
+`BadJSON` (a ValueError): each caller turns that into its own answer (a 400 for a request, a
+BadResponse for a peer), so the limits live here once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_DEPTH = 64  # arrays and objects nested; forge's own messages use fewer than 10
+MAX_PEER_BYTES = 4 * 1024 * 1024  # one peer answer read into memory (health, quote, page)
+
+
+class BadJSON(ValueError):
+    """Text that is not JSON forge accepts: invalid, too large, too deep, or non-finite."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadJSON(f"JSON holds {name}, which is not a finite number")
+
+
+def parse(raw: bytes | str, *, limit: int | None = None, what: str = "JSON") -> Any:
+    """`raw` as a JSON value, or BadJSON naming what is wrong (`what` names the text).
+
+    >>> parse(b'{"a": [1, 2]}')
+    {'a': [1, 2]}
+    """
+    if limit is not None and len(raw) > limit:
+        raise BadJSON(f"{what} is {len(raw):,} bytes, more than the limit of {limit:,}")
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except BadJSON:
+        raise
+    except RecursionError:
+        raise BadJSON(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadJSON(f"{what} is not valid JSON: {exc}") from None
+    brackets = ("[", "{") if isinstance(raw, str) else (b"[", b"{")
+    # Fast path: with no more brackets than MAX_DEPTH the value cannot nest deeper, and nothing
+    # needs walking (every chat request).
+    if sum(map(raw.count, brackets)) > MAX_DEPTH and depth(value) > MAX_DEPTH:
+        raise BadJSON(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
+def depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value, walked without recursion
+    (it stops counting once past MAX_DEPTH)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((sub, level + 1) for sub in item if isinstance(sub, (dict, list)))
+    return deepest
+
+
+def finite_int(value: Any, *, low: int = 0, high: int = 2**53) -> int | None:
+    """`value` if it is an integer (not a bool) within [low, high], else None: how a peer's
+    counts and amounts are read."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return None
+    return value
