@@ -379,10 +379,14 @@ class AsyncClient:
         """The whole body, or BadResponse once it passes `max_bytes` (read no further)."""
         if self.max_bytes is None:
             return await response.read()
-        raw = await response.content.read(self.max_bytes + 1)
-        if len(raw) > self.max_bytes:
-            raise BadResponse(f"{source} answered more than {self.max_bytes:,} bytes")
-        return raw
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(65536):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise BadResponse(f"{source} answered more than {self.max_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def get(self, path: str) -> Any:
         return await self.call("GET", path)
