@@ -75,3 +75,13 @@ def test_settle_works_offline_on_the_ledger_file(forge_home: Path, run_forge, tm
     doc = json.loads(out.read_text())
     assert doc["totals"] == {"trades": 1, "cu": 30}
     assert run_forge("settle", "verify", str(out)).returncode == 0
+
+
+def test_settle_on_a_home_without_a_ledger_says_so_and_creates_nothing(forge_home: Path,
+                                                                         run_forge):
+    done = run_forge("settle")
+    assert done.returncode == 2
+    assert "no ledger at" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert not (forge_home / "ledger.db").exists()
+    assert not (forge_home / "node.key").exists()

@@ -86,7 +86,15 @@ class ForgeApp(App[None]):
             self.poll_loop()
             self.event_loop()
 
+    async def action_quit(self) -> None:
+        """Stop the network workers before the screens go, so none updates a screen that is
+        being taken down."""
+        self.workers.cancel_group(self, "poll")
+        self.workers.cancel_group(self, "events")
+        self.exit()
+
     async def on_unmount(self) -> None:
+        self.workers.cancel_all()
         await self.client.close()
 
     # --- data ---------------------------------------------------------------------------------
@@ -94,6 +102,8 @@ class ForgeApp(App[None]):
     def apply(self, snapshot: Snapshot) -> None:
         """Show a snapshot in the header and every panel (whatever screen is on top)."""
         self.snapshot = snapshot
+        if not self.screen_stack:  # the app is shutting down: its screens are gone
+            return
         try:
             self.main.query_one(NodeHeader).show(snapshot)
             for panel in (OverviewPanel, TradesPanel, PricesPanel, LoansPanel, SafetyPanel, PeersPanel):

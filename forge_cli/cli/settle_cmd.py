@@ -34,6 +34,11 @@ def _statement(hours: int, price: int) -> dict:
 
     url = node_url()
     if url is None:
+        path = config.ledger_path()
+        if not path.exists():
+            # A statement of nothing would create a ledger (and a node key) as a side effect.
+            raise UsageError(f"no ledger at {path} (nothing has been recorded there yet)",
+                             hint="start a node with `forge node`, or pass --ledger PATH")
         now = time.time_ns() // 1_000_000
         try:
             with Ledger.open_writer(config.ledger_path(), identity.load_or_create()) as book:
