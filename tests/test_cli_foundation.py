@@ -14,7 +14,7 @@ from tests.conftest import REPO, forge_env
 HEAVY = ("llama_cpp", "textual", "aiohttp", "huggingface_hub")
 
 
-def imported_modules(home, *argv: str) -> tuple[int, set[str]]:
+def imported_modules(home, *argv: str, full: bool = False) -> tuple[int, set[str]]:
     probe = (
         "import sys, json\n"
         "from forge_cli.cli.app import main\n"
@@ -29,7 +29,7 @@ def imported_modules(home, *argv: str) -> tuple[int, set[str]]:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             cwd=REPO, env=forge_env(home), timeout=60)
     code, modules = json.loads(result.stderr.strip().splitlines()[-1])
-    return code, {m.split(".")[0] for m in modules}
+    return code, set(modules) if full else {m.split(".")[0] for m in modules}
 
 
 def test_help_and_ledger_verify_do_not_import_heavy_modules(forge_home, tmp_path):
@@ -42,6 +42,17 @@ def test_help_and_ledger_verify_do_not_import_heavy_modules(forge_home, tmp_path
     assert code == 0
     assert "nacl" in modules and "sqlite3" in modules  # it really verified
     assert not modules & set(HEAVY), modules & set(HEAVY)
+
+
+def test_help_imports_only_the_command_tree_and_what_it_names(forge_home):
+    """`forge --help` stays fast: no event loop, no HTTP client, and of forge itself only the
+    command modules and the few they name at import (config, errors, identity, the catalog)."""
+    code, modules = imported_modules(forge_home, "--help", full=True)
+    assert code == 0
+    assert not {"asyncio", "http.client", "forge_cli.client", "aiohttp"} & modules
+    ours = {m for m in modules if m.startswith("forge_cli.") and not m.startswith("forge_cli.cli.")}
+    assert ours <= {"forge_cli.cli", "forge_cli.config", "forge_cli.errors", "forge_cli.identity",
+                    "forge_cli.inference", "forge_cli.inference.catalog"}, ours
 
 
 def test_help_lists_every_group(run_forge):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from forge_cli import config
-from forge_cli.client import default_token
 
 
 def resolve_node_url(node: str | None) -> str:
@@ -31,6 +30,7 @@ def tui(
     ),
 ) -> None:
     """The live dashboard: the node at a glance, trades, prices, loans, safety, peers (q quits, ? helps)."""
+    from forge_cli.client import default_token
     from tui.app import ForgeApp
 
     url = resolve_node_url(node)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -64,6 +63,8 @@ def worker(
         from forge_cli.inference.chat import join_prompt
 
         text = join_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.read())
+    import asyncio  # here, not at the top: `forge --help` must not pay for it
+
     settings = {"max_tokens": max_tokens, "temperature": temperature}
     asyncio.run(_main(text, model, seller, mode, settings, system, wait, retries, as_json,
                       interface, peer, config.ledger_path(ledger)))
@@ -71,6 +72,8 @@ def worker(
 
 async def _main(text, model, seller, mode, settings, system, wait, retries, as_json,  # noqa: ANN001
                 interfaces, peers, ledger_path) -> None:  # noqa: ANN001
+    import asyncio
+
     from forge_cli.mesh.worker import Worker
 
     async with Worker(ledger_path, interfaces=interfaces or None, peers=peers) as w:
