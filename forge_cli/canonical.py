@@ -13,6 +13,8 @@ from typing import Any
 
 from forge_cli.errors import CanonicalError
 
+__all__ = ["CanonicalError", "INT_LIMIT", "check", "decode", "dumps_checked_parts", "encode"]
+
 INT_LIMIT = 2**63
 # One encoder, reused: json.dumps with options builds a new one per call (~3 µs each).
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,

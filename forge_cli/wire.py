@@ -41,10 +41,10 @@ def parse(raw: bytes | str, *, limit: int | None = None, what: str = "JSON") -> 
         raise BadJSON(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadJSON(f"{what} is not valid JSON: {exc}") from None
-    brackets = ("[", "{") if isinstance(raw, str) else (b"[", b"{")
+    text = raw.encode() if isinstance(raw, str) else raw
     # Fast path: with no more brackets than MAX_DEPTH the value cannot nest deeper, and nothing
     # needs walking (every chat request).
-    if sum(map(raw.count, brackets)) > MAX_DEPTH and depth(value) > MAX_DEPTH:
+    if text.count(b"[") + text.count(b"{") > MAX_DEPTH and depth(value) > MAX_DEPTH:
         raise BadJSON(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return value
 

@@ -41,7 +41,7 @@ def build(ledger: Ledger, from_ms: int, to_ms: int, *, price_msat: int = DEFAULT
     assert signer is not None
     checkpoint = ledger.checkpoint()
     size = ledger.size
-    trades = []
+    trades: list[dict[str, Any]] = []
     for entry in ledger.iter_entries(0, size, kind="trade"):
         if from_ms <= entry.fields["ts"] < to_ms:
             trades.append({"seq": entry.seq, "entry": entry.fields, "sig": entry.sig.hex(),
@@ -97,7 +97,7 @@ def check(doc: Any) -> list[str]:
             continue
         for key in ("earned", "spent", "net", "trades", "payout_msat"):
             if h.get(key) != w[key]:
-                problems.append(f"accounts[{account[:16]}…].{key} is {h.get(key)!r} but the "
+                problems.append(f"accounts[{str(account)[:16]}…].{key} is {h.get(key)!r} but the "
                                 f"trades give {w[key]!r}")
     cu = sum(t["entry"]["data"]["terms"]["cu"] for t in doc["trades"])
     if doc["totals"] != {"trades": len(doc["trades"]), "cu": cu}:

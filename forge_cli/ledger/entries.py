@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from forge_cli import canonical, identity
 from forge_cli.errors import EntryRejected
@@ -49,19 +50,19 @@ class Entry:
 
     @property
     def seq(self) -> int:
-        return self.fields["seq"]
+        return cast("int", self.fields["seq"])
 
     @property
     def kind(self) -> str:
-        return self.fields["kind"]
+        return cast("str", self.fields["kind"])
 
     @property
     def data(self) -> dict[str, Any]:
-        return self.fields["data"]
+        return cast("dict[str, Any]", self.fields["data"])
 
     @property
     def actor(self) -> str:
-        return self.fields["actor"]
+        return cast("str", self.fields["actor"])
 
     def to_json(self) -> dict[str, Any]:
         return {"entry": self.fields, "hash": self.hash.hex(), "sig": self.sig.hex()}
@@ -132,7 +133,8 @@ def _positive(data: dict[str, Any], key: str) -> str | None:
     return None
 
 
-def _exact_keys(data: dict[str, Any], required: set[str], optional: set[str] = frozenset()) -> str | None:
+def _exact_keys(data: dict[str, Any], required: AbstractSet[str],
+                optional: AbstractSet[str] = frozenset()) -> str | None:
     missing = required - set(data)
     extra = set(data) - required - optional
     if missing or extra:

@@ -184,7 +184,7 @@ def verify_cosignature(note_text: str, verifier: Verifier) -> int:
     sig = _find(note, verifier)
     if sig is None or len(sig.blob) != 8 + 64:
         raise ProofFailed(f"note carries no cosignature by {verifier.name}")
-    (timestamp,) = struct.unpack(">Q", sig.blob[:8])
+    timestamp: int = struct.unpack(">Q", sig.blob[:8])[0]
     if not identity.verify(verifier.public_key, _cosigned_message(timestamp, note.text),
                            sig.blob[8:]):
         raise ProofFailed(f"cosignature by {verifier.name} does not verify")

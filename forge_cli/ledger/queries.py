@@ -62,13 +62,13 @@ def approvals(ledger: Ledger, statuses: tuple[str, ...],
 
 def heartbeat_hours(ledger: Ledger, account: str, after_hour: int, upto_hour: int) -> int:
     """Hours in (after_hour, upto_hour] in which `account` recorded a heartbeat."""
-    return ledger.conn.execute(
+    return int(ledger.conn.execute(
         "SELECT count(*) FROM heartbeats WHERE account = ? AND hour > ? AND hour <= ?",
-        (account, after_hour, upto_hour)).fetchone()[0]
+        (account, after_hour, upto_hour)).fetchone()[0])
 
 
 def open_loan_count(ledger: Ledger) -> int:
-    return ledger.conn.execute("SELECT count(*) FROM loans WHERE status = 'open'").fetchone()[0]
+    return int(ledger.conn.execute("SELECT count(*) FROM loans WHERE status = 'open'").fetchone()[0])
 
 
 def loans(ledger: Ledger, account: str | None = None) -> list[tuple[Any, ...]]:
@@ -96,8 +96,8 @@ def loans_closed_since(ledger: Ledger, since_ms: int) -> tuple[int, int]:
 
 
 def loans_started_since(ledger: Ledger, since_ms: int) -> int:
-    return ledger.conn.execute("SELECT count(*) FROM loans WHERE start_ms > ?",
-                               (since_ms,)).fetchone()[0]
+    return int(ledger.conn.execute("SELECT count(*) FROM loans WHERE start_ms > ?",
+                               (since_ms,)).fetchone()[0])
 
 
 def trade_count(ledger: Ledger) -> int:
@@ -105,12 +105,12 @@ def trade_count(ledger: Ledger) -> int:
     by `unsettled` terms, which are not trades."""
     nonces = ledger.conn.execute("SELECT count(*) FROM trade_nonces").fetchone()[0]
     unsettled = ledger.conn.execute("SELECT coalesce(sum(count), 0) FROM unsettled").fetchone()[0]
-    return nonces - unsettled
+    return int(nonces - unsettled)
 
 
 def trade_volume(ledger: Ledger) -> int:
     """CU earned by every provider over all trades."""
-    return ledger.conn.execute("SELECT coalesce(sum(earned), 0) FROM trade_totals").fetchone()[0]
+    return int(ledger.conn.execute("SELECT coalesce(sum(earned), 0) FROM trade_totals").fetchone()[0])
 
 
 def trades_from(ledger: Ledger, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -121,9 +121,9 @@ def trades_from(ledger: Ledger, start: int) -> Iterator[tuple[int, dict[str, Any
 
 def dispute_auditors(ledger: Ledger, provider: str) -> int:
     """Distinct auditors whose disputes against `provider` this ledger upheld."""
-    return ledger.conn.execute(
+    return int(ledger.conn.execute(
         "SELECT count(DISTINCT auditor) FROM audits WHERE provider = ? AND verdict = 'upheld'",
-        (provider,)).fetchone()[0]
+        (provider,)).fetchone()[0])
 
 
 def audit_records(ledger: Ledger) -> dict[str, tuple[int, int, int]]:

@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+from typing import IO
 
 from forge_cli import identity
 
@@ -22,8 +23,8 @@ HASH, SIG = 32, 64
 IN_FLIGHT = 8  # chunks sent but not read back: 8 × 64 × 64 B stays under a pipe buffer
 
 
-def _read_exact(stream, size: int) -> bytes:
-    data = stream.read(size)
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
+    data: bytes | None = stream.read(size)
     if data is None or len(data) != size:
         raise EOFError("the signing process went away")
     return data

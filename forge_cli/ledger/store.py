@@ -316,7 +316,7 @@ class Ledger:
         if row is None:
             raise LedgerError(f"Merkle node ({level}, {idx}) is missing from {self.path}; "
                               "run `forge ledger verify --deep`")
-        return row[0]
+        return bytes(row[0])
 
     def root(self, size: int | None = None) -> bytes:
         """Merkle root of the first `size` entries (default: all), RFC 9162 MTH."""
@@ -429,9 +429,10 @@ class Ledger:
         ).fetchall()
 
     def latest_checkpoint(self) -> tuple[int, bytes, str, str] | None:
-        return self.conn.execute(
+        row: tuple[int, bytes, str, str] | None = self.conn.execute(
             "SELECT size, root, note, vkey FROM checkpoints ORDER BY size DESC LIMIT 1"
         ).fetchone()
+        return row
 
     def children(self, seq: int) -> list[int]:
         """Seqs whose parent is `seq` (a scan: causal queries are rare)."""
@@ -474,8 +475,9 @@ class Ledger:
                     if not batch:
                         self._leading = False
                         return
+                results: list[Entry | Exception]
                 try:
-                    results = self._write([draft for draft, _ in batch], atomic=False)
+                    results = [*self._write([draft for draft, _ in batch], atomic=False)]
                 except Exception as exc:  # I/O error: every caller in this commit hears of it
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results):
@@ -559,7 +561,8 @@ class Ledger:
     def _insert(self, rng: merkle.CompactRange, records: Sequence[
             tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
         """Insert signed records whose views are already applied (inside a transaction)."""
-        rows, bodies, nodes, redacted, out = [], [], [], [], []
+        rows, nodes, redacted, out = [], [], [], []
+        bodies: list[tuple[str, bytes]] = []
         for fields, raw, leaf, sig, body_map in records:
             rows.append((fields["seq"], leaf, raw, sig, fields["kind"], fields["ts"]))
             bodies.extend(body_map.items())

@@ -371,9 +371,9 @@ class MemoryState:
 
     def held(self) -> int:
         """Σ balances + Σ escrow + pool cash: what conservation says grants − burns must be."""
-        return (sum(v[0] for v in self.tables[ACCOUNTS.table].values())
-                + sum(v[0] for v in self.tables[ESCROW.table].values())
-                + pool_row(self)[0])
+        return int(sum(v[0] for v in self.tables[ACCOUNTS.table].values())
+                   + sum(v[0] for v in self.tables[ESCROW.table].values())
+                   + pool_row(self)[0])
 
 
 _ABSENT = object()
@@ -404,7 +404,8 @@ class SqliteState:
         try:
             return self._pending[(view.table, key)]
         except KeyError:
-            return self.conn.execute(self._sql[view.table][0], key).fetchone()
+            row: Row | None = self.conn.execute(self._sql[view.table][0], key).fetchone()
+            return row
 
     def put(self, view: View, key: Row, value: Row | None) -> None:
         slot = (view.table, key)

@@ -28,7 +28,7 @@ from forge_cli.errors import (
 log = logging.getLogger("forge.node")
 
 if TYPE_CHECKING:
-    from forge_cli.economy.accounts import Who
+    from forge_cli.economy.accounts import Resolved as Who
     from forge_cli.trade.node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node")
