@@ -172,7 +172,12 @@ class ForgeApp(App[None]):
         active = self.main.query_one(SafetyPanel).kill_active
         question = ("Resume spending? The kill switch is ACTIVE; every spend is refused until it is off."
                     if active else "Activate the kill switch? Every spend on this node will be refused.")
-        self.push_screen(ConfirmScreen(question), lambda yes: self._set_kill(not active) if yes else None)
+
+        def decided(yes: bool | None) -> None:
+            if yes:
+                self._set_kill(not active)
+
+        self.push_screen(ConfirmScreen(question), decided)
 
     @work(group="actions")
     async def _set_kill(self, activate: bool) -> None:

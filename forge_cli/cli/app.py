@@ -29,6 +29,8 @@ from forge_cli.cli import (
 from forge_cli.cli.output import print_error
 from forge_cli.errors import EXIT_USAGE, ForgeError
 
+# Either click's exception class or typer's copy of it: both carry `exit_code`.
+_ClickException: type[Exception]
 try:  # typer ≥ 0.23 runs on its own copy of click, whose errors derive from this
     from typer import TyperException as _ClickException
 except ImportError:  # an older typer over the click package
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     except _ClickException as exc:
         if type(exc).__name__ != "NoArgsIsHelpError":  # that one's help is already printed
             sys.stderr.write(f"forge: error: {_one_line(exc)}\n")
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except typer.Abort:  # Ctrl-D at a prompt
         sys.stderr.write("\naborted\n")
         sys.exit(1)

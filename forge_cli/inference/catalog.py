@@ -397,7 +397,7 @@ def _check_digest(entry: CatalogEntry, path: Path) -> None:
                path.parent == package_dir(entry.embedded)
                else f"delete it with `forge models rm {entry.name}` and pull it again")
         raise ModelError(f"{path} is not the catalog's {entry.name}: its sha256 is "
-                         f"{found[:16]}…, expected {entry.sha256[:16]}…", hint=how)
+                         f"{found[:16]}…, expected {(entry.sha256 or '')[:16]}…", hint=how)
 
 
 def embedded_present(ref: ModelRef) -> bool:

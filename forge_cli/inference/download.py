@@ -149,7 +149,7 @@ def _verify(ref: ModelRef, path: Path) -> None:
         _delete(path)
         raise ModelError(f"the download of {ref.name} ({ref.repo}/{ref.file}) is not the "
                          f"catalog's file: its sha256 is {found[:16]}…, expected "
-                         f"{ref.entry.sha256[:16]}…; it was deleted",
+                         f"{(ref.entry.sha256 or '')[:16]}…; it was deleted",
                          hint="the repository may have changed; pull it again later, or pass "
                          "a .gguf path you trust with -m")
 
@@ -184,13 +184,13 @@ def announcement(ref: ModelRef) -> str:
 def _download(ref: ModelRef, local_dir: Path | None) -> Path:
     from huggingface_hub import HfApi, hf_hub_download
 
+    if ref.repo is None:
+        raise ModelError(f"{ref.name} names no Hugging Face repository to download from")
     filename = ref.file
     if filename is None:
         filename = _pick_file(HfApi().list_repo_files(ref.repo), ref)
-    kwargs: dict[str, object] = {"repo_id": ref.repo, "filename": filename}
-    if local_dir is not None:
-        kwargs["local_dir"] = str(local_dir)
-    return Path(hf_hub_download(**kwargs))  # type: ignore[arg-type]
+    return Path(hf_hub_download(repo_id=ref.repo, filename=filename,
+                                local_dir=None if local_dir is None else str(local_dir)))
 
 
 def _translate(exc: BaseException, ref: ModelRef) -> ModelError:

@@ -95,7 +95,7 @@ def serve(node: Node, host: str, port: int, *, announce: Any = None,
         site = web.TCPSite(runner, host, port)
         await site.start()
         if node.mesh is not None:
-            await node.mesh.start(site._server.sockets[0].getsockname()[1])
+            await node.mesh.start(runner.addresses[0][1])
         if node.gossip is not None:
             await node.gossip.start()
         if announce is not None:

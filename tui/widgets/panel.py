@@ -43,6 +43,10 @@ class Panel(Vertical):
     Panel > .notice.shown { display: block; }
     """
 
+    def show(self, snapshot: Snapshot) -> None:
+        """Show `snapshot`; each panel draws its own part of it."""
+        raise NotImplementedError
+
     def notice(self) -> Static:
         return self.query_one(".notice", Static)
 
