@@ -9,7 +9,9 @@
     │   ├── TokenRefused            2    401  the node refused the API token (missing, wrong, revoked)
     │   ├── NotFound                2    404  a ledger entry, agent run or other thing that is not there
     │   ├── Forbidden               2    403  a valid token asking for what only another may do
-    │   └── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
+    │   ├── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
+    │   └── BadJSON                 2    400  JSON from outside that forge will not read: invalid,
+    │                                         too large, too deep or a non-finite number
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key, a wrong
     │                                         type or a value out of range
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
@@ -120,6 +122,11 @@ class Forbidden(UsageError):
 
 class CanonicalError(UsageError):
     """A value that has no canonical encoding (float, NaN, bytes, non-NFC text, …)."""
+
+
+class BadJSON(UsageError):
+    """JSON from a request or a peer that forge.wire refuses: invalid, too large, too deep, or
+    holding a number that is not finite."""
 
 
 class ConfigError(ForgeError):

@@ -3,26 +3,35 @@ gossip pages, dispute evidence, RPC handshakes.
 
 `parse` refuses what the rest of forge cannot walk safely: text over a size cap, nesting deeper
 than MAX_DEPTH (the parser, the canonical encoder and the SSE writer all recurse), and the
-non-finite numbers Python's json accepts (`NaN`, `Infinity`) that no peer may send. It raises
-`BadJSON` (a ValueError): each caller turns that into its own answer (a 400 for a request, a
-BadResponse for a peer), so the limits live here once.
+non-finite numbers Python's json accepts (`NaN`, `Infinity`, and `1e400`, a float that
+overflows) that no peer may send. It raises `BadJSON` (errors.py: a 400 where a route lets it
+through): each caller turns that into its own answer (a BadResponse for a peer), so the limits
+live here once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+from forge_cli.errors import BadJSON
+
+__all__ = ["MAX_DEPTH", "MAX_PEER_BYTES", "BadJSON", "depth", "finite_int", "parse"]
 
 MAX_DEPTH = 64  # arrays and objects nested; forge's own messages use fewer than 10
 MAX_PEER_BYTES = 4 * 1024 * 1024  # one peer answer read into memory (health, quote, page)
 
 
-class BadJSON(ValueError):
-    """Text that is not JSON forge accepts: invalid, too large, too deep, or non-finite."""
-
-
 def _refuse_constant(name: str) -> Any:
     raise BadJSON(f"JSON holds {name}, which is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"JSON holds {text[:40]}, which is not a finite number")
+    return value
 
 
 def parse(raw: bytes | str, *, limit: int | None = None, what: str = "JSON") -> Any:
@@ -34,7 +43,7 @@ def parse(raw: bytes | str, *, limit: int | None = None, what: str = "JSON") -> 
     if limit is not None and len(raw) > limit:
         raise BadJSON(f"{what} is {len(raw):,} bytes, more than the limit of {limit:,}")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except BadJSON:
         raise
     except RecursionError:
