@@ -28,7 +28,7 @@ from aiohttp import web
 
 from forge_cli.identity import Identity
 from tests.conftest import REPO, forge_env
-from tests.mesh_helpers import wait_for
+from tests.mesh_helpers import wait_for, worker
 from tests.node_harness import NodeProcess
 from tests.test_mesh_discovery import FAST, peer, peers_of
 
@@ -326,3 +326,14 @@ def test_the_event_feed_refuses_subscribers_past_its_cap(tmp_path, tiny_gguf, st
     # Descriptors: the subscribers held, and nothing for the refused ones once they left.
     wait_for("the refused connections released", lambda: len(os.listdir(
         f"/proc/{node.proc.pid}/fd")) <= fds + MAX_SUBSCRIBERS + 4)
+
+
+def test_forge_worker_names_a_hostile_peers_models_escaped(hostile, tmp_path):
+    marked = marked_peer(hostile)
+    done = worker(tmp_path / "w", "--peer", marked.url, "-m", "absent", "--wait", "3", "hi",
+                  env={"FORGE_MESH_MDNS": "false"})
+    assert done.returncode == 1, done.stderr
+    said = done.stderr
+    assert f"peers seen: {marked.url} (" in said  # the NoProvider message lists its models
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", said), repr(said)
+    assert "tiny\\x1b]0;PWNED\\x07" in said and "csi\\x9b31m" in said
