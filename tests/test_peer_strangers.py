@@ -116,7 +116,7 @@ def nodes(tmp_path: Path, tiny_gguf: Path, stack: ExitStack) -> Callable[..., No
     return start
 
 
-def advertise(stack: ExitStack, server: HostilePeer, name: str) -> None:
+def advertise(stack: ExitStack, server: HostilePeer, name: str, **txt: str) -> None:
     """Announce `server` on mDNS (127.0.0.1 only) as a forge node, as any LAN host can."""
     from zeroconf import ServiceInfo, Zeroconf
 
@@ -124,7 +124,7 @@ def advertise(stack: ExitStack, server: HostilePeer, name: str) -> None:
     info = ServiceInfo("_forge._tcp.local.", f"{name}._forge._tcp.local.", port=server.port,
                        parsed_addresses=["127.0.0.1"], server=f"{name}.local.",
                        properties={"id": Identity.generate().node_id, "proto": "1",
-                                   "port": str(server.port), "models": "0"})
+                                   "port": str(server.port), "models": "0", **txt})
     zc.register_service(info)
     stack.callback(zc.close)
     stack.callback(zc.unregister_service, info)
@@ -147,6 +147,8 @@ def test_a_malformed_peer_stops_neither_discovery_nor_expiry(nodes, hostile, sta
            hostile({"/health": offer.replace(b'"N"', b"Infinity")})]
     for i, server in enumerate(bad):
         advertise(stack, server, f"hostile-{i}")
+    # And TXT records no forge node writes: a port that is no number, 10^240 models.
+    advertise(stack, bad[0], "hostile-txt", port="http", models="9" * 240, m0="a b")
     wait_for("a probing every hostile peer twice",
              lambda: all(s.hits.get("/health", 0) >= 2 for s in bad))
     b = nodes("b")
@@ -199,7 +201,7 @@ def test_a_huge_gossip_page_is_cut_at_the_cap(nodes, hostile, tmp_path):
     assert grown < 60, f"the node's peak RSS grew by {grown} MiB"
     log = log_of(tmp_path, "a")
     assert f"gossip pull with {server.url} failed (BadResponse" in log
-    assert "answered more than 2,097,152 bytes" in log
+    assert "answered more than 1,048,576 bytes" in log
 
 
 def test_a_gossip_page_counting_infinity_logs_one_line_not_a_traceback(nodes, hostile,
@@ -337,3 +339,21 @@ def test_forge_worker_names_a_hostile_peers_models_escaped(hostile, tmp_path):
     assert f"peers seen: {marked.url} (" in said  # the NoProvider message lists its models
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", said), repr(said)
     assert "tiny\\x1b]0;PWNED\\x07" in said and "csi\\x9b31m" in said
+
+
+def test_a_served_page_stops_before_the_cap_a_puller_reads_with(tmp_path):
+    from forge_cli.mesh.network import NetworkView
+    from tests.gossip_helpers import make_trade
+
+    view = NetworkView.open(tmp_path / "network.db")
+    provider, consumer = Identity.generate(), Identity.generate()
+    for _ in range(5):
+        view.add(make_trade(provider, consumer), source="test")
+    every, after = view.since(0, 500)
+    assert len(every) == 5 and after == 5
+    size = len(every[0]) + 1
+    two, after = view.since(0, 500, max_bytes=2 * size + size // 2)
+    assert two == every[:2] and after == 2  # the next page starts where this one stopped
+    one, after = view.since(0, 500, max_bytes=1)
+    assert one == every[:1] and after == 1  # never an empty page while trades remain
+    view.close()

@@ -45,8 +45,9 @@ PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
 REQUEST_TIMEOUT_S = 30  # each call to a peer
 # A pull page is read no further than this. A full page of MAX_BATCH trades of ~0.9 kB is
 # ~450 kB; a node serving pages stops adding trades before a page passes it (PAGE_TRADE_BYTES),
-# so an honest page always fits. Parsed, a page this size is at most ~25x larger in memory.
-PAGE_MAX_BYTES = 2 * 1024 * 1024
+# so an honest page always fits. Parsed, the worst page this size (1 MiB of `[],`) takes
+# ~55 MiB for a moment, which is why at most MAX_PULLING pages are in hand at once.
+PAGE_MAX_BYTES = 1024 * 1024
 PAGE_TRADE_BYTES = PAGE_MAX_BYTES - 1024  # what the trades of a page served may take
 REPLY_MAX_BYTES = 256 * 1024  # a checkpoint, a consistency proof, the answer to a push
 MAX_PULLING = 2  # pages fetched and parsed at once, over every peer
