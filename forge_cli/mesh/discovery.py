@@ -76,7 +76,7 @@ class Offer:
         price_n = wire.finite_int(price)
         if params_n is None or price_n is None:
             raise ValueError(f"offer {name!r}: params and price_ucu_per_token must be integers "
-                             f"from 0 to 2^53, found {params!r} and {price!r}")
+                             f"from 0 to 2^53, found {repr(params)[:40]} and {repr(price)[:40]}")
         return cls(name, sha256[:16], params_n, price_n)
 
 
