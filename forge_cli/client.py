@@ -9,6 +9,7 @@ becomes NodeUnreachable, and an answer that is not what the API promises becomes
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 DONE = "[DONE]"
+OFF_LOOP_BYTES = 64 * 1024  # an AsyncClient answer larger than this is parsed on a thread
 UNREACHABLE_HINT = "start one with `forge node`, or check --node"
 
 # The class for an envelope whose `code` names no ForgeError (aiohttp's own 404/405/413, the
@@ -373,6 +375,9 @@ class AsyncClient:
                     headers=_headers(self.token, body is not None or encoded is not None),
                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 raw = await self._read(response, self.url + path)
+        if len(raw) > OFF_LOOP_BYTES:  # parsing megabytes would stall every other task
+            return await asyncio.to_thread(answer, response.status, response.reason or "", raw,
+                                           self.url + path)
         return answer(response.status, response.reason or "", raw, self.url + path)
 
     async def _read(self, response: aiohttp.ClientResponse, source: str) -> bytes:

@@ -22,7 +22,8 @@
     │   └── RpcUnavailable          2    503  this llama.cpp build lacks the RPC backend (GGML_RPC)
     ├── EngineBusy                  2    429  the model's request queue is full
     │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
-    │   └── GossipQuota             2    429  a source, or all sources together, used their gossip quota
+    │   ├── GossipQuota             2    429  a source, or all sources together, used their gossip quota
+    │   └── FeedFull                2    429  the live event feed serves as many subscribers as it holds
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
     │   ├── LedgerFilesChanged      2    503  the ledger's files were deleted or replaced under the node
@@ -183,6 +184,10 @@ class GossipBusy(EngineBusy):
 class GossipQuota(EngineBusy):
     """A gossip source (an address) added its quota of foreign trades this hour, or the
     network view holds as many foreign trades as it keeps; nothing more is taken from it."""
+
+
+class FeedFull(EngineBusy):
+    """GET /v1/forge/events already serves as many subscribers as it holds open at once."""
 
 
 class LedgerError(ForgeError):

@@ -20,6 +20,7 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, TabbedContent, TabPane
 
+from forge_cli import display
 from forge_cli.client import AsyncClient
 from forge_cli.errors import ForgeError, NodeUnreachable, TokenRefused
 from tui.screens.confirm import ConfirmScreen
@@ -207,7 +208,7 @@ class ForgeApp(App[None]):
         try:
             await self.client.post(path, body)
         except ForgeError as exc:
-            self.notify(str(exc), severity="error", timeout=8)
+            self.notify(display.plain(exc, lines=True), severity="error", timeout=8, markup=False)
             return
         self.notify(done)
         self._wake.set()
@@ -225,7 +226,7 @@ class ForgeApp(App[None]):
         try:
             proof = await self.client.get_optional(f"/v1/forge/ledger/proof/{trade['seq']}")
         except ForgeError as exc:
-            self.notify(str(exc), severity="error")
+            self.notify(display.plain(exc, lines=True), severity="error", markup=False)
             return
         ok = proof is not None and proof["leaf_hash"] == trade.get("hash") and merkle.verify_inclusion(
             bytes.fromhex(proof["leaf_hash"]), trade["seq"], proof["size"],

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from forge_cli import config
+from forge_cli import config, display
 from forge_cli.cli.output import print_json
 from forge_cli.config import INT_MAX
 from forge_cli.errors import NotFound, UsageError
@@ -89,7 +89,7 @@ def run(seq: int = typer.Argument(..., min=0, max=INT_MAX,
     elif done["kind"] == "audit":
         typer.echo(f"trade {seq}: audit passed (seq {done['seq']})")
     else:
-        typer.echo(f"trade {seq}: DISPUTED (seq {done['seq']}): {done['reason']}; failing "
+        typer.echo(f"trade {seq}: DISPUTED (seq {done['seq']}): {display.plain(done['reason'])}; failing "
                    f"positions {', '.join(map(str, done['failing_positions'])) or '-'}")
     if done["kind"] != "audit":
         raise typer.Exit(1)
@@ -130,4 +130,4 @@ def show(peer: str = typer.Argument(..., help="The peer's node id, or a prefix o
         other = e["auditor"] if e["role"] == "provider" else e["provider"]
         typer.echo(f"  seq {e['seq']:<6} {e['kind']:<8} {what} "
                    f"{'by' if e['role'] == 'provider' else 'of'} {other[:12]}…"
-                   + (f"  {e['reason']}" if e["reason"] else ""))
+                   + (f"  {display.plain(e['reason'])}" if e["reason"] else ""))  # a disputer's words

@@ -1,4 +1,8 @@
-"""`forge peers`: the mesh's peer table, as the running node sees it."""
+"""`forge peers`: the mesh's peer table, as the running node sees it.
+
+Every cell is a peer's own words (its node id, model names) or quotes them (a flag reason), so
+each goes through `display.plain`: an escape sequence in a model name is shown, not obeyed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any
 
 import typer
 
+from forge_cli import display
 from forge_cli.cli.output import print_json
 
 
@@ -19,11 +24,12 @@ def _row(peer: dict[str, Any], now_ms: int) -> list[str]:
                        for m in peer["models"])
     price = peer["price_ucu_per_token"]
     latency = peer["latency_ms"]
-    return [(peer["node_id"] or "?")[:16], peer["url"], models or "-",
-            "-" if price is None else f"{price:,}",
-            "-" if peer["reputation"] is None else str(peer["reputation"]),
-            _ago(peer["last_seen_ms"], now_ms), "-" if latency is None else f"{latency} ms",
-            peer["source"] + ("  FLAGGED: " + peer["flag_reason"] if peer["flagged"] else "")]
+    cells = [(peer["node_id"] or "?")[:16], peer["url"], models or "-",
+             "-" if price is None else f"{price:,}",
+             "-" if peer["reputation"] is None else str(peer["reputation"]),
+             _ago(peer["last_seen_ms"], now_ms), "-" if latency is None else f"{latency} ms",
+             peer["source"] + ("  FLAGGED: " + peer["flag_reason"] if peer["flagged"] else "")]
+    return [display.plain(cell) for cell in cells]
 
 
 def peers(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from forge_cli import config
+from forge_cli import config, display
 from forge_cli.cli.node_cmd import InterfaceOpt, LedgerOpt, PeerOpt
 from forge_cli.config import TOKENS_MAX
 from forge_cli.errors import UsageError
@@ -112,12 +112,12 @@ async def _turn(w, sellers, history, text, mode, settings, retries, as_json) -> 
     show = not as_json
 
     def piece(p: str) -> None:
-        if show:
-            sys.stdout.write(p)
+        if show:  # a seller's words: shown, never obeyed as terminal commands
+            sys.stdout.write(display.plain(p, lines=True))
             sys.stdout.flush()
 
     def retry(exc, nxt) -> None:  # noqa: ANN001
-        sys.stderr.write(f"\n{exc}\ntrying {nxt.short()}\n")
+        sys.stderr.write(f"\n{display.plain(exc, lines=True)}\ntrying {nxt.short()}\n")
 
     purchase = await w.buy(sellers, {"messages": list(history), **settings}, mode=mode,
                            retries=retries, on_piece=piece, on_retry=retry)
@@ -133,6 +133,6 @@ async def _turn(w, sellers, history, text, mode, settings, retries, as_json) -> 
     sys.stdout.write("\n")
     sys.stdout.flush()
     sys.stderr.write(
-        f"[{terms['model']} from {purchase.seller.short()} · {terms['completion_tokens']} "
+        f"[{display.plain(terms['model'])} from {purchase.seller.short()} · {terms['completion_tokens']} "
         f"tokens · {terms['cu']} CU at {terms['price_ucu_per_token'] / 1e6:g} CU/token · "
         f"balance {purchase.balance:,} CU · trade seq {purchase.trade_seq}]\n")

@@ -3,6 +3,11 @@
 Every candidate, whether mDNS found it or `--peer` named it, is probed with `GET /health`; the
 peer table holds the ones that answered within the expiry window. A peer advertising our own
 node id (a copied FORGE_HOME) is logged at error level and flagged.
+
+Any host on the LAN can advertise itself, so what a peer says is parsed, never trusted: its
+/health is read up to HEALTH_MAX_BYTES through `wire.parse` and checked field by field
+(`read_health`), and a peer whose answer fails is left out of the table (one log line) while
+every other peer is still probed and expired.
 """
 
 from __future__ import annotations
@@ -16,13 +21,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge_cli.errors import ConfigError, ForgeError
+from forge_cli import display, wire
+from forge_cli.errors import BadResponse, ConfigError, ForgeError, NodeUnreachable
+from forge_cli.mesh.protocol import is_hex
 
 log = logging.getLogger("forge.mesh")
 
 SERVICE = "_forge._tcp.local."
 PROTOCOL = 1
 RESOLVE_MS = 3000
+# A /health lists a node's offers (~150 bytes each): 64 KiB holds a few hundred, and parsing
+# it costs the event loop well under a millisecond.
+HEALTH_MAX_BYTES = 64 * 1024
+MAX_OFFERS = 256  # models one peer may list
+MAX_NAME = 255  # characters of a model name (what a TXT record holds)
+# mDNS candidates held at once: each costs a probe a round, and anyone on the LAN can
+# advertise services; past this, new ones wait until others expire.
+MAX_CANDIDATES = 512
 
 
 @dataclass(frozen=True)
@@ -39,13 +54,30 @@ class Offer:
 
     @classmethod
     def from_txt(cls, text: str) -> Offer:
+        """An offer from its TXT record; ValueError when malformed."""
         sha, price, params, model = text.split(" ", 3)
-        return cls(model, sha, int(params), int(price))
+        return cls.checked(model, sha, int(params), int(price))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Offer:
-        return cls(str(data["model"]), str(data["sha256"])[:16], int(data["params"]),
-                   int(data["price_ucu_per_token"]))
+    def from_json(cls, data: Any) -> Offer:
+        """An offer from a peer's /health; ValueError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an offer is an object, found {type(data).__name__}")
+        return cls.checked(data.get("model"), data.get("sha256"), data.get("params"),
+                           data.get("price_ucu_per_token"))
+
+    @classmethod
+    def checked(cls, model: Any, sha256: Any, params: Any, price: Any) -> Offer:
+        """An offer whose every field has the type and range a forge node sends."""
+        name = _name(model, "an offer's model")
+        if not isinstance(sha256, str) or len(sha256) > 64 or not is_hex(sha256, len(sha256)):
+            raise ValueError(f"offer {name!r}: sha256 is not a hex digest")
+        params_n = wire.finite_int(params)
+        price_n = wire.finite_int(price)
+        if params_n is None or price_n is None:
+            raise ValueError(f"offer {name!r}: params and price_ucu_per_token must be integers "
+                             f"from 0 to 2^53, found {repr(params)[:40]} and {repr(price)[:40]}")
+        return cls(name, sha256[:16], params_n, price_n)
 
 
 @dataclass
@@ -60,6 +92,7 @@ class Peer:
     latency_ms: int | None = None
     flag: str | None = None  # why this peer is not trusted (duplicate node id)
     lends_mb: int | None = None  # a layer peer (`forge rpc serve`): the MiB it offers a head
+    problem: str | None = None  # why its last answer was refused (logged once per change)
 
     @property
     def price_ucu_per_token(self) -> int | None:
@@ -75,12 +108,60 @@ class Peer:
                 "flagged": reason is not None, "flag_reason": reason, "source": self.source}
 
 
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise ValueError(f"{what} must be text of 1 to {MAX_NAME} characters")
+    return value
+
+
 def _lends(record: dict[str, Any]) -> int | None:
     """The MiB a layer peer says it offers (its TXT record or /health), None when malformed."""
+    value = record.get("free_mb") or 0
+    if isinstance(value, str):  # a TXT record
+        value = int(value) if value.isdecimal() and len(value) <= 16 else None
+    return wire.finite_int(value)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What a peer's /health says, every field checked (`read_health`)."""
+
+    node_id: str
+    instance: str | None
+    lends_mb: int | None  # set for a layer peer (`forge rpc serve`)
+    offers: list[Offer]
+    models: list[str]
+
+
+def read_health(body: Any) -> Health:
+    """A peer's /health, or BadResponse naming the first field that is not what a forge node
+    (or layer peer) sends: a node key as `node_id`, offers and model names of the right types.
+
+    >>> read_health({"node_id": "ab" * 32, "models": ["tiny.gguf"]}).models
+    ['tiny.gguf']
+    """
     try:
-        return max(0, int(record.get("free_mb") or 0))
-    except (TypeError, ValueError):
-        return None
+        if not isinstance(body, dict):
+            raise ValueError(f"it is {type(body).__name__}, not an object")
+        node_id = body.get("node_id")
+        if not is_hex(node_id, 64):
+            raise ValueError("node_id is not a node key (64 hex digits)")
+        instance = body.get("mesh_instance")
+        if instance is not None and not (isinstance(instance, str) and len(instance) <= 255):
+            raise ValueError("mesh_instance is not a service name")
+        lends = None
+        if body.get("role") == "layer-peer":
+            lends = _lends(body)
+            if lends is None:
+                raise ValueError("free_mb is not an integer from 0 to 2^53")
+        offers, models = body.get("offers", []), body.get("models", [])
+        for key, value in (("offers", offers), ("models", models)):
+            if not isinstance(value, list) or len(value) > MAX_OFFERS:
+                raise ValueError(f"{key} is not a list of at most {MAX_OFFERS}")
+        return Health(node_id, instance, lends, [Offer.from_json(o) for o in offers],
+                      [_name(m, "a model name") for m in models])
+    except ValueError as exc:
+        raise BadResponse(f"its /health is not a forge node's: {exc}") from None
 
 
 def normalise_url(url: str) -> str:
@@ -219,31 +300,51 @@ class Mesh:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, name: str) -> None:
+        try:
+            await self._resolve_service(name)
+        except Exception as exc:  # one advertisement's problem must not reach the loop
+            log.warning("ignoring mDNS service %s: %s", display.plain(name[:80]),
+                        display.plain(f"{type(exc).__name__}: {exc}"[:200]))
+
+    async def _resolve_service(self, name: str) -> None:
         from zeroconf.asyncio import AsyncServiceInfo
 
         info = AsyncServiceInfo(SERVICE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
-            log.warning("could not resolve mDNS service %s", name)
+            log.warning("could not resolve mDNS service %s", display.plain(name[:80]))
             return
-        txt = {k.decode(): (v or b"").decode("utf-8", "replace") for k, v in info.properties.items()}
+        txt = {k.decode("utf-8", "replace"): (v or b"").decode("utf-8", "replace")
+               for k, v in info.properties.items()}
         addresses = info.parsed_addresses()
         if not addresses:
             return
         host = addresses[0]
         host = f"[{host}]" if ":" in host else host
-        port = int(txt.get("port") or info.port)
-        url = f"http://{host}:{port}"
+        port = txt.get("port") or str(info.port)
+        if not (port.isdecimal() and 0 < int(port) < 65536):
+            log.warning("mDNS service %s advertises port %s; ignoring it",
+                        display.plain(name[:80]), display.plain(port[:20]))
+            return
+        url = f"http://{host}:{int(port)}"
         try:
-            offers = [Offer.from_txt(txt[f"m{i}"]) for i in range(int(txt.get("models", "0")))]
+            count = txt.get("models", "0")
+            if not (count.isdecimal() and int(count) <= MAX_OFFERS):
+                raise ValueError(f"{count[:20]!r} models")
+            offers = [Offer.from_txt(txt[f"m{i}"]) for i in range(int(count))]
         except (KeyError, ValueError):
             log.warning("peer %s advertises malformed model records; ignoring them", url)
             offers = []
         peer = self.candidates.get(url)
         if peer is None:
+            if len(self.candidates) >= MAX_CANDIDATES:
+                log.warning("not probing %s (%s): %d candidates already, the most held at once",
+                            url, display.plain(name[:80]), MAX_CANDIDATES)
+                return
             peer = self.candidates[url] = Peer(url, "mdns", found_ms=self.clock())
-            log.info("found peer %s via mDNS (%s)", url, name)
+            log.info("found peer %s via mDNS (%s)", url, display.plain(name[:80]))
         peer.instance = name
-        peer.node_id = txt.get("id") or peer.node_id
+        advertised = txt.get("id")
+        peer.node_id = advertised if is_hex(advertised, 64) else peer.node_id
         peer.offers = offers or peer.offers
         peer.lends_mb = _lends(txt) if txt.get("role") == "layer-peer" else peer.lends_mb
         self._check_duplicate(peer)
@@ -252,7 +353,11 @@ class Mesh:
 
     async def _probe_loop(self) -> None:
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception as exc:  # a bug in one round must not end discovery for good
+                log.error("mesh probe round failed (%s: %s); probing again in %gs",
+                          type(exc).__name__, display.plain(exc), self.probe_s)
             await asyncio.sleep(self.probe_s)
 
     async def probe_all(self) -> None:
@@ -273,32 +378,41 @@ class Mesh:
                 del self.candidates[url]
 
     async def _probe(self, peer: Peer) -> None:
+        """Probe one peer; whatever goes wrong stays with this peer (it is not marked seen,
+        so it expires) and is logged once, in one line, until it answers well again."""
+        try:
+            await self._probe_health(peer)
+        except NodeUnreachable:  # down, or not there yet: expiry says so
+            return
+        except Exception as exc:
+            problem = display.plain(f"{exc}" if isinstance(exc, ForgeError)
+                                    else f"{type(exc).__name__}: {exc}")[:300]
+            if problem != peer.problem:
+                log.warning("peer %s: %s; leaving it out of the peer table", peer.url, problem)
+            peer.problem = problem
+
+    async def _probe_health(self, peer: Peer) -> None:
         from forge_cli.client import AsyncClient
 
         started = time.perf_counter()
-        try:
-            health = await AsyncClient(peer.url, timeout=max(1.0, self.probe_s),
-                                       session=self._session).get("/health")
-        except ForgeError:  # down, not a forge node, or not a URL at all
-            return
-        if not isinstance(health, dict):
-            return
-        if health.get("mesh_instance") == self.name:
+        health = read_health(await AsyncClient(
+            peer.url, timeout=max(1.0, self.probe_s), session=self._session,
+            max_bytes=HEALTH_MAX_BYTES).get("/health"))
+        if health.instance == self.name:
             self.candidates.pop(peer.url, None)  # a static peer that is this node
             return
+        if peer.problem is not None:
+            log.info("peer %s answers /health well again", peer.url)
+            peer.problem = None
         peer.latency_ms = max(0, round((time.perf_counter() - started) * 1000))
         peer.last_seen_ms = self.clock()
-        peer.node_id = str(health.get("node_id") or peer.node_id)
-        if health.get("role") == "layer-peer":
-            peer.lends_mb = _lends(health)
-        try:
-            offers = [Offer.from_json(o) for o in health.get("offers", [])]
-        except (KeyError, TypeError, ValueError):
-            offers = []
-        if offers:
-            peer.offers = offers
+        peer.node_id = health.node_id
+        if health.lends_mb is not None:
+            peer.lends_mb = health.lends_mb
+        if health.offers:
+            peer.offers = health.offers
         elif not peer.offers:
-            peer.offers = [Offer(str(m), "", 0, 0) for m in health.get("models", [])]
+            peer.offers = [Offer(m, "", 0, 0) for m in health.models]
         self._check_duplicate(peer)
 
     def _check_duplicate(self, peer: Peer) -> None:

@@ -4,6 +4,12 @@ Each round pushes every trusted peer the trades it has not been sent (never back
 a trade came from), pulls from each peer's stored cursor, and checks the peer's signed
 checkpoint for consistency with the last one seen. A failed call is logged and retried next
 round; a fork flags the peer for good (persisted in the network view).
+
+What a peer answers is parsed, never trusted: each answer is read up to a stated cap
+(PAGE_MAX_BYTES for a pull page, REPLY_MAX_BYTES for the rest) through `wire.parse`, off the
+event loop when it is large, and every field is checked before it is used; a bad answer is one
+log line and a retry next round, never a traceback. At most MAX_PULLING pages are fetched and
+parsed at once, so many hostile peers hold at most that many pages in memory.
 """
 
 from __future__ import annotations
@@ -17,9 +23,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from forge_cli import canonical
+from forge_cli import canonical, display, wire
 from forge_cli.client import AsyncClient
-from forge_cli.errors import ConfigError, ForgeError, GossipBusy, GossipQuota, TradeRejected
+from forge_cli.errors import (
+    BadResponse,
+    ConfigError,
+    ForgeError,
+    GossipBusy,
+    GossipQuota,
+    TradeRejected,
+)
 from forge_cli.ledger import merkle, note
 from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
 
@@ -30,6 +43,14 @@ PAGES_PER_ROUND = 20  # pull or push at most this many pages per peer per round
 MAX_WAITING = 8  # pushed batches queued for verification before the next one gets 429
 PUSH_PATH = PULL_PATH = "/v1/forge/gossip/trades"
 REQUEST_TIMEOUT_S = 30  # each call to a peer
+# A pull page is read no further than this. A full page of MAX_BATCH trades of ~0.9 kB is
+# ~450 kB; a node serving pages stops adding trades before a page passes it (PAGE_TRADE_BYTES),
+# so an honest page always fits. Parsed, the worst page this size (1 MiB of `[],`) takes
+# ~55 MiB for a moment, which is why at most MAX_PULLING pages are in hand at once.
+PAGE_MAX_BYTES = 1024 * 1024
+PAGE_TRADE_BYTES = PAGE_MAX_BYTES - 1024  # what the trades of a page served may take
+REPLY_MAX_BYTES = 256 * 1024  # a checkpoint, a consistency proof, the answer to a push
+MAX_PULLING = 2  # pages fetched and parsed at once, over every peer
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -141,6 +162,7 @@ class Gossip:
         # batches from several pushers queue here instead (at most MAX_WAITING of them).
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="forge-gossip")
         self._waiting = 0
+        self._pulling = asyncio.Semaphore(MAX_PULLING)
 
     async def start(self) -> None:
         import aiohttp
@@ -217,15 +239,16 @@ class Gossip:
         try:
             await job
             return True
-        except (ValueError, KeyError, TypeError, ForgeError) as exc:  # the client's, or a bad page
+        except (ValueError, KeyError, TypeError, ForgeError) as exc:  # the client's, a bad answer
             log.warning("gossip %s with %s failed (%s: %s); retrying next round", what,
-                        peer.url, type(exc).__name__, exc)
+                        peer.url, type(exc).__name__, display.plain(exc)[:300])
             return False
 
     # -- push and pull -----------------------------------------------------------------------
 
-    def _client(self, peer: Any) -> AsyncClient:
-        return AsyncClient(peer.url, timeout=REQUEST_TIMEOUT_S, session=self._session)
+    def _client(self, peer: Any, max_bytes: int = REPLY_MAX_BYTES) -> AsyncClient:
+        return AsyncClient(peer.url, timeout=REQUEST_TIMEOUT_S, session=self._session,
+                           max_bytes=max_bytes)
 
     async def push(self, peer: Any) -> int:
         """Send `peer` the trades it has not been sent yet; returns how many.
@@ -244,9 +267,16 @@ class Gossip:
                 body = b'{"from":"' + self.mesh.node_id.encode() + b'","trades":[' + \
                     b",".join(batch) + b"]}"
                 answer = await self._client(peer).call("POST", PUSH_PATH, encoded=body)
-                if answer.get("rejected"):
+                rejected = wire.finite_int(answer.get("rejected")) \
+                    if isinstance(answer, dict) else None
+                if rejected is None:
+                    raise BadResponse(f"{peer.url} answered a push without a count of the "
+                                      "trades it rejected")
+                if rejected:
+                    reasons = answer.get("rejections")
                     log.warning("peer %s rejected %d of the trades we pushed: %s", peer.url,
-                                answer["rejected"], answer.get("rejections", [])[:3])
+                                rejected, display.plain(reasons[:3] if isinstance(reasons, list)
+                                                        else reasons)[:500])
                 sent += len(batch)
             cursor = after
             await asyncio.to_thread(self.view.set_pushed, peer.node_id, cursor)
@@ -262,18 +292,21 @@ class Gossip:
             if room == 0:
                 log.warning("not pulling from %s: %s", peer.url, why)
                 break
-            page = await self._client(peer).get(f"{PULL_PATH}?since={cursor}&limit={room}")
-            count, trades, after = int(page["count"]), page["trades"], int(page["next"])
-            if count < cursor:
-                log.warning("peer %s now holds %d trades, fewer than our cursor %d (its "
-                            "network view was reset?); pulling from the start", peer.url,
-                            count, cursor)
-                cursor = 0
-                continue
-            if not isinstance(trades, list) or len(trades) > room or after < cursor:
-                raise ValueError("malformed pull page")
+            async with self._pulling:
+                page = await self._client(peer, PAGE_MAX_BYTES).get(
+                    f"{PULL_PATH}?since={cursor}&limit={room}")
+                count, trades, after = read_page(page, room, peer.url)
+                if count < cursor:
+                    log.warning("peer %s now holds %d trades, fewer than our cursor %d (its "
+                                "network view was reset?); pulling from the start", peer.url,
+                                count, cursor)
+                    cursor = 0
+                    continue
+                if after < cursor:
+                    raise BadResponse(f"{peer.url} served a page whose next cursor {after} is "
+                                      f"before the one asked for, {cursor}")
+                outcomes = await self._add(trades, peer.node_id, source) if trades else []
             if trades:
-                outcomes = await self._add(trades, peer.node_id, source)
                 added += sum(o == ACCEPTED for o in outcomes)
                 bad = [o for o in outcomes if isinstance(o, TradeRejected)]
                 if bad:
@@ -329,6 +362,8 @@ class Gossip:
         consistent with the last one seen; flag the peer if it is not."""
         node_id = peer.node_id
         body = await self._client(peer).get("/v1/forge/ledger/checkpoint")
+        if not isinstance(body, dict) or not isinstance(body.get("note"), str):
+            raise BadResponse(f"{peer.url} answered its checkpoint without a signed note")
         verifier = note.Verifier(note.origin_for(node_id), bytes.fromhex(node_id))
         try:
             cp = note.open_checkpoint(body["note"], verifier)
@@ -354,7 +389,7 @@ class Gossip:
             f"/v1/forge/ledger/consistency?old={last.cp_size}&new={cp.size}")
         try:
             path = [bytes.fromhex(h) for h in proof["proof"]]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, KeyError):
             path = None
         if path is None or not merkle.verify_consistency(last.cp_size, cp.size, last.cp_root,
                                                          cp.root, path):
@@ -369,6 +404,24 @@ class Gossip:
                   peer.node_id, reason)
         self.mesh.flag_peer(peer.node_id, reason)
         await asyncio.to_thread(self.view.flag, peer.node_id, reason)
+
+
+def read_page(page: Any, room: int, source: str) -> tuple[int, list[Any], int]:
+    """(count, trades, next) of a pull page, or BadResponse naming what is malformed: counts
+    are integers from 0 to 2^53 (never a float, an infinity or a string), and the trades a
+    list of at most the `room` asked for (each trade is checked when it is added)."""
+    if not isinstance(page, dict):
+        raise BadResponse(f"{source} served a pull page that is not an object")
+    count, after = wire.finite_int(page.get("count")), wire.finite_int(page.get("next"))
+    if count is None or after is None:
+        raise BadResponse(f"{source} served a pull page whose count and next are not integers "
+                          f"from 0 to 2^53: {display.plain(page.get('count'))[:40]}, "
+                          f"{display.plain(page.get('next'))[:40]}")
+    trades = page.get("trades")
+    if not isinstance(trades, list) or len(trades) > room:
+        raise BadResponse(f"{source} served a pull page whose trades are not a list of at most "
+                          f"the {room} asked for")
+    return count, trades, after
 
 
 def tally(outcomes: list[Any]) -> dict[str, Any]:

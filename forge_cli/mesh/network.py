@@ -373,13 +373,23 @@ class NetworkView:
                 self._root = peaks.root()
             return self._root
 
-    def since(self, cursor: int, limit: int) -> tuple[list[bytes], int]:
+    def since(self, cursor: int, limit: int, max_bytes: int | None = None
+              ) -> tuple[list[bytes], int]:
         """Up to `limit` trades' canonical bytes in arrival order after the first `cursor`
-        (0: from the start), and the cursor to ask for next."""
+        (0: from the start), and the cursor to ask for next. With `max_bytes`, the trades stop
+        before their bytes (and a comma each) pass it, the first excepted: a page served to a
+        peer fits the cap it reads pages with."""
         with self.lock:
             rows = self.conn.execute(
                 "SELECT seq, data FROM trades WHERE seq > ? ORDER BY seq LIMIT ?",
                 (cursor, limit)).fetchall()
+        if max_bytes is not None:
+            size = 0
+            for i, (_, data) in enumerate(rows):
+                size += len(data) + 1
+                if size > max_bytes and i:
+                    rows = rows[:i]
+                    break
         return [bytes(data) for _, data in rows], (rows[-1][0] if rows else cursor)
 
     def pending_for(self, cursor: int, peer: str, limit: int) -> tuple[list[bytes], int]:

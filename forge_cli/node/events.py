@@ -2,16 +2,21 @@
 
 Publishing is thread-safe (appends happen on the ledger thread); each subscriber has a
 bounded queue, and a subscriber too slow to keep up is told so and dropped rather than
-letting the node's memory grow.
+letting the node's memory grow. At most MAX_SUBSCRIBERS are served at once: each holds a
+connection (a file descriptor) for as long as it likes, so one more is refused (FeedFull).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
+from forge_cli.errors import FeedFull
+
 QUEUE = 1024
+# Dashboards and scripts watching one node: a few. Each costs a descriptor and up to QUEUE
+# queued events; 64 of them stay far below the node's descriptor limit.
+MAX_SUBSCRIBERS = 64
 
 
 class EventBus:
@@ -37,18 +42,16 @@ class EventBus:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    async def subscribe(self) -> AsyncIterator[dict[str, Any] | None]:
-        """Events as they come; None means this subscriber fell behind and was dropped."""
+    def subscribe(self) -> Subscription:
+        """A subscription to every event from now on (use it in a `with` block, which
+        unsubscribes); FeedFull when MAX_SUBSCRIBERS are subscribed already."""
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            raise FeedFull(f"the event feed already serves {len(self._subscribers)} "
+                           f"subscribers, the most it holds at once ({MAX_SUBSCRIBERS})",
+                           hint="close another dashboard or watcher, or retry shortly")
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE)
         self._subscribers.add(queue)
-        try:
-            while True:
-                message = await queue.get()
-                yield message
-                if message is None:
-                    return
-        finally:
-            self._subscribers.discard(queue)
+        return Subscription(self, queue)
 
     def close(self) -> None:
         for queue in list(self._subscribers):
@@ -56,3 +59,24 @@ class EventBus:
                 queue.get_nowait()
             queue.put_nowait(None)
         self._subscribers.clear()
+
+
+class Subscription:
+    """One subscriber's place in the feed: `await get()` for the next event (None: it fell
+    behind and was dropped, or the node is stopping)."""
+
+    def __init__(self, bus: EventBus, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.bus = bus
+        self.queue = queue
+
+    async def get(self) -> dict[str, Any] | None:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self.bus._subscribers.discard(self.queue)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

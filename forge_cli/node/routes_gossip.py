@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from forge_cli.errors import MeshNotRunning
-from forge_cli.mesh.gossip import MAX_BATCH, Gossip, encode_page
+from forge_cli.mesh.gossip import MAX_BATCH, PAGE_TRADE_BYTES, Gossip, encode_page
 from forge_cli.node.web import (
     NODE,
     Route,
@@ -52,7 +52,7 @@ async def since(request: web.Request) -> web.Response:
     _gossip(node)
     cursor = int_query(request, "since", 0, 0, 2**62)
     limit = int_query(request, "limit", MAX_BATCH, 1, MAX_BATCH)
-    trades, after = await asyncio.to_thread(node.network.since, cursor, limit)
+    trades, after = await asyncio.to_thread(node.network.since, cursor, limit, PAGE_TRADE_BYTES)
     count = await asyncio.to_thread(node.network.count)
     return web.Response(body=encode_page(trades, after, count, node.node_id),
                         content_type="application/json")

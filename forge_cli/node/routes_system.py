@@ -11,6 +11,8 @@ from forge_cli.node.web import NODE, OPENAPI, Route
 from forge_cli.trade.node import Node
 
 KEEPALIVE_S = 15
+GONE_CHECK_S = 1.0  # how often a quiet feed checks that its subscriber is still there
+WRITE_TIMEOUT_S = 30  # a subscriber whose socket takes no more for this long is dropped
 
 
 async def health(request: web.Request) -> web.Response:
@@ -41,33 +43,44 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """SSE: `entry` for every new ledger entry, `safety` for safety changes."""
+    """SSE: `entry` for every new ledger entry, `safety` for safety changes. At most
+    events.MAX_SUBSCRIBERS at once (429 past it); a subscriber that stops reading is dropped
+    once a write waits WRITE_TIMEOUT_S."""
     node: Node = request.app[NODE]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    hello = {"node_id": node.node_id, "ledger_size": node.ledger.size,
-             "root": node.ledger.root().hex()}
-    await response.write(f"event: hello\ndata: {json.dumps(hello)}\n\n".encode())
-    feed = node.events.subscribe()
-    try:
-        while True:
-            try:
-                message = await asyncio.wait_for(feed.__anext__(), KEEPALIVE_S)
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
-            except StopAsyncIteration:
-                break
-            if message is None:
-                await response.write(b"event: dropped\ndata: {\"reason\": \"too slow\"}\n\n")
-                break
-            payload = json.dumps(message["data"], ensure_ascii=False)
-            await response.write(f"event: {message['event']}\ndata: {payload}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        await feed.aclose()
+    with node.events.subscribe() as feed:  # FeedFull before a byte of the stream is sent
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        hello = {"node_id": node.node_id, "ledger_size": node.ledger.size,
+                 "root": node.ledger.root().hex()}
+
+        async def write(data: bytes) -> None:
+            await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
+
+        try:
+            await write(f"event: hello\ndata: {json.dumps(hello)}\n\n".encode())
+            quiet = 0.0
+            while True:
+                try:
+                    message = await asyncio.wait_for(feed.get(), GONE_CHECK_S)
+                except TimeoutError:
+                    # The handler is not cancelled when the subscriber hangs up: notice it
+                    # here, so its place is free within seconds, not at the next keepalive.
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    quiet += GONE_CHECK_S
+                    if quiet >= KEEPALIVE_S:
+                        await write(b": keepalive\n\n")
+                        quiet = 0.0
+                    continue
+                quiet = 0.0
+                if message is None:
+                    await write(b"event: dropped\ndata: {\"reason\": \"too slow\"}\n\n")
+                    break
+                payload = json.dumps(message["data"], ensure_ascii=False)
+                await write(f"event: {message['event']}\ndata: {payload}\n\n".encode())
+        except (ConnectionResetError, TimeoutError, asyncio.CancelledError):
+            pass  # gone, or not reading: its place is freed for another
     return response
 
 

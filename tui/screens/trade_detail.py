@@ -9,10 +9,14 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from forge_cli import display
 from tui.widgets.panel import clock
 
 
 def render_trade(trade: dict[str, Any], proof: dict[str, Any] | None, proof_ok: bool | None) -> str:
+    """The trade as markup; every field a seller or buyer chose is escaped."""
+    trade = {key: display.markup(value) if isinstance(value, str) else value
+             for key, value in trade.items()}
     lines = [f"[b]trade seq {trade['seq']}[/b]  at {clock(trade['ts'])} UTC",
              f"hash      {trade.get('hash', '?')}",
              f"provider  {trade['provider']}", f"consumer  {trade['consumer']}",

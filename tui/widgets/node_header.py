@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.widgets import Static
 
+from forge_cli import display
 from tui.state import Snapshot
 from tui.widgets.panel import balance_text
 
@@ -23,9 +24,11 @@ class NodeHeader(Static):
         if snapshot.pricing:
             price = f"{snapshot.pricing[0]['price_ucu_per_token'] / 1e6:.4f} CU/tok"
         state = snapshot.connection if not snapshot.message else f"{snapshot.connection}: {snapshot.message}"
+        node = net.get("node_id", snapshot.health.get("node_id", "?"))[:12]
+        state, models, node = display.markup(state), display.markup(models), display.markup(node)
         root = net.get("merkle_root", "")
         self.update(
-            f"[b]forge[/b] node {net.get('node_id', snapshot.health.get('node_id', '?'))[:12]}  "
+            f"[b]forge[/b] node {node}  "
             f"model {models}  price {price}\n"
             f"balance {balance_text(bal)}  avail {bal.get('available', '-')}  "
             f"rep {bal.get('reputation', '-')} bp  ledger {net.get('ledger_size', '-')} "

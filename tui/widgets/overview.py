@@ -9,13 +9,19 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Static
 
+from forge_cli import display
 from tui.state import MINUTES, Minute, Snapshot
 from tui.widgets.chart import Series, TimeChart, clock_ticks
 from tui.widgets.panel import Panel, balance_text
 
 
 def placement(model: str, activity: dict[str, Any] | None) -> str:
-    """Where a model's layers run, as the node reports it; CPU when it reports nothing."""
+    """Where a model's layers run, as the node reports it; CPU when it reports nothing
+    (markup: the model name and layer peers' ids are escaped)."""
+    return display.markup(_placement(model, activity))
+
+
+def _placement(model: str, activity: dict[str, Any] | None) -> str:
     found = next((m for m in (activity or {}).get("models", []) if m.get("model") == model), None)
     if found is None:
         return f"{model}: layers on CPU"
@@ -23,7 +29,7 @@ def placement(model: str, activity: dict[str, Any] | None) -> str:
     device = found.get("device", "CPU")
     split = found.get("split")
     if isinstance(split, dict):  # split across machines: which peer runs which layers
-        peers = [f"{p.get('peer', '?')[:8]}… {len(p.get('layers', []))}"
+        peers = [f"{str(p.get('peer', '?'))[:8]}… {len(p.get('layers', []))}"
                  + (" lost" if p.get("lost") else "") for p in split.get("peers", [])]
         return (f"{model}: {len(split.get('head', {}).get('layers', []))} layers here, "
                 f"peers {', '.join(peers) or 'none'}")

@@ -8,11 +8,13 @@ from typing import Any
 from textual.containers import Vertical
 from textual.widgets import Static
 
+from forge_cli import display
 from tui.state import Snapshot
 
 
 def short(account: str | None, n: int = 8) -> str:
-    return (account or "?")[:n]
+    """The first `n` characters of an account, escaped for markup (a cell or a Static)."""
+    return display.markup(str(account or "?")[:n])
 
 
 def clock(ts_ms: int) -> str:
@@ -56,6 +58,8 @@ class Panel(Vertical):
         if snapshot.online:
             box.remove_class("shown")
             return True
-        box.update(f"{snapshot.connection}: {snapshot.message}" if snapshot.message else snapshot.connection)
+        # The message quotes the node, and the node may quote what a peer or stranger sent.
+        box.update(display.text(f"{snapshot.connection}: {snapshot.message}" if snapshot.message
+                                else snapshot.connection))
         box.add_class("shown")
         return False

@@ -6,8 +6,9 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from forge_cli import display
 from tui.state import Snapshot
-from tui.widgets.panel import Panel, short
+from tui.widgets.panel import Panel
 
 NO_MESH = "no peers: the mesh is not running"
 
@@ -42,11 +43,13 @@ class PeersPanel(Panel):
             seen = peer.get("last_seen_ms")
             ago = "-" if seen is None else f"{max(0, snapshot.now_ms - int(seen)) // 1000}s ago"
             models = peer.get("models", [])
-            names = ", ".join(m if isinstance(m, str) else m.get("name", "?") for m in models)
+            names = ", ".join(m if isinstance(m, str) else str(m.get("name", "?")) for m in models)
             latency = peer.get("latency_ms")
-            table.add_row(short(peer.get("node_id")), names, _or_dash(peer.get("price_ucu_per_token")),
-                          _or_dash(peer.get("reputation")), _audits(peer), ago,
-                          "-" if latency is None else f"{latency} ms", _flag(peer))
+            # A peer picks its node id and model names: cells hold Text, never markup.
+            cells = [str(peer.get("node_id") or "?")[:8], names,
+                     _or_dash(peer.get("price_ucu_per_token")), _or_dash(peer.get("reputation")),
+                     _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer)]
+            table.add_row(*map(display.text, cells))
 
 
 def _or_dash(value: object) -> str:

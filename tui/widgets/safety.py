@@ -7,6 +7,7 @@ from typing import Any
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from forge_cli import display
 from tui.state import Snapshot
 from tui.widgets.panel import Panel, bar, clock, short
 
@@ -39,8 +40,8 @@ class SafetyPanel(Panel):
         kill = safety.get("kill_switch", {})
         breaker = safety.get("breaker", {})
         self.kill_active = bool(kill.get("active"))
-        kill_text = (f"[b red]ACTIVE[/] ({kill.get('reason') or 'no reason'})" if self.kill_active
-                     else "[green]off[/]")
+        kill_text = (f"[b red]ACTIVE[/] ({display.markup(kill.get('reason') or 'no reason')})"
+                     if self.kill_active else "[green]off[/]")
         policy = safety.get("policy", {})
         self.query_one("#switches", Static).update(
             f"kill switch {kill_text}   breaker {breaker.get('state', '?')} "

@@ -8,6 +8,7 @@ from textual.app import ComposeResult
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
+from forge_cli import display
 from tui.state import Snapshot
 from tui.widgets.panel import Panel, clock, short
 
@@ -48,7 +49,8 @@ class TradesPanel(Panel):
             key = str(trade["seq"])
             self._trades[key] = trade
             table.add_row(clock(trade["ts"]), key, short(trade["provider"]), short(trade["consumer"]),
-                          trade["model"], f"{trade['prompt_tokens']}+{trade['completion_tokens']}",
+                          display.text(trade["model"]),
+                          f"{trade['prompt_tokens']}+{trade['completion_tokens']}",
                           str(trade["cu"]), key=key)
         self.query_one("#trades-empty", Static).display = not snapshot.trades
         if snapshot.trades:
