@@ -51,7 +51,8 @@ def test_help_imports_only_the_command_tree_and_what_it_names(forge_home):
     assert code == 0
     assert not {"asyncio", "http.client", "forge_cli.client", "aiohttp"} & modules
     ours = {m for m in modules if m.startswith("forge_cli.") and not m.startswith("forge_cli.cli.")}
-    assert ours <= {"forge_cli.cli", "forge_cli.config", "forge_cli.errors", "forge_cli.identity",
+    assert ours <= {"forge_cli.cli", "forge_cli.config", "forge_cli.display", "forge_cli.errors",
+                    "forge_cli.identity",
                     "forge_cli.inference", "forge_cli.inference.catalog"}, ours
 
 
