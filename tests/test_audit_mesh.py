@@ -166,8 +166,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
     saved = {k: v for k, v in os.environ.items() if k.startswith("FORGE_")}
     for name in saved:
         del os.environ[name]
-    # Every purchase audited; many purchases a minute are the point here, not the breaker.
-    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000")
+    # Every purchase audited; many purchases (and disputes) a minute are the point here, not
+    # the breaker or the per-auditor re-check quota.
+    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000",
+                      FORGE_AUDIT_RECHECKS_PER_MINUTE="10000")
     nodes: dict[str, InProcessNode] = {}
 
     def model(path: Path, sha256: str | None = None) -> LoadedModel:
@@ -186,8 +188,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
             nodes[cheat] = InProcessNode(root / cheat, doctored)
         buyer = nodes["buyer"]  # enough CU for every purchase here
         buyer.run(buyer.node.append("grant", {"account": buyer.id, "cu": 10_000}))
-        for auditor in ("buyer", "second"):  # their disputes go to the third node
-            nodes[auditor].node.auditor.peers = lambda: [nodes["third"].url]
+        third, second = nodes["third"], nodes["second"]
+        for funded in (third, second):  # selling to the third node ends second's free tier
+            funded.run(funded.node.append("grant", {"account": funded.id, "cu": 10_000}))
+        for auditor in ("buyer", "second"):  # their disputes go to the third node,
+            nodes[auditor].node.auditor.peers = lambda: [third.url]
+            # where they hold standing: the third node bought a reply from each.
+            third.buy(nodes[auditor], 0, 0.0, audit=False)
         yield nodes
     finally:
         for running in nodes.values():
