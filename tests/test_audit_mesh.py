@@ -27,6 +27,7 @@ import pytest
 
 from forge_cli.ledger import entries, queries
 from forge_cli.mesh import audit
+from tests import dispute_helpers
 from tests.app_thread import AppThread
 
 HONEST_BUYS = 20
@@ -338,3 +339,93 @@ def test_a_node_audits_a_trade_it_holds_on_request(mesh, run_forge):
     assert verdict["kind"] == "dispute" and verdict["reason"].startswith("model:")
     assert verdict["failing_positions"] == list(range(MAX_TOKENS - SHORT_BY, MAX_TOKENS))
     assert third.record(pad.id)[1] == before[1] + 1  # re-checked at the third node
+
+
+# -- disputes cost the disputer (issue 19) ---------------------------------------------------
+# These run last: the refusals they provoke count toward the third node's per-address
+# throttle (everything here posts from 127.0.0.1).
+
+def rechecks_run(node: InProcessNode) -> float:
+    """Re-checks of peers' disputes the node ran (upheld or forged), from its metrics."""
+    return sum(node.node.metrics.rechecks.labels(outcome)._value.get()
+               for outcome in (audit.UPHELD, audit.FORGED))
+
+
+def ledger_size(node: InProcessNode) -> int:
+    node.node.reader.refresh()
+    return node.node.reader.size
+
+
+def test_deeply_nested_evidence_from_an_auditor_with_standing_is_never_a_500(mesh):
+    """Second holds standing at the third node (the buyer lost its own by forging a dispute)
+    and disputes a purchase of its own whose request or tokens body nests 100,000 deep:
+    parsed by the one parser, answered 422 or 200."""
+    second, third = mesh["second"], mesh["third"]
+    sha = second.node.models["tiny"].sha256
+    deep = b"[" * 100_000 + b"]" * 100_000
+    size = ledger_size(third)
+    status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+        sha, prompt_tokens=20, request=deep, auditor=second.node.signer))
+    assert status == 422 and "nested more than" in body["error"]["message"], body
+    assert ledger_size(third) == size  # refused: nothing recorded
+    # A provider that committed to a tokens body that is no list of ids fails the count check.
+    status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+        sha, prompt_tokens=20, tokens=deep, auditor=second.node.signer))
+    assert status == 200 and body["outcome"] == audit.UPHELD, body
+
+
+def test_a_dispute_without_standing_or_about_an_unheld_trade_costs_no_model_work(mesh):
+    buyer, second, honest, third = mesh["buyer"], mesh["second"], mesh["honest"], mesh["third"]
+    ran, size = rechecks_run(third), ledger_size(third)
+    purchase = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    trade = purchase.data["claim"]["trade"]  # the buyer's purchase from the cheat
+    bodies = [buyer.node.reader.body(h) for h in audit.dispute_bodies(purchase.data)]
+    verdict = audit.Verdict(False, "model: padded", 10, [])
+    # The honest node sold the third node nothing: no standing there.
+    as_honest = audit.sign_dispute(trade, verdict, honest.node.signer, 2)
+    status, body = third.post("/v1/forge/audit/dispute",
+                              dispute_helpers.payload(as_honest, bodies))
+    assert status == 403 and "has provided no trade to this node" in body["error"]["message"]
+    # Second has standing, but the trade is the buyer's purchase, and not held here.
+    as_second = audit.sign_dispute(trade, verdict, second.node.signer, 2)
+    status, body = third.post("/v1/forge/audit/dispute",
+                              dispute_helpers.payload(as_second, bodies))
+    assert status == 403 and "is not held here" in body["error"]["message"], body
+    assert rechecks_run(third) == ran and ledger_size(third) == size
+
+
+def test_an_auditor_over_its_per_minute_quota_is_refused_unrecorded(mesh):
+    second, third = mesh["second"], mesh["third"]
+    sha = second.node.models["tiny"].sha256
+    queue = third.node.auditor.rechecks
+    saved, queue.per_minute = queue.per_minute, 1
+    try:  # the first may be re-checked (unless second had one this minute); never the second
+        for _ in range(2):
+            ran, size = rechecks_run(third), ledger_size(third)
+            status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+                sha, prompt_tokens=20, auditor=second.node.signer))
+    finally:
+        queue.per_minute = saved
+    assert status == 429 and body["error"]["code"] == "RecheckBusy", body
+    assert "its limit of 1" in body["error"]["message"]
+    assert rechecks_run(third) == ran and ledger_size(third) == size
+
+
+def test_a_replayed_dispute_is_refused_before_any_model_work(mesh):
+    """Issue 19: one dispute replayed 100 times got 99 × 409, each after a full re-check."""
+    buyer, third = mesh["buyer"], mesh["third"]
+    dispute = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    payload = dispute_helpers.payload(
+        dispute.data, [buyer.node.reader.body(h) for h in audit.dispute_bodies(dispute.data)])
+    ran, size = rechecks_run(third), ledger_size(third)
+    answers = []
+    for _ in range(100):
+        status, body = third.post("/v1/forge/audit/dispute", payload)
+        answers.append(status)
+        if status == 409:
+            assert body["error"]["type"] == "conflict_error", body
+            assert "already audited" in body["error"]["message"], body
+    assert 409 in answers and set(answers) <= {409, 429}, answers
+    # Once the address used its refusals for the minute, it is refused unread (429).
+    assert answers[answers.index(429):] == [429] * (100 - answers.index(429))
+    assert rechecks_run(third) == ran and ledger_size(third) == size
