@@ -29,7 +29,13 @@ N_CTX = 2048
 WORDS = 500  # the request renders to ~2,000 of the 2,048 tokens: a full prefill to re-check
 REFUSALS_PER_MINUTE = 20  # forge_cli.node.routes_audit: then a 429 that reads no body
 FLOOD_POSTERS = 4
-FLOOD_POSTS = 40  # per poster
+FLOOD_POSTS = 20  # fabricated disputes per poster, posted in turn (all fresh keys)
+FLOOD_MAX = 50_000  # posts per poster at most
+ROUNDS, CHATS = 3, 3  # baseline and flood in turn; chats measured in each
+# The paying chat: a 1,500-token prompt and up to 48 tokens (the 19 chats fit its account's
+# free tier of 1,000 CU), so that its time is model work rather than HTTP round trips.
+PAYING_TOKENS = 48
+PAYING_PROMPT = "mats " * 300
 
 
 @pytest.fixture
@@ -37,8 +43,11 @@ def node(tmp_path: Path, tiny_gguf: Path) -> Iterator[NodeProcess]:
     """A fresh node per test: each starts with its per-address refusal count at zero."""
     home = tmp_path / "home"
     home.mkdir()
+    # One engine thread: the posters run on the same few cores, and a decode split over
+    # threads stalls at its barriers whenever another process holds a core, which would
+    # measure the machine's load, not what the disputes cost the node.
     with NodeProcess(home, tiny_gguf, env={
-            "FORGE_MODELS_N_CTX": str(N_CTX),
+            "FORGE_MODELS_N_CTX": str(N_CTX), "FORGE_ENGINE_THREADS": "1",
             "FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE": "100000"}) as running:
         yield running
 
@@ -139,39 +148,54 @@ def test_deeply_nested_evidence_is_refused_with_a_4xx_not_a_500(node):
 
 
 def test_a_paying_chat_during_a_dispute_flood_keeps_within_10x_its_baseline(node):
-    """Issue 19: with 4 posters, a paying 32-token chat took 389 s instead of 1.5-9 s."""
+    """Issue 19: with 4 posters, a paying 32-token chat took 389 s instead of 1.5-9 s. Here 4
+    posters send fabricated disputes (each a full prefill to re-check, were it taken) while
+    paying chats run. Baseline and flood alternate in rounds (the machine is shared: its load
+    drifts), and the median of the rounds' ratios stays under 10."""
     sha = model_sha256(node)
     payer = node.agent("payer")["token"]
 
     def chat() -> float:
         started = time.perf_counter()
         status, _, body = node.request("POST", "/v1/chat/completions", {
-            "model": "tiny-llama.gguf", "max_tokens": 32, "temperature": 0,
-            "messages": [{"role": "user", "content": "tell me about mats"}]}, token=payer)
+            "model": "tiny-llama.gguf", "max_tokens": PAYING_TOKENS, "temperature": 0,
+            "messages": [{"role": "user", "content": PAYING_PROMPT}]}, token=payer)
         assert status == 200, body
         return time.perf_counter() - started
 
-    chat()  # warm
-    baseline = statistics.median(chat() for _ in range(5))
-    # Each poster makes its disputes before the flood, so the flood is only posting.
+    # Made before the flood, so the posters only post (each poster cycles through its own).
     made = [[fabricated(node, sha) for _ in range(FLOOD_POSTS)] for _ in range(FLOOD_POSTERS)]
     answers: list[int] = []
-    started = threading.Barrier(FLOOD_POSTERS + 1)
+    flooding, done = threading.Event(), threading.Event()
 
     def flood(payloads: list[dict]) -> None:
-        started.wait()
-        for payload in payloads:
-            answers.append(post(node, payload)[0])
+        n = 0
+        while not done.is_set() and n < FLOOD_MAX:
+            if not flooding.wait(0.05):
+                continue
+            answers.append(post(node, payloads[n % len(payloads)])[0])
+            n += 1
 
     posters = [threading.Thread(target=flood, args=(p,)) for p in made]
     for poster in posters:
         poster.start()
-    started.wait()
-    time.sleep(0.2)
-    during = statistics.median(chat() for _ in range(5))
-    for poster in posters:
-        poster.join()
-    assert len(answers) == FLOOD_POSTERS * FLOOD_POSTS
-    assert set(answers) <= {403, 429}, sorted(set(answers))
+    chat()  # warm
+    ratios = []
+    try:
+        for _ in range(ROUNDS):
+            baseline = statistics.median(chat() for _ in range(CHATS))
+            flooding.set()
+            posted = len(answers)
+            during = statistics.median(chat() for _ in range(CHATS))
+            assert len(answers) - posted >= 20, "the flood did not run beside the chats"
+            flooding.clear()
+            time.sleep(0.1)  # the posters' last posts are answered
+            ratios.append(during / baseline)
+    finally:
+        done.set()
+        for poster in posters:
+            poster.join()
+    assert statistics.median(ratios) < 10, ratios
+    assert set(answers) <= {403, 429} and answers.count(403) == REFUSALS_PER_MINUTE, \
+        sorted(set(answers))
     assert metric(node, "forge_dispute_rechecks_total", outcome="upheld") == 0
-    assert during < 10 * max(baseline, 0.005), (baseline, during)
