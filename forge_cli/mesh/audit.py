@@ -331,8 +331,9 @@ Append = Callable[..., Awaitable[entries.Entry]]
 class Bench(Protocol):
     """What the auditor asks of its node before a peer's dispute may cost it anything."""
 
-    def standing(self, auditor: str) -> str | None:
-        """`standing_problem` for `auditor`, from this node's ledger and flags."""
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
+        """What `standing_problem` weighs, from this node's ledger and flags: the paid trades
+        `auditor` provided here, its reputation here, and why it is flagged (or None)."""
 
     def holds(self, trade_id: str) -> bool:
         """Whether this node holds the trade (its ledger, or its verified network view)."""
@@ -347,8 +348,8 @@ class Bench(Protocol):
 class Unbound:
     """The bench of an auditor with no node behind it: it takes no peer's dispute."""
 
-    def standing(self, auditor: str) -> str | None:
-        return "this auditor takes no disputes from peers"
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
+        return 0, 0, "this auditor takes no disputes from peers"
 
     def holds(self, trade_id: str) -> bool:
         return False
@@ -595,7 +596,8 @@ class Auditor:
         if seen is not None:
             raise Replay(f"auditor {auditor[:16]}… already audited trade {trade_id[:16]}… "
                          f"(recorded here at seq {seen}); nothing was re-checked")
-        problem = self.bench.standing(auditor)
+        provided, reputation, flag = self.bench.standing(auditor)
+        problem = standing_problem(auditor, provided=provided, reputation=reputation, flag=flag)
         if problem is None and terms["consumer"] != auditor and not self.bench.holds(trade_id):
             problem = (f"trade {trade_id[:16]}… is not held here, and its auditor is not its "
                        "consumer")

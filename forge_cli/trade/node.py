@@ -374,14 +374,11 @@ class DisputeBench:
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def standing(self, auditor: str) -> str | None:
-        from forge_cli.mesh.audit import standing_problem
-
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
         node = self._node
         provided = (node.reader.row(views.TRADE_TOTALS, (auditor,)) or (0, 0, 0))[2]
         flag = node.network.peer(auditor).flag if node.network is not None else None
-        return standing_problem(auditor, provided=provided, reputation=node.reputation(auditor),
-                                flag=flag)
+        return provided, node.reputation(auditor), flag
 
     def holds(self, trade_id: str) -> bool:
         network = self._node.network  # it follows the ledger: this node's own trades are in it
