@@ -369,9 +369,11 @@ def test_deeply_nested_evidence_from_an_auditor_with_standing_is_never_a_500(mes
     assert status == 422 and "nested more than" in body["error"]["message"], body
     assert ledger_size(third) == size  # refused: nothing recorded
     # A provider that committed to a tokens body that is no list of ids fails the count check.
+    ran = rechecks_run(third)
     status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
         sha, prompt_tokens=20, tokens=deep, auditor=second.node.signer))
     assert status == 200 and body["outcome"] == audit.UPHELD, body
+    assert rechecks_run(third) == ran + 1  # the counter the other tests read does count
 
 
 def test_a_dispute_without_standing_or_about_an_unheld_trade_costs_no_model_work(mesh):
