@@ -129,6 +129,12 @@ KEYS: dict[str, Key] = {
         Key("audit.every", int, 20,
             "audit one purchase in N of a model this node holds (1: every purchase)",
             low=1, high=1_000_000),
+        Key("audit.rechecks_per_minute", int, 2,
+            "peers' disputes one auditor may have re-checked here per minute (re-checks run "
+            "one at a time, only while no paying work is)", low=1, high=10_000),
+        Key("audit.recheck_queue", int, 8,
+            "peers' disputes that may wait for a re-check at once before 429", low=1,
+            high=1_000),
         Key("rpc.port", int, 3002, "port `forge rpc serve` tunnels layer work on (0: a free one)",
             low=0, high=65535),
         Key("rpc.rate_ucu", int, 20_000,

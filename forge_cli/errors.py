@@ -23,7 +23,9 @@
     ├── EngineBusy                  2    429  the model's request queue is full
     │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
     │   ├── GossipQuota             2    429  a source, or all sources together, used their gossip quota
-    │   └── FeedFull                2    429  the live event feed serves as many subscribers as it holds
+    │   ├── FeedFull                2    429  the live event feed serves as many subscribers as it holds
+    │   └── RecheckBusy             2    429  the dispute re-check queue is full, or an auditor used its
+    │                                         per-minute re-checks (`retry_after_s` says when to retry)
     ├── LedgerError                 2    500  the ledger cannot be opened or used
     │   ├── LedgerLocked            2    500  another process holds the writer lock
     │   ├── LedgerFilesChanged      2    503  the ledger's files were deleted or replaced under the node
@@ -33,6 +35,8 @@
     │   ├── ProofFailed             1    422  also a LedgerError: a Merkle proof or checkpoint fails
     │   ├── TradeRejected           1    422  a gossiped trade is malformed, forged or replays a nonce
     │   ├── DisputeRejected         1    422  a dispute is malformed, forged, or does not re-check
+    │   │   └── NoStanding          1    403  its auditor holds no standing here, or its trade is neither
+    │   │                                     held here nor its auditor's own purchase; nothing recorded
     │   └── PlanRejected            1    422  an agent plan is malformed or not a DAG (recorded)
     ├── NodeError                   2    502  the node answered with an error no class here names
     │   └── BadResponse             2    502  the node's answer is not JSON, or its stream is malformed
@@ -190,6 +194,15 @@ class FeedFull(EngineBusy):
     """GET /v1/forge/events already serves as many subscribers as it holds open at once."""
 
 
+class RecheckBusy(EngineBusy):
+    """A dispute's re-check waits for no one: the bounded queue is full, or its auditor used
+    its re-checks for this minute. `retry_after_s` is when a retry can be taken."""
+
+    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+
 class LedgerError(ForgeError):
     """The ledger cannot be opened, read or written."""
 
@@ -233,6 +246,14 @@ class DisputeRejected(CheckFailed):
     """An audit dispute is malformed, its signatures or bodies fail, it names a model this
     node cannot audit, or its evidence does not re-check here (then it counts against its
     author)."""
+
+
+class NoStanding(DisputeRejected):
+    """A dispute this node does not consider: its auditor has no standing here (see
+    forge_cli.mesh.audit.standing_problem), or the trade it names is neither held here nor
+    the auditor's own purchase. Refused before any model work, and nothing is recorded."""
+
+    http_status = 403
 
 
 class TradeRejected(CheckFailed):

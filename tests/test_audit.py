@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from forge_cli import identity
-from forge_cli.errors import DisputeRejected
+from forge_cli.errors import DisputeRejected, Replay
 from forge_cli.ledger import entries
 from forge_cli.mesh import audit
 from forge_cli.trade.session import request_bytes
@@ -212,3 +212,63 @@ def test_a_failing_score_reducer_fails_only_its_own_job(engines):
         seller.score([1, 2, 3, 4], 2, reduce=broken)
     assert beside.result().completion_tokens == 20
     assert seller.score([1, 2, 3, 4], 2, reduce=lambda i, row: i) == [0, 1]
+
+
+def test_a_peers_recheck_waits_for_paying_work_and_yields_to_it(engines):
+    """RecheckQueue over a real engine: a re-check does not start while a paying session is
+    open; one whose prefill is under way when a session opens is withdrawn at the engine's
+    next step and runs again, from the start, once the node is idle."""
+    import asyncio
+
+    from forge_cli.errors import RecheckBusy
+    from forge_cli.node.web import forge_error_response
+    from tests.conftest import hold_one_lane
+
+    _, auditor, _ = engines
+    tokens = auditor.tokenize(auditor.render([{"role": "user", "content": "mat " * 60}]))
+    paying = [True]
+    outcomes: list[str] = []
+    runs: list[int] = []
+
+    async def scenario() -> None:
+        queue = audit.RecheckQueue(lambda: paying[0], size=2, per_minute=2,
+                                   counted=outcomes.append)
+
+        async def run(cancel: Any) -> dict[str, Any]:
+            runs.append(len(runs))
+            if len(runs) == 1:  # a paying session opens as the first attempt starts
+                paying[0] = True
+            rows = await asyncio.to_thread(auditor.score, tokens, len(tokens) - 5,
+                                           reduce=lambda i, row: i, cancel=cancel)
+            return {"rows": rows}
+
+        done = queue.submit(("trade", "auditor"), run)
+        await asyncio.sleep(0.3)
+        assert runs == [] and not done.done()  # paying work is open: it has not started
+        holder, release = hold_one_lane(auditor)  # the engine is mid-step on paying work
+        paying[0] = False
+        while not runs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the queue sees the session and withdraws the prefill
+        release.set()
+        holder.join()
+        while outcomes != ["yielded"]:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert len(runs) == 1 and not done.done()  # waiting again while the session is open
+        paying[0] = False
+        assert await asyncio.wait_for(done, 30) == {"rows": [0, 1, 2, 3, 4]}
+        assert len(runs) == 2 and outcomes == ["yielded"]
+        # Limits: the same dispute waits once; an auditor has its quota per minute.
+        paying[0] = True
+        queue.submit(("trade", "auditor"), run)
+        with pytest.raises(Replay, match="already waiting"):
+            queue.submit(("trade", "auditor"), run)
+        with pytest.raises(RecheckBusy, match="its limit of 2") as busy:
+            queue.submit(("another", "auditor"), run)
+        assert 1 <= busy.value.retry_after_s <= 61
+        assert forge_error_response(busy.value).headers["Retry-After"] == \
+            str(busy.value.retry_after_s)
+        await queue.stop()
+
+    asyncio.run(scenario())

@@ -27,6 +27,7 @@ import pytest
 
 from forge_cli.ledger import entries, queries
 from forge_cli.mesh import audit
+from tests import dispute_helpers
 from tests.app_thread import AppThread
 
 HONEST_BUYS = 20
@@ -166,8 +167,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
     saved = {k: v for k, v in os.environ.items() if k.startswith("FORGE_")}
     for name in saved:
         del os.environ[name]
-    # Every purchase audited; many purchases a minute are the point here, not the breaker.
-    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000")
+    # Every purchase audited; many purchases (and disputes) a minute are the point here, not
+    # the breaker or the per-auditor re-check quota.
+    os.environ.update(FORGE_AUDIT_EVERY="1", FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE="100000",
+                      FORGE_AUDIT_RECHECKS_PER_MINUTE="10000")
     nodes: dict[str, InProcessNode] = {}
 
     def model(path: Path, sha256: str | None = None) -> LoadedModel:
@@ -186,8 +189,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
             nodes[cheat] = InProcessNode(root / cheat, doctored)
         buyer = nodes["buyer"]  # enough CU for every purchase here
         buyer.run(buyer.node.append("grant", {"account": buyer.id, "cu": 10_000}))
-        for auditor in ("buyer", "second"):  # their disputes go to the third node
-            nodes[auditor].node.auditor.peers = lambda: [nodes["third"].url]
+        third, second = nodes["third"], nodes["second"]
+        for funded in (third, second):  # selling to the third node ends second's free tier
+            funded.run(funded.node.append("grant", {"account": funded.id, "cu": 10_000}))
+        for auditor in ("buyer", "second"):  # their disputes go to the third node,
+            nodes[auditor].node.auditor.peers = lambda: [third.url]
+            # where they hold standing: the third node bought a reply from each.
+            third.buy(nodes[auditor], 0, 0.0, audit=False)
         yield nodes
     finally:
         for running in nodes.values():
@@ -331,3 +339,95 @@ def test_a_node_audits_a_trade_it_holds_on_request(mesh, run_forge):
     assert verdict["kind"] == "dispute" and verdict["reason"].startswith("model:")
     assert verdict["failing_positions"] == list(range(MAX_TOKENS - SHORT_BY, MAX_TOKENS))
     assert third.record(pad.id)[1] == before[1] + 1  # re-checked at the third node
+
+
+# -- disputes cost the disputer (issue 19) ---------------------------------------------------
+# These run last: the refusals they provoke count toward the third node's per-address
+# throttle (everything here posts from 127.0.0.1).
+
+def rechecks_run(node: InProcessNode) -> float:
+    """Re-checks of peers' disputes the node ran (upheld or forged), from its metrics."""
+    return sum(node.node.metrics.rechecks.labels(outcome)._value.get()
+               for outcome in (audit.UPHELD, audit.FORGED))
+
+
+def ledger_size(node: InProcessNode) -> int:
+    node.node.reader.refresh()
+    return node.node.reader.size
+
+
+def test_deeply_nested_evidence_from_an_auditor_with_standing_is_never_a_500(mesh):
+    """Second holds standing at the third node (the buyer lost its own by forging a dispute)
+    and disputes a purchase of its own whose request or tokens body nests 100,000 deep:
+    parsed by the one parser, answered 422 or 200."""
+    second, third = mesh["second"], mesh["third"]
+    sha = second.node.models["tiny"].sha256
+    deep = b"[" * 100_000 + b"]" * 100_000
+    size = ledger_size(third)
+    status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+        sha, prompt_tokens=20, request=deep, auditor=second.node.signer))
+    assert status == 422 and "nested more than" in body["error"]["message"], body
+    assert ledger_size(third) == size  # refused: nothing recorded
+    # A provider that committed to a tokens body that is no list of ids fails the count check.
+    ran = rechecks_run(third)
+    status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+        sha, prompt_tokens=20, tokens=deep, auditor=second.node.signer))
+    assert status == 200 and body["outcome"] == audit.UPHELD, body
+    assert rechecks_run(third) == ran + 1  # the counter the other tests read does count
+
+
+def test_a_dispute_without_standing_or_about_an_unheld_trade_costs_no_model_work(mesh):
+    buyer, second, honest, third = mesh["buyer"], mesh["second"], mesh["honest"], mesh["third"]
+    ran, size = rechecks_run(third), ledger_size(third)
+    purchase = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    trade = purchase.data["claim"]["trade"]  # the buyer's purchase from the cheat
+    bodies = [buyer.node.reader.body(h) for h in audit.dispute_bodies(purchase.data)]
+    verdict = audit.Verdict(False, "model: padded", 10, [])
+    # The honest node sold the third node nothing: no standing there.
+    as_honest = audit.sign_dispute(trade, verdict, honest.node.signer, 2)
+    status, body = third.post("/v1/forge/audit/dispute",
+                              dispute_helpers.payload(as_honest, bodies))
+    assert status == 403 and "has provided no trade to this node" in body["error"]["message"]
+    # Second has standing, but the trade is the buyer's purchase, and not held here.
+    as_second = audit.sign_dispute(trade, verdict, second.node.signer, 2)
+    status, body = third.post("/v1/forge/audit/dispute",
+                              dispute_helpers.payload(as_second, bodies))
+    assert status == 403 and "is not held here" in body["error"]["message"], body
+    assert rechecks_run(third) == ran and ledger_size(third) == size
+
+
+def test_an_auditor_over_its_per_minute_quota_is_refused_unrecorded(mesh):
+    second, third = mesh["second"], mesh["third"]
+    sha = second.node.models["tiny"].sha256
+    queue = third.node.auditor.rechecks
+    saved, queue.per_minute = queue.per_minute, 1
+    try:  # the first may be re-checked (unless second had one this minute); never the second
+        for _ in range(2):
+            ran, size = rechecks_run(third), ledger_size(third)
+            status, body = third.post("/v1/forge/audit/dispute", dispute_helpers.fabricated(
+                sha, prompt_tokens=20, auditor=second.node.signer))
+    finally:
+        queue.per_minute = saved
+    assert status == 429 and body["error"]["code"] == "RecheckBusy", body
+    assert "its limit of 1" in body["error"]["message"]
+    assert rechecks_run(third) == ran and ledger_size(third) == size
+
+
+def test_a_replayed_dispute_is_refused_before_any_model_work(mesh):
+    """Issue 19: one dispute replayed 100 times got 99 × 409, each after a full re-check."""
+    buyer, third = mesh["buyer"], mesh["third"]
+    dispute = next(e for e in buyer.node.reader.iter_entries(0, kind="dispute"))
+    payload = dispute_helpers.payload(
+        dispute.data, [buyer.node.reader.body(h) for h in audit.dispute_bodies(dispute.data)])
+    ran, size = rechecks_run(third), ledger_size(third)
+    answers = []
+    for _ in range(100):
+        status, body = third.post("/v1/forge/audit/dispute", payload)
+        answers.append(status)
+        if status == 409:
+            assert body["error"]["type"] == "conflict_error", body
+            assert "already audited" in body["error"]["message"], body
+    assert 409 in answers and set(answers) <= {409, 429}, answers
+    # Once the address used its refusals for the minute, it is refused unread (429).
+    assert answers[answers.index(429):] == [429] * (100 - answers.index(429))
+    assert rechecks_run(third) == ran and ledger_size(third) == size

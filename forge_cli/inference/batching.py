@@ -432,8 +432,8 @@ class Scheduler:
     def _finish(self, seq: _Sequence | _Scoring, reason: str) -> None:
         from forge_cli.inference.engine import Completion
 
-        if isinstance(seq, _Scoring):  # cancelled: the engine is closing
-            self._fail(seq, ModelError("scoring was cancelled: the engine is closing"))
+        if isinstance(seq, _Scoring):  # cancelled: its caller withdrew it, or the engine closes
+            self._fail(seq, ModelError("scoring was cancelled"))
             return
         self._release(seq)
         tail = seq.text.tail()

@@ -503,7 +503,8 @@ class Engine:
         return Stream(job)
 
     def score(self, tokens: list[int], start: int, *,
-              reduce: Callable[[int, Any], Any] | None = None, block: bool = True) -> Any:
+              reduce: Callable[[int, Any], Any] | None = None, block: bool = True,
+              cancel: threading.Event | None = None) -> Any:
         """The logits (a float32 array, one row of n_vocab per token of `tokens[start:]`) that
         this model gives each of those tokens after all the tokens before it: one prefill of
         `tokens` through a slot of the same scheduler, nothing sampled. Row i scores
@@ -511,6 +512,7 @@ class Engine:
 
         With `reduce`, the list of `reduce(i, row)` instead: it runs on the scheduler thread
         over llama.cpp's own buffer (keep nothing of `row`), so no row is copied or held.
+        Setting `cancel` (from any thread) drops the job at the next step: ModelError.
 
         >>> rows = engine.score(prompt + reply, len(prompt))     # doctest: +SKIP
         >>> int(rows[0].argmax()) == reply[0]                    # greedy's first token
@@ -521,6 +523,8 @@ class Engine:
             raise UsageError(f"{len(tokens)} tokens to score; the context of {self.name} holds "
                              f"{self.n_ctx}")
         job = Score(list(tokens), start, reduce)
+        if cancel is not None:
+            job.cancelled = cancel
         self._put(job, block)
         while True:
             try:

@@ -17,21 +17,37 @@ It also checks that the counts match the ids (billed tokens, CU, max_tokens), th
 has the billed length, and that the reply delivered is the text of the committed ids. A pass is
 an `audit` entry; a failure a signed `dispute` carrying its evidence, which any node holding the
 model re-checks (`recheck`) before it counts.
+
+A peer's dispute costs the disputer, not the node (`Auditor.receive`): its evidence is capped
+(MAX_EVIDENCE), it is considered only from an auditor with standing here (`standing_problem`)
+about a trade this node holds or the auditor's own purchase, a repeat is refused before any
+model work, and the re-check waits in a bounded queue (`RecheckQueue`) that runs one at a time,
+only while no paying session is open, withdrawn the moment one opens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
 import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from forge_cli import identity
-from forge_cli.errors import DisputeRejected, ForgeError
+from forge_cli import identity, wire
+from forge_cli.errors import (
+    DisputeRejected,
+    ForgeError,
+    ModelError,
+    NoStanding,
+    RecheckBusy,
+    Replay,
+)
 from forge_cli.ledger import entries
 
 log = logging.getLogger("forge.audit")
@@ -42,6 +58,18 @@ AUDIT_TOP_K = 100  # the rank bound of sampling that commits to neither top_k no
 DEFAULT_EVERY = 20
 UPHELD, FORGED = entries.AUDIT_VERDICTS
 FLAG_AUDITORS = 2  # disputes upheld from this many distinct auditors flag a provider
+# A peer's dispute carries its three bodies, hex-encoded, inside the node's 1 MiB request cap;
+# together they may hold this many bytes (a chat request of ~90k words), no more.
+MAX_EVIDENCE = 384 * 1024
+# The reputation (basis points, economy.credit) an auditor needs here: a newcomer's. One
+# dispute upheld against it or forged by it, or one sale it left unsettled, costs it standing
+# until the trades it provides earn it back.
+STANDING_REPUTATION = 5_000
+DEFAULT_RECHECKS_PER_MINUTE = 2  # per auditor
+DEFAULT_RECHECK_QUEUE = 8  # re-checks waiting at once, all auditors together
+RECHECK_WAIT_S = 30  # a poster waits this long for its verdict, then hears "queued" (202)
+RECHECK_EXPIRE_S = 600  # a re-check that waited this long for an idle engine is dropped
+IDLE_POLL_S = 0.02  # how often a running re-check looks for a paying session to yield to
 
 
 # -- the commitment --------------------------------------------------------------------------
@@ -71,10 +99,11 @@ def tokens_body(ids: list[int]) -> bytes:
 
 
 def ids_of(body: bytes) -> list[int] | None:
-    """The token ids of a tokens body, or None when it is not one."""
+    """The token ids of a tokens body, or None when it is not one (read by the one parser:
+    a peer wrote it)."""
     try:
-        ids = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        ids = wire.parse(body, limit=MAX_EVIDENCE, what="the tokens body")
+    except wire.BadJSON:
         return None
     if not isinstance(ids, list) or not all(type(t) is int and t >= 0 for t in ids):
         return None
@@ -161,9 +190,10 @@ def position_check(prompt: list[int], ids: list[int],
 
 
 def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
-          tokens: bytes) -> Verdict:
+          tokens: bytes, *, cancel: threading.Event | None = None) -> Verdict:
     """Audit one sale with `engine` (the same GGUF as terms.model_sha256): counts, prompt,
-    text and every token against the model. Blocks for one prefill; call it off the loop."""
+    text and every token against the model. Blocks for one prefill; call it off the loop.
+    Setting `cancel` withdraws the prefill (ModelError) at the engine's next step."""
     from forge_cli.node.routes_openai import parse_messages, parse_sampling
 
     if engine.sha256 != terms["model_sha256"]:
@@ -176,7 +206,7 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     if any(t >= engine.n_vocab for t in ids):
         return Verdict(False, f"counts: a token id is outside the vocabulary of {engine.n_vocab}")
     try:  # the consumer wrote the request: what is wrong with it is never the seller's lie
-        body = json.loads(request)
+        body = wire.parse(request, limit=MAX_EVIDENCE, what="the request sold")
         messages = parse_messages(body)
         stops = parse_sampling(body, entries.MAX_AMOUNT).stop
     except (ValueError, UnicodeDecodeError, ForgeError) as exc:
@@ -198,7 +228,7 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     if not ids:
         return Verdict(True)
     found = engine.score(prompt + ids, len(prompt),
-                         reduce=position_check(prompt, ids, terms["sampling"]))
+                         reduce=position_check(prompt, ids, terms["sampling"]), cancel=cancel)
     failures = [f for f in found if f is not None]
     if failures:
         return Verdict(False, f"model: {len(failures)} of {len(ids)} tokens are outside what "
@@ -241,18 +271,199 @@ def check_dispute(data: Any, bodies: dict[str, bytes]) -> None:
                                   "and tokens must travel with it)")
 
 
-def recheck(engine: Any, data: dict[str, Any], bodies: dict[str, bytes]) -> str:
+def recheck(engine: Any, data: dict[str, Any], bodies: dict[str, bytes], *,
+            cancel: threading.Event | None = None) -> str:
     """Re-run a (checked) dispute's audit here: UPHELD when the reply fails here too, FORGED
     when it passes (the evidence does not re-check: it counts against the auditor)."""
     terms = data["claim"]["trade"]["terms"]
     verdict = audit(engine, terms, bodies[terms["request_sha256"]],
-                    bodies[terms["response_sha256"]], bodies[terms["tokens_sha256"]])
+                    bodies[terms["response_sha256"]], bodies[terms["tokens_sha256"]],
+                    cancel=cancel)
     return FORGED if verdict.ok else UPHELD
+
+
+def evidence(payload: Any) -> tuple[Any, dict[str, bytes]]:
+    """(dispute, bodies) of a posted `{dispute, bodies: {sha256: hex}}`, their size checked
+    against MAX_EVIDENCE before any is decoded; DisputeRejected when it is not one."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("bodies"), dict):
+        raise DisputeRejected("a gossiped dispute is {dispute, bodies: {sha256: hex}}")
+    raw = payload["bodies"]
+    if len(raw) > 3 or not all(isinstance(b, str) for b in raw.values()):
+        raise DisputeRejected("dispute bodies are at most three hex strings (request, response "
+                              "and tokens) keyed by their sha256")
+    size = sum(len(b) for b in raw.values()) // 2
+    if size > MAX_EVIDENCE:
+        raise DisputeRejected(f"the dispute's bodies hold {size:,} bytes, more than the "
+                              f"{MAX_EVIDENCE:,} a dispute may carry")
+    try:
+        bodies = {h: bytes.fromhex(b) for h, b in raw.items()}
+    except ValueError:
+        raise DisputeRejected("dispute bodies must be hex") from None
+    return payload.get("dispute"), bodies
+
+
+def standing_problem(auditor: str, *, provided: int, reputation: int,
+                     flag: str | None) -> str | None:
+    """Why `auditor` holds no standing at this node, or None when it does.
+
+    Standing is what this node's own ledger says of it: it provided at least one settled,
+    paid trade here (this node chose to buy from it, which no stranger can make it do: a
+    fresh key, or one living on the peer free tier, has provided nothing), its reputation
+    here is at least STANDING_REPUTATION, and this node has not flagged it.
+    """
+    who = f"auditor {auditor[:16]}…"
+    if flag is not None:
+        return f"{who} is flagged here ({flag[:200]})"
+    if provided < 1:
+        return (f"{who} has provided no trade to this node: disputes are taken only from "
+                "peers this node has bought from")
+    if reputation < STANDING_REPUTATION:
+        return (f"{who} has reputation {reputation} here, below the {STANDING_REPUTATION} "
+                "a dispute needs")
+    return None
 
 
 # -- a node's auditor ------------------------------------------------------------------------
 
 Append = Callable[..., Awaitable[entries.Entry]]
+
+
+class Bench(Protocol):
+    """What the auditor asks of its node before a peer's dispute may cost it anything."""
+
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
+        """What `standing_problem` weighs, from this node's ledger and flags: the paid trades
+        `auditor` provided here, its reputation here, and why it is flagged (or None)."""
+
+    def holds(self, trade_id: str) -> bool:
+        """Whether this node holds the trade (its ledger, or its verified network view)."""
+
+    def audited(self, trade_id: str, auditor: str) -> int | None:
+        """The seq at which this node recorded `auditor`'s audit of the trade, if it did."""
+
+    def paying(self) -> bool:
+        """Whether a paying session is open here (re-checks wait for none)."""
+
+
+class Unbound:
+    """The bench of an auditor with no node behind it: it takes no peer's dispute."""
+
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
+        return 0, 0, "this auditor takes no disputes from peers"
+
+    def holds(self, trade_id: str) -> bool:
+        return False
+
+    def audited(self, trade_id: str, auditor: str) -> int | None:
+        return None
+
+    def paying(self) -> bool:
+        return False
+
+
+@dataclass
+class _Waiting:
+    key: tuple[str, str]  # (trade id, auditor): one re-check of each at a time
+    run: Callable[[threading.Event], Awaitable[dict[str, Any]]]
+    done: asyncio.Future[dict[str, Any]]
+    since: float
+
+
+class RecheckQueue:
+    """Peers' re-checks at low priority: at most `size` waiting, `per_minute` taken from each
+    auditor, run one at a time and only while `paying()` is false. A re-check still running
+    when a paying session opens is withdrawn (its `cancel` is set: the engine drops its
+    prefill at the next step) and runs again from the start once the node is idle, so paying
+    work waits at most one prefill chunk for it. Excess is refused with RecheckBusy (429)."""
+
+    def __init__(self, paying: Callable[[], bool], *, size: int = DEFAULT_RECHECK_QUEUE,
+                 per_minute: int = DEFAULT_RECHECKS_PER_MINUTE,
+                 clock: Callable[[], float] = time.monotonic,
+                 counted: Callable[[str], None] = lambda outcome: None) -> None:
+        self.paying = paying
+        self.size = size
+        self.per_minute = per_minute
+        self.clock = clock
+        self.counted = counted  # "yielded" for each withdrawal, "expired" for each drop
+        self.waiting: collections.deque[_Waiting] = collections.deque()
+        self._taken: dict[str, collections.deque[float]] = {}  # per auditor, last minute
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, key: tuple[str, str],
+               run: Callable[[threading.Event], Awaitable[dict[str, Any]]]
+               ) -> asyncio.Future[dict[str, Any]]:
+        """Queue `run` (given the cancel event it must pass to the engine) for `key`'s
+        auditor: Replay while the same key waits, RecheckBusy over a limit."""
+        trade_id, auditor = key
+        if any(w.key == key for w in self.waiting):
+            raise Replay(f"auditor {auditor[:16]}…'s dispute of trade {trade_id[:16]}… is "
+                         "already waiting for its re-check here")
+        now = self.clock()
+        taken = self._taken.setdefault(auditor, collections.deque())
+        while taken and now - taken[0] >= 60:
+            taken.popleft()
+        if len(taken) >= self.per_minute:
+            raise RecheckBusy(f"auditor {auditor[:16]}… had {len(taken)} disputes re-checked "
+                              f"here in the last minute, its limit of {self.per_minute}",
+                              retry_after_s=int(60 - (now - taken[0])) + 1)
+        if len(self.waiting) >= self.size:
+            raise RecheckBusy(f"{len(self.waiting)} disputes are already waiting for a re-check "
+                              "here (they run only while no paying work is)", retry_after_s=30)
+        taken.append(now)
+        if len(self._taken) > 10_000:  # forget auditors idle for a minute: bounded memory
+            for old in [a for a, t in self._taken.items() if not t or now - t[-1] >= 60]:
+                del self._taken[old]
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_retrieve)  # a poster that stopped waiting never reads it
+        self.waiting.append(_Waiting(key, run, done, now))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._work())
+        return done
+
+    async def _work(self) -> None:
+        while self.waiting:
+            item = self.waiting[0]
+            if self.clock() - item.since > RECHECK_EXPIRE_S:
+                self.waiting.popleft()
+                self.counted("expired")
+                item.done.set_exception(RecheckBusy(
+                    f"the re-check waited {RECHECK_EXPIRE_S} s for a node without paying work; "
+                    "it was dropped", retry_after_s=60))
+                continue
+            if self.paying():
+                await asyncio.sleep(IDLE_POLL_S)
+                continue
+            cancel = threading.Event()
+            job = asyncio.ensure_future(item.run(cancel))
+            while not job.done():
+                await asyncio.wait({job}, timeout=IDLE_POLL_S)
+                if not job.done() and self.paying():
+                    cancel.set()
+            error = job.exception()
+            if isinstance(error, ModelError) and cancel.is_set():
+                self.counted("yielded")  # paying work came first: run again once idle
+                continue
+            self.waiting.popleft()
+            if error is None:
+                item.done.set_result(job.result())
+            elif isinstance(error, ForgeError):
+                item.done.set_exception(error)
+            else:
+                log.error("re-check of a dispute failed", exc_info=error)
+                item.done.set_exception(ModelError(f"the re-check failed: {error}"))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self.waiting:
+            item.done.cancel()
+        self.waiting.clear()
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 class Auditor:
@@ -271,9 +482,10 @@ class Auditor:
                  flag: Callable[[str, str], Any] = lambda node_id, reason: None,
                  peers: Callable[[], list[str]] = list,
                  send: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
-                 clock: Callable[[], int] | None = None) -> None:
-        import time
-
+                 clock: Callable[[], int] | None = None, bench: Bench | None = None,
+                 rechecks_per_minute: int = DEFAULT_RECHECKS_PER_MINUTE,
+                 recheck_queue: int = DEFAULT_RECHECK_QUEUE,
+                 counted: Callable[[str], None] = lambda outcome: None) -> None:
         self.signer = signer
         self.every = every
         self.engines = engines
@@ -283,6 +495,12 @@ class Auditor:
         self.peers = peers
         self.send = send
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self.bench: Bench = bench or Unbound()
+        # counted(outcome): "upheld" and "forged" for each re-check run here, "yielded" and
+        # "expired" from the queue (the node's metrics)
+        self.counted = counted
+        self.rechecks = RecheckQueue(self.bench.paying, size=recheck_queue,
+                                     per_minute=rechecks_per_minute, counted=counted)
 
     def due(self, model_sha256: str) -> bool:
         """Whether to audit a purchase of this model: this node holds it, and the draw (one
@@ -360,36 +578,62 @@ class Auditor:
     async def receive(self, payload: Any) -> dict[str, Any]:
         """A dispute from a peer: checked, re-run here when this node holds the model, and
         recorded as upheld (it counts against the provider) or forged (against its author,
-        then DisputeRejected). Without the model nothing is recorded ("unchecked")."""
-        if not isinstance(payload, dict) or not isinstance(payload.get("bodies"), dict):
-            raise DisputeRejected("a gossiped dispute is {dispute, bodies: {sha256: hex}}")
-        try:
-            bodies = {h: bytes.fromhex(b) for h, b in payload["bodies"].items()
-                      if isinstance(b, str)}
-        except ValueError:
-            raise DisputeRejected("dispute bodies must be hex") from None
-        data = payload.get("dispute")
+        then DisputeRejected). Without the model nothing is recorded ("unchecked").
+
+        Before anything costs model time or disk it must be well-formed with its evidence
+        under MAX_EVIDENCE and three signatures that verify, not already audited here
+        (Replay), from an auditor with standing here, about a trade this node holds or the
+        auditor's own purchase (NoStanding); then it waits its turn in `rechecks`. A poster
+        hears the verdict, or "queued" when it is not done within RECHECK_WAIT_S."""
+        data, bodies = evidence(payload)
         check_dispute(data, bodies)
         claim = data["claim"]
-        if claim["auditor"] == self.signer.node_id:
+        auditor, terms = claim["auditor"], claim["trade"]["terms"]
+        if auditor == self.signer.node_id:
             return {"outcome": "own"}
-        engine = self.engines(claim["trade"]["terms"]["model_sha256"])
+        trade_id = entries.trade_id(claim["trade"])
+        seen = self.bench.audited(trade_id, auditor)
+        if seen is not None:
+            raise Replay(f"auditor {auditor[:16]}… already audited trade {trade_id[:16]}… "
+                         f"(recorded here at seq {seen}); nothing was re-checked")
+        provided, reputation, flag = self.bench.standing(auditor)
+        problem = standing_problem(auditor, provided=provided, reputation=reputation, flag=flag)
+        if problem is None and terms["consumer"] != auditor and not self.bench.holds(trade_id):
+            problem = (f"trade {trade_id[:16]}… is not held here, and its auditor is not its "
+                       "consumer")
+        if problem is not None:
+            raise NoStanding(f"dispute not considered: {problem}")
+        engine = self.engines(terms["model_sha256"])
         if engine is None:
             return {"outcome": "unchecked"}
-        verdict = await asyncio.to_thread(recheck, engine, data, bodies)
-        entry = await self.record({**data, "verdict": verdict}, bodies)
-        if verdict == FORGED:
-            raise DisputeRejected(
-                f"forged dispute: trade {entries.trade_id(claim['trade'])[:16]}… passes its "
-                f"audit here; recorded at seq {entry.seq} against auditor "
-                f"{claim['auditor'][:16]}…")
-        return {"outcome": UPHELD, "seq": entry.seq}
+
+        async def run(cancel: threading.Event) -> dict[str, Any]:
+            verdict = await asyncio.to_thread(recheck, engine, data, bodies, cancel=cancel)
+            entry = await self.record({**data, "verdict": verdict}, bodies)
+            self.counted(verdict)
+            if verdict == FORGED:
+                raise DisputeRejected(
+                    f"forged dispute: trade {trade_id[:16]}… passes its audit here; recorded "
+                    f"at seq {entry.seq} against auditor {auditor[:16]}…")
+            return {"outcome": UPHELD, "seq": entry.seq}
+
+        done = self.rechecks.submit((trade_id, auditor), run)
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), RECHECK_WAIT_S)
+        except TimeoutError:
+            return {"outcome": "queued", "waiting": len(self.rechecks.waiting)}
+
+    async def stop(self) -> None:
+        """Drop the re-checks still waiting (their posters may send them again)."""
+        await self.rechecks.stop()
 
 
 async def _maybe_await(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) else value
 
 
-__all__ = ["AUDIT_TOP_K", "Auditor", "DEFAULT_EVERY", "FORGED", "MARGIN", "UPHELD", "Verdict",
-           "audit", "check_dispute", "commit_sampling", "counts_problem",
-           "ids_of", "position_check", "recheck", "run_terms", "sign_dispute", "tokens_body"]
+__all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "MARGIN",
+           "MAX_EVIDENCE", "RecheckQueue", "STANDING_REPUTATION", "UPHELD", "Verdict", "audit",
+           "check_dispute", "commit_sampling", "counts_problem", "evidence", "ids_of",
+           "position_check", "recheck", "run_terms", "sign_dispute", "standing_problem",
+           "tokens_body"]

@@ -53,6 +53,7 @@ def make_app(node: Node) -> web.Application:
                           client_max_size=MAX_BODY)
     app[NODE] = node
     app[OPENAPI] = openapi(ROUTES)
+    app[routes_audit.REFUSALS] = routes_audit.refusals()
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
 

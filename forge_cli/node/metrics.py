@@ -26,6 +26,13 @@ class Metrics:
         self.gossip_refused = Counter("forge_gossip_refused",
                                       "Gossiped trades refused: source_quota, total_quota, invalid",
                                       ["reason"], registry=r)
+        self.rechecks = Counter("forge_dispute_rechecks",
+                                "Peers' disputes re-checked here (upheld, forged), re-checks "
+                                "that yielded to paying work, and ones dropped unrun (expired)",
+                                ["outcome"], registry=r)
+        self.disputes_refused = Counter("forge_disputes_refused",
+                                        "Peers' disputes refused before any re-check, by error",
+                                        ["error"], registry=r)
         self.ledger_size = Gauge("forge_ledger_entries", "Entries in the ledger", registry=r)
         self.ttft = Histogram("forge_time_to_first_token_seconds", "Time to first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -2,23 +2,59 @@
 node holds, and its record.
 
 The dispute route is public: peers hold no tokens here, and a dispute authenticates itself by
-its auditor's signature and the two signatures of the trade it disputes.
+its auditor's signature and the two signatures of the trade it disputes. What it may cost is
+the auditor's (forge_cli.mesh.audit.Auditor.receive); what a sender without standing may cost
+is bounded here too: REFUSALS_PER_MINUTE refused disputes per address, then a 429 that reads
+no body.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from forge_cli.errors import Forbidden, NotFound
+from forge_cli.errors import Forbidden, ForgeError, NotFound, RecheckBusy
 from forge_cli.ledger import queries
-from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
+from forge_cli.node.web import (
+    NODE,
+    WHO,
+    AuthThrottle,
+    Route,
+    bad_request,
+    error_response,
+    field,
+    read_json,
+)
 from forge_cli.trade.node import Node
+
+REFUSALS_PER_MINUTE = 20  # refused disputes one address may send a minute
+REFUSALS: web.AppKey[AuthThrottle] = web.AppKey("dispute_refusals", AuthThrottle)
+
+
+def refusals() -> AuthThrottle:
+    """The per-address count of refused disputes (one per application)."""
+    return AuthThrottle(limit=REFUSALS_PER_MINUTE)
 
 
 async def dispute(request: web.Request) -> web.Response:
-    """{dispute, bodies}: re-checked with this node's copy of the model and recorded."""
+    """{dispute, bodies}: re-checked with this node's copy of the model and recorded (202
+    while its re-check still waits for an idle engine)."""
     node: Node = request.app[NODE]
-    return web.json_response(await node.auditor.receive(await read_json(request)))
+    throttle = request.app[REFUSALS]
+    address = request.remote or "?"
+    wait = throttle.blocked_for(address)
+    if wait:
+        node.metrics.disputes_refused.labels("throttled").inc()
+        return error_response(429, f"{REFUSALS_PER_MINUTE} disputes from {address} were refused "
+                              f"in the last minute; retry in {wait} s", "rate_limit_error",
+                              "disputes_throttled", {"Retry-After": str(wait)})
+    try:
+        outcome = await node.auditor.receive(await read_json(request))
+    except ForgeError as exc:
+        node.metrics.disputes_refused.labels(type(exc).__name__).inc()
+        if not isinstance(exc, RecheckBusy):  # a quota refusal is counted by its quota
+            throttle.failed(address)
+        raise
+    return web.json_response(outcome, status=202 if outcome["outcome"] == "queued" else 200)
 
 
 async def audit_trade(request: web.Request) -> web.Response:

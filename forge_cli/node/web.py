@@ -63,6 +63,7 @@ def error_response(status: int, message: str, kind: str, code: str | None = None
 def _kind(status: int) -> str:
     return {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_cu",
             403: "permission_denied", 404: "not_found_error", 405: "invalid_request_error",
+            409: "conflict_error",
             413: "request_too_large", 422: "invalid_request_error", 423: "kill_switch",
             429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
 
@@ -82,7 +83,10 @@ def error_body(exc: ForgeError) -> dict[str, Any]:
 def forge_error_response(exc: ForgeError) -> web.Response:
     status = getattr(exc, "http_status", 400)
     headers = None
-    if isinstance(exc, EngineBusy):
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None:  # the error knows when its limit frees up
+        headers = {"Retry-After": str(retry)}
+    elif isinstance(exc, EngineBusy):
         headers = {"Retry-After": "1"}
     elif status == 429:  # a per-minute limit (new loans): the window frees up within a minute
         headers = {"Retry-After": "60"}
@@ -151,17 +155,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 class AuthThrottle:
     """Failed-auth counting per client address (never global, so one bad client locks out
-    only itself)."""
+    only itself): `limit` failures a minute, then it waits. The dispute route counts its
+    refusals here too."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 limit: int = AUTH_FAILURES_PER_MINUTE) -> None:
         self.clock = clock
+        self.limit = limit
         self.failures: dict[str, list[float]] = {}
 
     def blocked_for(self, address: str) -> int:
         now = self.clock()
         recent = [t for t in self.failures.get(address, []) if now - t < 60]
         self.failures[address] = recent
-        if len(recent) >= AUTH_FAILURES_PER_MINUTE:
+        if len(recent) >= self.limit:
             return int(60 - (now - recent[0])) + 1
         return 0
 

@@ -85,7 +85,9 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                 ledger_thread=ThreadPoolExecutor(1, thread_name_prefix="forge-ledger"),
                 settle_ms=settings["mesh.settle_s"] * 1000,
                 max_unsettled=settings["mesh.max_unsettled"],
-                audit_every=settings["audit.every"])
+                audit_every=settings["audit.every"],
+                rechecks_per_minute=settings["audit.rechecks_per_minute"],
+                recheck_queue=settings["audit.recheck_queue"])
     node.wallet = Wallet(ledger, safety, node.on_ledger, clock=clock, reader=reader,
                          strangers=StrangerRules.from_config())
     for model in loaded:  # a split model pays its layer peers through the node's wallet

@@ -47,7 +47,8 @@ class Node:
                  models: list[LoadedModel], accounts: Any, operator_token: str, safety: Any,
                  clock: Callable[[], int], ledger_thread: ThreadPoolExecutor,
                  settle_ms: int = 30_000, max_unsettled: int = 3,
-                 audit_every: int = 20) -> None:
+                 audit_every: int = 20, rechecks_per_minute: int = 2,
+                 recheck_queue: int = 8) -> None:
         from forge_cli.node.metrics import Metrics
 
         self.home = home
@@ -80,7 +81,7 @@ class Node:
         self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
         self.sales: Any = None  # forge_cli.mesh.seller.Sales: what peers buy from this node
         self.buyer: Any = None  # forge_cli.mesh.buyer.Buyer: what this node buys from peers
-        self.auditor = self._auditor(audit_every)
+        self.auditor = self._auditor(audit_every, rechecks_per_minute, recheck_queue)
         self.events: Any = None  # EventBus, attached once the event loop runs
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -118,12 +119,13 @@ class Node:
             await self.mesh.stop()  # withdraw the advertisement before the API goes away
         if self.sales is not None:  # served terms still waiting: on the record, not lost
             await self.sales.expire(everything=True)
+        await self.auditor.stop()
         if self.buyer is not None:
             await self.buyer.session.close()
         if self.events is not None:
             self.events.close()
 
-    def _auditor(self, every: int) -> Any:
+    def _auditor(self, every: int, rechecks_per_minute: int, recheck_queue: int) -> Any:
         """Audits of this node's purchases, and disputes from peers (forge_cli.mesh.audit)."""
         from forge_cli.ledger import queries
         from forge_cli.mesh.audit import Auditor
@@ -132,7 +134,9 @@ class Node:
                        append=self.append,
                        disputes_against=lambda p: queries.dispute_auditors(self.reader, p),
                        flag=self.flag_peer, peers=self._dispute_peers,
-                       send=self._send_dispute, clock=self.clock)
+                       send=self._send_dispute, clock=self.clock, bench=DisputeBench(self),
+                       rechecks_per_minute=rechecks_per_minute, recheck_queue=recheck_queue,
+                       counted=lambda outcome: self.metrics.rechecks.labels(outcome).inc())
 
     def engine_for(self, model_sha256: str) -> Any:
         """This node's engine for the GGUF of that SHA-256, or None."""
@@ -361,6 +365,31 @@ class Node:
         if self.events is not None:
             self.events.publish("safety", {"kill_switch": self.safety_killed(),
                                            "breaker_open": self.breaker_open()})
+
+
+class DisputeBench:
+    """What this node's ledger, network view and open sessions say about a peer's dispute
+    (forge_cli.mesh.audit.Bench)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def standing(self, auditor: str) -> tuple[int, int, str | None]:
+        node = self._node
+        provided = (node.reader.row(views.TRADE_TOTALS, (auditor,)) or (0, 0, 0))[2]
+        flag = node.network.peer(auditor).flag if node.network is not None else None
+        return provided, node.reputation(auditor), flag
+
+    def holds(self, trade_id: str) -> bool:
+        network = self._node.network  # it follows the ledger: this node's own trades are in it
+        return network is not None and network.contains(trade_id)
+
+    def audited(self, trade_id: str, auditor: str) -> int | None:
+        row = self._node.reader.row(views.AUDITS, (trade_id, auditor))
+        return None if row is None else row[2]
+
+    def paying(self) -> bool:
+        return self._node.in_flight > 0
 
 
 def ms_now() -> int:
