@@ -9,7 +9,8 @@
     │   ├── TokenRefused            2    401  the node refused the API token (missing, wrong, revoked)
     │   ├── NotFound                2    404  a ledger entry, agent run or other thing that is not there
     │   ├── Forbidden               2    403  a valid token asking for what only another may do
-    │   └── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
+    │   ├── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
+    │   └── PromptTooLong           2    413  a prompt longer than the model's context can hold
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key, a wrong
     │                                         type or a value out of range
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
@@ -120,6 +121,13 @@ class Forbidden(UsageError):
 
 class CanonicalError(UsageError):
     """A value that has no canonical encoding (float, NaN, bytes, non-NFC text, …)."""
+
+
+class PromptTooLong(UsageError):
+    """A prompt that cannot fit the model's context, refused by its size before tokenizing
+    (or by its tokens after)."""
+
+    http_status = 413
 
 
 class ConfigError(ForgeError):
