@@ -19,6 +19,7 @@
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
     │   ├── OfflineError            2    503  a download was needed but the network is not available
     │   └── RpcUnavailable          2    503  this llama.cpp build lacks the RPC backend (GGML_RPC)
+    ├── Throttled                   2    429  a sender refused too often this minute must wait
     ├── EngineBusy                  2    429  the model's request queue is full
     │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
     │   └── GossipQuota             2    429  a source, or all sources together, used their gossip quota
@@ -169,6 +170,17 @@ class OfflineError(ModelError):
 
 class RpcUnavailable(ModelError):
     """This llama.cpp build lacks the RPC backend (llama-cpp-python built without GGML_RPC)."""
+
+
+class Throttled(ForgeError):
+    """A sender (an address, an account, a peer's key) that was refused too often in the last
+    minute: answered before any work, until `retry_after` seconds have passed."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after = retry_after
 
 
 class EngineBusy(ForgeError):

@@ -22,8 +22,10 @@ from forge_cli.errors import (
     Forbidden,
     ForgeError,
     SpendDenied,
+    Throttled,
     UsageError,
 )
+from forge_cli.node.throttle import Throttle
 
 log = logging.getLogger("forge.node")
 
@@ -32,13 +34,14 @@ if TYPE_CHECKING:
     from forge_cli.trade.node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node")
+# Requests refused as bad input, per sender (forge_cli.node.throttle).
+REJECTS: web.AppKey[Throttle] = web.AppKey("rejects", Throttle)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Per request: who is calling (auth), the trade to log, and a stream already begun.
 WHO: web.RequestKey[Who] = web.RequestKey("who")
 TRADE_LOG: web.RequestKey[dict[str, Any]] = web.RequestKey("trade_log")
 STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 PUBLIC = {"/health", "/metrics", "/openapi.json"}
-AUTH_FAILURES_PER_MINUTE = 20
 MAX_BODY = 1024 * 1024
 MAX_DEPTH = wire.MAX_DEPTH
 
@@ -82,7 +85,9 @@ def error_body(exc: ForgeError) -> dict[str, Any]:
 def forge_error_response(exc: ForgeError) -> web.Response:
     status = getattr(exc, "http_status", 400)
     headers = None
-    if isinstance(exc, EngineBusy):
+    if isinstance(exc, Throttled):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, EngineBusy):
         headers = {"Retry-After": "1"}
     elif status == 429:  # a per-minute limit (new loans): the window frees up within a minute
         headers = {"Retry-After": "60"}
@@ -149,30 +154,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                  status, (time.perf_counter() - started) * 1000)
 
 
-class AuthThrottle:
-    """Failed-auth counting per client address (never global, so one bad client locks out
-    only itself)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.failures: dict[str, list[float]] = {}
-
-    def blocked_for(self, address: str) -> int:
-        now = self.clock()
-        recent = [t for t in self.failures.get(address, []) if now - t < 60]
-        self.failures[address] = recent
-        if len(recent) >= AUTH_FAILURES_PER_MINUTE:
-            return int(60 - (now - recent[0])) + 1
-        return 0
-
-    def failed(self, address: str) -> None:
-        self.failures.setdefault(address, []).append(self.clock())
-        if len(self.failures) > 10_000:  # forget the oldest addresses, bounded memory
-            for key in list(self.failures)[:5_000]:
-                del self.failures[key]
-
-
-def auth_middleware(throttle: AuthThrottle, public: set[str] = PUBLIC) -> Any:
+def auth_middleware(throttle: Throttle, public: set[str] = PUBLIC) -> Any:
     """Bearer tokens on every route but the `public` ones (path templates).
 
     Public routes are liveness, metrics and the API description, plus the mesh's peer-to-peer
