@@ -5,7 +5,7 @@ One class counts refusals per key over the last minute. The node keeps two: fail
 authentications per client address (web.auth_middleware), and requests refused as bad input
 (`rejected`) per sender: an account for the token routes, and for the public P2P routes both
 the client's address and, once its signature checked, the peer's key (keys cost nothing to
-make; addresses are what a stranger cannot multiply at will).
+make; addresses cost a stranger more to multiply).
 """
 
 from __future__ import annotations
