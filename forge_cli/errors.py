@@ -10,7 +10,8 @@
     │   ├── NotFound                2    404  a ledger entry, agent run or other thing that is not there
     │   ├── Forbidden               2    403  a valid token asking for what only another may do
     │   ├── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
-    │   └── PromptTooLong           2    413  a prompt longer than the model's context can hold
+    │   ├── PromptTooLong           2    413  a prompt longer than the model's context can hold
+    │   └── BodyTooLarge            2    413  a request body over the node's size limit
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key, a wrong
     │                                         type or a value out of range
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
@@ -127,6 +128,12 @@ class CanonicalError(UsageError):
 class PromptTooLong(UsageError):
     """A prompt that cannot fit the model's context, refused by its size before tokenizing
     (or by its tokens after)."""
+
+    http_status = 413
+
+
+class BodyTooLarge(UsageError):
+    """A request body larger than the node accepts (forge_cli.node.web.MAX_BODY)."""
 
     http_status = 413
 

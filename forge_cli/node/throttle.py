@@ -14,8 +14,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from aiohttp import web
-
 from forge_cli.errors import BadIntent, Replay, Throttled, UsageError
 
 AUTH_FAILURES_PER_MINUTE = 20
@@ -29,10 +27,10 @@ MAX_KEYS = 10_000  # senders remembered; the oldest half is forgotten past it (b
 
 def rejected(exc: BaseException) -> bool:
     """Whether a request ended as a refusal of what its sender sent (it counts toward the
-    sender's throttle): bad input, a bad or replayed intent, a body over the size limit. A
+    sender's throttle): bad input (a body over the size limit too), a bad or replayed intent. A
     spend refused for want of CU, a busy engine or a throttle itself are not the sender's
     input and do not count."""
-    return isinstance(exc, UsageError | BadIntent | Replay | web.HTTPRequestEntityTooLarge)
+    return isinstance(exc, UsageError | BadIntent | Replay)
 
 
 class Throttle:

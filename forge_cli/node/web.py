@@ -18,6 +18,7 @@ from aiohttp import web
 from forge_cli import wire
 from forge_cli.errors import (
     ApprovalRequired,
+    BodyTooLarge,
     EngineBusy,
     Forbidden,
     ForgeError,
@@ -193,9 +194,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong.
 
     Every route reads its body here: it is the one place request JSON is parsed, so the size
-    (MAX_BODY, a 413 from aiohttp) and nesting (MAX_DEPTH) limits hold on every route.
+    (MAX_BODY: BodyTooLarge, 413) and nesting (MAX_DEPTH) limits hold on every route.
     """
-    body = parse_json(await request.read())
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a refusal of what the sender sent: it counts
+        raise BodyTooLarge(f"request body is larger than {MAX_BODY:,} bytes") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise bad_request(f"body must be a JSON object, found {type(body).__name__}")
     return body
