@@ -10,8 +10,10 @@
     │   ├── NotFound                2    404  a ledger entry, agent run or other thing that is not there
     │   ├── Forbidden               2    403  a valid token asking for what only another may do
     │   ├── CanonicalError          2    400  a value with no canonical JSON encoding (float, NaN, …)
-    │   └── BadJSON                 2    400  JSON from outside that forge will not read: invalid,
-    │                                         too large, too deep or a non-finite number
+    │   ├── BadJSON                 2    400  JSON from outside that forge will not read: invalid,
+    │   │                                     too large, too deep or a non-finite number
+    │   ├── PromptTooLong           2    413  a prompt longer than the model's context can hold
+    │   └── BodyTooLarge            2    413  a request body over the node's size limit
     ├── ConfigError                 2    400  config.toml or FORGE_* holds an unknown key, a wrong
     │                                         type or a value out of range
     ├── IdentityError               2    400  a key file is missing, unreadable, malformed or too open
@@ -20,6 +22,7 @@
     ├── ModelError                  2    503  a model file is missing, corrupt or cannot be loaded
     │   ├── OfflineError            2    503  a download was needed but the network is not available
     │   └── RpcUnavailable          2    503  this llama.cpp build lacks the RPC backend (GGML_RPC)
+    ├── Throttled                   2    429  a sender refused too often this minute must wait
     ├── EngineBusy                  2    429  the model's request queue is full
     │   ├── GossipBusy              2    429  too many gossiped batches are waiting to be verified
     │   ├── GossipQuota             2    429  a source, or all sources together, used their gossip quota
@@ -134,6 +137,19 @@ class BadJSON(UsageError):
     holding a number that is not finite."""
 
 
+class PromptTooLong(UsageError):
+    """A prompt that cannot fit the model's context, refused by its size before tokenizing
+    (or by its tokens after)."""
+
+    http_status = 413
+
+
+class BodyTooLarge(UsageError):
+    """A request body larger than the node accepts (forge_cli.node.web.MAX_BODY)."""
+
+    http_status = 413
+
+
 class ConfigError(ForgeError):
     """config.toml or a FORGE_* variable holds an unknown key, a value of the wrong type or a
     value outside the key's range."""
@@ -173,6 +189,17 @@ class OfflineError(ModelError):
 
 class RpcUnavailable(ModelError):
     """This llama.cpp build lacks the RPC backend (llama-cpp-python built without GGML_RPC)."""
+
+
+class Throttled(ForgeError):
+    """A sender (an address, an account, a peer's key) that was refused too often in the last
+    minute: answered before any work, until `retry_after_s` seconds have passed."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 class EngineBusy(ForgeError):

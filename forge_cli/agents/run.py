@@ -265,7 +265,8 @@ class Run:
                 if forward is not None:
                     pump = forward.start(node, {"messages": messages, "temperature": 0, "seed": 0})
                 else:
-                    pump = node.pump(session.model.engine.chat(messages, sampling, block=False))
+                    pump = await node.pump(
+                        lambda: session.model.engine.chat(messages, sampling, block=False))
                 async for _ in session.run(pump):
                     pass
                 if not session.killed:

@@ -6,7 +6,10 @@ samples from its own row of logits with its own sampler chain (its temperature, 
 min-p, repeat penalty and seed); a plain greedy request (no penalty) takes the row's argmax
 itself, the first of equal maxima as llama.cpp's greedy sampler does, without the chain's copy
 of the whole vocabulary. A finished or cancelled sequence gives its slot and its KV cells back
-before the next step; queued requests take free slots between steps. A scoring job (an audit's
+before the next step; queued requests take free slots between steps, never more items than
+there were free slots, so live sequences step however much work keeps arriving. Requests come
+tokenized (by their callers): nothing here costs in proportion to a prompt's length but
+decoding it. A scoring job (an audit's
 teacher-forced prefill) takes a slot like a request whose prompt is the whole text: its chunks
 ride in the same steps, it keeps the logits of the positions it was asked for, and it samples
 nothing.
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forge_cli.errors import ForgeError, ModelError, UsageError
+from forge_cli.errors import ForgeError, ModelError
 
 if TYPE_CHECKING:
     from forge_cli.inference.engine import Call, Engine, Job, Sampling, Score
@@ -196,8 +199,15 @@ class Scheduler:
 
         while True:
             # Take queued work while a slot is free; wait for it only when nothing is live, and
-            # while another lane is idle leave it to that one.
-            while self._free and (not self._live or not self._lanes.idle_for(self._lane)):
+            # while another lane is idle leave it to that one. With sequences live, at most as
+            # many items as there were free slots are taken before the next step, whatever
+            # they turn out to be (cancelled, refused, a call): no stream of queued work can
+            # keep the live sequences from stepping.
+            takes = len(self._free)
+            while self._free and takes and (not self._live or
+                                            not self._lanes.idle_for(self._lane)):
+                if self._live:
+                    takes -= 1
                 self._mark_busy(bool(self._live))
                 try:
                     item = self._next()
@@ -266,20 +276,12 @@ class Scheduler:
 
         engine = self._engine
         started = time.perf_counter()
+        tokens = job.tokens  # tokenized and checked against the context by the caller
         try:
-            tokens = engine._tokenize(job.prompt, add_bos=job.add_bos)
             if job.cancelled.is_set():
                 job.out.put(("done", Completion("", len(tokens), 0, "cancelled",
                                                 queued_s=started - job.submitted)))
                 return
-            if len(tokens) >= engine.n_ctx:
-                raise UsageError(
-                    f"the prompt is {len(tokens)} tokens; the context of {engine.name} holds "
-                    f"{engine.n_ctx}",
-                    hint="shorten the input, or /reset the conversation",
-                )
-            if not tokens:
-                raise UsageError("the prompt is empty and this model adds no BOS token")
             chain = self._sampler(job.sampling, tokens)
         except ForgeError as exc:
             job.out.put(("error", exc))

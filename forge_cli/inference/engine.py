@@ -24,11 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forge_cli.errors import EngineBusy, ModelError, UsageError
+from forge_cli.errors import EngineBusy, ModelError, PromptTooLong, UsageError
 from forge_cli.inference import templates
 
 DEFAULT_N_CTX = 4096
@@ -103,9 +104,11 @@ class Completion:
 
 @dataclass
 class Job:
-    prompt: str
+    """A request the scheduler admits: its prompt already tokenized (in the caller's thread,
+    never on the scheduler's, which steps every live sequence)."""
+
+    tokens: list[int]
     sampling: Sampling
-    add_bos: bool
     out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -188,6 +191,16 @@ class Stream:
 
     def __del__(self) -> None:
         self._job.cancelled.set()
+
+
+def refuse_oversized(name: str, n_ctx: int, limit: int | None, size: int, what: str) -> None:
+    """PromptTooLong when `size` bytes exceed `limit`, the most bytes a prompt that fits the
+    context of n_ctx tokens can have (Engine.max_prompt_bytes; None: no bound is known)."""
+    if limit is not None and size > limit:
+        raise PromptTooLong(
+            f"{what} is {size:,} bytes; the context of {name} holds {n_ctx:,} tokens, and no "
+            f"text of more than {limit:,} bytes fits in it with this model's tokenizer",
+            hint="shorten the input")
 
 
 # llama.cpp calls this for every log line of every model; it must outlive them all.
@@ -295,8 +308,11 @@ class Engine:
         self.slots = sum(got for _, got in self._contexts)
         self.load_s = time.perf_counter() - started
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self.token_bytes = self._longest_token()
         self._jobs: queue.Queue[Job | Score | Call | None] = queue.Queue(maxsize=queue_size)
         self._closed = False
+        self._readers = threading.Condition()  # callers tokenizing now (see _vocab_in_use)
+        self._reading = 0
 
         from forge_cli.inference.batching import Lanes, Scheduler
 
@@ -400,6 +416,27 @@ class Engine:
                           hint="the file may be damaged or of an architecture this llama.cpp "
                           "does not know; `forge models show` tells what it is")
 
+    def _longest_token(self) -> int | None:
+        """The most prompt bytes one token can stand for, when the tokenizer is lossless (every
+        byte of the text lands in exactly one token): the longest piece in the vocabulary, and
+        at least 4 (an unknown token stands for one whole UTF-8 character). None for a tokenizer
+        that may drop bytes (WordPiece, Unigram's whitespace folding, a special token that
+        absorbs the whitespace beside it): there, length in bytes bounds nothing."""
+        lib = self._lib
+        if lib.llama_vocab_type(self._vocab) not in (lib.LLAMA_VOCAB_TYPE_SPM,
+                                                     lib.LLAMA_VOCAB_TYPE_BPE,
+                                                     lib.LLAMA_VOCAB_TYPE_RWKV):
+            return None
+        strips = lib.LLAMA_TOKEN_ATTR_LSTRIP | lib.LLAMA_TOKEN_ATTR_RSTRIP
+        buf = ctypes.create_string_buffer(256)
+        longest = 4
+        for token in range(self.n_vocab):
+            if lib.llama_vocab_get_attr(self._vocab, token) & strips:
+                return None
+            n = lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+            longest = max(longest, -n if n < 0 else n)
+        return longest
+
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
@@ -417,11 +454,24 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """How the engine runs, as `forge chat -v` and /v1/models report it."""
-        return {"n_ctx": self.n_ctx, "slots": self.slots, "lanes": self.lanes,
+        return {"n_ctx": self.n_ctx, "max_prompt_bytes": self.max_prompt_bytes,
+                "slots": self.slots, "lanes": self.lanes,
                 "threads": self.n_threads,
                 "threads_batch": self.n_threads_batch, "gpu_offload": self.gpu_offload,
                 "n_gpu_layers": self.n_gpu_layers,
                 **({"slots_note": self.slots_note} if self.slots_note else {})}
+
+    @property
+    def max_prompt_bytes(self) -> int | None:
+        """Prompts longer than this in UTF-8 bytes cannot fit the context, whatever their
+        text: each token stands for at most `token_bytes` of them, so more than
+        (n_ctx - 1) x token_bytes bytes make at least n_ctx tokens. None when the tokenizer
+        gives no such bound (then only tokenizing tells)."""
+        return None if self.token_bytes is None else (self.n_ctx - 1) * self.token_bytes
+
+    def check_prompt_bytes(self, size: int, what: str = "the prompt") -> None:
+        """Refuse, before tokenizing, a prompt of `size` UTF-8 bytes that cannot fit."""
+        refuse_oversized(self.name, self.n_ctx, self.max_prompt_bytes, size, what)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model's chat template makes of `messages`."""
@@ -459,7 +509,23 @@ class Engine:
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
         """Token ids of `text` by the model's own tokenizer (the vocabulary alone: safe on any
         thread while the scheduler decodes)."""
-        return self._tokenize(text, add_bos=add_bos, special=special)
+        with self._vocab_in_use():
+            return self._tokenize(text, add_bos=add_bos, special=special)
+
+    @contextmanager
+    def _vocab_in_use(self) -> Iterator[None]:
+        """Hold the model open while a caller's thread reads its vocabulary: `close` frees it
+        only once every such reader is done (and none starts after)."""
+        with self._readers:
+            if self._closed:
+                raise ModelError(f"the engine for {self.name} is closed")
+            self._reading += 1
+        try:
+            yield
+        finally:
+            with self._readers:
+                self._reading -= 1
+                self._readers.notify_all()
 
     def reply_text(self, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, int]:
         """The text `chat` streams for a reply of these token ids (with `stops` and the
@@ -468,8 +534,9 @@ class Engine:
         from forge_cli.inference.batching import reply_text
 
         buf = ctypes.create_string_buffer(256)
-        return reply_text((self._piece(t, buf) for t in ids),
-                          tuple(dict.fromkeys(stops + self.template.stops)))
+        with self._vocab_in_use():
+            return reply_text((self._piece(t, buf) for t in ids),
+                              tuple(dict.fromkeys(stops + self.template.stops)))
 
     def call(self, fn: Callable[[], Any], *, block: bool = True) -> Any:
         """Run `fn` on the scheduler thread between two decode steps and return its result
@@ -480,7 +547,14 @@ class Engine:
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
              block: bool = True) -> Stream:
-        """Stream the assistant's reply to a conversation, rendered with the chat template."""
+        """Stream the assistant's reply to a conversation, rendered with the chat template.
+
+        The prompt is rendered and tokenized in the calling thread (call it off an event
+        loop): its cost grows with its length, and it never holds the scheduler."""
+        # Every template writes each message's content into the prompt, so contents alone
+        # past the bound cannot fit: refused before rendering them.
+        self.check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages),
+                                "the conversation")
         prompt = self.render(messages)
         stops = tuple(dict.fromkeys(sampling.stop + self.template.stops))
         if stops != sampling.stop:
@@ -490,7 +564,10 @@ class Engine:
 
     def generate(self, prompt: str, sampling: Sampling = Sampling(), *, add_bos: bool = True,
                  block: bool = True) -> Stream:
-        """Stream a raw completion of `prompt` (no chat template).
+        """Stream a raw completion of `prompt` (no chat template), tokenized in the calling
+        thread: a prompt that cannot fit the context is refused here (PromptTooLong by its
+        bytes before tokenizing, UsageError by its tokens after), and never reaches the
+        scheduler.
 
         With block=False a full queue raises EngineBusy instead of waiting.
         """
@@ -498,7 +575,17 @@ class Engine:
             raise UsageError(f"max tokens must be at least 1, found {sampling.max_tokens}")
         if sampling.temperature < 0:
             raise UsageError(f"temperature must be 0 or more, found {sampling.temperature}")
-        job = Job(prompt, sampling, add_bos)
+        data = prompt.encode("utf-8")
+        self.check_prompt_bytes(len(data))
+        with self._vocab_in_use():
+            tokens = self._tokenize_bytes(data, add_bos=add_bos)
+        if len(tokens) >= self.n_ctx:
+            raise UsageError(
+                f"the prompt is {len(tokens)} tokens; the context of {self.name} holds "
+                f"{self.n_ctx}", hint="shorten the input, or /reset the conversation")
+        if not tokens:
+            raise UsageError("the prompt is empty and this model adds no BOS token")
+        job = Job(tokens, sampling)
         self._put(job, block)
         return Stream(job)
 
@@ -548,9 +635,10 @@ class Engine:
 
     def close(self) -> None:
         """Cancel what is queued or running, stop the scheduler and free the model."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._readers:
+            if self._closed:
+                return
+            self._closed = True
         for scheduler in self._schedulers:
             scheduler.cancel_all()
         while True:
@@ -567,7 +655,9 @@ class Engine:
             self._jobs.put(None)
         for worker in self._workers:
             worker.join(timeout=60)
-        if not any(worker.is_alive() for worker in self._workers):
+        with self._readers:
+            idle = self._readers.wait_for(lambda: self._reading == 0, timeout=60)
+        if idle and not any(worker.is_alive() for worker in self._workers):
             for scheduler in self._schedulers:
                 scheduler.free()
             for ctx, _ in self._contexts:
@@ -583,8 +673,10 @@ class Engine:
     # -- the tokenizer and pieces (vocabulary only) ------------------------------------------
 
     def _tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        return self._tokenize_bytes(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def _tokenize_bytes(self, data: bytes, *, add_bos: bool, special: bool = True) -> list[int]:
         lib = self._lib
-        data = text.encode("utf-8")
         room = len(data) + 2
         buf = (lib.llama_token * room)()
         n = lib.llama_tokenize(self._vocab, data, len(data), buf, room, False, special)

@@ -24,6 +24,7 @@ from forge_cli.node import (
     routes_safety,
     routes_system,
 )
+from forge_cli.node.throttle import AUTH_FAILURES_PER_MINUTE, REJECTS_PER_MINUTE, Throttle
 
 if TYPE_CHECKING:
     from forge_cli.trade.node import Node
@@ -31,7 +32,7 @@ from forge_cli.node.web import (
     MAX_BODY,
     NODE,
     OPENAPI,
-    AuthThrottle,
+    REJECTS,
     Route,
     auth_middleware,
     errors_middleware,
@@ -49,9 +50,10 @@ TIMERS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("timers")
 def make_app(node: Node) -> web.Application:
     """The node's web application (tests run it on loopback with aiohttp's test server)."""
     public = {route.path for route in ROUTES if route.public}
-    app = web.Application(middlewares=[errors_middleware, auth_middleware(AuthThrottle(), public)],
-                          client_max_size=MAX_BODY)
+    auth = auth_middleware(Throttle(AUTH_FAILURES_PER_MINUTE), public)
+    app = web.Application(middlewares=[errors_middleware, auth], client_max_size=MAX_BODY)
     app[NODE] = node
+    app[REJECTS] = Throttle(REJECTS_PER_MINUTE)
     app[OPENAPI] = openapi(ROUTES)
     app[routes_audit.REFUSALS] = routes_audit.refusals()
     for route in ROUTES:

@@ -14,10 +14,10 @@ from aiohttp import web
 
 from forge_cli.errors import Forbidden, ForgeError, NotFound, RecheckBusy
 from forge_cli.ledger import queries
+from forge_cli.node.throttle import Throttle
 from forge_cli.node.web import (
     NODE,
     WHO,
-    AuthThrottle,
     Route,
     bad_request,
     error_response,
@@ -27,12 +27,12 @@ from forge_cli.node.web import (
 from forge_cli.trade.node import Node
 
 REFUSALS_PER_MINUTE = 20  # refused disputes one address may send a minute
-REFUSALS: web.AppKey[AuthThrottle] = web.AppKey("dispute_refusals", AuthThrottle)
+REFUSALS: web.AppKey[Throttle] = web.AppKey("dispute_refusals", Throttle)
 
 
-def refusals() -> AuthThrottle:
+def refusals() -> Throttle:
     """The per-address count of refused disputes (one per application)."""
-    return AuthThrottle(limit=REFUSALS_PER_MINUTE)
+    return Throttle(REFUSALS_PER_MINUTE)
 
 
 async def dispute(request: web.Request) -> web.Response:

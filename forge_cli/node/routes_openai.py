@@ -6,17 +6,20 @@ after it (for the tokens actually produced); the response carries `x_forge`.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.node.throttle import Sender
 from forge_cli.node.web import (
     NODE,
+    REJECTS,
     STREAMING,
     TRADE_LOG,
     WHO,
@@ -29,15 +32,51 @@ from forge_cli.node.web import (
 )
 from forge_cli.trade import forwarding
 from forge_cli.trade.node import Node
-from forge_cli.trade.session import Settled, TradeSession, request_bytes
+from forge_cli.trade.session import Settled, Source, Starter, TradeSession, request_bytes
+
+if TYPE_CHECKING:
+    from forge_cli.economy.accounts import Who
 
 ROLES = ("system", "user", "assistant")
 FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
 
 
+# Parameters this node does not honour, and the values that ask for nothing it would ignore
+# (the defaults; OpenAI's clients send none of them unless told to, other clients send these).
+# `tools` and `response_format` are another matter (issue 17).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "suffix": ("",), "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,),
+}
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 for a parameter that would change the answer and that this node would ignore
+    (n, logprobs, …): a client asking for 3 choices must not silently get 1. Absent, null or
+    the default value is accepted."""
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is None or any(_same(value, ok) for ok in harmless):
+            continue
+        shown = json.dumps(value)[:40]
+        allowed = " or ".join(json.dumps(ok) for ok in harmless)
+        raise bad_request(f"{name!r} is not supported by this node (found {shown}); leave it "
+                          f"out or send {allowed}")
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """JSON equality without Python's True == 1 (`"n": true` is not `"n": 1`)."""
+    if isinstance(value, bool) or isinstance(ok, bool):
+        return value is ok
+    if isinstance(ok, int | float):
+        return isinstance(value, int | float) and value == ok
+    return bool(value == ok)
+
+
 def parse_sampling(body: dict[str, Any], node_ctx: int) -> Any:
     from forge_cli.inference.engine import Sampling
 
+    refuse_unsupported(body)
     max_tokens = field(body, "max_tokens", int, default=None)
     if max_tokens is None:
         max_tokens = field(body, "max_completion_tokens", int, default=256)
@@ -107,6 +146,19 @@ class Order:
     prompt: str | None
     request: bytes
 
+    @property
+    def prompt_bytes(self) -> int:
+        """The UTF-8 size of the text the prompt is made of (messages' contents, or the raw
+        prompt): every template writes each content into the prompt, so past the model's
+        bound the prompt cannot fit, and it is refused before any rendering or tokenizing."""
+        if self.messages is not None:
+            return sum(len(m["content"].encode("utf-8")) for m in self.messages)
+        return len((self.prompt or "").encode("utf-8"))
+
+    @property
+    def what(self) -> str:
+        return "the conversation" if self.chat else "the prompt"
+
 
 def _order(body: dict[str, Any], *, chat: bool, n_ctx: int) -> Order:
     """Every field checked, so bad input is a 400 before the market or a balance moves."""
@@ -139,10 +191,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    """A purchase; refused ones count toward the account's throttle, which is checked before
+    the body is read."""
+    who = request[WHO]
+    with Sender(request.app[REJECTS], f"account:{who.account_hex}", f"account {who.name}"):
+        return await _purchase(request, who, chat=chat)
+
+
+async def _purchase(request: web.Request, who: Who, *, chat: bool) -> web.StreamResponse:
     node = request.app[NODE]
     body = await read_json(request)
     name = field(body, "model", str, default=None)
-    who = request[WHO]
     if chat and name and name not in node.models and node.mesh is not None:
         order = _order(body, chat=True, n_ctx=FORWARD_MAX_TOKENS)
         forward = await forwarding.forward(node, who, name, order.sampling.max_tokens,
@@ -151,29 +210,35 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         payload = {"messages": order.messages, "temperature": s.temperature, "top_p": s.top_p,
                    **({"seed": s.seed} if s.seed is not None else {}),
                    **({"stop": list(s.stop)} if s.stop else {})}
-        return await _serve(request, node, order, forward.session,
-                            lambda: forward.start(node, payload), name, forward.served_by)
+        async def forwarded() -> Source:
+            return forward.start(node, payload)
+
+        return await _serve(request, node, order, forward.session, forwarded, name,
+                            forward.served_by)
     model = node.model(name)
     order = _order(body, chat=chat, n_ctx=model.engine.n_ctx)
+    model.engine.check_prompt_bytes(order.prompt_bytes, order.what)
     session = node.buyer_session(who, model=model, max_tokens=order.sampling.max_tokens,
                                  request=order.request)
 
-    def start() -> Any:
+    async def start() -> Source:
         if chat:
-            return node.pump(model.engine.chat(order.messages, order.sampling, block=False))
-        return node.pump(model.engine.generate(order.prompt, order.sampling, block=False))
+            return await node.pump(
+                lambda: model.engine.chat(order.messages, order.sampling, block=False))
+        return await node.pump(
+            lambda: model.engine.generate(order.prompt, order.sampling, block=False))
 
     return await _serve(request, node, order, session, start, model.name, None)
 
 
 async def _serve(request: web.Request, node: Node, order: Order, session: TradeSession,
-                 start: Callable[[], Any], name: str,
+                 start: Starter, name: str,
                  served_by: Callable[[], dict[str, Any]] | None) -> web.StreamResponse:
     """Generate and settle through the session: a local engine or a peer's reply."""
     if order.stream:
         return await _stream(request, node, order, session, start, name, served_by)
     async with session:
-        async for _ in session.run(start()):
+        async for _ in session.run(await start()):
             pass
         if session.killed:  # also when it came between the last token and the trade
             raise KillSwitchActive("kill switch: activated while this request was "
@@ -223,7 +288,7 @@ def _full_response(body: dict[str, Any], model: str, completion: Any, text: str,
 
 
 async def _stream(request: web.Request, node: Node, order: Order, session: TradeSession,
-                  start: Callable[[], Any], name: str,
+                  start: Starter, name: str,
                   served_by: Callable[[], dict[str, Any]] | None) -> web.StreamResponse:
     """Server-sent events in OpenAI's chunk format; x_forge rides on the last chunk.
 
@@ -248,11 +313,14 @@ async def _stream(request: web.Request, node: Node, order: Order, session: Trade
 
     try:
         async with session:
+            # Started before the stream begins: a prompt refused (too long, a full queue) is
+            # an HTTP error, not an event inside a 200.
+            source = await start()
             request[STREAMING] = response
             await response.prepare(request)
             if chat:
                 await response.write(chunk({"role": "assistant", "content": ""}, None))
-            async for piece in session.run(start()):
+            async for piece in session.run(source):
                 await response.write(chunk({"content": piece} if chat else piece, None))
             if session.killed:
                 raise KillSwitchActive("kill switch: activated while this stream was running; "

@@ -11,33 +11,53 @@ from aiohttp import web
 from forge_cli.errors import ForgeError, KillSwitchActive
 from forge_cli.mesh.audit import commit_sampling
 from forge_cli.node.routes_openai import parse_messages, parse_sampling
-from forge_cli.node.web import NODE, STREAMING, Route, error_body, read_json, sse
+from forge_cli.node.throttle import Sender
+from forge_cli.node.web import NODE, REJECTS, STREAMING, Route, error_body, read_json, sse
 from forge_cli.trade.node import Node
+
+
+def _sender(request: web.Request) -> Sender:
+    """Refusals on these public routes count against the client's address (checked before
+    the body is read); a peer's key is added once its signature is checked."""
+    address = request.remote or "?"
+    return Sender(request.app[REJECTS], f"address:{address}", address)
 
 
 async def quote(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    return web.json_response(node.sales.quote(await read_json(request)))
+    with _sender(request):
+        return web.json_response(node.sales.quote(await read_json(request)))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     """Serve a sale: every check before the reservation, the reply as SSE pieces with the
     running token count, then the signed terms (which hold the reservation until the
     consumer countersigns). An error once the stream began is an SSE error event."""
+    with _sender(request) as sender:
+        return await _sell(request, sender)
+
+
+async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
     node: Node = request.app[NODE]
     sales = node.sales  # made at start-up (forge_cli.node.app)
     sale = sales.admit(await read_json(request))
+    consumer = sale.quote["consumer"]  # its signature checked: its refusals count against it
+    sender.add(f"peer:{consumer}", f"peer {consumer[:12]}…")
     messages = parse_messages(sale.body)
+    engine = sale.model.engine
     # The terms commit to the sampling run (ppm-exact, with its seed) and the ids produced.
-    sampling, sale.sampling = commit_sampling(parse_sampling(sale.body, sale.model.engine.n_ctx))
+    sampling, sale.sampling = commit_sampling(parse_sampling(sale.body, engine.n_ctx))
+    engine.check_prompt_bytes(sum(len(m["content"].encode()) for m in messages),
+                              "the conversation")
     session = await sales.open_sale(sale)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     try:
         async with session:
+            # Started before the stream begins: a refused prompt is an HTTP error.
+            pump = await node.pump(lambda: engine.chat(messages, sampling, block=False))
             request[STREAMING] = response
             await response.prepare(request)
-            pump = node.pump(sale.model.engine.chat(messages, sampling, block=False))
             async for piece in session.run(pump):
                 await response.write(sse({"text": piece, "tokens": pump.tokens}))
             if session.killed:
@@ -63,7 +83,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def settle(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
-    entry = await node.sales.settle(await read_json(request))
+    with _sender(request):
+        entry = await node.sales.settle(await read_json(request))
     from forge_cli.ledger import entries
 
     terms = entry.data["terms"]

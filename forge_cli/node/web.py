@@ -18,12 +18,14 @@ from aiohttp import web
 from forge_cli import wire
 from forge_cli.errors import (
     ApprovalRequired,
+    BodyTooLarge,
     EngineBusy,
     Forbidden,
     ForgeError,
     SpendDenied,
     UsageError,
 )
+from forge_cli.node.throttle import Throttle
 
 log = logging.getLogger("forge.node")
 
@@ -32,13 +34,14 @@ if TYPE_CHECKING:
     from forge_cli.trade.node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node")
+# Requests refused as bad input, per sender (forge_cli.node.throttle).
+REJECTS: web.AppKey[Throttle] = web.AppKey("rejects", Throttle)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 # Per request: who is calling (auth), the trade to log, and a stream already begun.
 WHO: web.RequestKey[Who] = web.RequestKey("who")
 TRADE_LOG: web.RequestKey[dict[str, Any]] = web.RequestKey("trade_log")
 STREAMING: web.RequestKey[web.StreamResponse] = web.RequestKey("streaming")
 PUBLIC = {"/health", "/metrics", "/openapi.json"}
-AUTH_FAILURES_PER_MINUTE = 20
 MAX_BODY = 1024 * 1024
 MAX_DEPTH = wire.MAX_DEPTH
 
@@ -153,33 +156,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                  status, (time.perf_counter() - started) * 1000)
 
 
-class AuthThrottle:
-    """Failed-auth counting per client address (never global, so one bad client locks out
-    only itself): `limit` failures a minute, then it waits. The dispute route counts its
-    refusals here too."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
-                 limit: int = AUTH_FAILURES_PER_MINUTE) -> None:
-        self.clock = clock
-        self.limit = limit
-        self.failures: dict[str, list[float]] = {}
-
-    def blocked_for(self, address: str) -> int:
-        now = self.clock()
-        recent = [t for t in self.failures.get(address, []) if now - t < 60]
-        self.failures[address] = recent
-        if len(recent) >= self.limit:
-            return int(60 - (now - recent[0])) + 1
-        return 0
-
-    def failed(self, address: str) -> None:
-        self.failures.setdefault(address, []).append(self.clock())
-        if len(self.failures) > 10_000:  # forget the oldest addresses, bounded memory
-            for key in list(self.failures)[:5_000]:
-                del self.failures[key]
-
-
-def auth_middleware(throttle: AuthThrottle, public: set[str] = PUBLIC) -> Any:
+def auth_middleware(throttle: Throttle, public: set[str] = PUBLIC) -> Any:
     """Bearer tokens on every route but the `public` ones (path templates).
 
     Public routes are liveness, metrics and the API description, plus the mesh's peer-to-peer
@@ -218,9 +195,13 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong.
 
     Every route reads its body here: it is the one place request JSON is parsed, so the size
-    (MAX_BODY, a 413 from aiohttp) and nesting (MAX_DEPTH) limits hold on every route.
+    (MAX_BODY: BodyTooLarge, 413) and nesting (MAX_DEPTH) limits hold on every route.
     """
-    body = parse_json(await request.read())
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a refusal of what the sender sent: it counts
+        raise BodyTooLarge(f"request body is larger than {MAX_BODY:,} bytes") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise bad_request(f"body must be a JSON object, found {type(body).__name__}")
     return body

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from forge_cli import errors
 from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost, TunnelRefused, UsageError
-from forge_cli.inference.engine import Completion, Sampling, Stream
+from forge_cli.inference.engine import Completion, Sampling, Stream, refuse_oversized
 from forge_cli.ledger import entries
 from forge_cli.rpc import terms
 from forge_cli.rpc.tunnel import HeadTunnel
@@ -566,6 +566,15 @@ class SplitEngine:
         return int(self.info.get("n_ctx", self._config["n_ctx"]))
 
     @property
+    def max_prompt_bytes(self) -> int | None:
+        limit = self.info.get("max_prompt_bytes")
+        return None if limit is None else int(limit)
+
+    def check_prompt_bytes(self, size: int, what: str = "the prompt") -> None:
+        """The child engine's bound (Engine.check_prompt_bytes), checked before sending."""
+        refuse_oversized(self.name, self.n_ctx, self.max_prompt_bytes, size, what)
+
+    @property
     def slots(self) -> int:
         return int(self.info.get("slots", 1))
 
@@ -601,7 +610,8 @@ class SplitEngine:
 
     def describe(self) -> dict[str, Any]:
         described = {k: v for k, v in self.info.items()
-                     if k in ("n_ctx", "slots", "threads", "threads_batch", "slots_note")}
+                     if k in ("n_ctx", "max_prompt_bytes", "slots", "threads", "threads_batch",
+                              "slots_note")}
         return {**described, "gpu_offload": True, "n_gpu_layers": self.n_gpu_layers,
                 "split": self.split()}
 

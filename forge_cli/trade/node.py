@@ -343,7 +343,14 @@ class Node:
 
     # -- generation and safety ---------------------------------------------------------------
 
-    def pump(self, stream: Any) -> Pump:
+    async def pump(self, start: Callable[[], Any]) -> Pump:
+        """Start a generation on a pump thread and carry its pieces into the event loop.
+
+        `start` (say `lambda: engine.chat(messages, sampling, block=False)`) renders and
+        tokenizes the prompt, which takes time in proportion to its length: never on the event
+        loop, and never on the engine's scheduler thread. Its refusals (a prompt too long, a
+        full queue) are raised here, before any piece."""
+        stream = await asyncio.get_running_loop().run_in_executor(self._pumps, start)
         return Pump(stream, self._pumps)
 
     def safety_killed(self) -> bool:

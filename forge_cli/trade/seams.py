@@ -26,6 +26,8 @@ class Offer(Protocol):
 class Engine(Protocol):
     n_ctx: int
 
+    def check_prompt_bytes(self, size: int, what: str = ...) -> None: ...
+
     def chat(self, messages: list[dict[str, str]], sampling: Any, *, block: bool = ...) -> Any: ...
 
 
@@ -68,7 +70,7 @@ class Node(Desk, Protocol):
 
     def price(self, model: Offer) -> int: ...
 
-    def pump(self, stream: Any) -> Source: ...
+    async def pump(self, start: Callable[[], Any]) -> Source: ...
 
     def session(self, *, account: str, label: str, model: Offer, max_tokens: int,
                 request: bytes, settle: Settle | None = None, price: int | None = None,

@@ -83,7 +83,7 @@ class TradeSession:
 
         async with desk.session(account=a, label="alice", model=m, max_tokens=64,
                                 request=raw, settle=desk.local_trade) as trade:
-            async for piece in trade.run(desk.pump(m.engine.chat(...))):
+            async for piece in trade.run(await desk.pump(lambda: m.engine.chat(...))):
                 ...
             settled = await trade.settle()
 
