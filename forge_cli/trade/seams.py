@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from forge_cli.identity import Identity
     from forge_cli.ledger.entries import Entry
-    from forge_cli.trade.session import Settle, Settled, Source, TradeSession
+    from forge_cli.trade.session import Partial, Settle, Settled, Source, TradeSession
     from forge_cli.trade.wallet import Wallet
 
 T = TypeVar("T")
@@ -72,7 +72,7 @@ class Node(Desk, Protocol):
 
     def session(self, *, account: str, label: str, model: Offer, max_tokens: int,
                 request: bytes, settle: Settle | None = None, price: int | None = None,
-                peer: bool = False, charge: bool = True, pay_partial: bool = True
+                peer: bool = False, charge: bool = True, partial: Partial = "produced"
                 ) -> TradeSession: ...
 
     async def on_ledger(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
