@@ -10,56 +10,49 @@ the peer.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from forge_cli.errors import NoProvider
 from forge_cli.trade.seams import Node
-from forge_cli.trade.session import Pieces, Settled, TradeSession
-
-
-@dataclass(frozen=True)
-class RemoteOffer:
-    """A peer's model, as a trade names it."""
-
-    name: str
-    sha256: str
-    params: int
-
-
-@dataclass
-class RemoteCompletion:
-    """What a peer produced, in the shape a local Completion has."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    time_to_first_token_s: float
-    generation_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode speed as the buyer saw it: tokens after the first, over their time."""
-        if self.completion_tokens < 2 or self.generation_s <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / self.generation_s
+from forge_cli.trade.session import (
+    Pieces,
+    RemoteCompletion,
+    RemoteOffer,
+    Settled,
+    TradeSession,
+)
 
 
 class RemotePump(Pieces):
     """The peer's reply as an async iterator of pieces; `close()` returns a RemoteCompletion
-    (or None when nothing was bought) and cancels a purchase still running."""
+    (or None when nothing was bought) and cancels a purchase still running.
+
+    Cut short by `close()` (the consumer hung up), the purchase ends in a recorded outcome
+    on its own (forge_cli.mesh.buyer), and what was received from the peer is what the
+    consumer pays for, as the local engine's tokens produced are."""
 
     def __init__(self, buyer: Any, seller: Any, payload: dict[str, Any],
                  signed_quote: dict[str, Any]) -> None:
         super().__init__()
         self.purchase: Any = None
         self.max_tokens = payload["max_tokens"]
+        self.received = 0  # the peer's running count of tokens sent to this node
+        self.started = time.perf_counter()
+        self.first: float | None = None
+
+        def on_piece(piece: str, tokens: int) -> None:
+            self.received = max(self.received, tokens)
+            if self.first is None:
+                self.first = time.perf_counter() - self.started
+            if piece:
+                self.queue.put_nowait(("text", (piece, tokens)))
 
         async def run() -> None:
             try:
-                self.purchase = await buyer.buy(
-                    seller, payload, on_piece=lambda p: self.queue.put_nowait(("text", (p, 0))),
-                    signed_quote=signed_quote)
+                self.purchase = await buyer.buy(seller, payload, on_piece=on_piece,
+                                                signed_quote=signed_quote)
                 self.queue.put_nowait(("done", None))
             except BaseException as exc:
                 self.queue.put_nowait(("error", exc))
@@ -69,12 +62,20 @@ class RemotePump(Pieces):
         self.task = asyncio.create_task(run())
 
     async def close(self) -> RemoteCompletion | None:
-        if not self.task.done():
+        cut = not self.task.done()
+        if cut:
             self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
         p = self.purchase
         if p is None:
-            return None
+            # A purchase that failed on its own is not paid; one this node cut is, for the
+            # tokens that reached this node.
+            if not cut or self.received == 0:
+                return None
+            finish = "length" if self.received >= self.max_tokens else "stop"
+            first = self.first or 0.0
+            return RemoteCompletion(0, self.received, finish, first,
+                                    max(0.0, time.perf_counter() - self.started - first))
         terms = p.terms
         finish = "length" if terms["completion_tokens"] >= self.max_tokens else "stop"
         return RemoteCompletion(terms["prompt_tokens"], terms["completion_tokens"], finish,
@@ -130,7 +131,7 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
         raise NoProvider(f"model {model!r} is not served here and no peer on the mesh offers it; "
                          f"this node serves {', '.join(sorted(node.models))}")
     seller = ranked[0]
-    signed_quote = await node.peer_buyer().quote(seller, model, max_tokens)
+    signed_quote = await node.peer_buyer().quote_from(seller, model, max_tokens)
     quote = signed_quote["quote"]
     offer = RemoteOffer(model, quote["model_sha256"], seller.params)
     holder: list[Forward] = []

@@ -166,7 +166,7 @@ class Node:
 
             self.buyer = Buyer(self.wallet, self.signer,
                                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)),
-                               clock=self.clock)
+                               clock=self.clock, killed=self.safety_killed)
             self.buyer.auditor = self.auditor
         return self.buyer
 
