@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from forge_cli.errors import (
 from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
 from forge_cli.mesh.audit import tokens_body
+from forge_cli.trade.offers import Seller, choose, offered  # noqa: F401  (their home)
 from forge_cli.trade.session import RemoteCompletion, RemoteOffer, Settled, TradeSession
 
 if TYPE_CHECKING:
@@ -42,30 +43,6 @@ log = logging.getLogger("forge.mesh")
 
 CONNECT_TIMEOUT_S = 60  # each JSON call to a provider, and connecting for its stream
 READ_TIMEOUT_S = 120  # the longest wait for the provider's next piece
-
-
-@dataclass(frozen=True)
-class Seller:
-    """A peer that offers a model, as discovery or the route table found it."""
-
-    node_id: str
-    url: str
-    model: str
-    params: int = 0
-    price_ucu_per_token: int = 0
-    reputation: int | None = None
-
-    def short(self) -> str:
-        return f"{self.node_id[:12]}… at {self.url}"
-
-
-def offered(mesh: Any, reputation: Callable[[str], int]) -> list[Seller]:
-    """Every priced offer of every trusted peer (no flag, a node id no other peer shows, not
-    our own), with the reputation this node gives the peer."""
-    return [Seller(peer.node_id, peer.url, offer.model, offer.params, offer.price_ucu_per_token,
-                   reputation(peer.node_id))
-            for peer in mesh.trusted_peers() if peer.node_id != mesh.node_id
-            for offer in peer.offers if offer.price_ucu_per_token > 0]
 
 
 @dataclass
@@ -94,7 +71,8 @@ class Reply:
     they come. `close()` stops reading, which closes the connection: a seller then records
     the tokens it delivered as unsettled."""
 
-    def __init__(self, events: AsyncIterator[Any], seller: Seller, started: float) -> None:
+    def __init__(self, events: AsyncGenerator[Any, None], seller: Seller,
+                 started: float) -> None:
         self.events = events
         self.seller = seller
         self.started = started
@@ -285,8 +263,9 @@ class _Deal:
         """The session's settlement: countersign the terms if they came and match the quote
         and what was received, tell the seller, record; otherwise nothing is paid."""
         price = self.quote["price_ucu_per_token"]
-        final = self.reply.final if self.reply is not None else None
-        if completion is None or final is None:
+        reply = self.reply
+        final = reply.final if reply is not None else None
+        if completion is None or reply is None or final is None:
             return Settled(0, price, 0, None)
         seller = self.seller
         terms, provider_sig = final.get("terms"), final.get("provider_sig")
@@ -297,7 +276,7 @@ class _Deal:
                                         nonce=self.intent["nonce"],
                                         request_sha256=self.intent["request_sha256"],
                                         response=session.text.encode(),
-                                        streamed_tokens=self.reply.tokens, tokens=self.ids_body)
+                                        streamed_tokens=reply.tokens, tokens=self.ids_body)
         if reason:
             raise TermsRejected(f"refused to countersign the terms of provider "
                                 f"{seller.short()}: {reason}; nothing was recorded or paid")
@@ -316,11 +295,3 @@ def _said(exc: ForgeError) -> str:
     """What the provider said, without the client's "node: "."""
     envelope = getattr(exc, "envelope", None)
     return str(envelope.get("message") or exc) if isinstance(envelope, dict) else str(exc)
-
-
-def choose(sellers: list[Seller], mode: str) -> list[Seller]:
-    """Sellers best first for `mode` (see protocol.rank)."""
-    ranked = protocol.rank([{"seller": s, "price_ucu_per_token": s.price_ucu_per_token,
-                             "params": s.params, "reputation": s.reputation} for s in sellers],
-                           mode)
-    return [r["seller"] for r in ranked]

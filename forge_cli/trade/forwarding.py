@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge_cli.errors import NoProvider
-from forge_cli.trade.seams import Node
+from forge_cli.trade.offers import Seller, choose, offered
+from forge_cli.trade.seams import Bought, Node, PeerBuyer
 from forge_cli.trade.session import (
     Pieces,
     RemoteCompletion,
@@ -33,10 +34,10 @@ class RemotePump(Pieces):
     on its own (forge_cli.mesh.buyer), and what was received from the peer is what the
     consumer pays for, as the local engine's tokens produced are."""
 
-    def __init__(self, buyer: Any, seller: Any, payload: dict[str, Any],
+    def __init__(self, buyer: PeerBuyer, seller: Seller, payload: dict[str, Any],
                  signed_quote: dict[str, Any]) -> None:
         super().__init__()
-        self.purchase: Any = None
+        self.purchase: Bought | None = None
         self.max_tokens = payload["max_tokens"]
         self.received = 0  # the peer's running count of tokens sent to this node
         self.started = time.perf_counter()
@@ -82,15 +83,13 @@ class RemotePump(Pieces):
                                 p.first_piece_s, max(0.0, p.total_s - p.first_piece_s))
 
 
-def sellers(node: Node, model: str) -> list[Any]:
+def sellers(node: Node, model: str) -> list[Seller]:
     """Unflagged peers that offer `model` (none without --mesh)."""
     return [s for s in all_sellers(node) if s.model == model]
 
 
-def all_sellers(node: Node) -> list[Any]:
+def all_sellers(node: Node) -> list[Seller]:
     """Every offer of the node's trusted mesh peers (none without --mesh)."""
-    from forge_cli.mesh.buyer import offered
-
     return [] if node.mesh is None else offered(node.mesh, node.reputation)
 
 
@@ -99,7 +98,7 @@ class Forward:
     """A forwarded purchase: the local session, and how to start buying from the peer."""
 
     session: TradeSession
-    seller: Any
+    seller: Seller
     signed_quote: dict[str, Any]
     pump: RemotePump | None = None
 
@@ -124,8 +123,6 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
     """Quote from the best peer for `mode` and open a session for the local consumer at that
     quote (none is charged for the operator: the peer trade is the only trade). Nothing is
     bought yet: `Forward.start` buys."""
-    from forge_cli.mesh.buyer import choose
-
     ranked = choose(sellers(node, model), mode)
     if not ranked:
         raise NoProvider(f"model {model!r} is not served here and no peer on the mesh offers it; "

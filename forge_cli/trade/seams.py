@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from forge_cli.identity import Identity
     from forge_cli.ledger.entries import Entry
+    from forge_cli.trade.offers import Seller
     from forge_cli.trade.session import Partial, Settle, Settled, Source, TradeSession
     from forge_cli.trade.wallet import Wallet
 
@@ -16,11 +17,16 @@ T = TypeVar("T")
 
 
 class Offer(Protocol):
-    """A model as trades name it: served here (LoadedModel) or by a peer."""
+    """A model as trades name it: served here (LoadedModel) or by a peer (RemoteOffer)."""
 
-    name: str
-    sha256: str
-    params: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def params(self) -> int: ...
 
 
 class Engine(Protocol):
@@ -52,6 +58,32 @@ class Desk(Protocol):
     def safety_killed(self) -> bool: ...
 
     def generating(self, delta: int) -> None: ...
+
+
+class Bought(Protocol):
+    """A finished purchase from a peer (forge_cli.mesh.buyer.Purchase)."""
+
+    terms: dict[str, Any]
+    trade_seq: int  # in this node's ledger
+    provider_trade_seq: int | None
+    first_piece_s: float
+    total_s: float
+
+    @property
+    def cu(self) -> int: ...
+
+
+class PeerBuyer(Protocol):
+    """What forwarding needs of the node's buyer on the mesh (forge_cli.mesh.buyer.Buyer)."""
+
+    session: Any  # the aiohttp ClientSession every call to a peer shares
+
+    async def quote_from(self, seller: Seller, model: str, max_tokens: int
+                         ) -> dict[str, Any]: ...
+
+    async def buy(self, seller: Seller, payload: dict[str, Any],
+                  on_piece: Callable[[str, int], Any] | None = None, max_cu: int | None = None,
+                  signed_quote: dict[str, Any] | None = None) -> Bought: ...
 
 
 class Node(Desk, Protocol):
@@ -90,11 +122,11 @@ class Node(Desk, Protocol):
 
     def unsettled_count(self, consumer: str) -> int: ...
 
-    def peer_buyer(self) -> Any: ...  # forge_cli.mesh.buyer.Buyer
+    def peer_buyer(self) -> PeerBuyer: ...
 
     def observe(self, completion: Any) -> None: ...
 
     def counted(self, settled: Settled, model: str, completion: Any) -> None: ...
 
 
-__all__ = ["Breakers", "Desk", "Engine", "Node", "Offer", "Served"]
+__all__ = ["Bought", "Breakers", "Desk", "Engine", "Node", "Offer", "PeerBuyer", "Served"]
