@@ -125,16 +125,19 @@ def test_a_forwarded_stream_that_hangs_up_charges_the_consumer_for_what_the_node
                              if e.data["terms"]["consumer"] == alice["account"]), None)
 
             local = wait_for("b charges alice", charged).data["terms"]
-            upstream = wait_for("a's record of b's purchase", lambda: next(
-                (e for kind in ("trade", "unsettled") for e in entries_of(tmp_path / "a", kind)
-                 if e.data["terms"]["consumer"] == b_id), None)).data["terms"]
-            # alice pays for what b received from a: at least what alice read, at most what
-            # a delivered; b's purchase from a is on a's record for what a delivered.
-            assert got.tokens <= local["completion_tokens"] <= upstream["completion_tokens"]
-            assert upstream["completion_tokens"] < LONG
-            assert local["cu"] == entries.trade_cost(local["completion_tokens"],
-                                                     local["price_ucu_per_token"]) > 0
+            # b finished its purchase from a as an honest buyer (a trade on both ledgers, its
+            # standing at a untouched) and charged alice for every token it received for her.
+            upstream = [e.data for e in entries_of(tmp_path / "a", "trade")
+                        if e.data["terms"]["consumer"] == b_id]
+            assert len(upstream) == 1 and upstream[0] in [
+                e.data for e in entries_of(tmp_path / "b", "trade")]
+            assert not [e for e in entries_of(tmp_path / "a", "unsettled")
+                        if e.data["terms"]["consumer"] == b_id]
+            bought = upstream[0]["terms"]
+            assert got.tokens <= local["completion_tokens"] == bought["completion_tokens"] == LONG
+            assert local["cu"] == bought["cu"] == entries.trade_cost(
+                LONG, local["price_ucu_per_token"])
             balance = b.request("GET", "/v1/forge/balance", token=alice["token"])[2]
-            assert balance["balance"] == 1000 - local["cu"]
+            assert balance["balance"] == 1000 - local["cu"] and balance["spent"] == local["cu"]
     for home in (tmp_path / "a", tmp_path / "b"):
         verify_deep(home)

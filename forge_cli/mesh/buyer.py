@@ -186,9 +186,9 @@ class Buyer:
         token count (the last may be empty, carrying the total); `signed_quote` is one
         already obtained with `quote_from` (a new one is asked for without it).
 
-        Cancelled once tokens came (a forwarding node's consumer hung up), it still ends in a
-        recorded outcome: the trade countersigned if the terms had arrived, else the
-        connection closes and the seller records the tokens it delivered as unsettled."""
+        Stopped once tokens came (the kill switch, or cancelled as the node stops), it still
+        ends in a recorded outcome: the trade countersigned if the terms had arrived, else
+        the connection closes and the seller records the tokens it delivered as unsettled."""
         started = time.perf_counter()
         model, max_tokens = payload["model"], int(payload.get("max_tokens") or 256)
         if signed_quote is None:

@@ -10,7 +10,6 @@ the peer.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,26 +26,24 @@ from forge_cli.trade.session import (
 
 
 class RemotePump(Pieces):
-    """The peer's reply as an async iterator of pieces; `close()` returns a RemoteCompletion
-    (or None when nothing was bought) and cancels a purchase still running.
+    """The peer's reply as an async iterator of pieces; `close()` waits for the purchase to
+    end and returns a RemoteCompletion (None when nothing was bought).
 
-    Cut short by `close()` (the consumer hung up), the purchase ends in a recorded outcome
-    on its own (forge_cli.mesh.buyer), and what was received from the peer is what the
-    consumer pays for, as the local engine's tokens produced are."""
+    A consumer that hangs up does not cut the purchase short: it runs to its end and is
+    countersigned, so it is on both ledgers, and the consumer pays for every token the node
+    received on its behalf (within the quote it reserved), as a local consumer pays for the
+    tokens produced. Cut short, the peer would record its terms unsettled against this node,
+    and a few consumers hanging up would spend the node's standing at that peer (past
+    `mesh.max_unsettled` it sells the node nothing more). The purchase still stops at the
+    kill switch, and a purchase that fails is not paid."""
 
     def __init__(self, buyer: PeerBuyer, seller: Seller, payload: dict[str, Any],
                  signed_quote: dict[str, Any]) -> None:
         super().__init__()
         self.purchase: Bought | None = None
         self.max_tokens = payload["max_tokens"]
-        self.received = 0  # the peer's running count of tokens sent to this node
-        self.started = time.perf_counter()
-        self.first: float | None = None
 
         def on_piece(piece: str, tokens: int) -> None:
-            self.received = max(self.received, tokens)
-            if self.first is None:
-                self.first = time.perf_counter() - self.started
             if piece:
                 self.queue.put_nowait(("text", (piece, tokens)))
 
@@ -63,20 +60,18 @@ class RemotePump(Pieces):
         self.task = asyncio.create_task(run())
 
     async def close(self) -> RemoteCompletion | None:
-        cut = not self.task.done()
-        if cut:
-            self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        try:
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            if not self.task.done():  # this close was cancelled (the node stopping): so is it
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+                raise
+        except Exception:  # noqa: S110  the purchase's own error reached the consumer already
+            pass
         p = self.purchase
         if p is None:
-            # A purchase that failed on its own is not paid; one this node cut is, for the
-            # tokens that reached this node.
-            if not cut or self.received == 0:
-                return None
-            finish = "length" if self.received >= self.max_tokens else "stop"
-            first = self.first or 0.0
-            return RemoteCompletion(0, self.received, finish, first,
-                                    max(0.0, time.perf_counter() - self.started - first))
+            return None
         terms = p.terms
         finish = "length" if terms["completion_tokens"] >= self.max_tokens else "stop"
         return RemoteCompletion(terms["prompt_tokens"], terms["completion_tokens"], finish,
