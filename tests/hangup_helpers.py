@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,19 @@ def _stop_here(hang_up: HangUp, event: dict[str, Any], got: Received, max_tokens
 
 
 async def _read(response: aiohttp.ClientResponse, hang_up: HangUp, got: Received,
-                max_tokens: int, *, chat_chunks: bool) -> None:
-    """Read SSE lines; close the connection (the hang-up) where `hang_up` says."""
+                max_tokens: int, *, chat_chunks: bool, act: Callable[[], Any] | None = None
+                ) -> None:
+    """Read SSE lines; close the connection (the hang-up) where `hang_up` says, or there
+    call `act` once and read on."""
     async for raw in response.content:
         line = raw.decode().strip()
         if not line.startswith("data: {"):
             continue
         event = json.loads(line[6:])
         got.events.append(event)
-        if chat_chunks:  # an OpenAI chunk: count content pieces (one token per byte here)
+        if "error" in event:
+            got.error = event["error"]
+        elif chat_chunks:  # an OpenAI chunk: count content pieces (one token per byte here)
             piece = (event.get("choices") or [{}])[0].get("delta", {}).get("content")
             if piece:
                 got.text += piece
@@ -73,9 +78,12 @@ async def _read(response: aiohttp.ClientResponse, hang_up: HangUp, got: Received
             got.tokens = event["tokens"]
         elif "terms" in event:
             got.terms = event
-        elif "error" in event:
-            got.error = event["error"]
         if _stop_here(hang_up, event, got, max_tokens):
+            if act is not None:
+                act()
+                act = None
+                hang_up = "never"
+                continue
             got.hung_up = True
             response.close()  # the socket closes here, unread bytes and all
             return
@@ -139,8 +147,10 @@ class P2PConsumer:
 
 
 def stream_chat(node: NodeProcess, token: str, model: str, max_tokens: int,
-                hang_up: HangUp, content: str = "hi") -> Received:
-    """An agent's streamed chat completion through `node`, hanging up where told."""
+                hang_up: HangUp, content: str = "hi", act: Callable[[], Any] | None = None
+                ) -> Received:
+    """An agent's streamed chat completion through `node`, hanging up where told (or, with
+    `act`, calling it there and reading to the end)."""
 
     async def run() -> Received:
         async with aiohttp.ClientSession() as session:
@@ -153,7 +163,7 @@ def stream_chat(node: NodeProcess, token: str, model: str, max_tokens: int,
                 if response.status != 200:
                     got.error = await response.json()
                     return got
-                await _read(response, hang_up, got, max_tokens, chat_chunks=True)
+                await _read(response, hang_up, got, max_tokens, chat_chunks=True, act=act)
                 return got
             finally:
                 response.release()

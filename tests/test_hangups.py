@@ -141,3 +141,38 @@ def test_a_forwarded_stream_that_hangs_up_charges_the_consumer_for_what_the_node
             assert balance["balance"] == 1000 - local["cu"] and balance["spent"] == local["cu"]
     for home in (tmp_path / "a", tmp_path / "b"):
         verify_deep(home)
+
+
+def test_the_forwarding_nodes_kill_switch_stops_its_purchase_on_the_next_piece(
+        tmp_path, tiny_gguf):
+    # The buyer's session reads the kill switch on every piece, as a seller's does: turned on
+    # mid-stream, the node buys no further, pays nothing and charges nothing (the peer
+    # records what it delivered as unsettled). A purchase that ran on to its end would be a
+    # spend after the kill switch.
+    a = NodeProcess(tmp_path / "a", tiny_gguf, "--mesh", env=SELLER_ENV, log=tmp_path / "a.log")
+    with a:
+        other = tmp_path / "other.gguf"
+        shutil.copy(tiny_gguf, other)
+        with NodeProcess(tmp_path / "b", other, "--mesh", "--peer", a.url,
+                         env={**MESH_ENV, "FORGE_MESH_MDNS": "false"},
+                         log=tmp_path / "b.log") as b:
+            wait_for("b sees a", lambda: any(p["url"] == a.url for p in b.request(
+                "GET", "/v1/forge/peers", token=b.operator_token)[2]["peers"]))
+            b_id = b.request("GET", "/health")[2]["node_id"]
+            alice = b.agent("alice")
+
+            def kill() -> None:
+                status, _, body = b.request("POST", "/v1/forge/kill", token=b.operator_token,
+                                            body={"activate": True, "reason": "test"})
+                assert status == 200, body
+
+            got = stream_chat(b, alice["token"], tiny_gguf.name, 640, 10, act=kill)
+            assert got.status == 200 and got.error and got.error["gate"] == "kill_switch", got
+            upstream = wait_for("a's record of b's purchase", lambda: [
+                e for e in entries_of(tmp_path / "a", "unsettled")
+                if e.data["terms"]["consumer"] == b_id])
+            assert len(upstream) == 1 and upstream[0].data["terms"]["completion_tokens"] < 640
+            assert not entries_of(tmp_path / "b", "trade")
+            assert not entries_of(tmp_path / "a", "trade")
+    for home in (tmp_path / "a", tmp_path / "b"):
+        verify_deep(home)
