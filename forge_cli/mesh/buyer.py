@@ -98,12 +98,20 @@ class Reply:
                 said = "refused" if getattr(exc, "status", None) is not None else "stopped"
                 raise ProviderFailed(f"provider {seller.short()} {said}: {_said(exc)}") from None
             data = event.data
+            if not isinstance(data, dict):
+                raise ProviderFailed(f"provider {seller.short()} sent an event that is not an "
+                                     "object; nothing was recorded or paid")
             if "text" in data:
+                text, count = data["text"], data.get("tokens", self.tokens)
+                if not isinstance(text, str) or type(count) is not int or count < self.tokens:
+                    raise ProviderFailed(f"provider {seller.short()} sent a piece without text "
+                                         "or a running token count that does not grow; "
+                                         "nothing was recorded or paid")
                 self.last = time.perf_counter() - self.started
                 if self.first is None:
                     self.first = self.last
-                self.tokens = int(data.get("tokens", self.tokens))
-                return str(data["text"])
+                self.tokens = count
+                return text
             if "terms" in data:
                 self.final = data
                 self.terms_at = time.perf_counter()
