@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +71,7 @@ class Reply:
     they come. `close()` stops reading, which closes the connection: a seller then records
     the tokens it delivered as unsettled."""
 
-    def __init__(self, events: AsyncGenerator[Any, None], seller: Seller,
-                 started: float) -> None:
+    def __init__(self, events: AsyncIterator[Any], seller: Seller, started: float) -> None:
         self.events = events
         self.seller = seller
         self.started = started
@@ -117,7 +116,8 @@ class Reply:
                 self.terms_at = time.perf_counter()
 
     async def close(self) -> RemoteCompletion | None:
-        await self.events.aclose()
+        if isinstance(self.events, AsyncGenerator):  # closing it closes the connection
+            await self.events.aclose()
         if self.tokens == 0 and self.final is None:
             return None
         terms = self.final.get("terms") if self.final is not None else None
@@ -285,7 +285,7 @@ class _Deal:
                                         request_sha256=self.intent["request_sha256"],
                                         response=session.text.encode(),
                                         streamed_tokens=reply.tokens, tokens=self.ids_body)
-        if reason:
+        if reason or not isinstance(terms, dict):
             raise TermsRejected(f"refused to countersign the terms of provider "
                                 f"{seller.short()}: {reason}; nothing was recorded or paid")
         buyer = self.buyer
