@@ -23,6 +23,7 @@ from typing import Any
 
 from forge_cli import canonical, identity
 from forge_cli.ledger import entries
+from forge_cli.trade.offers import MODES, rank  # noqa: F401  (their home is trade/offers)
 
 QUOTE_DOMAIN = b"forge-quote-v1\n"
 INTENT_DOMAIN = b"forge-intent-v1\n"
@@ -33,7 +34,6 @@ QUOTE_KEYS = {"provider", "consumer", "model", "model_sha256", "price_ucu_per_to
               "base_price_ucu_per_token", "consumer_reputation", "max_tokens", "max_cu",
               "expires_ms"}
 INTENT_KEYS = {"quote", "quote_sig", "nonce", "request_sha256", "ts"}
-MODES = ("cost", "quality", "balanced")
 
 
 def p2p_price(base_ucu: int, reputation_bp: int) -> int:
@@ -146,13 +146,3 @@ def terms_problem(terms: Any, provider_sig: Any, *, quote: dict[str, Any], nonce
     if entries.body_hash(tokens) != terms["tokens_sha256"]:
         return "the token ids sent do not hash to terms.tokens_sha256"
     return None
-
-
-def rank(candidates: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    """Providers best first: `cost` (cheapest), `quality` (largest model) or `balanced`
-    (price per unit of reputation). Each candidate has price_ucu_per_token, params, reputation."""
-    key = {"cost": lambda p: (p["price_ucu_per_token"], -(p["reputation"] or 0)),
-           "quality": lambda p: (-p["params"], -(p["reputation"] or 0)),
-           "balanced": lambda p: (p["price_ucu_per_token"] / max(1, p["reputation"] or 0),
-                                  -p["params"])}[mode]
-    return sorted(candidates, key=key)

@@ -7,7 +7,9 @@ recorded; by its network view; by the terms it left unsigned (at most `mesh.max_
 sales served and never countersigned, then it is refused); and by the same safety gates as a
 local account. Each sale is a TradeSession. Served terms wait for the consumer's
 countersignature, holding the reservation; terms not countersigned within `settle_ms` become an
-`unsettled` entry: no CU moves, the nonce is spent, the consumer's reputation drops.
+`unsettled` entry: no CU moves, the nonce is spent, the consumer's reputation drops. A consumer
+that hangs up once tokens reached it gets the same record at once, for exactly the tokens
+delivered: terms it never received, it can never countersign.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ class Sales:
             account=consumer, label=f"peer {consumer[:12]}", model=sale.model,
             max_tokens=sale.quote["max_tokens"], request=sale.request,
             settle=lambda s, completion: self._serve_terms(sale, s, completion),
-            price=sale.quote["price_ucu_per_token"], peer=True, pay_partial=False)
+            price=sale.quote["price_ucu_per_token"], peer=True, partial="hang-up")
         try:
             await session.open()
         except BaseException:
@@ -190,24 +192,26 @@ class Sales:
         if network is None:
             return
         consumer = sale.quote["consumer"]
-        seen = FREE_TIER_CU + await asyncio.to_thread(network.balance, consumer)
-        available = seen - self.node.wallet.held(consumer)
+        available = self.node.wallet.available_seen(
+            consumer, await asyncio.to_thread(network.balance, consumer))
         if available < sale.quote["max_cu"]:
             raise InsufficientCU(
                 f"balance: {max(0, available):,} CU available to {consumer[:12]}… as this node's "
-                f"network view sees it (1000 CU free tier + earned − spent over "
-                f"{network.count():,} verified trades) is below the quote of "
-                f"{sale.quote['max_cu']:,} CU")
+                f"network view sees it ({FREE_TIER_CU:,} CU free tier + earned − spent over "
+                f"{network.count():,} verified trades, less what its requests here hold) is "
+                f"below the quote of {sale.quote['max_cu']:,} CU")
 
     # -- terms and settlement ----------------------------------------------------------------
 
     async def _serve_terms(self, sale: Sale, session: TradeSession,
                            completion: Any) -> Settled:
-        """The session's settlement: sign the terms for what was produced and hold them, and
-        the consumer's reservation, for the countersignature."""
+        """The session's settlement: sign the terms for the tokens delivered (all of them,
+        unless the consumer hung up) and hold them, and the consumer's reservation, for the
+        countersignature."""
         quote = sale.quote
-        tokens = completion.completion_tokens if completion is not None else 0
-        sale.ids = list(completion.token_ids) if completion is not None else []
+        tokens = session.delivered if completion is not None else 0
+        sale.ids = list(completion.token_ids)[:tokens] if completion is not None else []
+        response = session.delivered_text.encode()
         run = audit.run_terms(sale.sampling, sale.ids) if sale.sampling is not None else {}
         terms = {
             "provider": self.node.node_id, "consumer": quote["consumer"], "model": quote["model"],
@@ -216,21 +220,42 @@ class Sales:
             "completion_tokens": tokens, "price_ucu_per_token": quote["price_ucu_per_token"],
             "cu": entries.trade_cost(tokens, quote["price_ucu_per_token"]),
             "request_sha256": sale.intent["request_sha256"],
-            "response_sha256": protocol.sha256_hex(session.response),
+            "response_sha256": protocol.sha256_hex(response),
             "nonce": sale.intent["nonce"], "ts": self.node.clock(), **run,
         }
         sale.data = {"terms": terms,
                      "provider_sig": self.node.signer.sign(entries.trade_message(terms)).hex()}
-        self.pending[sale.key] = Pending(sale.data, sale.request, session.response,
+        self.pending[sale.key] = Pending(sale.data, sale.request, response,
                                          self.node.clock() + self.settle_ms, session.keep_hold(),
                                          audit.tokens_body(sale.ids) if run else None)
         return Settled(terms["cu"], quote["price_ucu_per_token"], 0, None)
 
-    def abandon(self, sale: Sale) -> None:
-        """Nothing was served (an error, the kill switch): forget the nonce (the session
-        released the reservation)."""
-        if sale.key not in self.pending:
+    async def end(self, sale: Sale, *, terms_sent: bool) -> None:
+        """The sale's stream is over. Nothing served (an error, the kill switch): forget the
+        nonce (the session released the reservation). Terms served but never sent (the
+        consumer hung up first): `unsettled` now, since it cannot countersign what it never
+        received; none if no token reached it. Terms sent wait for the countersignature."""
+        pending = self.pending.get(sale.key)
+        if pending is None:
             self.open.discard(sale.key)
+            return
+        if terms_sent:
+            return
+        del self.pending[sale.key]
+        tokens = pending.data["terms"]["completion_tokens"]
+        if tokens == 0:
+            self.open.discard(sale.key)
+            if pending.hold is not None:
+                pending.hold.release()
+            return
+        log.warning("consumer %s… hung up after %d tokens of nonce %s: recorded as unsettled",
+                    sale.key[0][:12], tokens, sale.key[1])
+        try:
+            await self._record(sale.key, "unsettled", {
+                **pending.data, "reason": f"the consumer hung up after {tokens} tokens were "
+                                          "delivered, before the terms reached it"}, pending)
+        except ForgeError as exc:
+            log.error("could not record unsettled terms for nonce %s: %s", sale.key[1], exc)
 
     async def settle(self, body: dict[str, Any]) -> entries.Entry:
         """The consumer's countersignature: check it against the held terms and record."""
@@ -264,7 +289,9 @@ class Sales:
                     bodies.append(pending.tokens)
                 return await self.node.on_ledger(self.node.wallet.record_trade, data, bodies,
                                                  hold=pending.hold)
-            return await self.node.append("unsettled", data)
+            # What was delivered, kept: the seller's evidence of the tokens it was not paid for.
+            return await self.node.append("unsettled", data, bodies=[
+                pending.response, *([pending.tokens] if pending.tokens is not None else [])])
         finally:
             self.open.discard(key)
             if pending.hold is not None:

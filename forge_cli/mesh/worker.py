@@ -67,7 +67,10 @@ class Worker:
 
         self.reputation = lambda account: account_reputation(self.ledger, account)
         self.wallet = Wallet(self.ledger, self.safety, self._run, clock=clock)
-        self.buyer = Buyer(self.wallet, self.signer, self.session)
+        # This process holds the ledger's writer, so no one else can turn the kill switch
+        # on while it runs: read once, it is the switch for every piece it buys.
+        killed = bool(self.safety.kill_state()["active"])
+        self.buyer = Buyer(self.wallet, self.signer, self.session, killed=lambda: killed)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -113,8 +116,9 @@ class Worker:
         last: MeshError | None = None
         for attempt, seller in enumerate(ranked[: retries + 1]):
             try:
-                return await self.buyer.buy(seller, {**payload, "model": seller.model},
-                                            on_piece=on_piece)
+                return await self.buyer.buy(
+                    seller, {**payload, "model": seller.model},
+                    on_piece=None if on_piece is None else lambda piece, _n: piece and on_piece(piece))
             except MeshError as exc:
                 last = exc
                 if on_retry is not None and attempt < min(retries, len(ranked) - 1):

@@ -32,7 +32,8 @@ async def quote(request: web.Request) -> web.Response:
 async def chat(request: web.Request) -> web.StreamResponse:
     """Serve a sale: every check before the reservation, the reply as SSE pieces with the
     running token count, then the signed terms (which hold the reservation until the
-    consumer countersigns). An error once the stream began is an SSE error event."""
+    consumer countersigns). An error once the stream began is an SSE error event; a
+    consumer that hangs up after tokens reached it is recorded as unsettled for them."""
     with _sender(request) as sender:
         return await _sell(request, sender)
 
@@ -52,6 +53,7 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
     session = await sales.open_sale(sale)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
+    terms_sent = False
     try:
         async with session:
             # Started before the stream begins: a refused prompt is an HTTP error.
@@ -67,14 +69,16 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
             # The running count ends at the total: tokens held back (a stop sequence, an
             # unfinished character) are billed, so the consumer is told of them first.
             await response.write(sse({"text": "", "tokens": completion.completion_tokens}))
+            session.told(completion.completion_tokens)
             await session.settle()
             await response.write(sse({**sale.data, "tokens": sale.ids}))
+            terms_sent = True
     except ForgeError as exc:  # the consumer hears why, and pays nothing
         if not response.prepared:
             raise
         await response.write(sse({"error": error_body(exc)}))
     finally:
-        sales.abandon(sale)
+        await sales.end(sale, terms_sent=terms_sent)
         node.observe(session.completion)
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

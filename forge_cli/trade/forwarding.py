@@ -14,52 +14,43 @@ from dataclasses import dataclass
 from typing import Any
 
 from forge_cli.errors import NoProvider
-from forge_cli.trade.seams import Node
-from forge_cli.trade.session import Pieces, Settled, TradeSession
-
-
-@dataclass(frozen=True)
-class RemoteOffer:
-    """A peer's model, as a trade names it."""
-
-    name: str
-    sha256: str
-    params: int
-
-
-@dataclass
-class RemoteCompletion:
-    """What a peer produced, in the shape a local Completion has."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    time_to_first_token_s: float
-    generation_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode speed as the buyer saw it: tokens after the first, over their time."""
-        if self.completion_tokens < 2 or self.generation_s <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / self.generation_s
+from forge_cli.trade.offers import Seller, choose, offered
+from forge_cli.trade.seams import Bought, Node, PeerBuyer
+from forge_cli.trade.session import (
+    Pieces,
+    RemoteCompletion,
+    RemoteOffer,
+    Settled,
+    TradeSession,
+)
 
 
 class RemotePump(Pieces):
-    """The peer's reply as an async iterator of pieces; `close()` returns a RemoteCompletion
-    (or None when nothing was bought) and cancels a purchase still running."""
+    """The peer's reply as an async iterator of pieces; `close()` waits for the purchase to
+    end and returns a RemoteCompletion (None when nothing was bought).
 
-    def __init__(self, buyer: Any, seller: Any, payload: dict[str, Any],
+    A consumer that hangs up does not cut the purchase short: it runs to its end and is
+    countersigned, so it is on both ledgers, and the consumer pays for every token the node
+    received on its behalf (within the quote it reserved), as a local consumer pays for the
+    tokens produced. Cut short, the peer would record its terms unsettled against this node,
+    and a few consumers hanging up would spend the node's standing at that peer (past
+    `mesh.max_unsettled` it sells the node nothing more). The purchase still stops at the
+    kill switch, and a purchase that fails is not paid."""
+
+    def __init__(self, buyer: PeerBuyer, seller: Seller, payload: dict[str, Any],
                  signed_quote: dict[str, Any]) -> None:
         super().__init__()
-        self.purchase: Any = None
+        self.purchase: Bought | None = None
         self.max_tokens = payload["max_tokens"]
+
+        def on_piece(piece: str, tokens: int) -> None:
+            if piece:
+                self.queue.put_nowait(("text", (piece, tokens)))
 
         async def run() -> None:
             try:
-                self.purchase = await buyer.buy(
-                    seller, payload, on_piece=lambda p: self.queue.put_nowait(("text", (p, 0))),
-                    signed_quote=signed_quote)
+                self.purchase = await buyer.buy(seller, payload, on_piece=on_piece,
+                                                signed_quote=signed_quote)
                 self.queue.put_nowait(("done", None))
             except BaseException as exc:
                 self.queue.put_nowait(("error", exc))
@@ -69,9 +60,15 @@ class RemotePump(Pieces):
         self.task = asyncio.create_task(run())
 
     async def close(self) -> RemoteCompletion | None:
-        if not self.task.done():
-            self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        try:
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            if not self.task.done():  # this close was cancelled (the node stopping): so is it
+                self.task.cancel()
+                await asyncio.gather(self.task, return_exceptions=True)
+                raise
+        except Exception:  # noqa: S110  the purchase's own error reached the consumer already
+            pass
         p = self.purchase
         if p is None:
             return None
@@ -81,15 +78,13 @@ class RemotePump(Pieces):
                                 p.first_piece_s, max(0.0, p.total_s - p.first_piece_s))
 
 
-def sellers(node: Node, model: str) -> list[Any]:
+def sellers(node: Node, model: str) -> list[Seller]:
     """Unflagged peers that offer `model` (none without --mesh)."""
     return [s for s in all_sellers(node) if s.model == model]
 
 
-def all_sellers(node: Node) -> list[Any]:
+def all_sellers(node: Node) -> list[Seller]:
     """Every offer of the node's trusted mesh peers (none without --mesh)."""
-    from forge_cli.mesh.buyer import offered
-
     return [] if node.mesh is None else offered(node.mesh, node.reputation)
 
 
@@ -98,7 +93,7 @@ class Forward:
     """A forwarded purchase: the local session, and how to start buying from the peer."""
 
     session: TradeSession
-    seller: Any
+    seller: Seller
     signed_quote: dict[str, Any]
     pump: RemotePump | None = None
 
@@ -123,14 +118,12 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
     """Quote from the best peer for `mode` and open a session for the local consumer at that
     quote (none is charged for the operator: the peer trade is the only trade). Nothing is
     bought yet: `Forward.start` buys."""
-    from forge_cli.mesh.buyer import choose
-
     ranked = choose(sellers(node, model), mode)
     if not ranked:
         raise NoProvider(f"model {model!r} is not served here and no peer on the mesh offers it; "
                          f"this node serves {', '.join(sorted(node.models))}")
     seller = ranked[0]
-    signed_quote = await node.peer_buyer().quote(seller, model, max_tokens)
+    signed_quote = await node.peer_buyer().quote_from(seller, model, max_tokens)
     quote = signed_quote["quote"]
     offer = RemoteOffer(model, quote["model_sha256"], seller.params)
     holder: list[Forward] = []

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from forge_cli import identity
 from forge_cli.errors import ForgeError, SelfTrade, UnknownModel
 from forge_cli.ledger import entries, views
-from forge_cli.trade.session import Pump, Settle, Settled, TradeSession
+from forge_cli.trade.session import Partial, Pump, Settle, Settled, TradeSession
 
 T = TypeVar("T")
 
@@ -170,7 +170,7 @@ class Node:
 
             self.buyer = Buyer(self.wallet, self.signer,
                                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)),
-                               clock=self.clock)
+                               clock=self.clock, killed=self.safety_killed)
             self.buyer.auditor = self.auditor
         return self.buyer
 
@@ -265,12 +265,12 @@ class Node:
 
     def session(self, *, account: str, label: str, model: Any, max_tokens: int, request: bytes,
                 settle: Settle | None = None, price: int | None = None, peer: bool = False,
-                charge: bool = True, pay_partial: bool = True) -> TradeSession:
+                charge: bool = True, partial: Partial = "produced") -> TradeSession:
         """A trade session on this node; it settles as a local trade unless told otherwise."""
         return TradeSession(self, account=account, label=label, model=model,
                             max_tokens=max_tokens, request=request,
                             settle=settle or self.local_trade, price=price, peer=peer,
-                            charge=charge, pay_partial=pay_partial)
+                            charge=charge, partial=partial)
 
     def buyer_session(self, who: Any, *, model: Any, max_tokens: int, request: bytes,
                       price: int | None = None) -> TradeSession:

@@ -9,18 +9,24 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from forge_cli.identity import Identity
     from forge_cli.ledger.entries import Entry
-    from forge_cli.trade.session import Settle, Settled, Source, TradeSession
+    from forge_cli.trade.offers import Seller
+    from forge_cli.trade.session import Partial, Settle, Settled, Source, TradeSession
     from forge_cli.trade.wallet import Wallet
 
 T = TypeVar("T")
 
 
 class Offer(Protocol):
-    """A model as trades name it: served here (LoadedModel) or by a peer."""
+    """A model as trades name it: served here (LoadedModel) or by a peer (RemoteOffer)."""
 
-    name: str
-    sha256: str
-    params: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def params(self) -> int: ...
 
 
 class Engine(Protocol):
@@ -56,6 +62,32 @@ class Desk(Protocol):
     def generating(self, delta: int) -> None: ...
 
 
+class Bought(Protocol):
+    """A finished purchase from a peer (forge_cli.mesh.buyer.Purchase)."""
+
+    terms: dict[str, Any]
+    trade_seq: int  # in this node's ledger
+    provider_trade_seq: int | None
+    first_piece_s: float
+    total_s: float
+
+    @property
+    def cu(self) -> int: ...
+
+
+class PeerBuyer(Protocol):
+    """What forwarding needs of the node's buyer on the mesh (forge_cli.mesh.buyer.Buyer)."""
+
+    session: Any  # the aiohttp ClientSession every call to a peer shares
+
+    async def quote_from(self, seller: Seller, model: str, max_tokens: int
+                         ) -> dict[str, Any]: ...
+
+    async def buy(self, seller: Seller, payload: dict[str, Any],
+                  on_piece: Callable[[str, int], Any] | None = None, max_cu: int | None = None,
+                  signed_quote: dict[str, Any] | None = None) -> Bought: ...
+
+
 class Node(Desk, Protocol):
     """What P2P selling, forwarding and agent runs need of the node."""
 
@@ -74,7 +106,7 @@ class Node(Desk, Protocol):
 
     def session(self, *, account: str, label: str, model: Offer, max_tokens: int,
                 request: bytes, settle: Settle | None = None, price: int | None = None,
-                peer: bool = False, charge: bool = True, pay_partial: bool = True
+                peer: bool = False, charge: bool = True, partial: Partial = "produced"
                 ) -> TradeSession: ...
 
     async def on_ledger(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
@@ -92,11 +124,11 @@ class Node(Desk, Protocol):
 
     def unsettled_count(self, consumer: str) -> int: ...
 
-    def peer_buyer(self) -> Any: ...  # forge_cli.mesh.buyer.Buyer
+    def peer_buyer(self) -> PeerBuyer: ...
 
     def observe(self, completion: Any) -> None: ...
 
     def counted(self, settled: Settled, model: str, completion: Any) -> None: ...
 
 
-__all__ = ["Breakers", "Desk", "Engine", "Node", "Offer", "Served"]
+__all__ = ["Bought", "Breakers", "Desk", "Engine", "Node", "Offer", "PeerBuyer", "Served"]

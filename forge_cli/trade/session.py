@@ -5,7 +5,8 @@ HTTP chat/completions, forwarding to a peer, P2P sales and agent calls all run a
 safety gate), checks the kill switch on every generated piece, settles exactly once for the
 tokens produced, and on every way out (success, error, cancellation, a client gone, bad input
 found late) releases the reservation, gives back the queue slot and tells the breaker whether
-the request failed, in the one meaning of "failed" below.
+the request failed, in the one meaning of "failed" below. Both sides of a peer-to-peer trade
+run one: the seller's settles as signed terms, the buyer's as its countersignature.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from forge_cli.errors import EngineBusy, SpendDenied, UsageError
 from forge_cli.ledger import entries
@@ -39,6 +40,19 @@ def failed(exc: BaseException | None) -> bool:
     return exc is not None and not isinstance(exc, NOT_FAILURES)
 
 
+def hung_up(exc: BaseException | None) -> bool:
+    """The consumer went away: a write to its connection failed. (A cancelled handler is the
+    node stopping, not the consumer leaving.)"""
+    return isinstance(exc, ConnectionError)
+
+
+# What a session left without `settle()` records: "produced" settles for the tokens produced on
+# every way out (a local consumer pays for what it got); "hang-up" settles only when the
+# consumer went away, for the tokens delivered to it (a P2P sale: the node's own failures cost
+# the peer nothing, but a peer that takes tokens and leaves is on the record).
+Partial = Literal["produced", "hang-up"]
+
+
 @dataclass
 class Settled:
     cu: int
@@ -59,6 +73,33 @@ class Completion(Protocol):
     finish_reason: str
     time_to_first_token_s: float
     generation_s: float
+
+
+@dataclass(frozen=True)
+class RemoteOffer:
+    """A peer's model, as a trade names it."""
+
+    name: str
+    sha256: str
+    params: int
+
+
+@dataclass
+class RemoteCompletion:
+    """What a peer produced, in the shape a local Completion has."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    time_to_first_token_s: float
+    generation_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed as the buyer saw it: tokens after the first, over their time."""
+        if self.completion_tokens < 2 or self.generation_s <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / self.generation_s
 
 
 class Source(Protocol):
@@ -89,14 +130,16 @@ class TradeSession:
 
     `settle()` records the trade; a session left without it settles for the tokens produced
     (nothing when the kill switch stopped it), so the consumer pays for what it got and only
-    for that; with `pay_partial=False` it records nothing instead (a P2P sale: a peer pays
-    only for terms it countersigns). With `charge=False` nothing is reserved or recorded
-    here (the operator buying from a peer: the peer-to-peer trade is the only trade).
+    for that; with `partial="hang-up"` it settles only when the consumer went away, and for
+    the tokens `delivered` (a P2P sale: see `Partial`). With `charge=False` nothing is
+    reserved or recorded here (the operator buying from a peer: the peer-to-peer trade is the
+    only trade). `what` and `hint` name the spend in a refused reservation.
     """
 
     def __init__(self, desk: Desk, *, account: str, label: str, model: Offer, max_tokens: int,
                  request: bytes, settle: Settle, price: int | None = None, peer: bool = False,
-                 charge: bool = True, pay_partial: bool = True) -> None:
+                 charge: bool = True, partial: Partial = "produced", what: str | None = None,
+                 hint: str | None = None) -> None:
         self.desk = desk
         self.account = account
         self.label = label
@@ -107,11 +150,15 @@ class TradeSession:
         self.price = price
         self.peer = peer
         self.charge = charge
-        self.pay_partial = pay_partial
+        self.partial = partial
+        self.what = what
+        self.hint = hint
         self.hold: Hold | None = None
         self.max_cu = 0
         self.source: Source | None = None
-        self.pieces: list[str] = []
+        self.pieces: list[str] = []  # produced (the last one may never have reached the consumer)
+        self.taken = 0  # pieces the consumer took: it asked for the next one after them
+        self.delivered = 0  # tokens of the pieces taken (the source's running count)
         self.completion: Completion | None = None
         self.killed = False
         self.settled: Settled | None = None
@@ -131,9 +178,9 @@ class TradeSession:
         if self.charge:
             self.hold = await self.desk.wallet.reserve(
                 self.account, self.max_cu, peer=self.peer,
-                what=f"the quote of {self.max_cu:,} CU for up to {self.max_tokens} tokens at "
-                     f"{self.price / 1e6:.2f} CU/token",
-                hint="lower max_tokens, or fund the account")
+                what=self.what or f"the quote of {self.max_cu:,} CU for up to {self.max_tokens} "
+                                  f"tokens at {self.price / 1e6:.2f} CU/token",
+                hint=self.hint or "lower max_tokens, or fund the account")
         self._opened = True
         self.desk.generating(+1)
         return self
@@ -147,18 +194,32 @@ class TradeSession:
     # -- generating ----------------------------------------------------------------------------
 
     async def run(self, source: Source) -> AsyncIterator[str]:
-        """The pieces of `source`, stopping at the kill switch (checked on every piece)."""
+        """The pieces of `source`, stopping at the kill switch (checked on every piece).
+
+        A piece counts as delivered once the consumer asks for the next one: a write to a
+        connection that is gone raises in the consumer's loop, and the piece it carried is
+        never counted."""
         self.source = source
         async for piece in source:
             if self.desk.safety_killed():
                 break
             self.pieces.append(piece)
             yield piece
+            self.taken += 1
+            self.delivered = max(self.delivered, source.tokens)
         self.killed = self.desk.safety_killed()
+
+    def told(self, tokens: int) -> None:
+        """The consumer was told the final count (tokens held back are billed too)."""
+        self.delivered = max(self.delivered, tokens)
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    @property
+    def delivered_text(self) -> str:
+        return "".join(self.pieces[:self.taken])
 
     @property
     def response(self) -> bytes:
@@ -194,13 +255,14 @@ class TradeSession:
         return hold
 
     async def close(self, exc: BaseException | None = None) -> None:
-        """The one way out: settle what was produced if nobody did, release, tell the breaker."""
+        """The one way out: settle what was produced (or delivered, see `Partial`) if nobody
+        did, release, tell the breaker."""
         if self._closed or not self._opened:
             return
         self._closed = True
         try:
             await self.finish()
-            if not self._settling and self.pay_partial:
+            if not self._settling and (self.partial == "produced" or hung_up(exc)):
                 try:
                     await self.settle()
                 except Exception:
@@ -276,5 +338,6 @@ class Pump(Pieces):
 
 Starter = Callable[[], Awaitable[Source]]
 
-__all__ = ["NOT_FAILURES", "Completion", "Pieces", "Pump", "Settle", "Settled", "Source",
-           "TradeSession", "failed", "request_bytes"]
+__all__ = ["NOT_FAILURES", "Completion", "Partial", "Pieces", "Pump", "RemoteCompletion",
+           "RemoteOffer", "Settle", "Settled", "Source", "TradeSession", "failed", "hung_up",
+           "request_bytes"]

@@ -113,6 +113,12 @@ class Wallet:
         balance, held = self.books(account)
         return balance - held
 
+    def available_seen(self, account: str, earned_less_spent: int) -> int:
+        """What a peer account may spend as a network view sees it (DESIGN §7): the free tier
+        plus what it earned less what it spent over every verified trade, less what requests
+        hold here. It can only lower what `available` extends, never raise it."""
+        return FREE_TIER_CU + earned_less_spent - self.held(account)
+
     # -- spending ------------------------------------------------------------------------------
 
     async def reserve(self, account: str, cu: int, *, what: str, peer: bool = False,
