@@ -139,6 +139,15 @@ KEYS: dict[str, Key] = {
             low=0, high=INT_MAX),
         Key("rpc.terms_s", int, 3600, "seconds a layer peer's signed terms stay valid",
             low=1, high=30 * DAY_S),
+        Key("rpc.credit_kib", int, 64 * 1024,
+            "tunnel KiB a layer peer carries for a head under one agreement before it is paid "
+            "(the most it gives away per agreement)", low=16, high=INT_MAX // 1024),
+        Key("rpc.token_kib", int, 1024,
+            "tunnel KiB each token a head pays a layer peer for buys (prompts and weights are "
+            "paid as tunnel bytes)", low=1, high=INT_MAX // 1024),
+        Key("rpc.idle_s", int, 60,
+            "seconds a layer peer keeps a tunnel that carries nothing (so no head holds it idle)",
+            low=1, high=DAY_S),
         Key("rpc.discover_s", int, 5,
             "seconds `forge node --split auto` looks for layer peers on the mesh", low=1,
             high=3600),

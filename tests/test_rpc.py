@@ -54,7 +54,7 @@ class PeerProcess(NodeProcess):
     def _wait_for_url(self) -> str:
         url = super()._wait_for_url()
         assert self.proc.stdout is not None
-        self.lines += [self.proc.stdout.readline() for _ in range(6)]  # the rest of the banner
+        self.lines += [self.proc.stdout.readline() for _ in range(7)]  # the rest of the banner
         return url
 
     @property
