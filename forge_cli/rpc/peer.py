@@ -37,6 +37,7 @@ from forge_cli.errors import (
     Replay,
     RpcUnavailable,
     TunnelRefused,
+    TunnelUnpaid,
 )
 from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
@@ -92,10 +93,6 @@ class Traffic:
         return dict(self.__dict__)
 
 
-class Unpaid(Exception):
-    """The head's bytes would pass what its agreement allows: the tunnel is cut."""
-
-
 @dataclass
 class Agreement:
     """Terms this peer issued, and what has happened under them: the source that asked, the
@@ -115,13 +112,13 @@ class Agreement:
         return terms.allowance(self.terms, self.paid_tokens)
 
     def carry(self, n: int) -> None:
-        """Count `n` more tunnel bytes, or Unpaid (before they are carried) past the bound."""
+        """Count `n` more tunnel bytes, or TunnelUnpaid (before they go on) past the bound."""
         bound = self.allowance()
         if bound is not None and self.carried + n > bound:
-            raise Unpaid(f"the head's tunnel bytes would pass what it paid for: {self.carried:,} "
-                         f"B carried + {n:,} B > {bound:,} B ({self.terms['credit_bytes']:,} B "
-                         f"credit + {self.paid_tokens:,} paid tokens × "
-                         f"{self.terms['bytes_per_token']:,} B)")
+            raise TunnelUnpaid(
+                f"the head's tunnel bytes would pass what it paid for: {self.carried:,} B "
+                f"carried + {n:,} B > {bound:,} B ({self.terms['credit_bytes']:,} B credit + "
+                f"{self.paid_tokens:,} paid tokens × {self.terms['bytes_per_token']:,} B)")
         self.carried += n
 
 
@@ -396,7 +393,7 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
         reader, writer = await asyncio.open_connection(host, int(port))
         await ws.send_json({"ok": True})
         ended = await relay(ws, reader, writer, from_ws=up, from_tcp=down)
-        if isinstance(ended, Unpaid):
+        if isinstance(ended, TunnelUnpaid):
             peer.traffic.cut += 1
             peer.traffic.last_refusal = str(ended)
             log.warning("cut the tunnel of head %s…: %s", head[:12], ended)
@@ -491,5 +488,5 @@ def make_app(peer: LayerPeer) -> web.Application:
     return app
 
 
-__all__ = ["Agreement", "LayerPeer", "Traffic", "Unpaid", "agreements", "available_mb",
+__all__ = ["Agreement", "LayerPeer", "Traffic", "agreements", "available_mb",
            "make_app", "relay"]
