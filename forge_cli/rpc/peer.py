@@ -54,6 +54,7 @@ MAX_ISSUED = 1000  # terms held at once (anyone may ask for terms: the memory is
 MAX_PER_SOURCE = 8  # unused terms one address holds at once
 MAX_UNPAID_PER_SOURCE = 4  # agreements one address has opened tunnels under and not paid
 MAX_HANDSHAKE_BYTES = 64 * 1024  # the signed answer to a challenge is under 2 kB
+COMPUTE_GRACE = 10  # ggml may compute for idle_s × this before its tunnel counts as idle
 CLOSE_IDLE = 4408  # WebSocket close codes the head reads: idle (reconnect), cut (not paid)
 CLOSE_CUT = 4402
 CUT_REASON = b"its tunnel bytes passed what the head paid for"  # at most 123 bytes
@@ -410,8 +411,10 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
 
 
 class _Activity:
-    """When a tunnel last carried bytes, and which way: it is idle only while the head owes the
-    next word (ggml answered, or nothing came yet), never while ggml computes."""
+    """When a tunnel last carried bytes, and which way: it idles while the head owes the next
+    word (ggml answered, or nothing came yet); while ggml may be computing (the head spoke
+    last) it idles 10 times slower, so a long graph is not cut but a head that sends a few
+    bytes and stops does not hold the peer for ever."""
 
     def __init__(self) -> None:
         self.last = time.monotonic()
@@ -424,7 +427,8 @@ class _Activity:
         self.last, self.computing = time.monotonic(), False
 
     def idle_s(self) -> float:
-        return 0.0 if self.computing else time.monotonic() - self.last
+        quiet = time.monotonic() - self.last
+        return quiet / COMPUTE_GRACE if self.computing else quiet
 
 
 async def relay(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
