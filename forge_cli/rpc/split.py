@@ -220,7 +220,7 @@ class SplitEngine:
         self._node: Paying | None = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a stream collected on a thread that holds it cancels
         self._ready = threading.Event()
         self._unavailable: Exception | None = None
         self._closing = False
@@ -638,6 +638,12 @@ class SplitEngine:
         return self._submit("generate", block, prompt, sampling, add_bos)
 
     def _cancel(self, job: _Job) -> None:
+        with self._lock:  # still waiting for the engine to wake: it never reaches the child
+            waiting = [msg for msg in self._pending if msg[1] == job.id]
+            self._pending = [msg for msg in self._pending if msg[1] != job.id]
+        if waiting:
+            self._end(job, ("done", Completion("", 0, 0, "cancelled")))
+            return
         if job.ended or self._conn is None:
             return
         try:
