@@ -323,3 +323,23 @@ def test_deeply_nested_json_in_the_rpc_handshake_is_refused_plainly(tmp_path):
     finally:
         peer.stop()
     assert "Traceback" not in Path(tmp_path / "peer0.log").read_text()
+
+
+def test_a_top_up_keeps_a_full_credit_ahead_of_the_bytes():
+    from forge_cli import identity
+    from forge_cli.rpc import terms
+
+    peer, head = identity.Identity.generate(), identity.Identity.generate()
+    agreed = terms.offer(peer, head=head.node_id, model_sha256="cd" * 32, layers=2, rate=20_000,
+                         now_ms=0, ttl_ms=60_000, credit_bytes=1000, bytes_per_token=100)
+    stated = agreed["terms"]
+    assert terms.terms_problem(agreed) is None and stated["credit_bytes"] == 1000
+    assert terms.allowance(stated, 0) == 1000 and terms.allowance(stated, 3) == 1300
+    assert terms.top_up_tokens(stated, needed=500, paid_tokens=0) == 0  # half a credit spare
+    # 501 bytes would leave less than half a credit: buy back to a full one (1501 B → 6 tokens)
+    assert terms.top_up_tokens(stated, needed=501, paid_tokens=0) == 6
+    assert terms.top_up_tokens(stated, needed=501, paid_tokens=6) == 0
+    free = terms.offer(peer, head=head.node_id, model_sha256="cd" * 32, layers=2, rate=0,
+                       now_ms=0, ttl_ms=60_000)["terms"]
+    assert terms.allowance(free, 0) is None  # rate 0: the peer gives, nothing is cut
+    assert terms.top_up_tokens(free, needed=10**12, paid_tokens=0) == 0
