@@ -289,6 +289,16 @@ def test_idle_strangers_and_floods_of_terms_do_not_lock_real_heads_out(tiny_gguf
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == unsplit
         assert split_of(head)["peers"][0]["lost"] is None
+
+        # A peer that goes away while the head sleeps is found gone when it wakes, and the
+        # head serves on without it.
+        wait_for("the head asleep again", lambda: peer.health()["traffic"]["idle_closed"] >= 3)
+        peer.proc.kill()
+        peer.proc.wait(10)
+        status, body = chat(head, buyer["token"])
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == unsplit
+        assert "is unreachable" in split_of(head)["peers"][0]["lost"]
         print(f"1000 terms requests took {flood_s:.2f} s")
     finally:
         holder.release.set()

@@ -271,8 +271,8 @@ class SplitEngine:
             async with self._http.request(method, url, json=body) as response:
                 raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TunnelRefused(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
-                                ) from None
+            raise PeerLost(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
+                           ) from None
         try:
             return answer(response.status, response.reason or "", raw, f"layer peer at {url}")
         except ForgeError as exc:  # the peer's own words where it gave an envelope
@@ -320,8 +320,10 @@ class SplitEngine:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _load(self) -> None:
-        """Plan over the peers still here, agree terms, open tunnels, start the child."""
+    def _load(self, *, drop_unreachable: bool = False) -> None:
+        """Plan over the peers still here, agree terms, open tunnels, start the child; with
+        `drop_unreachable`, a peer that no longer answers is lost and the plan made again
+        without it (waking: it may have gone while the engine slept)."""
         started = time.perf_counter()
         live = [lender for lender in self.lenders if lender.lost is None]
         if self.file_mb > self.head_mb + sum(lender.free_mb for lender in live):
@@ -334,7 +336,16 @@ class SplitEngine:
             plan = Plan(self.n_layer, 0, [], list(range(self.n_layer + 1)), [])
         for lender, layers in zip(live, plan.peers, strict=True):
             lender.layers = layers
-        endpoints = [self._run(self._agree(lender)) for lender in live]
+        endpoints = []
+        for lender in live:
+            try:
+                endpoints.append(self._run(self._agree(lender)))
+            except PeerLost as exc:
+                if not drop_unreachable:
+                    raise
+                lender.lost = exc.message
+                log.warning("%s", exc.message)
+                return self._load(drop_unreachable=True)
         self._start_child({**self._config, "endpoints": endpoints,
                            "n_gpu_layers": plan.n_gpu_layers,
                            "tensor_split": plan.tensor_split or None})
@@ -463,7 +474,7 @@ class SplitEngine:
 
     def _reload(self) -> None:
         try:
-            self._load()
+            self._load(drop_unreachable=True)
             log.warning("%s reloaded on %d layer peer(s)", self.name, len(self.live))
         except Exception as exc:
             self._unavailable = exc if isinstance(exc, ModelError) else ModelError(str(exc))
@@ -511,7 +522,7 @@ class SplitEngine:
         """Load the model for the requests that came while the engine slept, then run them;
         if it cannot load, they fail by its reason and the next request tries again."""
         try:
-            self._load()
+            self._load(drop_unreachable=True)
         except Exception as exc:
             failure = exc if isinstance(exc, ForgeError) else ModelError(str(exc))
             with self._lock:
