@@ -68,6 +68,7 @@ class Holder(threading.Thread):
         self.admitted = threading.Event()
         self.release = threading.Event()
         self.answer: Any = None
+        self.answer_peer = ""  # the peer's node id, as its challenge says
         self.close_code: int | None = None
 
     def run(self) -> None:
@@ -87,6 +88,7 @@ class Holder(threading.Thread):
         async with aiohttp.ClientSession() as session, \
                 session.ws_connect(f"{self.url}/v1/forge/rpc/tunnel") as ws:
             hello = await ws.receive_json(timeout=10)
+            self.answer_peer = hello["peer"]
             await ws.send_json(terms.handshake(self.key, agreed, hello["challenge"]))
             self.answer = await ws.receive_json(timeout=10)
             self.admitted.set()
@@ -245,9 +247,14 @@ def test_a_refused_head_says_why_in_one_line(tiny_gguf, tmp_path, run_forge):
         assert holder.admitted.wait(10) and holder.answer == {"ok": True}
         done = run_forge("node", "-m", str(tiny_gguf), "--split", peer.url, "--port", "0",
                          timeout=120)
-        assert done.returncode != 0
-        assert "this peer is serving another head" in done.stderr
+        from forge_cli.errors import TunnelRefused, exit_code_for
+
+        assert done.returncode == exit_code_for(TunnelRefused("")) == 1
         assert "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"forge: error: the split engine for {tiny_gguf.name} could not load: layer peer "
+            f"{holder.answer_peer[:12]}… at {peer.url} refused the tunnel: this peer is serving "
+            "another head; try again when it is done"]
     finally:
         holder.release.set()
         peer.stop()

@@ -379,6 +379,11 @@ class SplitEngine:
             reply = ("failed", "ModelError", self._death_reason())
         if reply[0] != "ready":
             self._kill_child()
+            refusal = next((lender.tunnel.refusal for lender in self.lenders
+                            if lender.tunnel is not None and lender.tunnel.refusal), None)
+            if refusal is not None:  # a peer said no: that is the reason, not a broken model
+                raise TunnelRefused(f"the split engine for {self.name} could not load: "
+                                    f"{refusal.message}")
             cls = getattr(errors, reply[1], ModelError)
             raise (cls if isinstance(cls, type) and issubclass(cls, errors.ForgeError)
                    else ModelError)(f"the split engine for {self.name} could not load: {reply[2]}")

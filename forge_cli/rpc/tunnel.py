@@ -93,6 +93,7 @@ class HeadTunnel:
         self.top_up = top_up
         self.traffic = Traffic()
         self.lost: str | None = None
+        self.refusal: TunnelRefused | None = None  # the peer refused the handshake
         self.idle = False
         self.foreign = 0  # connections from processes other than the engine child, refused
         self.paid_tokens = 0  # what the peer counts as paid under these terms (kept in step)
@@ -129,8 +130,8 @@ class HeadTunnel:
             raise
         if not answer.get("ok"):
             await ws.close()
-            raise TunnelRefused(f"layer peer {self.short} refused the tunnel: "
-                                f"{answer.get('error', 'no reason given')}")
+            said = str(answer.get("error") or "no reason given").removeprefix("tunnel refused: ")
+            raise TunnelRefused(f"layer peer {self.short} refused the tunnel: {said}")
         return ws
 
     async def _receive(self, ws: Any) -> dict[str, Any]:
@@ -161,7 +162,12 @@ class HeadTunnel:
             return
         try:
             ws = await self.open()
-        except Exception as exc:  # unreachable, refused, or a broken handshake
+        except TunnelRefused as exc:  # said plainly by whoever sees the engine fail to load
+            self.refusal = exc
+            self._mark(exc.message, quiet=True)
+            writer.close()
+            return
+        except Exception as exc:  # unreachable, or a broken handshake
             self._mark(f"layer peer {self.short} could not be reached through its tunnel: {exc}")
             writer.close()
             return
@@ -209,10 +215,10 @@ class HeadTunnel:
         """How long the head has waited for this peer's answer (0 when it is not waiting)."""
         return time.monotonic() - self.last_up if self.last_up > self.last_down else 0.0
 
-    def _mark(self, why: str) -> None:
+    def _mark(self, why: str, *, quiet: bool = False) -> None:
         if not self._closing and self.lost is None:
             self.lost = why
-            log.warning("%s", why)
+            log.log(logging.INFO if quiet else logging.WARNING, "%s", why)
             self.on_lost()
 
     async def close(self) -> None:
