@@ -132,7 +132,8 @@ KEYS: dict[str, Key] = {
         Key("rpc.port", int, 3002, "port `forge rpc serve` tunnels layer work on (0: a free one)",
             low=0, high=65535),
         Key("rpc.rate_ucu", int, 20_000,
-            "what a layer peer charges the head per layer per generated token, in µCU",
+            "what a layer peer charges the head per layer per token its layers run (prompt and "
+            "generated), in µCU",
             low=0, high=INT_MAX),
         Key("rpc.memory_mb", int, 0,
             "memory a layer peer offers, in MiB (0: what the machine has available)",
@@ -142,8 +143,8 @@ KEYS: dict[str, Key] = {
         Key("rpc.credit_kib", int, 64 * 1024,
             "tunnel KiB a layer peer carries for a head under one agreement before it is paid "
             "(the most it gives away per agreement)", low=16, high=INT_MAX // 1024),
-        Key("rpc.token_kib", int, 1024,
-            "tunnel KiB each token a head pays a layer peer for buys (prompts and weights are "
+        Key("rpc.layer_token_kib", int, 1024,
+            "tunnel KiB each layer-token a head pays a layer peer for buys (the weights are "
             "paid as tunnel bytes)", low=1, high=INT_MAX // 1024),
         Key("rpc.idle_s", int, 60,
             "seconds a layer peer keeps a tunnel that carries nothing (so no head holds it idle)",

@@ -159,9 +159,10 @@ def test_a_head_that_never_pays_gets_only_the_stated_credit(tiny_gguf, tmp_path)
 
 @needs_rpc
 def test_a_paying_head_gets_all_it_asks_and_pays_for_its_bytes(tiny_gguf, unsplit, tmp_path):
-    # Each paid token buys 1 KiB here, less than a token's ~2.6 kB: the head must pay ahead.
+    # Each paid token buys 1 KiB here (1 layer), less than a token's ~2.6 kB: the head must
+    # pay ahead.
     peers = start_peers(tmp_path, 1, env={"FORGE_RPC_CREDIT_KIB": str(CREDIT_KIB),
-                                          "FORGE_RPC_TOKEN_KIB": "1"})
+                                          "FORGE_RPC_LAYER_TOKEN_KIB": "1"})
     head = None
     try:
         head = NodeProcess(tmp_path / "head", tiny_gguf, "--split", peers[0].url,
@@ -176,7 +177,8 @@ def test_a_paying_head_gets_all_it_asks_and_pays_for_its_bytes(tiny_gguf, unspli
         assert split_of(head)["peers"][0]["lost"] is None
         sold = wait_for("the layer trade for the 200 tokens", lambda: [
             t["terms"] for t in trades(tmp_path / "peer0")] if any(
-                t["terms"]["completion_tokens"] == 200 for t in trades(tmp_path / "peer0"))
+                t["terms"]["completion_tokens"] - t["terms"]["prompt_tokens"] == 200
+                for t in trades(tmp_path / "peer0"))
             else None)
         health = peers[0].health()
         assert health["traffic"]["cut"] == 0
@@ -348,9 +350,10 @@ def test_a_top_up_keeps_a_full_credit_ahead_of_the_bytes():
 
     peer, head = identity.Identity.generate(), identity.Identity.generate()
     agreed = terms.offer(peer, head=head.node_id, model_sha256="cd" * 32, layers=2, rate=20_000,
-                         now_ms=0, ttl_ms=60_000, credit_bytes=1000, bytes_per_token=100)
-    stated = agreed["terms"]
+                         now_ms=0, ttl_ms=60_000, credit_bytes=1000, bytes_per_layer_token=50)
+    stated = agreed["terms"]  # 2 layers × 50 B: a paid token buys 100 B
     assert terms.terms_problem(agreed) is None and stated["credit_bytes"] == 1000
+    assert terms.bytes_per_token(stated) == 100
     assert terms.allowance(stated, 0) == 1000 and terms.allowance(stated, 3) == 1300
     assert terms.top_up_tokens(stated, needed=500, paid_tokens=0) == 0  # half a credit spare
     # 501 bytes would leave less than half a credit: buy back to a full one (1501 B → 6 tokens)
@@ -360,3 +363,11 @@ def test_a_top_up_keeps_a_full_credit_ahead_of_the_bytes():
                        now_ms=0, ttl_ms=60_000)["terms"]
     assert terms.allowance(free, 0) is None  # rate 0: the peer gives, nothing is cut
     assert terms.top_up_tokens(free, needed=10**12, paid_tokens=0) == 0
+    # A generation pays for every token the layers ran: the prompt's 4 and the 10 generated.
+    request = terms.agreement_body(agreed)
+    record = terms.metering_body(prompt_tokens=4, completion_tokens=10, response=b"x" * 10)
+    trade = terms.layer_trade(agreed, model="tiny", prompt_tokens=4, completion_tokens=10,
+                              request=request, response=record, now_ms=1)
+    assert (trade["prompt_tokens"], trade["completion_tokens"]) == (4, 14)
+    assert trade["cu"] == 1 and terms.layer_trade_problem(trade, agreed, request=request,
+                                                          response=record) is None

@@ -28,8 +28,8 @@ def serve(
                                       help="MiB offered to heads [default: rpc.memory_mb; 0 "
                                       "there means what the machine has available]."),
     rate: int | None = typer.Option(None, "--rate", min=0, max=config.INT_MAX,
-                                    help="µCU charged per layer per generated token "
-                                    "[default: rpc.rate_ucu]."),
+                                    help="µCU charged per layer per token run, prompt or "
+                                    "generated [default: rpc.rate_ucu]."),
     mesh: bool = typer.Option(False, "--mesh", help="Advertise on the mesh (mDNS TXT: "
                               "role layer-peer, free memory) for heads started with --split auto."),
     interface: list[str] = InterfaceOpt,
@@ -56,7 +56,7 @@ def serve(
                      threads=threads or settings["engine.threads"] or default_threads(),
                      terms_ms=settings["rpc.terms_s"] * 1000, cache_dir=home / "rpc-cache",
                      credit_bytes=settings["rpc.credit_kib"] * 1024,
-                     bytes_per_token=settings["rpc.token_kib"] * 1024,
+                     bytes_per_layer_token=settings["rpc.layer_token_kib"] * 1024,
                      idle_s=settings["rpc.idle_s"])
     try:
         endpoint = peer.start_ggml()
@@ -81,8 +81,8 @@ def serve(
             f"  offers    {peer.free_mb():,} MiB, {peer.threads} threads, "
             f"{peer.rate} µCU per layer-token",
             f"  credit    {peer.credit_bytes // 1024:,} KiB unpaid per agreement; each paid "
-            f"token buys {peer.bytes_per_token // 1024:,} KiB; idle tunnels closed after "
-            f"{peer.idle_s} s",
+            f"layer-token buys {peer.bytes_per_layer_token // 1024:,} KiB; idle tunnels closed "
+            f"after {peer.idle_s} s",
             f"  cache     {peer.cache_dir}",
             f"  ledger    {node.ledger.path}  ({node.ledger.size} entries)",
             f"  mesh      {node.mesh.describe() if node.mesh else 'off (advertise with --mesh)'}",

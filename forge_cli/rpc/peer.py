@@ -119,7 +119,7 @@ class Agreement:
             raise TunnelUnpaid(
                 f"the head's tunnel bytes would pass what it paid for: {self.carried:,} B "
                 f"carried + {n:,} B > {bound:,} B ({self.terms['credit_bytes']:,} B credit + "
-                f"{self.paid_tokens:,} paid tokens × {self.terms['bytes_per_token']:,} B)")
+                f"{self.paid_tokens:,} paid tokens × {terms.bytes_per_token(self.terms):,} B)")
         self.carried += n
 
 
@@ -134,7 +134,7 @@ class LayerPeer:
     terms_ms: int
     cache_dir: Path
     credit_bytes: int = 64 << 20
-    bytes_per_token: int = 1 << 20
+    bytes_per_layer_token: int = 1 << 20
     idle_s: int = 60
     endpoint: str = ""  # the ggml server, 127.0.0.1:PORT
     issued: dict[str, Agreement] = field(default_factory=dict)  # nonce → what it agreed
@@ -208,7 +208,7 @@ class LayerPeer:
                              model_sha256=body["model_sha256"], layers=body["layers"],
                              rate=self.rate, now_ms=now, ttl_ms=self.terms_ms,
                              credit_bytes=self.credit_bytes,
-                             bytes_per_token=self.bytes_per_token)
+                             bytes_per_layer_token=self.bytes_per_layer_token)
         self.issued[agreed["terms"]["nonce"]] = Agreement(agreed, source)
         return agreed
 
@@ -287,7 +287,7 @@ class LayerPeer:
         return {"status": "ok", "role": "layer-peer", "node_id": self.node_id,
                 "free_mb": self.free_mb(), "threads": self.threads,
                 "rate_ucu_per_layer_token": self.rate, "credit_bytes": self.credit_bytes,
-                "bytes_per_token": self.bytes_per_token, "idle_s": self.idle_s,
+                "bytes_per_layer_token": self.bytes_per_layer_token, "idle_s": self.idle_s,
                 "rpc": "ggml-rpc on 127.0.0.1, reachable only through the tunnel",
                 "traffic": self.traffic.as_dict(), "agreements": agreements(self)}
 

@@ -300,7 +300,7 @@ class SplitEngine:
                                or agreed["terms"]["layers"] != len(lender.layers)
                                or agreed["terms"]["head"] != self.signer.node_id):
             reason = "they are not the terms asked for"
-        if reason is None and agreed["terms"]["bytes_per_token"] < 1:
+        if reason is None and agreed["terms"]["bytes_per_layer_token"] < 1:
             reason = "a paid token buys no tunnel bytes under them"
         if reason:
             raise TunnelRefused(f"layer peer {lender.short} sent bad terms: {reason}")
@@ -554,7 +554,7 @@ class SplitEngine:
             pass  # the child is gone: the reader fails the job by the peer's name
 
     def _meter(self, job: _Job) -> None:
-        if self._node is None or job.tokens == 0:
+        if self._node is None or job.tokens + job.prompt_tokens == 0:
             return
         response = "".join(job.pieces).encode()
         for lender in job.lenders:
@@ -596,7 +596,7 @@ class SplitEngine:
                 raise TunnelRefused(f"layer peer {lender.short} did not sign the layer trade")
             tunnel = lender.tunnel
             if tunnel is not None and tunnel.agreed is agreed:  # what the peer now lets flow
-                tunnel.paid_tokens += tokens
+                tunnel.paid_tokens += trade["completion_tokens"]
             return ({"terms": trade, "provider_sig": provider_sig, "consumer_sig": consumer_sig},
                     [request, record])
 
