@@ -344,6 +344,14 @@ def test_deeply_nested_json_in_the_rpc_handshake_is_refused_plainly(tmp_path):
     assert "Traceback" not in Path(tmp_path / "peer0.log").read_text()
 
 
+def test_per_address_limits_count_an_ipv6_host_by_its_64():
+    from forge_cli.rpc.peer import source_of
+
+    assert source_of("10.0.0.7") == "10.0.0.7"
+    assert source_of("2001:db8::1") == source_of("2001:db8::ffff:2") == "2001:db8::/64"
+    assert source_of("::ffff:10.0.0.7") == "10.0.0.7"
+
+
 def test_a_top_up_keeps_a_full_credit_ahead_of_the_bytes():
     from forge_cli import identity
     from forge_cli.rpc import terms

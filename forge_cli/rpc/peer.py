@@ -330,7 +330,23 @@ async def offer_terms(request: web.Request) -> web.Response:
     from forge_cli.node.web import read_json
 
     return web.json_response(request.app[PEER].offer(await read_json(request),
-                                                     source=request.remote or ""))
+                                                     source=source_of(request.remote)))
+
+
+def source_of(remote: str | None) -> str:
+    """The source the per-address limits count: the IPv4 address, or the IPv6 /64 (one host
+    commonly holds a whole /64)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return remote or ""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 async def settle(request: web.Request) -> web.Response:
@@ -493,4 +509,4 @@ def make_app(peer: LayerPeer) -> web.Application:
 
 
 __all__ = ["Agreement", "LayerPeer", "Traffic", "agreements", "available_mb",
-           "make_app", "relay"]
+           "make_app", "relay", "source_of"]
