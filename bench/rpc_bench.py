@@ -44,8 +44,10 @@ def start_peer(home: Path, threads: int) -> tuple[subprocess.Popen[str], str]:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
     env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO))
+    # --rate 0: the bench's head pays no one, and a peer that charges carries only its credit
+    # for a head that does not pay; speed and traffic are what is measured here.
     proc = subprocess.Popen([sys.executable, "-m", "forge_cli", "rpc", "serve", "--port", "0",
-                             "--threads", str(threads)],
+                             "--threads", str(threads), "--rate", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             cwd=REPO, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S

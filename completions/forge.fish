@@ -353,7 +353,7 @@ complete -c forge -n '__forge_at \'forge rpc serve\'' -l host -r -F -d 'Address 
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l port -s p -r -F -d 'Tunnel port [default: rpc.port]; 0 picks a free one.'
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l threads -r -F -d 'Threads the layers run on [default: engine.threads; 0 there means one per phy...'
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l memory -r -F -d 'MiB offered to heads [default: rpc.memory_mb; 0 there means what the machine...'
-complete -c forge -n '__forge_at \'forge rpc serve\'' -l rate -r -F -d 'µCU charged per layer per generated token [default: rpc.rate_ucu].'
+complete -c forge -n '__forge_at \'forge rpc serve\'' -l rate -r -F -d 'µCU charged per layer per token run, prompt or generated [default: rpc.rate_u...'
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l mesh -d 'Advertise on the mesh (mDNS TXT: role layer-peer, free memory) for heads star...'
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l interface -r -F -d 'Address mDNS binds to (repeat for several) [default: mesh.interfaces].'
 complete -c forge -n '__forge_at \'forge rpc serve\'' -l help -d 'Show this message and exit.'

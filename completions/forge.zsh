@@ -634,7 +634,7 @@ _forge() {
             fi ;;
         ('forge rpc serve')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--host:Address the tunnel listens on (ggml'\''s own server always binds 127.0.0.1).' '--port:Tunnel port [default: rpc.port]; 0 picks a free one.' '-p:Tunnel port [default: rpc.port]; 0 picks a free one.' '--threads:Threads the layers run on [default: engine.threads; 0 there means one per phy...' '--memory:MiB offered to heads [default: rpc.memory_mb; 0 there means what the machine...' '--rate:µCU charged per layer per generated token [default: rpc.rate_ucu].' '--mesh:Advertise on the mesh (mDNS TXT: role layer-peer, free memory) for heads star...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--help:Show this message and exit.')
+                items=('--host:Address the tunnel listens on (ggml'\''s own server always binds 127.0.0.1).' '--port:Tunnel port [default: rpc.port]; 0 picks a free one.' '-p:Tunnel port [default: rpc.port]; 0 picks a free one.' '--threads:Threads the layers run on [default: engine.threads; 0 there means one per phy...' '--memory:MiB offered to heads [default: rpc.memory_mb; 0 there means what the machine...' '--rate:µCU charged per layer per token run, prompt or generated [default: rpc.rate_u...' '--mesh:Advertise on the mesh (mDNS TXT: role layer-peer, free memory) for heads star...' '--interface:Address mDNS binds to (repeat for several) [default: mesh.interfaces].' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
     esac

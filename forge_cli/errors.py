@@ -64,6 +64,7 @@
         ├── BadIntent               1    422  a consumer's quote, intent or countersignature is bad
         ├── Replay                  1    409  a nonce or trade that was already used, offered again
         ├── TunnelRefused           1    403  a layer peer refused the head's handshake or terms
+        ├── TunnelUnpaid            1    402  a tunnel's bytes would pass what its head paid for
         └── PeerLost                1    502  a layer peer died or stalled mid-generation
 
     RunStopped                                an agent run must not start another call (control
@@ -441,6 +442,13 @@ class TunnelRefused(MeshError):
     """A layer peer refused the head's terms or tunnel handshake (wrong key, expired terms)."""
 
     http_status = 403
+
+
+class TunnelUnpaid(MeshError):
+    """A layer peer's tunnel would carry more than its head's agreement allows (credit plus
+    what the head paid for): the peer cuts it."""
+
+    http_status = 402
 
 
 class PeerLost(MeshError):

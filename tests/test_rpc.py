@@ -54,7 +54,7 @@ class PeerProcess(NodeProcess):
     def _wait_for_url(self) -> str:
         url = super()._wait_for_url()
         assert self.proc.stdout is not None
-        self.lines += [self.proc.stdout.readline() for _ in range(6)]  # the rest of the banner
+        self.lines += [self.proc.stdout.readline() for _ in range(7)]  # the rest of the banner
         return url
 
     @property
@@ -407,7 +407,10 @@ def test_split_across_two_peers_matches_unsplit_and_pays_each_peer(tiny_gguf, un
     for i, peer_id in enumerate(ids):
         bought = [t for t in head_trades if t["terms"]["consumer"] == head_id
                   and t["terms"]["provider"] == peer_id]
-        assert [t["terms"]["completion_tokens"] for t in bought] == [tokens, 4]
+        # Every token the peer's layers ran is paid: the prompt's, then those generated.
+        assert all(t["terms"]["prompt_tokens"] > 0 for t in bought)
+        assert [t["terms"]["completion_tokens"] - t["terms"]["prompt_tokens"]
+                for t in bought] == [tokens, 4]
         assert all(t["terms"]["price_ucu_per_token"] == len(split["peers"][i]["layers"]) * 20_000
                    for t in bought)
         in_peer = trades(tmp_path / f"peer{i}")  # the same dual-signed trades, in both ledgers
@@ -462,7 +465,7 @@ def test_peer_killed_mid_generation_fails_by_name_and_buyer_pays_what_it_got(tin
 
     paid = [t["terms"] for t in trades(tmp_path / "head") if t["terms"]["consumer"] == head_id]
     assert victim_id not in {t["provider"] for t in paid}
-    assert sorted(t["completion_tokens"] for t in paid) == sorted(
+    assert sorted(t["completion_tokens"] - t["prompt_tokens"] for t in paid) == sorted(
         [len(text.encode()), body["usage"]["completion_tokens"]])
     verified(tmp_path)
 

@@ -28,8 +28,8 @@ def serve(
                                       help="MiB offered to heads [default: rpc.memory_mb; 0 "
                                       "there means what the machine has available]."),
     rate: int | None = typer.Option(None, "--rate", min=0, max=config.INT_MAX,
-                                    help="µCU charged per layer per generated token "
-                                    "[default: rpc.rate_ucu]."),
+                                    help="µCU charged per layer per token run, prompt or "
+                                    "generated [default: rpc.rate_ucu]."),
     mesh: bool = typer.Option(False, "--mesh", help="Advertise on the mesh (mDNS TXT: "
                               "role layer-peer, free memory) for heads started with --split auto."),
     interface: list[str] = InterfaceOpt,
@@ -38,7 +38,8 @@ def serve(
 
     ggml's RPC server runs inside this process on 127.0.0.1 only; heads reach it through the
     tunnel on --port after a signed handshake over terms this peer issued. Each generation the
-    head pays layers × tokens × rate in a dual-signed trade recorded in both ledgers.
+    head pays layers × tokens × rate in a dual-signed trade recorded in both ledgers; a head
+    that does not pay gets at most rpc.credit_kib of tunnel traffic per agreement.
     """
     from forge_cli.inference.threads import default_threads
     from forge_cli.node.app import serve as serve_app
@@ -53,7 +54,10 @@ def serve(
     peer = LayerPeer(node, rate=settings["rpc.rate_ucu"] if rate is None else rate,
                      memory_mb=memory or settings["rpc.memory_mb"],
                      threads=threads or settings["engine.threads"] or default_threads(),
-                     terms_ms=settings["rpc.terms_s"] * 1000, cache_dir=home / "rpc-cache")
+                     terms_ms=settings["rpc.terms_s"] * 1000, cache_dir=home / "rpc-cache",
+                     credit_bytes=settings["rpc.credit_kib"] * 1024,
+                     bytes_per_layer_token=settings["rpc.layer_token_kib"] * 1024,
+                     idle_s=settings["rpc.idle_s"])
     try:
         endpoint = peer.start_ggml()
     except BaseException:
@@ -76,6 +80,9 @@ def serve(
             f"  ggml rpc  {endpoint} (loopback only; reached through the tunnel)",
             f"  offers    {peer.free_mb():,} MiB, {peer.threads} threads, "
             f"{peer.rate} µCU per layer-token",
+            f"  credit    {peer.credit_bytes // 1024:,} KiB unpaid per agreement; each paid "
+            f"layer-token buys {peer.bytes_per_layer_token // 1024:,} KiB; idle tunnels closed "
+            f"after {peer.idle_s} s",
             f"  cache     {peer.cache_dir}",
             f"  ledger    {node.ledger.path}  ({node.ledger.size} entries)",
             f"  mesh      {node.mesh.describe() if node.mesh else 'off (advertise with --mesh)'}",

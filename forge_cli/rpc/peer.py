@@ -5,32 +5,39 @@ authentication), with its tensor cache under FORGE_HOME so a head reloading the 
 does not resend its weights. Heads reach it only through the tunnel on the public port: a
 WebSocket admitted after a signed handshake over terms this peer issued (see `terms`). The
 head pays for the layers served in dual-signed trades that this peer's ledger holds too.
+
+What a head that never pays gets is bounded per agreement: the peer counts every tunnel byte
+and cuts the tunnel before the bytes carried pass `credit_bytes` plus what the head's trades
+have bought. Terms are bounded per source address and in total (unused ones make way for new
+ones), and a tunnel that carries nothing for `idle_s` is closed, so no one holds the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from forge_cli import wire
 from forge_cli.errors import (
     BadIntent,
     EngineBusy,
     EntryRejected,
+    InsufficientCU,
     Replay,
     RpcUnavailable,
     TunnelRefused,
+    TunnelUnpaid,
 )
 from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
@@ -44,6 +51,13 @@ HANDSHAKE_TIMEOUT_S = 10
 CHUNK = 1 << 20  # bytes per tunnel message
 SETTLE_GRACE_MS = 600_000  # work done under terms may be paid this long after they expire
 MAX_ISSUED = 1000  # terms held at once (anyone may ask for terms: the memory is bounded)
+MAX_PER_SOURCE = 8  # unused terms one address holds at once
+MAX_UNPAID_PER_SOURCE = 4  # agreements one address has opened tunnels under and not paid
+MAX_HANDSHAKE_BYTES = 64 * 1024  # the signed answer to a challenge is under 2 kB
+COMPUTE_GRACE = 10  # ggml may compute for idle_s × this before its tunnel counts as idle
+CLOSE_IDLE = 4408  # WebSocket close codes the head reads: idle (reconnect), cut (not paid)
+CLOSE_CUT = 4402
+CUT_REASON = b"its tunnel bytes passed what the head paid for"  # at most 123 bytes
 
 
 def available_mb() -> int:
@@ -67,6 +81,8 @@ class Traffic:
     down: int = 0
     last_refusal: str = ""
     open: int = 0
+    cut: int = 0  # tunnels cut because the head's bytes passed what it paid for
+    idle_closed: int = 0
 
     def add_up(self, n: int) -> None:
         self.up += n
@@ -79,6 +95,35 @@ class Traffic:
 
 
 @dataclass
+class Agreement:
+    """Terms this peer issued, and what has happened under them: the source that asked, the
+    tunnel bytes carried and the tokens paid for."""
+
+    agreed: dict[str, Any]
+    source: str
+    carried: int = 0
+    paid_tokens: int = 0
+    used: bool = False  # a tunnel opened under it: kept past expiry for settlement
+
+    @property
+    def terms(self) -> dict[str, Any]:
+        return self.agreed["terms"]
+
+    def allowance(self) -> int | None:
+        return terms.allowance(self.terms, self.paid_tokens)
+
+    def carry(self, n: int) -> None:
+        """Count `n` more tunnel bytes, or TunnelUnpaid (before they go on) past the bound."""
+        bound = self.allowance()
+        if bound is not None and self.carried + n > bound:
+            raise TunnelUnpaid(
+                f"the head's tunnel bytes would pass what it paid for: {self.carried:,} B "
+                f"carried + {n:,} B > {bound:,} B ({self.terms['credit_bytes']:,} B credit + "
+                f"{self.paid_tokens:,} paid tokens × {terms.bytes_per_token(self.terms):,} B)")
+        self.carried += n
+
+
+@dataclass
 class LayerPeer:
     """The peer's state: its node (ledger, wallet, key), the ggml server, the terms issued."""
 
@@ -88,8 +133,11 @@ class LayerPeer:
     threads: int
     terms_ms: int
     cache_dir: Path
+    credit_bytes: int = 64 << 20
+    bytes_per_layer_token: int = 1 << 20
+    idle_s: int = 60
     endpoint: str = ""  # the ggml server, 127.0.0.1:PORT
-    issued: dict[str, dict[str, Any]] = field(default_factory=dict)  # nonce → signed terms
+    issued: dict[str, Agreement] = field(default_factory=dict)  # nonce → what it agreed
     traffic: Traffic = field(default_factory=Traffic)
     serving: dict[str, int] = field(default_factory=dict)  # head → its open tunnels
 
@@ -124,7 +172,7 @@ class LayerPeer:
 
     # -- terms ---------------------------------------------------------------------------------
 
-    def offer(self, body: Any) -> dict[str, Any]:
+    def offer(self, body: Any, source: str = "") -> dict[str, Any]:
         reason = terms.request_problem(body)
         if reason:
             raise BadIntent(f"terms refused: {reason}")
@@ -132,36 +180,66 @@ class LayerPeer:
             raise BadIntent("terms refused: a node cannot lend layers to itself")
         now = self.node.clock()
         self._forget(now)
-        if len(self.issued) >= MAX_ISSUED:
-            raise EngineBusy(f"this layer peer holds {MAX_ISSUED} terms not yet expired; ask "
-                             "again later")
+        owing = sum(1 for held in self.issued.values()
+                    if held.source == source and held.used and not held.paid_tokens)
+        if owing >= MAX_UNPAID_PER_SOURCE:
+            # Credit is per agreement; this bounds how many agreements one address may run
+            # on credit alone until they expire (rpc.terms_s plus the settlement grace).
+            raise InsufficientCU(f"terms refused: {owing} agreements opened from {source} have "
+                                 "paid nothing; pay under them or wait until they expire")
+        unused = [nonce for nonce, held in self.issued.items() if not held.used]
+        mine = [nonce for nonce in unused if self.issued[nonce].source == source]
+        # Terms cost nothing to ask for, so none are kept for long at others' expense: an
+        # address holds a few unused ones (its oldest make way), and when the table is full
+        # the oldest unused terms anywhere do. A head asks for terms just before it opens its
+        # tunnel, so what a flood evicts is only ever terms nobody is using.
+        if len(mine) >= MAX_PER_SOURCE:
+            del self.issued[mine[0]]
+        elif len(self.issued) >= MAX_ISSUED:
+            # Full of used agreements: the oldest whose head is not being served goes, and with
+            # it the chance to be paid under it (its head got at most its credit).
+            idle = [nonce for nonce, held in self.issued.items()
+                    if held.terms["head"] not in self.serving]
+            if not (unused or idle):
+                raise EngineBusy(f"this layer peer serves {MAX_ISSUED} agreements at once; ask "
+                                 "again later")
+            del self.issued[(unused or idle)[0]]
         agreed = terms.offer(self.node.signer, head=body["head"],
                              model_sha256=body["model_sha256"], layers=body["layers"],
-                             rate=self.rate, now_ms=now, ttl_ms=self.terms_ms)
-        self.issued[agreed["terms"]["nonce"]] = agreed
+                             rate=self.rate, now_ms=now, ttl_ms=self.terms_ms,
+                             credit_bytes=self.credit_bytes,
+                             bytes_per_layer_token=self.bytes_per_layer_token)
+        self.issued[agreed["terms"]["nonce"]] = Agreement(agreed, source)
         return agreed
 
     def _forget(self, now: int) -> None:
-        for nonce, agreed in list(self.issued.items()):
-            if agreed["terms"]["expires_ms"] + SETTLE_GRACE_MS < now:
+        """Drop expired terms: unused ones at once, used ones once they can no longer be paid."""
+        for nonce, held in list(self.issued.items()):
+            expires = held.terms["expires_ms"]
+            if expires + (SETTLE_GRACE_MS if held.used else 0) < now:
                 del self.issued[nonce]
 
-    def admit(self, answer: Any, challenge: str) -> dict[str, Any]:
-        """The terms a tunnel runs under, or TunnelRefused."""
+    def admit(self, answer: Any, challenge: str) -> Agreement:
+        """The agreement a tunnel runs under, or TunnelRefused."""
         reason = terms.handshake_problem(answer, peer=self.node_id, challenge=challenge,
                                          now_ms=self.node.clock())
+        held = None
         if reason is None:
-            issued = self.issued.get(answer["terms"]["nonce"])
-            if issued is None or issued["terms"] != answer["terms"]:
+            held = self.issued.get(answer["terms"]["nonce"])
+            if held is None or held.terms != answer["terms"]:
                 reason = "these terms were not issued by this peer"
             elif any(head != answer["terms"]["head"] for head in self.serving):
                 # ggml serves one connection at a time: another head would wait unseen.
                 reason = "this peer is serving another head; try again when it is done"
-        if reason:
-            self.traffic.refused += 1
-            self.traffic.last_refusal = reason
+        if reason or held is None:
+            self.refuse(reason or "no terms")
             raise TunnelRefused(f"tunnel refused: {reason}")
-        return answer
+        held.used = True
+        return held
+
+    def refuse(self, reason: str) -> None:
+        self.traffic.refused += 1
+        self.traffic.last_refusal = reason
 
     # -- settlement ----------------------------------------------------------------------------
 
@@ -173,12 +251,13 @@ class LayerPeer:
         trade, request, response = body.get("trade"), body["request"].encode(), \
             body["response"].encode()
         try:
-            nonce = json.loads(request)["terms"]["nonce"]
+            nonce = wire.parse(request, what="the agreement")["terms"]["nonce"]
         except (ValueError, KeyError, TypeError):
             raise BadIntent("the request body is not an agreement of this peer") from None
-        agreed = self.issued.get(nonce) if isinstance(nonce, str) else None
-        if agreed is None:
+        held = self.issued.get(nonce) if isinstance(nonce, str) else None
+        if held is None:
             raise BadIntent("no terms of this peer match the agreement paid under")
+        agreed = held.agreed
         reason = terms.layer_trade_problem(trade, agreed, request=request, response=response) \
             if isinstance(trade, dict) else "trade is not an object"
         if reason is None and not _verify(trade["consumer"], entries.trade_message(trade),
@@ -200,14 +279,17 @@ class LayerPeer:
                                                what=f"a layer trade of {trade['cu']:,} CU")
         except EntryRejected as exc:
             raise BadIntent(f"layer trade refused by the ledger: {exc}") from None
-        return {"trade_seq": entry.seq, "provider_sig": data["provider_sig"]}
+        held.paid_tokens += trade["completion_tokens"]  # recorded: the bytes it buys may flow
+        return {"trade_seq": entry.seq, "provider_sig": data["provider_sig"],
+                "paid_tokens": held.paid_tokens}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "role": "layer-peer", "node_id": self.node_id,
                 "free_mb": self.free_mb(), "threads": self.threads,
-                "rate_ucu_per_layer_token": self.rate,
+                "rate_ucu_per_layer_token": self.rate, "credit_bytes": self.credit_bytes,
+                "bytes_per_layer_token": self.bytes_per_layer_token, "idle_s": self.idle_s,
                 "rpc": "ggml-rpc on 127.0.0.1, reachable only through the tunnel",
-                "traffic": self.traffic.as_dict()}
+                "traffic": self.traffic.as_dict(), "agreements": agreements(self)}
 
 
 def _verify(node_id: str, message: bytes, sig: Any) -> bool:
@@ -215,6 +297,13 @@ def _verify(node_id: str, message: bytes, sig: Any) -> bool:
     from forge_cli.mesh.protocol import is_hex
 
     return is_hex(sig, 128) and identity.verify_hex(node_id, message, sig)
+
+
+def agreements(peer: LayerPeer) -> list[dict[str, Any]]:
+    """What the latest 16 agreements that opened a tunnel carried and were paid (/health)."""
+    return [{"head": held.terms["head"], "carried": held.carried,
+             "paid_tokens": held.paid_tokens, "allowance": held.allowance()}
+            for held in peer.issued.values() if held.used][-16:]
 
 
 def _free_loopback_port() -> int:
@@ -240,7 +329,24 @@ async def health(request: web.Request) -> web.Response:
 async def offer_terms(request: web.Request) -> web.Response:
     from forge_cli.node.web import read_json
 
-    return web.json_response(request.app[PEER].offer(await read_json(request)))
+    return web.json_response(request.app[PEER].offer(await read_json(request),
+                                                     source=source_of(request.remote)))
+
+
+def source_of(remote: str | None) -> str:
+    """The source the per-address limits count: the IPv4 address, or the IPv6 /64 (one host
+    commonly holds a whole /64)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(remote or "")
+    except ValueError:
+        return remote or ""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 async def settle(request: web.Request) -> web.Response:
@@ -250,7 +356,9 @@ async def settle(request: web.Request) -> web.Response:
 
 
 async def tunnel(request: web.Request) -> web.WebSocketResponse:
-    """The authenticated relay: challenge, signed answer, then bytes both ways to ggml."""
+    """The authenticated relay: challenge, signed answer, then bytes both ways to ggml, each
+    counted against the agreement (cut past what the head paid for), until either side ends
+    or the tunnel carries nothing for `idle_s`."""
     peer = request.app[PEER]
     ws = web.WebSocketResponse(max_msg_size=4 * CHUNK, heartbeat=None)
     await ws.prepare(request)
@@ -258,28 +366,59 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
     await ws.send_json({"challenge": challenge, "peer": peer.node_id})
     try:
         msg = await ws.receive(timeout=HANDSHAKE_TIMEOUT_S)
-        answer = json.loads(msg.data) if msg.type == WSMsgType.TEXT else None
-        peer.admit(answer, challenge)
+        if msg.type != WSMsgType.TEXT:
+            raise ValueError("no valid handshake came")
+        held = peer.admit(wire.parse(msg.data, limit=MAX_HANDSHAKE_BYTES, what="the handshake"),
+                          challenge)
     except (TimeoutError, TunnelRefused, ValueError) as exc:
-        reason = str(exc) if isinstance(exc, TunnelRefused) else "no valid handshake came"
+        reason = str(exc) if isinstance(exc, (TunnelRefused, wire.BadJSON)) \
+            else "no valid handshake came"
         if not isinstance(exc, TunnelRefused):
-            peer.traffic.refused += 1
-            peer.traffic.last_refusal = reason
+            peer.refuse(reason)
         log.warning("refused a tunnel from %s: %s", request.remote, reason)
         await ws.send_json({"error": reason})
         await ws.close(code=4403, message=b"refused")
         return ws
-    head = answer["terms"]["head"]  # counted at once: no other head is admitted meanwhile
+    head = held.terms["head"]  # counted at once: no other head is admitted meanwhile
     peer.serving[head] = peer.serving.get(head, 0) + 1
     peer.traffic.tunnels += 1
     peer.traffic.open += 1
+    clock = _Activity()
+
+    def up(n: int) -> None:
+        held.carry(n)
+        peer.traffic.add_up(n)
+        clock.up()
+
+    def down(n: int) -> None:
+        held.carry(n)
+        peer.traffic.add_down(n)
+        clock.down()
+
+    async def close_when_idle() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, peer.idle_s / 4))
+            if clock.idle_s() > peer.idle_s:
+                peer.traffic.idle_closed += 1
+                log.info("closed an idle tunnel of head %s… after %d s", head[:12], peer.idle_s)
+                await ws.close(code=CLOSE_IDLE, message=b"idle")
+                return
+
+    watchdog = asyncio.ensure_future(close_when_idle())
     try:
         host, port = peer.endpoint.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         await ws.send_json({"ok": True})
-        await relay(ws, reader, writer, from_ws=peer.traffic.add_up,
-                    from_tcp=peer.traffic.add_down)
+        ended = await relay(ws, reader, writer, from_ws=up, from_tcp=down)
+        if isinstance(ended, TunnelUnpaid):
+            peer.traffic.cut += 1
+            peer.traffic.last_refusal = str(ended)
+            log.warning("cut the tunnel of head %s…: %s", head[:12], ended)
+            await ws.close(code=CLOSE_CUT, message=CUT_REASON)
+        else:
+            await ws.close()
     finally:
+        watchdog.cancel()
         peer.traffic.open -= 1
         peer.serving[head] -= 1
         if not peer.serving[head]:
@@ -287,37 +426,68 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+class _Activity:
+    """When a tunnel last carried bytes, and which way: it idles while the head owes the next
+    word (ggml answered, or nothing came yet); while ggml may be computing (the head spoke
+    last) it idles 10 times slower, so a long graph is not cut but a head that sends a few
+    bytes and stops does not hold the peer for ever."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.computing = False
+
+    def up(self) -> None:
+        self.last, self.computing = time.monotonic(), True
+
+    def down(self) -> None:
+        self.last, self.computing = time.monotonic(), False
+
+    def idle_s(self) -> float:
+        quiet = time.monotonic() - self.last
+        return quiet / COMPUTE_GRACE if self.computing else quiet
+
+
 async def relay(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                 from_ws: Callable[[int], None], from_tcp: Callable[[int], None],
-                on_ws_lost: Callable[[], None] | None = None) -> None:
+                on_ws_lost: Callable[[int | None, str], None] | None = None,
+                before_ws: Callable[[int], Awaitable[None]] | None = None) -> BaseException | None:
     """Carry bytes between a WebSocket and a TCP stream until either side ends, counting each
-    direction. `on_ws_lost` runs when the WebSocket ends first (the far side went away), before
-    the TCP side is closed: the head records which peer it lost before ggml notices."""
+    direction before the bytes go on (a counter that raises stops the relay there: its
+    exception is returned). `before_ws` is awaited before TCP bytes go to the WebSocket (the
+    head pays ahead there). `on_ws_lost(close code, reason)` runs when the WebSocket ends
+    first (the far side went away), before the TCP side is closed: the head records which
+    peer it lost, and why, before ggml notices."""
 
     async def ws_to_tcp() -> None:
-        async for msg in ws:
+        while True:
+            msg = await ws.receive()
             if msg.type != WSMsgType.BINARY:
                 break
             from_ws(len(msg.data))
             writer.write(msg.data)
             await writer.drain()
         if on_ws_lost is not None:
-            on_ws_lost()
+            reason = msg.extra if msg.type == WSMsgType.CLOSE and isinstance(msg.extra, str) \
+                else ""
+            on_ws_lost(ws.close_code, reason)
 
     async def tcp_to_ws() -> None:
         while data := await reader.read(CHUNK):
+            if before_ws is not None:
+                await before_ws(len(data))
             from_tcp(len(data))
             await ws.send_bytes(data)
 
     tasks = [asyncio.ensure_future(ws_to_tcp()), asyncio.ensure_future(tcp_to_ws())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        failed = [task.exception() for task in done if not task.cancelled()]
+        return next((exc for exc in failed if isinstance(exc, Exception)), None)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         writer.close()
-        await ws.close()
 
 
 def make_app(peer: LayerPeer) -> web.Application:
@@ -338,4 +508,5 @@ def make_app(peer: LayerPeer) -> web.Application:
     return app
 
 
-__all__ = ["LayerPeer", "Traffic", "available_mb", "make_app", "relay"]
+__all__ = ["Agreement", "LayerPeer", "Traffic", "agreements", "available_mb",
+           "make_app", "relay", "source_of"]

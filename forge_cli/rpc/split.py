@@ -5,7 +5,9 @@ child process with the peers as RPC devices, and every generation metered to the
 describe, placement, close. Requests run in the child (`forge_cli.rpc.child`); when it dies
 because a peer went away (or stalled past `rpc.stall_s`), the requests it served fail with
 PeerLost naming that peer, each paid for the tokens it produced, and the engine reloads on
-the peers left, or refuses with 503 when the model no longer fits.
+the peers left, or refuses with 503 when the model no longer fits. A peer that closes an idle
+tunnel is not lost: the engine sleeps (its child ended) and wakes on the next request, which
+waits for the reload rather than failing.
 """
 
 from __future__ import annotations
@@ -186,12 +188,15 @@ class SplitEngine:
     """A model split between this head and layer peers at `urls` (see the module docstring).
 
     `signer` is the head's identity (it signs handshakes and pays); `attach(node)` lets the
-    engine pay peers through the node's wallet (a SplitEngine not attached meters nothing)."""
+    engine pay peers through the node's wallet (a SplitEngine not attached pays nothing, so
+    each peer carries no more for it than the credit its terms state). With `load=False` the
+    model is loaded by `attach`, so the weights are paid for as they go to the peers, or by
+    the first request."""
 
     def __init__(self, path: str | Path, *, name: str, urls: list[str], signer: Any,
                  n_ctx: int, n_threads: int | None = None, n_threads_batch: int | None = None,
                  slots: int | None = None, queue_size: int = 16, stall_s: int = 120,
-                 head_mb: int | None = None) -> None:
+                 head_mb: int | None = None, load: bool = True) -> None:
         from forge_cli.inference import gguf_meta, identity
         from forge_cli.rpc import ggml
         from forge_cli.rpc.peer import available_mb
@@ -215,13 +220,17 @@ class SplitEngine:
         self._node: Paying | None = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a stream collected on a thread that holds it cancels
         self._ready = threading.Event()
         self._unavailable: Exception | None = None
         self._closing = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._payments: set[Any] = set()
+        self._asleep = not load  # no child: the next request (or attach) loads the model
+        self._waking = False
+        self._pending: list[tuple[Any, ...]] = []  # requests waiting for the engine to wake
+        self.live: list[Lender] = []
         self.plan: Plan | None = None
         self.info: dict[str, Any] = {}
         self.load_s = 0.0
@@ -233,7 +242,8 @@ class SplitEngine:
         try:
             self._http = self._run(self._session())
             self.lenders = [self._run(self._hello(url)) for url in urls]
-            self._load()
+            if load:
+                self._load()
         except BaseException:
             self._shutdown_loop()
             raise
@@ -261,8 +271,8 @@ class SplitEngine:
             async with self._http.request(method, url, json=body) as response:
                 raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TunnelRefused(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
-                                ) from None
+            raise PeerLost(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
+                           ) from None
         try:
             return answer(response.status, response.reason or "", raw, f"layer peer at {url}")
         except ForgeError as exc:  # the peer's own words where it gave an envelope
@@ -290,19 +300,30 @@ class SplitEngine:
                                or agreed["terms"]["layers"] != len(lender.layers)
                                or agreed["terms"]["head"] != self.signer.node_id):
             reason = "they are not the terms asked for"
+        if reason is None and agreed["terms"]["bytes_per_layer_token"] < 1:
+            reason = "a paid token buys no tunnel bytes under them"
         if reason:
             raise TunnelRefused(f"layer peer {lender.short} sent bad terms: {reason}")
         lender.agreed = agreed
         if lender.tunnel is not None:
             await lender.tunnel.close()
         lender.tunnel = HeadTunnel(lender.url, lender.node_id, self.signer, agreed,
-                                   self._tunnels_http, on_lost=self._peer_gone)
+                                   self._tunnels_http, on_lost=self._peer_gone,
+                                   child=self._child_pid, on_idle=self._peer_idle,
+                                   top_up=lambda tokens: self._top_up(lender, agreed, tokens))
         return await lender.tunnel.start()
+
+    def _child_pid(self) -> int | None:
+        """The engine child, the one process the tunnels' loopback ports serve."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _load(self) -> None:
-        """Plan over the peers still here, agree terms, open tunnels, start the child."""
+    def _load(self, *, drop_unreachable: bool = False) -> None:
+        """Plan over the peers still here, agree terms, open tunnels, start the child; with
+        `drop_unreachable`, a peer that no longer answers is lost and the plan made again
+        without it (waking: it may have gone while the engine slept)."""
         started = time.perf_counter()
         live = [lender for lender in self.lenders if lender.lost is None]
         if self.file_mb > self.head_mb + sum(lender.free_mb for lender in live):
@@ -315,7 +336,16 @@ class SplitEngine:
             plan = Plan(self.n_layer, 0, [], list(range(self.n_layer + 1)), [])
         for lender, layers in zip(live, plan.peers, strict=True):
             lender.layers = layers
-        endpoints = [self._run(self._agree(lender)) for lender in live]
+        endpoints = []
+        for lender in live:
+            try:
+                endpoints.append(self._run(self._agree(lender)))
+            except PeerLost as exc:
+                if not drop_unreachable:
+                    raise
+                lender.lost = exc.message
+                log.warning("%s", exc.message)
+                return self._load(drop_unreachable=True)
         self._start_child({**self._config, "endpoints": endpoints,
                            "n_gpu_layers": plan.n_gpu_layers,
                            "tensor_split": plan.tensor_split or None})
@@ -349,6 +379,11 @@ class SplitEngine:
             reply = ("failed", "ModelError", self._death_reason())
         if reply[0] != "ready":
             self._kill_child()
+            refusal = next((lender.tunnel.refusal for lender in self.lenders
+                            if lender.tunnel is not None and lender.tunnel.refusal), None)
+            if refusal is not None:  # a peer said no: that is the reason, not a broken model
+                raise TunnelRefused(f"the split engine for {self.name} could not load: "
+                                    f"{refusal.message}")
             cls = getattr(errors, reply[1], ModelError)
             raise (cls if isinstance(cls, type) and issubclass(cls, errors.ForgeError)
                    else ModelError)(f"the split engine for {self.name} could not load: {reply[2]}")
@@ -358,8 +393,21 @@ class SplitEngine:
                          daemon=True).start()
 
     def _death_reason(self) -> str:
-        lost = [lender.lost for lender in self.lenders if lender.tunnel and lender.tunnel.lost]
+        lost = [lender.tunnel.lost for lender in self.lenders
+                if lender.tunnel is not None and lender.tunnel.lost]
         return "; ".join(lost) or "its process exited"
+
+    def _peer_idle(self, tunnel: HeadTunnel) -> None:
+        """A peer closed this engine's idle tunnel: end the child and sleep until the next
+        request (a request in flight fails as if the peer were lost, and the engine reloads)."""
+        with self._lock:
+            if self._closing or self._asleep or all(lender.tunnel is not tunnel
+                                                    for lender in self.live):
+                return
+            self._asleep = not self._jobs
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # on the tunnels' loop: never wait here
 
     def _peer_gone(self) -> None:
         """A tunnel lost its peer: end the child now, even idle (ggml would only notice at the
@@ -399,7 +447,7 @@ class SplitEngine:
                     cls = ModelError
                 self._end(job, ("error", cls(rest[1])))
         conn.close()
-        if self._closing or proc is not self._proc:
+        if self._closing or proc is not self._proc or self._asleep:
             return
         self._lost(proc)
 
@@ -431,7 +479,7 @@ class SplitEngine:
 
     def _reload(self) -> None:
         try:
-            self._load()
+            self._load(drop_unreachable=True)
             log.warning("%s reloaded on %d layer peer(s)", self.name, len(self.live))
         except Exception as exc:
             self._unavailable = exc if isinstance(exc, ModelError) else ModelError(str(exc))
@@ -467,11 +515,46 @@ class SplitEngine:
     # -- metering ------------------------------------------------------------------------------
 
     def attach(self, node: Paying) -> None:
-        """Pay layer peers through `node`'s wallet, as `node`'s account."""
+        """Pay layer peers through `node`'s wallet, as `node`'s account; load the model now if
+        it was made with load=False (its weights paid for as they go)."""
         self._node = node
+        if self._asleep and not self._waking:
+            self._load()
+            with self._lock:
+                self._asleep = False
+
+    def _wake(self) -> None:
+        """Load the model for the requests that came while the engine slept, then run them;
+        if it cannot load, they fail by its reason and the next request tries again."""
+        try:
+            self._load(drop_unreachable=True)
+        except Exception as exc:
+            failure = exc if isinstance(exc, ForgeError) else ModelError(str(exc))
+            with self._lock:
+                pending, self._pending, self._waking = self._pending, [], False
+            for msg in pending:
+                job = self._jobs.get(msg[1])
+                if job is not None:
+                    self._end(job, ("error", failure))
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._asleep = self._waking = False
+            for msg in pending:
+                job = self._jobs.get(msg[1])
+                if job is not None:
+                    job.lenders, job.last = list(self.live), time.monotonic()
+                self._send(msg)
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        try:
+            assert self._conn is not None
+            self._conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the child is gone: the reader fails the job by the peer's name
 
     def _meter(self, job: _Job) -> None:
-        if self._node is None or job.tokens == 0:
+        if self._node is None or job.tokens + job.prompt_tokens == 0:
             return
         response = "".join(job.pieces).encode()
         for lender in job.lenders:
@@ -482,8 +565,15 @@ class SplitEngine:
                 self._payments.add(future)
                 future.add_done_callback(self._payments.discard)
 
+    async def _top_up(self, lender: Lender, agreed: dict[str, Any], tokens: int) -> bool:
+        """Pay `lender` ahead for `tokens` (the tunnel bytes they buy): False when this engine
+        pays no one (not attached) or the payment failed."""
+        if self._node is None or lender.rate == 0:
+            return False
+        return await self._pay(lender, agreed, 0, tokens, b"")
+
     async def _pay(self, lender: Lender, agreed: dict[str, Any], prompt_tokens: int,
-                   tokens: int, response: bytes) -> None:
+                   tokens: int, response: bytes) -> bool:
         """One dual-signed trade: the head pays `lender` for its layers over `tokens`."""
         from forge_cli import identity
 
@@ -504,6 +594,9 @@ class SplitEngine:
             if not isinstance(provider_sig, str) or not identity.verify_hex(
                     lender.node_id, entries.trade_message(trade), provider_sig):
                 raise TunnelRefused(f"layer peer {lender.short} did not sign the layer trade")
+            tunnel = lender.tunnel
+            if tunnel is not None and tunnel.agreed is agreed:  # what the peer now lets flow
+                tunnel.paid_tokens += trade["completion_tokens"]
             return ({"terms": trade, "provider_sig": provider_sig, "consumer_sig": consumer_sig},
                     [request, record])
 
@@ -512,9 +605,10 @@ class SplitEngine:
                                   what=f"{trade['cu']} CU owed to layer peer {lender.short}")
         except errors.ForgeError as exc:
             log.error("layer trade with %s not settled: %s", lender.short, exc)
-            return
+            return False
         lender.paid_cu += trade["cu"]
         lender.trades += 1
+        return True
 
     def settled(self, timeout: float = 30) -> None:
         """Wait for the payments under way (tests and shutdown)."""
@@ -527,6 +621,16 @@ class SplitEngine:
     def _submit(self, kind: str, block: bool, *args: Any) -> SplitStream:
         if self._closing:
             raise ModelError(f"the engine for {self.name} is closed")
+        with self._lock:
+            if self._asleep:  # the request waits in its stream, not in the caller
+                job = _Job(next(self._ids), [])
+                self._jobs[job.id] = job
+                self._pending.append((kind, job.id, *args))
+                if not self._waking:
+                    self._waking = True
+                    threading.Thread(target=self._wake, name="forge-rpc-wake",
+                                     daemon=True).start()
+                return SplitStream(self, job)
         if not self._ready.is_set() and not block:  # never hold the caller's event loop
             lost = "; ".join(lender.lost for lender in self.lenders if lender.lost)
             raise EngineBusy(f"{self.name} is reloading on the layer peers left ({lost}); "
@@ -538,11 +642,7 @@ class SplitEngine:
         job = _Job(next(self._ids), list(self.live))
         with self._lock:
             self._jobs[job.id] = job
-        try:
-            assert self._conn is not None
-            self._conn.send((kind, job.id, *args))
-        except (OSError, ValueError):
-            pass  # the child is gone: the reader fails the job by the peer's name
+        self._send((kind, job.id, *args))
         return SplitStream(self, job)
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
@@ -554,6 +654,12 @@ class SplitEngine:
         return self._submit("generate", block, prompt, sampling, add_bos)
 
     def _cancel(self, job: _Job) -> None:
+        with self._lock:  # still waiting for the engine to wake: it never reaches the child
+            waiting = [msg for msg in self._pending if msg[1] == job.id]
+            self._pending = [msg for msg in self._pending if msg[1] != job.id]
+        if waiting:
+            self._end(job, ("done", Completion("", 0, 0, "cancelled")))
+            return
         if job.ended or self._conn is None:
             return
         try:

@@ -34,7 +34,7 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int =
             engine = SplitEngine(path, name=model_id, urls=split, signer=signer, n_ctx=n_ctx,
                                  queue_size=queue, n_threads=threads or None,
                                  n_threads_batch=threads_batch or None, slots=slots or None,
-                                 stall_s=stall_s)
+                                 stall_s=stall_s, load=False)  # loaded by attach: paid as it goes
         else:
             engine = Engine(path, name=model_id, n_ctx=n_ctx, queue_size=queue,
                             n_threads=threads or None, n_threads_batch=threads_batch or None,
