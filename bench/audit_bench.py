@@ -45,9 +45,9 @@ TRADES = (1, 10, 50, 100, 500)
 
 def sale(engine: Any, prompt: str, n: int, tokens: int, temperature: float) -> dict[str, Any]:
     """One reply generated as a P2P sale generates it, with its terms' audit fields."""
+    from forge_cli.inference.requests import parse_messages, parse_sampling
     from forge_cli.ledger import entries
     from forge_cli.mesh import audit
-    from forge_cli.node.routes_openai import parse_messages, parse_sampling
     from forge_cli.trade.session import request_bytes
 
     body = {"model": MODEL, "max_tokens": tokens, "temperature": temperature, "seed": n,

@@ -129,7 +129,7 @@ def gossip_http_ingest(folder: Path, trades: list[dict[str, Any]], batch: int,
 
     from forge_cli import config
     from forge_cli.node.app import make_app
-    from forge_cli.trade.build import build_node
+    from forge_cli.root.build import build_node
 
     home = folder / "home"
     home.mkdir()

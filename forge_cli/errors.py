@@ -198,7 +198,7 @@ class Throttled(ForgeError):
 
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 60, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.retry_after_s = retry_after_s
 
@@ -226,7 +226,7 @@ class RecheckBusy(EngineBusy):
     """A dispute's re-check waits for no one: the bounded queue is full, or its auditor used
     its re-checks for this minute. `retry_after_s` is when a retry can be taken."""
 
-    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 60, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.retry_after_s = retry_after_s
 

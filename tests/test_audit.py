@@ -53,7 +53,7 @@ def sell(engine: Any, n: int, temperature: float, *, quoted_sha256: str | None =
          repeat_penalty: float = 1.0, content: str | None = None) -> dict[str, Any]:
     """One sale as the P2P route makes it: terms, request, response and the tokens body."""
     from forge_cli.inference.engine import Sampling
-    from forge_cli.node.routes_openai import parse_messages, parse_sampling
+    from forge_cli.inference.requests import parse_messages, parse_sampling
 
     rng = random.Random(n)
     body = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": temperature,

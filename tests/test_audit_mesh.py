@@ -94,7 +94,7 @@ class InProcessNode:
     def __init__(self, home: Path, model: Any) -> None:
         from forge_cli import config
         from forge_cli.node.app import make_app
-        from forge_cli.trade.build import build_node
+        from forge_cli.root.build import build_node
 
         saved = os.environ.get("FORGE_HOME")
         os.environ["FORGE_HOME"] = str(home)
@@ -159,7 +159,7 @@ class InProcessNode:
 def mesh(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path
          ) -> Iterator[dict[str, InProcessNode]]:
     from forge_cli.inference.engine import Engine
-    from forge_cli.trade.node import LoadedModel
+    from forge_cli.root.node import LoadedModel
     from tests.gguf_model import write_tiny_llama
 
     root = tmp_path_factory.mktemp("audit-mesh")

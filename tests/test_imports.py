@@ -11,7 +11,8 @@ from tests.import_graph import cycles, graph
 PACKAGES = ("forge_cli", "tui")
 # The core and what it stands on; none of them may reach up into a channel or the root.
 LOWER = ("forge_cli.trade", "forge_cli.economy", "forge_cli.ledger")
-ABOVE = ("forge_cli.node", "forge_cli.mesh", "forge_cli.rpc", "forge_cli.agents", "forge_cli.cli",
+ABOVE = ("forge_cli.root", "forge_cli.node", "forge_cli.mesh", "forge_cli.rpc", "forge_cli.agents",
+         "forge_cli.cli",
          "forge_cli.app", "forge_cli.mcp_server", "forge_cli.demo", "tui")
 
 

@@ -101,8 +101,8 @@ def test_requests_and_apps_carry_typed_keys_only():
     assert stringly == []
 
 
-# The trade lifecycle and what it is made of. (build.py and node.py wire the channels onto
-# the core, so they are the composition root and may name them.)
+# The trade lifecycle and what it is made of: every module of trade/ (the composition root that
+# wires the channels onto it is forge_cli/root/).
 CORE = ("session", "seams", "wallet", "forwarding", "offers")
 
 
@@ -121,13 +121,16 @@ def test_the_trade_core_imports_no_channel():
     loose = {path: channel_imports(tree) for path, tree in sources()
              if path in {f"forge_cli/trade/{name}.py" for name in CORE}}
     assert len(loose) == len(CORE)
+    assert sorted(p.stem for p in (REPO / "forge_cli/trade").glob("*.py")
+                  if p.stem != "__init__") == sorted(CORE)
     assert {path: found for path, found in loose.items() if found} == {}
 
 
 def test_the_old_homes_of_the_trade_loop_are_gone():
     for old in ("forge_cli/node/service.py", "forge_cli/node/forwarding.py"):
         assert not (REPO / old).exists(), old
-    assert (REPO / "forge_cli/trade/build.py").exists()
+    assert (REPO / "forge_cli/root/build.py").exists()
+    assert not (REPO / "forge_cli/trade/build.py").exists()
 
 
 def test_structure_checks_find_what_they_look_for(tmp_path: Path):

@@ -40,7 +40,7 @@ class Server:
     def __init__(self, home: Path, model: Path) -> None:
         from forge_cli import config
         from forge_cli.node.app import make_app
-        from forge_cli.trade.build import build_node
+        from forge_cli.root.build import build_node
 
         self.node = build_node(config.load(), models=[str(model)],
                                ledger_path=home / "ledger.db")

@@ -86,7 +86,7 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     with `pull`, catalog models not on disk are downloaded first."""
     from forge_cli.inference import download
     from forge_cli.node.app import check_bind, serve
-    from forge_cli.trade.build import build_node
+    from forge_cli.root.build import build_node
 
     settings = config.load()
     if threads:

@@ -43,9 +43,9 @@ def serve(
     """
     from forge_cli.inference.threads import default_threads
     from forge_cli.node.app import serve as serve_app
+    from forge_cli.root.build import build_node
     from forge_cli.rpc import ggml
     from forge_cli.rpc.peer import LayerPeer, make_app
-    from forge_cli.trade.build import build_node
 
     ggml.require_rpc()
     settings = config.load()

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from forge_cli.errors import ForgeError, ModelError
+from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
 
 if TYPE_CHECKING:
-    from forge_cli.inference.engine import Call, Engine, Job, Sampling, Score
+    from forge_cli.inference.engine import Engine
 
 # The repeat penalty looks this far back (prompt included), like llama-cpp-python's default.
 PENALTY_LAST_N = 64
@@ -195,8 +196,6 @@ class Scheduler:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        from forge_cli.inference.engine import Call, Score
-
         while True:
             # Take queued work while a slot is free; wait for it only when nothing is live, and
             # while another lane is idle leave it to that one. With sequences live, at most as
@@ -272,8 +271,6 @@ class Scheduler:
     # -- admitting ---------------------------------------------------------------------------
 
     def _admit(self, job: Job) -> None:
-        from forge_cli.inference.engine import Completion
-
         engine = self._engine
         started = time.perf_counter()
         tokens = job.tokens  # tokenized and checked against the context by the caller
@@ -432,8 +429,6 @@ class Scheduler:
         self._free.append(seq.slot)
 
     def _finish(self, seq: _Sequence | _Scoring, reason: str) -> None:
-        from forge_cli.inference.engine import Completion
-
         if isinstance(seq, _Scoring):  # cancelled: its caller withdrew it, or the engine closes
             self._fail(seq, ModelError("scoring was cancelled"))
             return

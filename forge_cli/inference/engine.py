@@ -23,14 +23,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from forge_cli.errors import EngineBusy, ModelError, PromptTooLong, UsageError
 from forge_cli.inference import templates
+from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
 
 DEFAULT_N_CTX = 4096
 DEFAULT_QUEUE = 16
@@ -40,98 +39,6 @@ BATCH_TOKENS = 512
 
 log = logging.getLogger("forge.engine")
 _backend_ready = False
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How to sample; the defaults are llama.cpp's, except the temperature."""
-
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Completion:
-    """The outcome of one request. Times are seconds, measured on the scheduler thread."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or stop string), "length", "cancelled"
-    queued_s: float = 0.0  # waiting for a slot
-    prompt_s: float = 0.0  # prompt evaluation up to the first sampled token
-    generation_s: float = 0.0  # from the first to the last sampled token
-    # Every token sampled and counted (what the provider commits to in a sale; no end-of-turn)
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Generation speed: tokens after the first, over the time they took."""
-        if self.completion_tokens < 2 or self.generation_s <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / self.generation_s
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
-
-    @property
-    def time_to_first_token_s(self) -> float:
-        return self.queued_s + self.prompt_s
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "timings": {
-                "queued_ms": round(self.queued_s * 1000, 3),
-                "prompt_ms": round(self.prompt_s * 1000, 3),
-                "generation_ms": round(self.generation_s * 1000, 3),
-                "time_to_first_token_ms": round(self.time_to_first_token_s * 1000, 3),
-                "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 3),
-                "tokens_per_s": round(self.tokens_per_s, 3),
-            },
-        }
-
-
-@dataclass
-class Job:
-    """A request the scheduler admits: its prompt already tokenized (in the caller's thread,
-    never on the scheduler's, which steps every live sequence)."""
-
-    tokens: list[int]
-    sampling: Sampling
-    out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Score:
-    """Teacher-forced scoring: `tokens` decoded in one prefill, the logits of every position
-    from `start - 1` on kept (each row predicts the token after it), or what `reduce` makes
-    of each."""
-
-    tokens: list[int]
-    start: int
-    reduce: Callable[[int, Any], Any] | None = None
-    out: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class Call:
-    fn: Callable[[], Any]
-    future: Future[Any] = field(default_factory=Future)
 
 
 class Stream:

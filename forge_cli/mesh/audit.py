@@ -194,7 +194,7 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     """Audit one sale with `engine` (the same GGUF as terms.model_sha256): counts, prompt,
     text and every token against the model. Blocks for one prefill; call it off the loop.
     Setting `cancel` withdraws the prefill (ModelError) at the engine's next step."""
-    from forge_cli.node.routes_openai import parse_messages, parse_sampling
+    from forge_cli.inference.requests import parse_messages, parse_sampling
 
     if engine.sha256 != terms["model_sha256"]:
         raise DisputeRejected(f"this node's {engine.name} is not the model the trade names "

@@ -27,7 +27,7 @@ from forge_cli.node import (
 from forge_cli.node.throttle import AUTH_FAILURES_PER_MINUTE, REJECTS_PER_MINUTE, Throttle
 
 if TYPE_CHECKING:
-    from forge_cli.trade.node import Node
+    from forge_cli.root.node import Node
 from forge_cli.node.web import (
     MAX_BODY,
     NODE,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -12,7 +12,9 @@ from forge_cli.agents import run as runs
 from forge_cli.economy.accounts import Resolved
 from forge_cli.errors import Forbidden, NotFound, UsageError
 from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 _RUN = re.compile(r"ag_[0-9a-f]{12}")
 MAX_REQUEST = 4000

@@ -10,6 +10,8 @@ no body.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from forge_cli.errors import Forbidden, ForgeError, NotFound, RecheckBusy
@@ -24,7 +26,9 @@ from forge_cli.node.web import (
     field,
     read_json,
 )
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 REFUSALS_PER_MINUTE = 20  # refused disputes one address may send a minute
 REFUSALS: web.AppKey[Throttle] = web.AppKey("dispute_refusals", Throttle)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -13,7 +13,9 @@ from forge_cli.ledger import entries, queries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
 from forge_cli.node.web import NODE, Route, account_query, bad_request, int_query
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 
 async def balance(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ by its two signatures, which are verified before anything is stored.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,7 +22,9 @@ from forge_cli.node.web import (
     int_query,
     read_json,
 )
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 
 def _gossip(node: Node) -> Gossip:

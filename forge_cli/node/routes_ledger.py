@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from forge_cli.errors import NotFound
 from forge_cli.node.web import NODE, Route, bad_request, int_query
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 
 async def checkpoint(request: web.Request) -> web.Response:

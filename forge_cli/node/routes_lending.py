@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -23,7 +23,9 @@ from forge_cli.node.web import (
     int_query,
     read_json,
 )
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 log = logging.getLogger("forge.node")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -10,7 +10,9 @@ from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import MeshNotRunning
 from forge_cli.ledger import queries
 from forge_cli.node.web import NODE, Route
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 
 def peer_table(node: Node) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ after it (for the tokens actually produced); the response carries `x_forge`.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.inference.requests import parse_messages, parse_sampling, valid_text
 from forge_cli.node.throttle import Sender
 from forge_cli.node.web import (
     NODE,
@@ -31,106 +31,13 @@ from forge_cli.node.web import (
     sse,
 )
 from forge_cli.trade import forwarding
-from forge_cli.trade.node import Node
 from forge_cli.trade.session import Settled, Source, Starter, TradeSession, request_bytes
 
 if TYPE_CHECKING:
     from forge_cli.economy.accounts import Who
+    from forge_cli.root.node import Node
 
-ROLES = ("system", "user", "assistant")
 FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
-
-
-# Parameters this node does not honour, and the values that ask for nothing it would ignore
-# (the defaults; OpenAI's clients send none of them unless told to, other clients send these).
-# `tools` and `response_format` are another matter (issue 17).
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
-    "suffix": ("",), "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,),
-}
-
-
-def refuse_unsupported(body: dict[str, Any]) -> None:
-    """A 400 for a parameter that would change the answer and that this node would ignore
-    (n, logprobs, …): a client asking for 3 choices must not silently get 1. Absent, null or
-    the default value is accepted."""
-    for name, harmless in UNSUPPORTED.items():
-        value = body.get(name)
-        if value is None or any(_same(value, ok) for ok in harmless):
-            continue
-        shown = json.dumps(value)[:40]
-        allowed = " or ".join(json.dumps(ok) for ok in harmless)
-        raise bad_request(f"{name!r} is not supported by this node (found {shown}); leave it "
-                          f"out or send {allowed}")
-
-
-def _same(value: Any, ok: Any) -> bool:
-    """JSON equality without Python's True == 1 (`"n": true` is not `"n": 1`)."""
-    if isinstance(value, bool) or isinstance(ok, bool):
-        return value is ok
-    if isinstance(ok, int | float):
-        return isinstance(value, int | float) and value == ok
-    return bool(value == ok)
-
-
-def parse_sampling(body: dict[str, Any], node_ctx: int) -> Any:
-    from forge_cli.inference.engine import Sampling
-
-    refuse_unsupported(body)
-    max_tokens = field(body, "max_tokens", int, default=None)
-    if max_tokens is None:
-        max_tokens = field(body, "max_completion_tokens", int, default=256)
-    if not 1 <= max_tokens <= node_ctx:
-        raise bad_request(f"max_tokens must be between 1 and {node_ctx}, found {max_tokens}")
-    temperature = field(body, "temperature", (int, float), default=0.7)
-    if not 0 <= temperature <= 2:
-        raise bad_request(f"temperature must be between 0 and 2, found {temperature}")
-    top_p = field(body, "top_p", (int, float), default=0.95)
-    if not 0 < top_p <= 1:
-        raise bad_request(f"top_p must be in (0, 1], found {top_p}")
-    seed = field(body, "seed", int, default=None)
-    if seed is not None and not 0 <= seed < 2**32:
-        raise bad_request(f"seed must be between 0 and 2**32 - 1, found {seed}")
-    stop = field(body, "stop", (str, list), default=())
-    if isinstance(stop, str):
-        stop = (stop,)
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise bad_request("stop must be a non-empty string or a list of up to 4 of them")
-    return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                    seed=seed, stop=tuple(stop))
-
-
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = field(body, "messages", list, required=True)
-    if not messages:
-        raise bad_request("messages must not be empty")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{i}] must be an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
-                              f"found {role!r}")
-        if isinstance(content, list):  # the content-parts form: text parts only
-            try:
-                content = "".join(p["text"] for p in content if p.get("type") == "text")
-            except (TypeError, KeyError, AttributeError):
-                raise bad_request(f"messages[{i}].content parts must be text parts") from None
-        if not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": _text(content, f"messages[{i}].content")})
-    return out
-
-
-def _text(value: str, where: str) -> str:
-    """`value` if it is valid Unicode text (a lone surrogate such as "\\ud800" is not)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(f"{where} is not valid Unicode text: {exc.reason} at position "
-                          f"{exc.start}") from None
-    return value
 
 
 @dataclass
@@ -165,10 +72,10 @@ def _order(body: dict[str, Any], *, chat: bool, n_ctx: int) -> Order:
     name = field(body, "model", str, default=None)
     stream = field(body, "stream", bool, default=False)
     messages = parse_messages(body) if chat else None
-    prompt = None if chat else _text(field(body, "prompt", str, required=True), "prompt")
+    prompt = None if chat else valid_text(field(body, "prompt", str, required=True), "prompt")
     sampling = parse_sampling(body, n_ctx)
     for stop in sampling.stop:
-        _text(stop, "stop")
+        valid_text(stop, "stop")
     try:
         raw = request_bytes(body)
     except UnicodeEncodeError as exc:

@@ -5,15 +5,18 @@ every request is authenticated by the Ed25519 signatures it carries (`forge_cli.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.inference.requests import parse_messages, parse_sampling
 from forge_cli.mesh.audit import commit_sampling
-from forge_cli.node.routes_openai import parse_messages, parse_sampling
 from forge_cli.node.throttle import Sender
 from forge_cli.node.web import NODE, REJECTS, STREAMING, Route, error_body, read_json, sse
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 
 def _sender(request: web.Request) -> Sender:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from forge_cli.errors import Forbidden
 from forge_cli.node.web import NODE, WHO, Route, bad_request, field, read_json
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 POLICY_FIELDS = ("per_request_cap_cu", "hourly_budget_cu", "lifetime_budget_cu",
                  "approval_threshold_cu")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from forge_cli.node.web import NODE, OPENAPI, Route
-from forge_cli.trade.node import Node
+
+if TYPE_CHECKING:
+    from forge_cli.root.node import Node
 
 KEEPALIVE_S = 15
 GONE_CHECK_S = 1.0  # how often a quiet feed checks that its subscriber is still there

@@ -23,15 +23,18 @@ from forge_cli.errors import (
     Forbidden,
     ForgeError,
     SpendDenied,
-    UsageError,
 )
+
+# The routes take the request parsers from here, beside read_json.
+from forge_cli.inference.requests import bad_request as bad_request
+from forge_cli.inference.requests import field as field
 from forge_cli.node.throttle import Throttle
 
 log = logging.getLogger("forge.node")
 
 if TYPE_CHECKING:
     from forge_cli.economy.accounts import Resolved as Who
-    from forge_cli.trade.node import Node
+    from forge_cli.root.node import Node
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 # Requests refused as bad input, per sender (forge_cli.node.throttle).
@@ -216,11 +219,6 @@ def parse_json(raw: bytes | str) -> Any:
         raise bad_request(str(exc)) from None
 
 
-def bad_request(message: str) -> UsageError:
-    """A 400 naming what is wrong with the request."""
-    return UsageError(message)
-
-
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     """The integer query parameter `name`, `default` when absent; a 400 unless low ≤ value ≤ high."""
     raw = request.query.get(name)
@@ -246,28 +244,6 @@ def account_query(request: web.Request) -> str:
     if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
         raise bad_request("account must be a 64-digit lowercase hex public key")
     return account
-
-
-def field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], *,
-          default: Any = None, required: bool = False) -> Any:
-    """body[name] if present and of the right JSON type (bool is not a number)."""
-    if name not in body or body[name] is None:
-        if required:
-            raise bad_request(f"missing required field {name!r}")
-        return default
-    value = body[name]
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise bad_request(f"{name!r} must be {_names(kinds)}, found a boolean")
-    if not isinstance(value, kinds):
-        raise bad_request(f"{name!r} must be {_names(kinds)}, found {type(value).__name__}")
-    return value
-
-
-def _names(kinds: tuple[type, ...]) -> str:
-    words = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "an array", dict: "an object"}
-    return " or ".join(words.get(k, k.__name__) for k in kinds)
 
 
 def openapi(routes: list[Route]) -> dict[str, Any]:

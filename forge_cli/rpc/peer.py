@@ -43,7 +43,7 @@ from forge_cli.ledger import entries
 from forge_cli.rpc import ggml, terms
 
 if TYPE_CHECKING:
-    from forge_cli.trade.node import Node
+    from forge_cli.root.node import Node
 
 log = logging.getLogger("forge.rpc")
 PEER: web.AppKey[LayerPeer] = web.AppKey("layer_peer", object)  # type: ignore[arg-type]

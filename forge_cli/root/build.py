@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from forge_cli.trade.node import LoadedModel, Node, ms_now
+from forge_cli.root.node import LoadedModel, Node, ms_now
 
 
 def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int = 0,

@@ -4,7 +4,7 @@ safety, lending, and the local trade a purchase settles as.
 Every write to the ledger (and every safety decision, which may write one) runs on one
 dedicated thread, so the writer connection is never used from two threads at once; reads
 that the API serves at volume (balances) use a separate read-only connection. `build_node`
-(forge_cli.trade.build) is the one place that makes a Node and wires its parts.
+(forge_cli.root.build) is the one place that makes a Node and wires its parts.
 """
 
 from __future__ import annotations

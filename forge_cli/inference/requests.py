@@ -1,0 +1,137 @@
+"""Requests parsed: messages, sampling and the fields of a JSON body, each bad value a 400
+(UsageError) naming what is wrong.
+
+It sits below every channel that takes a request (the OpenAI routes, the P2P sale) and below
+the auditor, which re-reads a sale's request exactly as the seller did.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from forge_cli.errors import UsageError
+from forge_cli.inference.jobs import Sampling
+
+
+def bad_request(message: str) -> UsageError:
+    """A 400 naming what is wrong with the request."""
+    return UsageError(message)
+
+
+def field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], *,
+          default: Any = None, required: bool = False) -> Any:
+    """body[name] if present and of the right JSON type (bool is not a number)."""
+    if name not in body or body[name] is None:
+        if required:
+            raise bad_request(f"missing required field {name!r}")
+        return default
+    value = body[name]
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise bad_request(f"{name!r} must be {_names(kinds)}, found a boolean")
+    if not isinstance(value, kinds):
+        raise bad_request(f"{name!r} must be {_names(kinds)}, found {type(value).__name__}")
+    return value
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+             list: "an array", dict: "an object"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+# Parameters this node does not honour, and the values that ask for nothing it would ignore
+# (the defaults; OpenAI's clients send none of them unless told to, other clients send these).
+# `tools` and `response_format` are another matter (issue 17).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
+    "suffix": ("",), "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,),
+}
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    """A 400 for a parameter that would change the answer and that this node would ignore
+    (n, logprobs, …): a client asking for 3 choices must not silently get 1. Absent, null or
+    the default value is accepted."""
+    for name, harmless in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is None or any(_same(value, ok) for ok in harmless):
+            continue
+        shown = json.dumps(value)[:40]
+        allowed = " or ".join(json.dumps(ok) for ok in harmless)
+        raise bad_request(f"{name!r} is not supported by this node (found {shown}); leave it "
+                          f"out or send {allowed}")
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """JSON equality without Python's True == 1 (`"n": true` is not `"n": 1`)."""
+    if isinstance(value, bool) or isinstance(ok, bool):
+        return value is ok
+    if isinstance(ok, int | float):
+        return isinstance(value, int | float) and value == ok
+    return bool(value == ok)
+
+
+def parse_sampling(body: dict[str, Any], node_ctx: int) -> Sampling:
+    """The sampling a request asks for, each value range-checked (max_tokens within the
+    context, temperature 0–2, top_p in (0, 1], a 32-bit seed, up to 4 stop strings)."""
+    refuse_unsupported(body)
+    max_tokens = field(body, "max_tokens", int, default=None)
+    if max_tokens is None:
+        max_tokens = field(body, "max_completion_tokens", int, default=256)
+    if not 1 <= max_tokens <= node_ctx:
+        raise bad_request(f"max_tokens must be between 1 and {node_ctx}, found {max_tokens}")
+    temperature = field(body, "temperature", (int, float), default=0.7)
+    if not 0 <= temperature <= 2:
+        raise bad_request(f"temperature must be between 0 and 2, found {temperature}")
+    top_p = field(body, "top_p", (int, float), default=0.95)
+    if not 0 < top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1], found {top_p}")
+    seed = field(body, "seed", int, default=None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise bad_request(f"seed must be between 0 and 2**32 - 1, found {seed}")
+    stop = field(body, "stop", (str, list), default=())
+    if isinstance(stop, str):
+        stop = (stop,)
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("stop must be a non-empty string or a list of up to 4 of them")
+    return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                    seed=seed, stop=tuple(stop))
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages: roles checked, content-parts joined, text valid Unicode."""
+    messages = field(body, "messages", list, required=True)
+    if not messages:
+        raise bad_request("messages must not be empty")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
+                              f"found {role!r}")
+        if isinstance(content, list):  # the content-parts form: text parts only
+            try:
+                content = "".join(p["text"] for p in content if p.get("type") == "text")
+            except (TypeError, KeyError, AttributeError):
+                raise bad_request(f"messages[{i}].content parts must be text parts") from None
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string")
+        out.append({"role": role, "content": valid_text(content, f"messages[{i}].content")})
+    return out
+
+
+def valid_text(value: str, where: str) -> str:
+    """`value` if it is valid Unicode text (a lone surrogate such as "\\ud800" is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(f"{where} is not valid Unicode text: {exc.reason} at position "
+                          f"{exc.start}") from None
+    return value
