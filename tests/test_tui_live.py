@@ -53,9 +53,9 @@ async def test_trades_appear_in_the_table_newest_first(node):
         assert [t["seq"] for t in panel.rows] == sorted((t["seq"] for t in panel.rows), reverse=True)
         assert all(t["consumer"] == agent["account"] for t in panel.rows)
         await wait_for(pilot, lambda: "verified ✓" in header_text(app), "verified ✓ in the header")
-        # Enter on the newest trade: its signatures and a verifying inclusion proof
-        app.action_tab("trades")
-        panel.query_one("DataTable").focus()
+        # Enter on the newest trade, straight after switching to the tab (no Tab to focus the
+        # table first): its signatures and a verifying inclusion proof
+        await pilot.press("2")
         await pilot.press("enter")
         await wait_for(pilot, lambda: getattr(app.screen, "proof_ok", None) is True, "the inclusion proof")
         detail = str(app.screen.query_one("#trade-detail").render())
@@ -65,6 +65,10 @@ async def test_trades_appear_in_the_table_newest_first(node):
 
 def glance(app: ForgeApp) -> str:
     return str(app.query_one("#glance-node").render())
+
+
+def glance_safety(app: ForgeApp) -> str:
+    return str(app.query_one("#glance-safety").render())
 
 
 async def test_a_purchase_moves_the_overview(node):
@@ -169,7 +173,15 @@ async def test_disconnect_shows_retrying_and_recovers_when_the_node_returns(forg
                            "disconnected, retrying")
             assert "disconnected, retrying" in header_text(app)
             notice = app.query_one(TradesPanel).notice()
-            assert "disconnected, retrying" in str(notice.render()) and notice.has_class("shown")
+            shown = str(notice.render())
+            assert "disconnected, retrying" in shown and notice.has_class("shown")
+            # one line of its own, not the transport's text
+            assert f"no node answers at {first.url}" in shown
+            assert "Cannot connect" not in shown and "Errno" not in shown
+            # what was "off" a moment ago is not known while disconnected
+            switches = str(app.query_one(SafetyPanel).query_one("#switches").render())
+            assert "kill switch unknown " in switches and "breaker unknown " in switches
+            assert "kill switch unknown · breaker unknown" in glance_safety(app)
             second = await asyncio.to_thread(NodeProcess, forge_home, tiny_gguf, "--port", port)
             await wait_for(pilot, lambda: app.snapshot.online, "the reconnect")
             assert not app.query_one(TradesPanel).notice().has_class("shown")

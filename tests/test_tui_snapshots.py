@@ -55,6 +55,7 @@ def test_overview_of_a_node_that_reports_no_activity(snap_compare):
 
 
 def test_kill_switch_active_and_disconnected(snap_compare):
+    """Disconnected: the switches are unknown, with the kill switch last seen active."""
     snapshot = recorded(connection="disconnected, retrying",
                         message="no node answers at http://127.0.0.1:3001 (ClientConnectorError)",
                         safety={**recorded().safety,

@@ -18,7 +18,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, TabbedContent, TabPane
 
 from forge_cli import display
 from forge_cli.client import AsyncClient
@@ -131,8 +131,10 @@ class ForgeApp(App[None]):
                     snapshot.verified = await verify(self.client, snapshot.network)
                 self._polls += 1
                 self.apply(snapshot)
-            except NodeUnreachable as exc:
-                self._offline("disconnected, retrying", str(exc))
+            except NodeUnreachable:  # the transport's own words say nothing more to a person
+                self._offline("disconnected, retrying",
+                              f"no node answers at {self.client.url}; retrying every "
+                              f"{self.poll_s:g} s")
             except TokenRefused as exc:
                 self._offline("token refused", f"{exc} (pass --token, set FORGE_TOKEN, or use the "
                               "operator token in FORGE_HOME/api_token)")
@@ -162,6 +164,11 @@ class ForgeApp(App[None]):
 
     def action_tab(self, name: str) -> None:
         self.main.query_one(TabbedContent).active = name
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        """A tab's table takes the focus, so Enter acts on its selected row at once."""
+        if event.pane.id == "trades":
+            self.main.query_one(TradesPanel).query_one(DataTable).focus()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

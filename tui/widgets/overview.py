@@ -84,6 +84,8 @@ class OverviewPanel(Panel):
         breaker = snapshot.safety.get("breaker", {}).get("state", "?")
         kill_text = "[b red]ON[/]" if kill.get("active") else "[green]off[/]"
         breaker_text = f"[b red]{breaker}[/]" if breaker == "open" else breaker
+        if not snapshot.online:  # the last known state may have changed since: say so
+            kill_text = breaker_text = "[yellow]unknown[/]"
         pending = sum(1 for p in snapshot.pending if p.get("status", "requested") == "requested")
         if snapshot.peers is None:
             peers = "peers: no mesh"

@@ -35,16 +35,21 @@ class SafetyPanel(Panel):
         yield table
 
     def show(self, snapshot: Snapshot) -> None:
-        self.show_connection(snapshot)
+        live = self.show_connection(snapshot)
         safety = snapshot.safety
         kill = safety.get("kill_switch", {})
         breaker = safety.get("breaker", {})
         self.kill_active = bool(kill.get("active"))
         kill_text = (f"[b red]ACTIVE[/] ({display.markup(kill.get('reason') or 'no reason')})"
                      if self.kill_active else "[green]off[/]")
+        breaker_state = display.markup(str(breaker.get("state", "?")))
+        if not live:  # disconnected: the last known states may no longer hold
+            kill_text = breaker_state = "[yellow]unknown[/]"
+            if self.kill_active:
+                kill_text += " (last seen [b red]ACTIVE[/])"
         policy = safety.get("policy", {})
         self.query_one("#switches", Static).update(
-            f"kill switch {kill_text}   breaker {breaker.get('state', '?')} "
+            f"kill switch {kill_text}   breaker {breaker_state} "
             f"(errors {breaker.get('consecutive_errors', 0)}/{breaker.get('max_consecutive_errors', '?')}, "
             f"spends/min {breaker.get('spends_last_minute', 0)}/"
             f"{breaker.get('max_spends_per_minute', '?')})\n"
