@@ -268,3 +268,44 @@ def test_ctrl_c_in_one_shot_exits_130_without_traceback(forge_home: Path, tiny_g
             proc.kill()
     assert proc.returncode == 130
     assert b"(stopped)" in err and b"Traceback" not in err
+
+
+def test_a_nodes_reply_reaches_the_terminal_escaped_never_obeyed(run_forge):
+    """A node (or the peer it forwards to) chooses its reply's bytes: an OSC title sequence and
+    a bell come out as visible escapes, newlines stay newlines, streamed and in --json."""
+    import json as _json
+
+    from aiohttp import web
+
+    from tests.app_thread import AppThread
+
+    hostile = "one\x1b]0;PWNED\x07\ntwo\x9b31m"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in (hostile[:6], hostile[6:]):
+            chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+            await response.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+        final = {"choices": [], "model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+                 "x_forge": {"cu_cost": 2, "price_ucu_per_token": 1_000_000, "balance": 998}}
+        await response.write(f"data: {_json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    def make() -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+    served = AppThread(make)
+    try:
+        for extra in ([], ["--json"]):
+            done = run_forge("chat", "--node", served.url, "--token", "t", *extra, "hi")
+            assert done.returncode == 0, done.stderr
+            assert not any(c in done.stdout for c in "\x1b\x07\x9b"), repr(done.stdout)
+            if extra:
+                assert _json.loads(done.stdout)["text"] == hostile  # the same value, escaped
+            else:
+                assert done.stdout == "one\\x1b]0;PWNED\\x07\ntwo\\x9b31m\n"
+    finally:
+        served.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from forge_cli import config
+from forge_cli import config, display
 from forge_cli.config import TOKENS_MAX
 from forge_cli.errors import ForgeError, UsageError
 
@@ -122,8 +122,8 @@ def _buy(url, token, prompt, model, system, max_tokens, temperature, seed, no_st
         if delta:
             first = first or time.perf_counter()
             pieces.append(delta)
-            if show:
-                sys.stdout.write(delta)
+            if show:  # a node's (or its peer's) words: shown, never obeyed by the terminal
+                sys.stdout.write(display.plain(delta, lines=True))
                 sys.stdout.flush()
         if "x_forge" in chunk:
             final = chunk
@@ -131,11 +131,11 @@ def _buy(url, token, prompt, model, system, max_tokens, temperature, seed, no_st
     x_forge = final.get("x_forge", {})
     usage = final.get("usage", {})
     if as_json:
-        sys.stdout.write(json.dumps({"text": reply, "model": final.get("model"), "usage": usage,
-                                     "x_forge": x_forge}, ensure_ascii=False, sort_keys=True)
-                         + "\n")
+        sys.stdout.write(display.json_text(json.dumps(
+            {"text": reply, "model": final.get("model"), "usage": usage, "x_forge": x_forge},
+            ensure_ascii=False, sort_keys=True)) + "\n")
     else:
-        sys.stdout.write(("" if show else reply) + "\n")
+        sys.stdout.write(("" if show else display.plain(reply, lines=True)) + "\n")
         sys.stderr.write(f"cost {x_forge.get('cu_cost')} CU at "
                          f"{x_forge.get('price_ucu_per_token', 0) / 1e6:.2f} CU/token · balance "
                          f"{x_forge.get('balance')} CU · trade #{x_forge.get('trade_seq')}\n")
