@@ -157,10 +157,10 @@ class SSEReader:
             self.done = True
             return None
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise BadResponse(f"{self.source} sent an event whose data is not JSON ({exc}): "
-                              f"{text[:80]!r}") from exc
+            data = wire.parse(text, what="event data")
+        except wire.BadJSON as exc:
+            raise BadResponse(f"{self.source} sent an event whose data is not JSON forge reads "
+                              f"({exc}): {text[:80]!r}") from exc
         if name == "message" and isinstance(data, dict) and isinstance(data.get("error"), dict):
             raise error_from(data["error"], None)
         return Event(name, data)

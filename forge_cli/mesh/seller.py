@@ -15,11 +15,11 @@ delivered: terms it never received, it can never countersign.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from forge_cli import wire
 from forge_cli.errors import (
     BadIntent,
     ForgeError,
@@ -131,9 +131,9 @@ class Sales:
         if protocol.sha256_hex(raw) != intent["request_sha256"]:
             raise BadIntent("intent refused: request_sha256 does not match the request sent")
         try:
-            parsed = json.loads(request)
-        except (ValueError, RecursionError) as exc:
-            raise BadIntent(f"request is not valid JSON: {exc}") from None
+            parsed = wire.parse(raw, what="request")
+        except wire.BadJSON as exc:
+            raise BadIntent(str(exc)) from None
         if not isinstance(parsed, dict) or parsed.get("max_tokens") != quote["max_tokens"]:
             raise BadIntent("request.max_tokens must equal the quote's max_tokens")
         key = (quote["consumer"], intent["nonce"])
