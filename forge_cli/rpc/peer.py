@@ -252,7 +252,7 @@ class LayerPeer:
             body["response"].encode()
         try:
             nonce = wire.parse(request, what="the agreement")["terms"]["nonce"]
-        except (ValueError, KeyError, TypeError):
+        except (wire.BadJSON, KeyError, TypeError):
             raise BadIntent("the request body is not an agreement of this peer") from None
         held = self.issued.get(nonce) if isinstance(nonce, str) else None
         if held is None:
@@ -370,7 +370,7 @@ async def tunnel(request: web.Request) -> web.WebSocketResponse:
             raise ValueError("no valid handshake came")
         held = peer.admit(wire.parse(msg.data, limit=MAX_HANDSHAKE_BYTES, what="the handshake"),
                           challenge)
-    except (TimeoutError, TunnelRefused, ValueError) as exc:
+    except (TimeoutError, TunnelRefused, wire.BadJSON, ValueError) as exc:
         reason = str(exc) if isinstance(exc, (TunnelRefused, wire.BadJSON)) \
             else "no valid handshake came"
         if not isinstance(exc, TunnelRefused):
