@@ -7,7 +7,6 @@ Every key is declared in `KEYS` with its type, default and range; config.toml an
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,6 +273,8 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def read_file(path: Path | None = None) -> dict[str, Any]:
     """The keys set in config.toml (flattened, validated); {} when there is no file."""
+    import tomllib  # here: `forge --help` reads no config
+
     path = path or config_path()
     try:
         with path.open("rb") as fh:

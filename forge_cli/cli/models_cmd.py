@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from forge_cli.cli.output import print_json
-from forge_cli.inference import catalog
+
+if TYPE_CHECKING:
+    from forge_cli.inference import catalog
 
 app = typer.Typer(
     help="Model catalog and downloads: name:tag shorthands, hf.co/USER/REPO[:QUANT], "
@@ -32,6 +36,8 @@ def human_params(n: int | None) -> str:
 @app.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="One JSON array.")) -> None:
     """The catalog; ✓ marks models present on this machine."""
+    from forge_cli.inference import catalog
+
     rows = catalog.listing()
     if as_json:
         print_json(rows)
@@ -66,6 +72,8 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="One JSON object."),
 ) -> None:
     """Repo, file, size, SHA-256, parameters and chat template of a model."""
+    from forge_cli.inference import catalog
+
     info = catalog.describe(name)
     if as_json:
         print_json(info)
@@ -101,4 +109,6 @@ def rm(name: str = typer.Argument(..., help="Model name.")) -> None:
 @app.command("path")
 def path() -> None:
     """Print the folder that downloads go to (models.dir, or the Hugging Face cache)."""
+    from forge_cli.inference import catalog
+
     typer.echo(str(catalog.store_dir()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from forge_cli import config, identity
+from forge_cli import config
 from forge_cli.cli.output import print_json
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ def wallet(
     its first purchase brings, until then)."""
     if ctx.invoked_subcommand is not None:
         return
+    from forge_cli import identity
     from forge_cli.trade.wallet import FREE_TIER_CU, free_tier_pending
 
     me = identity.load_or_create()
