@@ -143,8 +143,11 @@ class BareDecode:
         import llama_cpp
 
         lib = self.lib = llama_cpp
+        from forge_cli.inference.engine import extra_buffers_safe
+
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_buffers_safe(lib)  # as the engine loads it
         self.model = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp cannot load {path}")

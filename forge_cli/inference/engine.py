@@ -100,6 +100,15 @@ class Stream:
         self._job.cancelled.set()
 
 
+def extra_buffers_safe(lib: Any) -> bool:
+    """Whether weights may go to ggml's extra CPU buffer types (repacked layouts).
+
+    Not on a CPU with AMX: there ggml picks its AMX buffer type, and in this llama.cpp a decode
+    of more than one token then dies with SIGSEGV (SmolLM2's Q4_1 on a Sapphire Rapids host,
+    llama-cpp-python's own `Llama` included). Plain CPU buffers decode correctly everywhere."""
+    return b"AMX_INT8 = 1" not in lib.llama_print_system_info()
+
+
 def refuse_oversized(name: str, n_ctx: int, limit: int | None, size: int, what: str) -> None:
     """PromptTooLong when `size` bytes exceed `limit`, the most bytes a prompt that fits the
     context of n_ctx tokens can have (Engine.max_prompt_bytes; None: no bound is known)."""
@@ -242,6 +251,7 @@ class Engine:
             _backend_ready = True
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_buffers_safe(lib)
         if tensor_split:  # shares of the offloaded layers per device (a split model's peers)
             shares = (ctypes.c_float * lib.llama_max_devices())(*tensor_split)
             params.tensor_split = ctypes.cast(shares, ctypes.POINTER(ctypes.c_float))
