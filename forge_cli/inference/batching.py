@@ -337,11 +337,12 @@ class Scheduler:
             if not seq.prefilling or n >= self._n_batch:
                 continue
             take = min(len(seq.prompt) - seq.fed, self._n_batch - n)
+            scoring = seq if isinstance(seq, _Scoring) else None
             for i in range(seq.fed, seq.fed + take):
-                keep = isinstance(seq, _Scoring) and seq.wanted(i)
+                keep = scoring is not None and scoring.wanted(i)
                 self._put(n, seq.prompt[i], seq, keep)
-                if keep:
-                    kept.append((seq, n, i - seq.job.start + 1))
+                if scoring is not None and keep:
+                    kept.append((scoring, n, i - scoring.job.start + 1))
                 n += 1
             seq.fed += take
             fed.append(seq)

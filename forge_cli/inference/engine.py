@@ -62,7 +62,7 @@ class Stream:
         while True:
             try:
                 # A timeout keeps the wait interruptible by Ctrl-C on every platform.
-                kind, value, *count = self._job.out.get(timeout=0.25)
+                kind, value, *count = self._job.out.get(timeout=0.25)  # count: [tokens]
             except queue.Empty:
                 continue
             if kind == "text":

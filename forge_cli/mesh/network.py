@@ -109,7 +109,7 @@ def _hex(text: str) -> bytes:
 def _verify_all(items: Sequence[Checked]) -> list[TradeRejected | None]:
     """verify_trade for each item, outcomes at their index: None, or why it was refused.
     The signatures of the whole batch are checked together, on every core."""
-    checks = []
+    checks: list[tuple[bytes, bytes, bytes]] = []
     for item in items:
         # entries.trade_message, minus a second canonical check of terms `parse_trade` checked.
         message = entries.TRADE_DOMAIN + canonical.dumps_checked_parts(item.terms)
@@ -279,7 +279,7 @@ class NetworkView:
                                 (item.id,)).rowcount
                         results.append((i, outcome))
                         continue
-                    new.append(cur.lastrowid)
+                    new.append(cur.lastrowid or 0)  # an INSERT's row id: never 0 or None
                     self._foreign += not own
                     for account, column in ((terms["provider"], "earned"),
                                             (terms["consumer"], "spent")):

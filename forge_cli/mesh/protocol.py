@@ -19,7 +19,7 @@ Everything here is pure: building, signing and checking messages. The node's rou
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, TypeGuard
 
 from forge_cli import canonical, identity
 from forge_cli.ledger import entries
@@ -65,7 +65,7 @@ def _exact(obj: Any, keys: set[str], what: str) -> str | None:
     return None
 
 
-def is_hex(value: Any, length: int) -> bool:
+def is_hex(value: Any, length: int) -> TypeGuard[str]:
     return (isinstance(value, str) and len(value) == length
             and all(c in "0123456789abcdef" for c in value))
 

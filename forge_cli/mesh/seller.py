@@ -111,8 +111,9 @@ class Sales:
     def admit(self, body: dict[str, Any]) -> Sale:
         """Check an intent: our own unexpired quote, the consumer's signature, the request's
         hash, a fresh nonce. Raises BadIntent (422), Replay (409) or UnknownModel (404)."""
-        intent, consumer_sig, request = body.get("intent"), body.get("consumer_sig"), \
-            body.get("request")
+        # JSON from a stranger, shape-checked by intent_problem before it is indexed.
+        intent: Any = body.get("intent")
+        consumer_sig, request = body.get("consumer_sig"), body.get("request")
         reason = protocol.intent_problem(intent, consumer_sig)
         if reason:
             raise BadIntent(f"intent refused: {reason}")

@@ -34,7 +34,7 @@ from forge_cli.trade import forwarding
 from forge_cli.trade.session import Settled, Source, Starter, TradeSession, request_bytes
 
 if TYPE_CHECKING:
-    from forge_cli.economy.accounts import Who
+    from forge_cli.economy.accounts import Resolved as Who
     from forge_cli.root.node import Node
 
 FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context

@@ -28,6 +28,7 @@ def load_models(names: list[str], *, n_ctx: int, queue: int = 16, threads: int =
         ref, path = catalog.find_model_file(name)
         # A local file is served under its file name: the path is the operator's business.
         model_id = path.name if ref.kind == "path" else ref.name
+        engine: Engine | SplitEngine
         if split:
             from forge_cli.rpc.split import SplitEngine
 

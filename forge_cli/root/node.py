@@ -301,11 +301,14 @@ class Node:
         if consumer is None:
             raise ForgeError(f"no key for account {session.account[:16]}… in the keystore")
         tokens = completion.completion_tokens
+        price = session.price
+        if price is None:  # a session prices itself when it opens; a trade before that is a bug
+            raise ForgeError("a trade was recorded for a session that never opened")
         terms = {
             "provider": self.node_id, "consumer": session.account, "model": session.model.name,
             "model_sha256": session.model.sha256, "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": tokens, "price_ucu_per_token": session.price,
-            "cu": entries.trade_cost(tokens, session.price),
+            "completion_tokens": tokens, "price_ucu_per_token": price,
+            "cu": entries.trade_cost(tokens, price),
             "request_sha256": hashlib.sha256(session.request).hexdigest(),
             "response_sha256": hashlib.sha256(session.response).hexdigest(),
             "nonce": secrets.token_hex(16), "ts": self.clock(),

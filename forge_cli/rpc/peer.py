@@ -248,8 +248,8 @@ class LayerPeer:
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str)
                                                  for k in ("request", "response", "consumer_sig")):
             raise BadIntent("settle needs trade, consumer_sig, request and response")
-        trade, request, response = body.get("trade"), body["request"].encode(), \
-            body["response"].encode()
+        trade: Any = body.get("trade")  # shape-checked by layer_trade_problem before use
+        request, response = body["request"].encode(), body["response"].encode()
         try:
             nonce = wire.parse(request, what="the agreement")["terms"]["nonce"]
         except (wire.BadJSON, KeyError, TypeError):

@@ -578,6 +578,9 @@ class SplitEngine:
         from forge_cli import identity
 
         node = self._node
+        if node is None:  # attach(node) comes before any generation; a payment without it is a bug
+            raise ModelError(f"the split engine for {self.name} pays its peers through a node, "
+                             "and none is attached")
         request = terms.agreement_body(agreed)
         record = terms.metering_body(prompt_tokens=prompt_tokens, completion_tokens=tokens,
                                      response=response)

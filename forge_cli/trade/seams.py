@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from forge_cli.economy.accounts import Resolved
     from forge_cli.identity import Identity
     from forge_cli.ledger.entries import Entry
     from forge_cli.trade.offers import Seller
@@ -52,8 +53,11 @@ class Breakers(Protocol):
 class Desk(Protocol):
     """What a TradeSession needs: prices, the wallet, the kill switch and the breakers."""
 
-    wallet: Wallet
-    safety: Breakers
+    @property
+    def wallet(self) -> Wallet: ...
+
+    @property
+    def safety(self) -> Breakers: ...
 
     def quote(self, model: Offer) -> int: ...
 
@@ -108,6 +112,9 @@ class Node(Desk, Protocol):
                 request: bytes, settle: Settle | None = None, price: int | None = None,
                 peer: bool = False, charge: bool = True, partial: Partial = "produced"
                 ) -> TradeSession: ...
+
+    def buyer_session(self, who: Resolved, *, model: Offer, max_tokens: int, request: bytes,
+                      price: int | None = None) -> TradeSession: ...
 
     async def on_ledger(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 

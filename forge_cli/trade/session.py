@@ -297,6 +297,7 @@ class Pieces:
     async def __anext__(self) -> str:
         kind, value = await self.queue.get()
         if kind == "text":
+            piece: str
             piece, self.tokens = value
             return piece
         if kind == "done":

@@ -11,20 +11,30 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from forge_cli.errors import InsufficientCU, TooManyStrangers
 from forge_cli.ledger import views
+
+if TYPE_CHECKING:
+    from forge_cli.economy.safety import Safety
+    from forge_cli.ledger.entries import Entry
+    from forge_cli.ledger.store import Ledger
+
+R = TypeVar("R")
 
 FREE_TIER_CU = 1000
 FREE_TIER_REASON = "free tier"
 PEER_FREE_TIER_REASON = "free tier (peer)"
 IDLE_RETURN_REASON = "idle free tier returned"
 
-Run = Callable[..., Awaitable[Any]]
+class Run(Protocol):
+    """Runs `fn(*args, **kwargs)` where the ledger's writer runs (Node.on_ledger, or inline)."""
+
+    def __call__(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Awaitable[R]: ...
 
 
-def free_tier_pending(reader: Any, account: str) -> int:
+def free_tier_pending(reader: Ledger, account: str) -> int:
     """The free tier a local account gets with its first purchase: FREE_TIER_CU until any CU
     has reached it, then 0 (what `Wallet.free_tier` grants, told before it does)."""
     return 0 if reader.has_account(account) else FREE_TIER_CU
@@ -59,7 +69,7 @@ class Hold:
             self.wallet._unhold(self.account, self.cu)
 
 
-async def inline(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+async def inline(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Run `fn` here: for a wallet used from one thread with no node around it."""
     return fn(*args, **kwargs)
 
@@ -68,8 +78,9 @@ class Wallet:
     """Balances over one writer ledger; `run` executes a function on its writer thread
     (`inline` where the caller already is that thread, e.g. a CLI command)."""
 
-    def __init__(self, ledger: Any, safety: Any, run: Run = inline, *, clock: Callable[[], int],
-                 reader: Any = None, strangers: StrangerRules | None = None) -> None:
+    def __init__(self, ledger: Ledger, safety: Safety, run: Run = inline, *,
+                 clock: Callable[[], int], reader: Ledger | None = None,
+                 strangers: StrangerRules | None = None) -> None:
         self.ledger = ledger
         self.reader = reader or ledger  # for reads off the writer thread
         self.safety = safety
@@ -154,7 +165,7 @@ class Wallet:
                                  f"below {what}", hint=hint)
 
     def record_trade(self, data: dict[str, Any], bodies: list[bytes], *,
-                     hold: Hold | None = None) -> Any:
+                     hold: Hold | None = None) -> Entry:
         """Append a dual-signed trade and count the consumer's spend (writer thread); the
         consumer's reservation covers it, so the balance rule cannot refuse it. The hold is
         released in the same step, so no reader sees the trade's cost taken twice."""
@@ -165,8 +176,9 @@ class Wallet:
         self.safety.record_spend(data["terms"]["consumer"], data["terms"]["cu"])
         return entry
 
-    async def pay(self, account: str, cu: int, countersigned: Callable[[], Awaitable[Any]], *,
-                  what: str, peer: bool = False) -> Any:
+    async def pay(self, account: str, cu: int,
+                  countersigned: Callable[[], Awaitable[tuple[dict[str, Any], list[bytes]]]], *,
+                  what: str, peer: bool = False) -> Entry:
         """A trade whose other party signs over the network, as one lifecycle: reserve `cu` of
         `account`, await `countersigned()` for the (data, bodies) of the dual-signed trade,
         record it, release; nothing is recorded if it raises. (A split model's layer trades:
@@ -214,7 +226,7 @@ class Wallet:
 
     def _has_traded(self, account: str) -> bool:
         spent, earned, _ = self.ledger.row(views.TRADE_TOTALS, (account,)) or (0, 0, 0)
-        return spent > 0 or earned > 0
+        return bool(spent > 0 or earned > 0)
 
     def _peer_free_tier(self, account: str) -> None:
         """A peer's free tier, unless `limit` strangers already live on it; an account whose
