@@ -11,6 +11,8 @@ import hashlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from forge_cli.economy.credit import UNSETTLED_PENALTY_BP
@@ -102,12 +104,11 @@ def test_a_p2p_buyer_that_hangs_up_after_the_last_piece_is_unsettled_for_all_of_
     verify_deep(home)
 
 
-def test_a_forwarded_stream_that_hangs_up_charges_the_consumer_for_what_the_node_received(
-        tmp_path, tiny_gguf):
-    # Found: an agent hung up on a forwarded model after 20 pieces; its balance stayed 1000,
-    # spent 0, and the seller recorded nothing.
-    a = NodeProcess(tmp_path / "a", tiny_gguf, "--mesh", env=SELLER_ENV, log=tmp_path / "a.log")
-    with a:
+@contextmanager
+def forwarding_pair(tmp_path: Path, tiny_gguf: Path) -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    """Seller a, and node b that serves another file and forwards a's model to it."""
+    with NodeProcess(tmp_path / "a", tiny_gguf, "--mesh", env=SELLER_ENV,
+                     log=tmp_path / "a.log") as a:
         other = tmp_path / "other.gguf"
         shutil.copy(tiny_gguf, other)
         with NodeProcess(tmp_path / "b", other, "--mesh", "--peer", a.url,
@@ -115,30 +116,38 @@ def test_a_forwarded_stream_that_hangs_up_charges_the_consumer_for_what_the_node
                          log=tmp_path / "b.log") as b:
             wait_for("b sees a", lambda: any(p["url"] == a.url for p in b.request(
                 "GET", "/v1/forge/peers", token=b.operator_token)[2]["peers"]))
-            b_id = b.request("GET", "/health")[2]["node_id"]
-            alice = b.agent("alice")
-            got = stream_chat(b, alice["token"], tiny_gguf.name, LONG, 20)
-            assert got.status == 200 and got.hung_up and got.pieces == 20, got.error
+            yield a, b
 
-            def charged() -> entries.Entry | None:
-                return next((e for e in entries_of(tmp_path / "b", "trade")
-                             if e.data["terms"]["consumer"] == alice["account"]), None)
 
-            local = wait_for("b charges alice", charged).data["terms"]
-            # b finished its purchase from a as an honest buyer (a trade on both ledgers, its
-            # standing at a untouched) and charged alice for every token it received for her.
-            upstream = [e.data for e in entries_of(tmp_path / "a", "trade")
-                        if e.data["terms"]["consumer"] == b_id]
-            assert len(upstream) == 1 and upstream[0] in [
-                e.data for e in entries_of(tmp_path / "b", "trade")]
-            assert not [e for e in entries_of(tmp_path / "a", "unsettled")
-                        if e.data["terms"]["consumer"] == b_id]
-            bought = upstream[0]["terms"]
-            assert got.tokens <= local["completion_tokens"] == bought["completion_tokens"] == LONG
-            assert local["cu"] == bought["cu"] == entries.trade_cost(
-                LONG, local["price_ucu_per_token"])
-            balance = b.request("GET", "/v1/forge/balance", token=alice["token"])[2]
-            assert balance["balance"] == 1000 - local["cu"] and balance["spent"] == local["cu"]
+def test_a_forwarded_stream_that_hangs_up_charges_the_consumer_for_what_the_node_received(
+        tmp_path, tiny_gguf):
+    # Found: an agent hung up on a forwarded model after 20 pieces; its balance stayed 1000,
+    # spent 0, and the seller recorded nothing.
+    with forwarding_pair(tmp_path, tiny_gguf) as (a, b):
+        b_id = b.request("GET", "/health")[2]["node_id"]
+        alice = b.agent("alice")
+        got = stream_chat(b, alice["token"], tiny_gguf.name, LONG, 20)
+        assert got.status == 200 and got.hung_up and got.pieces == 20, got.error
+
+        def charged() -> entries.Entry | None:
+            return next((e for e in entries_of(tmp_path / "b", "trade")
+                         if e.data["terms"]["consumer"] == alice["account"]), None)
+
+        local = wait_for("b charges alice", charged).data["terms"]
+        # b finished its purchase from a as an honest buyer (a trade on both ledgers, its
+        # standing at a untouched) and charged alice for every token it received for her.
+        upstream = [e.data for e in entries_of(tmp_path / "a", "trade")
+                    if e.data["terms"]["consumer"] == b_id]
+        assert len(upstream) == 1 and upstream[0] in [
+            e.data for e in entries_of(tmp_path / "b", "trade")]
+        assert not [e for e in entries_of(tmp_path / "a", "unsettled")
+                    if e.data["terms"]["consumer"] == b_id]
+        bought = upstream[0]["terms"]
+        assert got.tokens <= local["completion_tokens"] == bought["completion_tokens"] == LONG
+        assert local["cu"] == bought["cu"] == entries.trade_cost(
+            LONG, local["price_ucu_per_token"])
+        balance = b.request("GET", "/v1/forge/balance", token=alice["token"])[2]
+        assert balance["balance"] == 1000 - local["cu"] and balance["spent"] == local["cu"]
     for home in (tmp_path / "a", tmp_path / "b"):
         verify_deep(home)
 
@@ -149,30 +158,22 @@ def test_the_forwarding_nodes_kill_switch_stops_its_purchase_on_the_next_piece(
     # mid-stream, the node buys no further, pays nothing and charges nothing (the peer
     # records what it delivered as unsettled). A purchase that ran on to its end would be a
     # spend after the kill switch.
-    a = NodeProcess(tmp_path / "a", tiny_gguf, "--mesh", env=SELLER_ENV, log=tmp_path / "a.log")
-    with a:
-        other = tmp_path / "other.gguf"
-        shutil.copy(tiny_gguf, other)
-        with NodeProcess(tmp_path / "b", other, "--mesh", "--peer", a.url,
-                         env={**MESH_ENV, "FORGE_MESH_MDNS": "false"},
-                         log=tmp_path / "b.log") as b:
-            wait_for("b sees a", lambda: any(p["url"] == a.url for p in b.request(
-                "GET", "/v1/forge/peers", token=b.operator_token)[2]["peers"]))
-            b_id = b.request("GET", "/health")[2]["node_id"]
-            alice = b.agent("alice")
+    with forwarding_pair(tmp_path, tiny_gguf) as (a, b):
+        b_id = b.request("GET", "/health")[2]["node_id"]
+        alice = b.agent("alice")
 
-            def kill() -> None:
-                status, _, body = b.request("POST", "/v1/forge/kill", token=b.operator_token,
-                                            body={"activate": True, "reason": "test"})
-                assert status == 200, body
+        def kill() -> None:
+            status, _, body = b.request("POST", "/v1/forge/kill", token=b.operator_token,
+                                        body={"activate": True, "reason": "test"})
+            assert status == 200, body
 
-            got = stream_chat(b, alice["token"], tiny_gguf.name, 640, 10, act=kill)
-            assert got.status == 200 and got.error and got.error["gate"] == "kill_switch", got
-            upstream = wait_for("a's record of b's purchase", lambda: [
-                e for e in entries_of(tmp_path / "a", "unsettled")
-                if e.data["terms"]["consumer"] == b_id])
-            assert len(upstream) == 1 and upstream[0].data["terms"]["completion_tokens"] < 640
-            assert not entries_of(tmp_path / "b", "trade")
-            assert not entries_of(tmp_path / "a", "trade")
+        got = stream_chat(b, alice["token"], tiny_gguf.name, 640, 10, act=kill)
+        assert got.status == 200 and got.error and got.error["gate"] == "kill_switch", got
+        upstream = wait_for("a's record of b's purchase", lambda: [
+            e for e in entries_of(tmp_path / "a", "unsettled")
+            if e.data["terms"]["consumer"] == b_id])
+        assert len(upstream) == 1 and upstream[0].data["terms"]["completion_tokens"] < 640
+        assert not entries_of(tmp_path / "b", "trade")
+        assert not entries_of(tmp_path / "a", "trade")
     for home in (tmp_path / "a", tmp_path / "b"):
         verify_deep(home)
