@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from forge_cli.economy.accounts import Resolved
     from forge_cli.identity import Identity
     from forge_cli.ledger.entries import Entry
-    from forge_cli.trade.offers import Seller
+    from forge_cli.trade.offers import Directory, Seller
     from forge_cli.trade.session import Partial, Settle, Settled, Source, TradeSession
     from forge_cli.trade.wallet import Wallet
 
@@ -98,9 +98,13 @@ class Node(Desk, Protocol):
     node_id: str
     signer: Identity
     clock: Callable[[], int]
+    # Any: the values are root's LoadedModel (above trade/), and a dict's value type is
+    # invariant, so `Served` would not accept it; read one through `model(name)`, typed Served.
     models: dict[str, Any]
-    mesh: Any  # forge_cli.mesh.discovery.Mesh, or None without --mesh
-    network: Any  # forge_cli.mesh.network.NetworkView
+    mesh: Directory | None  # forge_cli.mesh.discovery.Mesh, or None without --mesh
+    # Any: the verified network view (forge_cli.mesh.network.NetworkView) is read only by the
+    # mesh's own seller, and trade/ names no mesh module, not even for a type.
+    network: Any
 
     def model(self, name: str | None) -> Served: ...
 
