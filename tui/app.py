@@ -125,6 +125,9 @@ class ForgeApp(App[None]):
     @work(exclusive=True, group="poll")
     async def poll_loop(self) -> None:
         while True:
+            # Cleared before the fetch, not after: an event that lands while a fetch is under
+            # way (which may have read the node just before it) must bring another fetch.
+            self._wake.clear()
             try:
                 snapshot = await fetch(self.client, self.snapshot, self.clock())
                 if self._polls % VERIFY_EVERY == 0 or not self.snapshot.verified:
@@ -140,7 +143,6 @@ class ForgeApp(App[None]):
                               "operator token in FORGE_HOME/api_token)")
             except ForgeError as exc:
                 self._offline("node error", str(exc))
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             except TimeoutError:
