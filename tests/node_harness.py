@@ -49,7 +49,9 @@ class NodeProcess:
                 raise RuntimeError(f"{self.command(None)[0]} exited with {self.proc.wait()} "
                                    "before listening")
             self.lines.append(line)
-            if line.startswith(self.ANNOUNCE):
+            # `in`, not startswith: a layer peer's ggml server writes to the same stdout
+            # through C's own buffer, and its text may land in front of the announcement.
+            if self.ANNOUNCE in line:
                 return line.split()[-1]
         raise RuntimeError("node did not start in time")
 

@@ -72,6 +72,11 @@ def serve(
                          txt=lambda: {"role": "layer-peer", "free_mb": str(peer.free_mb())})
 
     def announce(site) -> None:  # noqa: ANN001
+        import ctypes
+
+        # ggml's server writes its own lines through C's stdio buffer: out with them first, so
+        # the banner below is whole lines that scripts (and the tests) can read.
+        ctypes.CDLL(None).fflush(None)
         bound = site._server.sockets[0].getsockname()
         url = f"http://{bound[0]}:{bound[1]}"
         sys.stdout.write("\n".join([
