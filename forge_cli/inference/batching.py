@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forge_cli.errors import ForgeError, ModelError
+from forge_cli.errors import ForgeError, ModelError, UsageError
 from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
 
 if TYPE_CHECKING:
@@ -290,18 +290,28 @@ class Scheduler:
         self._live.append(_Sequence(job, self._free.pop(), tokens, budget, chain, started))
 
     def _sampler(self, s: Sampling, prompt: list[int]) -> Any:
-        """This request's own sampler chain: penalties, then greedy or top-k → top-p → min-p
-        → temperature → a draw seeded by the request (the order llama-cpp-python uses).
-        None for plain greedy, which `_step` samples itself."""
-        if s.temperature == 0 and s.repeat_penalty == 1.0:
+        """This request's own sampler chain: its grammar, penalties, then greedy or top-k →
+        top-p → min-p → temperature → a draw seeded by the request (the order llama-cpp-python
+        uses). None for plain greedy, which `_step` samples itself."""
+        if s.temperature == 0 and s.repeat_penalty == 1.0 and s.grammar is None:
             return None
         lib = self._lib
         params = lib.llama_sampler_chain_default_params()
         params.no_perf = True
         chain = lib.llama_sampler_chain_init(params)
+        if s.grammar is not None:
+            # First: the tokens it forbids are gone before any other sampler ranks them.
+            grammar = lib.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"),
+                                                     b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                raise UsageError("the request's grammar does not parse (llama.cpp refused it)")
+            lib.llama_sampler_chain_add(chain, grammar)
+        penalties = None
         if s.repeat_penalty != 1.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
-                self._engine.n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
+            penalties = lib.llama_sampler_init_penalties(
+                self._engine.n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0)
+            lib.llama_sampler_chain_add(chain, penalties)
         if s.temperature == 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -312,9 +322,9 @@ class Scheduler:
                             lib.llama_sampler_init_temp(s.temperature),
                             lib.llama_sampler_init_dist(seed & 0xFFFFFFFF)):
                 lib.llama_sampler_chain_add(chain, sampler)
-        if s.repeat_penalty != 1.0:  # the penalty counts the prompt's tokens too
-            for token in prompt[-PENALTY_LAST_N:]:
-                lib.llama_sampler_accept(chain, token)
+        if penalties is not None:  # the penalty counts the prompt's tokens too (the grammar
+            for token in prompt[-PENALTY_LAST_N:]:  # does not: it constrains the reply alone)
+                lib.llama_sampler_accept(penalties, token)
         return chain
 
     # -- one step ----------------------------------------------------------------------------

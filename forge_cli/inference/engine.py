@@ -444,6 +444,16 @@ class Engine:
                 self._reading -= 1
                 self._readers.notify_all()
 
+    def check_grammar(self, grammar: str) -> None:
+        """A UsageError (a 400) when llama.cpp cannot parse `grammar` against this model's
+        vocabulary: checked in the caller's thread, before anything is reserved or queued."""
+        lib = self._lib
+        with self._vocab_in_use():
+            sampler = lib.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            if not sampler:
+                raise UsageError("the grammar does not parse (llama.cpp refused it)")
+            lib.llama_sampler_free(sampler)
+
     def reply_text(self, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, int]:
         """The text `chat` streams for a reply of these token ids (with `stops` and the
         template's stop strings cut as generation cuts them), and how many ids it read before

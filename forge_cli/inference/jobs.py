@@ -28,6 +28,8 @@ class Sampling:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # GBNF text (root rule "root") the reply must match, or None (forge_cli.inference.grammar)
+    grammar: str | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from forge_cli.errors import UsageError
+from forge_cli.inference import grammar
 from forge_cli.inference.jobs import Sampling
 
 
@@ -46,7 +47,6 @@ ROLES = ("system", "user", "assistant")
 
 # Parameters this node does not honour, and the values that ask for nothing it would ignore
 # (the defaults; OpenAI's clients send none of them unless told to, other clients send these).
-# `tools` and `response_format` are another matter (issue 17).
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (0,), "echo": (False,),
     "suffix": ("",), "logit_bias": ({},), "frequency_penalty": (0,), "presence_penalty": (0,),
@@ -100,7 +100,34 @@ def parse_sampling(body: dict[str, Any], node_ctx: int) -> Sampling:
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("stop must be a non-empty string or a list of up to 4 of them")
     return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                    seed=seed, stop=tuple(stop))
+                    seed=seed, stop=tuple(stop), grammar=response_grammar(body))
+
+
+def response_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar `response_format` asks for: none for `text` (or no field), any JSON object
+    for `json_object`, the schema's grammar for `json_schema` (`{"name", "schema", "strict"}`;
+    the grammar is always strict)."""
+    fmt = field(body, "response_format", dict, default=None)
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar.json_object()
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request("response_format.json_schema must be an object holding "
+                              "'name' and 'schema'")
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise bad_request("response_format.json_schema.name must be a string")
+        if "schema" not in spec:
+            raise bad_request("response_format.json_schema.schema is missing")
+        return grammar.from_schema(spec["schema"], "response_format.json_schema.schema")
+    raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema', "
+                      f"found {json.dumps(kind)[:40]}")
 
 
 def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:

@@ -125,6 +125,8 @@ async def _purchase(request: web.Request, who: Who, *, chat: bool) -> web.Stream
     model = node.model(name)
     order = _order(body, chat=chat, n_ctx=model.engine.n_ctx)
     model.engine.check_prompt_bytes(order.prompt_bytes, order.what)
+    if order.sampling.grammar is not None:
+        model.engine.check_grammar(order.sampling.grammar)
     session = node.buyer_session(who, model=model, max_tokens=order.sampling.max_tokens,
                                  request=order.request)
 
