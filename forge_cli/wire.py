@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-from forge_cli.errors import BadJSON
+from forge_cli.errors import BadJSON, BodyTooLarge, UsageError
 
-__all__ = ["MAX_DEPTH", "MAX_PEER_BYTES", "BadJSON", "depth", "finite_int", "parse"]
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = ["MAX_DEPTH", "MAX_PEER_BYTES", "BadJSON", "depth", "finite_int", "is_hex", "parse",
+           "read_object"]
 
 MAX_DEPTH = 64  # arrays and objects nested; forge's own messages use fewer than 10
 MAX_PEER_BYTES = 4 * 1024 * 1024  # one peer answer read into memory (health, quote, page)
@@ -82,3 +86,28 @@ def finite_int(value: Any, *, low: int = 0, high: int = 2**53) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         return None
     return value
+
+
+def is_hex(value: Any, length: int) -> TypeGuard[str]:
+    """`value` is exactly `length` lowercase hex digits (keys, signatures, hashes)."""
+    return (isinstance(value, str) and len(value) == length
+            and all(c in "0123456789abcdef" for c in value))
+
+
+async def read_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """An HTTP request's body as a JSON object: BodyTooLarge (413) past the server's
+    client_max_size (`limit`, named in the message), UsageError (400) for anything `parse`
+    refuses or a body that is not an object. Every route of every server reads its body here."""
+    from aiohttp import web
+
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # a refusal of what the sender sent: it counts
+        raise BodyTooLarge(f"request body is larger than {limit:,} bytes") from None
+    try:
+        body = parse(raw, what="body")
+    except BadJSON as exc:
+        raise UsageError(str(exc)) from None
+    if not isinstance(body, dict):
+        raise UsageError(f"body must be a JSON object, found {type(body).__name__}")
+    return body

@@ -31,6 +31,15 @@ def test_the_trade_core_economy_and_ledger_import_nothing_above_them():
     assert wrong == []
 
 
+def test_rpc_imports_no_other_channel_and_not_the_root():
+    """rpc (layer peers, tunnels, the split head) stands on the core alone: the root wires it to
+    the node's HTTP skin and to the mesh (forge_cli.root.rpc)."""
+    rpc = ("forge_cli.rpc",)
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph(REPO, PACKAGES).items()
+                   if _under(m, rpc) for t in targets if _under(t, ABOVE) and not _under(t, rpc))
+    assert wrong == []
+
+
 def test_the_graph_sees_lazy_imports_and_skips_type_checking(tmp_path: Path):
     """The checks above can fail: a cycle closed by an import inside a function is found, one
     closed only under TYPE_CHECKING is not, and a lower module reaching up is named."""

@@ -99,7 +99,7 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
     names = model or [settings["models.default"]]
     if split == ["auto"]:
         from forge_cli import identity
-        from forge_cli.rpc.split import find_lenders
+        from forge_cli.root.rpc import find_lenders
 
         split = find_lenders(identity.load_or_create().node_id, settings)
     if pull:

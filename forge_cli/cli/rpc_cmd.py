@@ -44,8 +44,9 @@ def serve(
     from forge_cli.inference.threads import default_threads
     from forge_cli.node.app import serve as serve_app
     from forge_cli.root.build import build_node
+    from forge_cli.root.rpc import layer_peer_app
     from forge_cli.rpc import ggml
-    from forge_cli.rpc.peer import LayerPeer, make_app
+    from forge_cli.rpc.peer import LayerPeer
 
     ggml.require_rpc()
     settings = config.load()
@@ -95,4 +96,4 @@ def serve(
         sys.stdout.flush()
 
     serve_app(node, host, settings["rpc.port"] if port is None else port, announce=announce,
-              app=make_app(peer))
+              app=layer_peer_app(peer))

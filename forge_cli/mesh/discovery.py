@@ -23,7 +23,7 @@ from typing import Any
 
 from forge_cli import display, wire
 from forge_cli.errors import BadResponse, ConfigError, ForgeError, NodeUnreachable
-from forge_cli.mesh.protocol import is_hex
+from forge_cli.wire import is_hex
 
 log = logging.getLogger("forge.mesh")
 

@@ -19,11 +19,12 @@ Everything here is pure: building, signing and checking messages. The node's rou
 from __future__ import annotations
 
 import hashlib
-from typing import Any, TypeGuard
+from typing import Any
 
 from forge_cli import canonical, identity
 from forge_cli.ledger import entries
 from forge_cli.trade.offers import MODES, rank  # noqa: F401  (their home is trade/offers)
+from forge_cli.wire import is_hex as is_hex  # the mesh's checks name it here too
 
 QUOTE_DOMAIN = b"forge-quote-v1\n"
 INTENT_DOMAIN = b"forge-intent-v1\n"
@@ -63,11 +64,6 @@ def _exact(obj: Any, keys: set[str], what: str) -> str | None:
     if extra:
         return f"{what} has unknown fields {', '.join(sorted(extra))}"
     return None
-
-
-def is_hex(value: Any, length: int) -> TypeGuard[str]:
-    return (isinstance(value, str) and len(value) == length
-            and all(c in "0123456789abcdef" for c in value))
 
 
 def quote_problem(quote: Any) -> str | None:

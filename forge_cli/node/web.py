@@ -18,7 +18,6 @@ from aiohttp import web
 from forge_cli import wire
 from forge_cli.errors import (
     ApprovalRequired,
-    BodyTooLarge,
     EngineBusy,
     Forbidden,
     ForgeError,
@@ -195,28 +194,10 @@ def auth_middleware(throttle: Throttle, public: set[str] = PUBLIC) -> Any:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 naming what is wrong.
-
-    Every route reads its body here: it is the one place request JSON is parsed, so the size
-    (MAX_BODY: BodyTooLarge, 413) and nesting (MAX_DEPTH) limits hold on every route.
-    """
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:  # a refusal of what the sender sent: it counts
-        raise BodyTooLarge(f"request body is larger than {MAX_BODY:,} bytes") from None
-    body = parse_json(raw)
-    if not isinstance(body, dict):
-        raise bad_request(f"body must be a JSON object, found {type(body).__name__}")
-    return body
-
-
-def parse_json(raw: bytes | str) -> Any:
-    """JSON text as a value, or UsageError (400): invalid, non-finite, or nested deeper than
-    MAX_DEPTH (the limits are `wire.parse`'s, the one parser)."""
-    try:
-        return wire.parse(raw, what="body")
-    except wire.BadJSON as exc:
-        raise bad_request(str(exc)) from None
+    """The request body as a JSON object, or a 400 naming what is wrong: every route reads its
+    body here, so the size (MAX_BODY: BodyTooLarge, 413) and nesting (wire.MAX_DEPTH) limits
+    hold on every route."""
+    return await wire.read_object(request, MAX_BODY)
 
 
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("forge.rpc")
 PEER: web.AppKey[LayerPeer] = web.AppKey("layer_peer", object)  # type: ignore[arg-type]
 HANDSHAKE_TIMEOUT_S = 10
+MAX_BODY = 1024 * 1024  # a terms request or a layer trade to settle (both well under 16 kB)
 CHUNK = 1 << 20  # bytes per tunnel message
 SETTLE_GRACE_MS = 600_000  # work done under terms may be paid this long after they expire
 MAX_ISSUED = 1000  # terms held at once (anyone may ask for terms: the memory is bounded)
@@ -294,7 +295,7 @@ class LayerPeer:
 
 def _verify(node_id: str, message: bytes, sig: Any) -> bool:
     from forge_cli import identity
-    from forge_cli.mesh.protocol import is_hex
+    from forge_cli.wire import is_hex
 
     return is_hex(sig, 128) and identity.verify_hex(node_id, message, sig)
 
@@ -327,9 +328,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def offer_terms(request: web.Request) -> web.Response:
-    from forge_cli.node.web import read_json
-
-    return web.json_response(request.app[PEER].offer(await read_json(request),
+    return web.json_response(request.app[PEER].offer(await wire.read_object(request, MAX_BODY),
                                                      source=source_of(request.remote)))
 
 
@@ -350,9 +349,8 @@ def source_of(remote: str | None) -> str:
 
 
 async def settle(request: web.Request) -> web.Response:
-    from forge_cli.node.web import read_json
-
-    return web.json_response(await request.app[PEER].settle(await read_json(request)))
+    return web.json_response(await request.app[PEER].settle(
+        await wire.read_object(request, MAX_BODY)))
 
 
 async def tunnel(request: web.Request) -> web.WebSocketResponse:
@@ -490,12 +488,11 @@ async def relay(ws: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWri
         writer.close()
 
 
-def make_app(peer: LayerPeer) -> web.Application:
-    from forge_cli.node.web import NODE, errors_middleware
-
-    app = web.Application(middlewares=[errors_middleware])
+def make_app(peer: LayerPeer, middlewares: Iterable[Any] = ()) -> web.Application:
+    """The layer peer's routes. Its errors' envelope comes with `middlewares` from whoever
+    serves it (the composition root gives it the node's, `forge_cli.root.rpc`)."""
+    app = web.Application(middlewares=list(middlewares), client_max_size=MAX_BODY)
     app[PEER] = peer
-    app[NODE] = peer.node
     app.router.add_get("/health", health)
     app.router.add_post("/v1/forge/rpc/terms", offer_terms)
     app.router.add_post("/v1/forge/rpc/settle", settle)

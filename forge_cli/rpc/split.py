@@ -8,142 +8,35 @@ PeerLost naming that peer, each paid for the tokens it produced, and the engine 
 the peers left, or refuses with 503 when the model no longer fits. A peer that closes an idle
 tunnel is not lost: the engine sleeps (its child ended) and wakes on the next request, which
 waits for the reload rather than failing.
+
+Its parts, one concern each: `plan` (which layers run where), `lenders` (the peers and the JSON
+client that talks to them), `supervisor` (the child process), `payment` (the layer trades),
+`tunnel` (the relays to the peers' ggml servers). Finding peers on the mesh for `--split auto`
+is the composition root's (`forge_cli.root.rpc`): rpc imports no other channel.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import logging
-import os
 import queue
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-from forge_cli import errors
-from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost, TunnelRefused, UsageError
+from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost
 from forge_cli.inference.engine import Completion, Sampling, Stream, refuse_oversized
-from forge_cli.ledger import entries
-from forge_cli.rpc import terms
+from forge_cli.rpc.lenders import Lender, PeerClient
+from forge_cli.rpc.payment import Payer, Paying
+from forge_cli.rpc.plan import Plan, plan_layers
+from forge_cli.rpc.supervisor import LOAD_TIMEOUT_S, ChildProcess, error_class, exit_text, reap
 from forge_cli.rpc.tunnel import HeadTunnel
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from forge_cli.trade.wallet import Wallet
-
 log = logging.getLogger("forge.rpc")
-LOAD_TIMEOUT_S = 600
-HTTP_TIMEOUT_S = 30
-
-
-class Paying(Protocol):
-    """What a split model needs of the node to pay its peers: the node's account and wallet."""
-
-    node_id: str
-    wallet: Wallet
-    clock: Callable[[], int]
-
-
-@dataclass
-class Plan:
-    """Which device runs which layer: layer `n_layer` is the output layer. The head keeps the
-    input embeddings and the first layers; the peers run the rest, the last one the output."""
-
-    n_layer: int
-    n_gpu_layers: int
-    tensor_split: list[float]
-    head: list[int]
-    peers: list[list[int]]
-
-    def check(self, assigned: dict[int, str]) -> None:
-        """ModelError unless llama.cpp put the layers where the plan (and the terms agreed
-        from it) says: `assigned` is layer → device ("CPU", "RPC0", …) from its load log."""
-        if not assigned:
-            return  # this llama.cpp does not log placements: the plan stands
-        planned = {layer: "CPU" for layer in self.head}
-        planned.update({layer: f"RPC{i}" for i, layers in enumerate(self.peers)
-                        for layer in layers})
-        if assigned != planned:
-            raise ModelError(f"llama.cpp placed the layers as {_by_device(assigned)}, not as "
-                             f"planned ({_by_device(planned)}), so the terms agreed with the "
-                             "peers would not pay what they run")
-
-
-def _by_device(assigned: dict[int, str]) -> str:
-    devices: dict[str, list[int]] = {}
-    for layer, device in sorted(assigned.items()):
-        devices.setdefault(device, []).append(layer)
-    return "; ".join(f"{device} {','.join(map(str, layers))}" for device, layers in devices.items())
-
-
-def plan_layers(n_layer: int, head_mb: int, peers_mb: list[int]) -> Plan:
-    """Layers split by free memory between the head and its peers, as llama.cpp assigns them
-    for the `n_gpu_layers` and `tensor_split` returned: the last `n_gpu_layers` layers (output
-    included) go to the devices, cut where the cumulative shares cross (load_tensors)."""
-    import numpy as np
-
-    units = n_layer + 1
-    if len(peers_mb) >= units:
-        raise UsageError(f"the model has {n_layer} layers: too few to give each of "
-                         f"{len(peers_mb)} peers one and keep one on the head")
-    total = max(1, head_mb + sum(peers_mb))
-    head_units = min(max(1, round(units * head_mb / total)), units - len(peers_mb))
-    n_gpu = units - head_units
-    shares = [float(max(1, mb)) for mb in peers_mb]
-    cumulative = np.cumsum(np.array(shares, dtype=np.float32))
-    splits = [float(x) for x in cumulative / cumulative[-1]]
-    start = max(units - n_gpu, 0)
-    head, peers = [], [[] for _ in peers_mb]  # type: list[int], list[list[int]]
-    for layer in range(units):
-        if layer < start or layer - start >= n_gpu:
-            head.append(layer)
-            continue
-        at = float(np.float32(layer - start) / np.float32(n_gpu))
-        peers[min(bisect.bisect_right(splits, at), len(peers) - 1)].append(layer)
-    if any(not layers for layers in peers):  # memories too uneven: share the layers evenly
-        if shares != [1.0] * len(shares):
-            return plan_layers(n_layer, 1, [1] * len(peers_mb))
-        raise UsageError(f"the model's {n_layer} layers cannot give each of {len(peers_mb)} "
-                         "peers one")
-    return Plan(n_layer, n_gpu, shares, head, peers)
-
-
-@dataclass
-class Lender:
-    """A layer peer as the head sees it."""
-
-    url: str
-    node_id: str
-    free_mb: int
-    rate: int
-    layers: list[int] = field(default_factory=list)
-    agreed: dict[str, Any] | None = None
-    tunnel: HeadTunnel | None = None
-    lost: str | None = None
-    paid_cu: int = 0
-    trades: int = 0
-
-    @property
-    def short(self) -> str:
-        return f"{self.node_id[:12]}… at {self.url}"
-
-    def describe(self) -> dict[str, Any]:
-        traffic = self.tunnel.traffic.as_dict() if self.tunnel else {}
-        return {"peer": self.node_id, "url": self.url, "layers": self.layers,
-                "free_mb": self.free_mb, "rate_ucu_per_layer_token": self.rate,
-                "paid_cu": self.paid_cu, "trades": self.trades, "lost": self.lost,
-                "tunnel_bytes_up": traffic.get("up", 0),
-                "tunnel_bytes_down": traffic.get("down", 0)}
 
 
 @dataclass
@@ -217,16 +110,13 @@ class SplitEngine:
             raise ModelError(f"{self.path} does not say how many layers it has "
                              f"({info.architecture}.block_count): it cannot be split")
         self.sha256 = identity.sha256_file(self.path)
-        self._node: Paying | None = None
         self._jobs: dict[int, _Job] = {}
         self._ids = itertools.count(1)
         self._lock = threading.RLock()  # a stream collected on a thread that holds it cancels
         self._ready = threading.Event()
         self._unavailable: Exception | None = None
         self._closing = False
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
-        self._payments: set[Any] = set()
+        self._child = ChildProcess(name)
         self._asleep = not load  # no child: the next request (or attach) loads the model
         self._waking = False
         self._pending: list[tuple[Any, ...]] = []  # requests waiting for the engine to wake
@@ -235,13 +125,13 @@ class SplitEngine:
         self.info: dict[str, Any] = {}
         self.load_s = 0.0
         self.loads = 0
-        self._tunnels_http: Any = None
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="forge-rpc-tunnels",
                          daemon=True).start()
         try:
-            self._http = self._run(self._session())
-            self.lenders = [self._run(self._hello(url)) for url in urls]
+            self._client: PeerClient = self._run(PeerClient.open())
+            self._payer = Payer(name, signer, self._client, self._loop)
+            self.lenders = [self._run(self._client.hello(url)) for url in urls]
             if load:
                 self._load()
         except BaseException:
@@ -254,69 +144,19 @@ class SplitEngine:
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    async def _session(self) -> Any:
-        import aiohttp
-
-        # Tunnels live as long as the model is loaded: only connecting is timed.
-        self._tunnels_http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=HTTP_TIMEOUT_S))
-        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
-
-    async def _json(self, method: str, url: str, body: Any = None) -> Any:
-        import aiohttp
-
-        from forge_cli.client import answer
-
-        try:
-            async with self._http.request(method, url, json=body) as response:
-                raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise PeerLost(f"layer peer at {url} is unreachable: {exc or type(exc).__name__}"
-                           ) from None
-        try:
-            return answer(response.status, response.reason or "", raw, f"layer peer at {url}")
-        except ForgeError as exc:  # the peer's own words where it gave an envelope
-            said = (getattr(exc, "envelope", None) or {}).get("message") or exc.message
-            raise TunnelRefused(f"layer peer at {url} refused: {said}") from None
-
-    async def _hello(self, url: str) -> Lender:
-        url = url.rstrip("/")
-        health = await self._json("GET", f"{url}/health")
-        if not isinstance(health, dict) or health.get("role") != "layer-peer":
-            raise UsageError(f"{url} is not a layer peer (start one with `forge rpc serve`)")
-        try:
-            return Lender(url, str(health["node_id"]), int(health["free_mb"]),
-                          int(health["rate_ucu_per_layer_token"]))
-        except (KeyError, TypeError, ValueError):
-            raise TunnelRefused(f"layer peer at {url} describes itself badly: {health}") from None
-
     async def _agree(self, lender: Lender) -> str:
         """Terms for the lender's layers, checked; then its tunnel's loopback endpoint."""
-        agreed = await self._json("POST", f"{lender.url}/v1/forge/rpc/terms", {
-            "head": self.signer.node_id, "model_sha256": self.sha256,
-            "layers": len(lender.layers)})
-        reason = terms.terms_problem(agreed)
-        if reason is None and (agreed["terms"]["peer"] != lender.node_id
-                               or agreed["terms"]["layers"] != len(lender.layers)
-                               or agreed["terms"]["head"] != self.signer.node_id):
-            reason = "they are not the terms asked for"
-        if reason is None and agreed["terms"]["bytes_per_layer_token"] < 1:
-            reason = "a paid token buys no tunnel bytes under them"
-        if reason:
-            raise TunnelRefused(f"layer peer {lender.short} sent bad terms: {reason}")
+        agreed = await self._client.terms(lender, head=self.signer.node_id,
+                                          model_sha256=self.sha256)
         lender.agreed = agreed
         if lender.tunnel is not None:
             await lender.tunnel.close()
         lender.tunnel = HeadTunnel(lender.url, lender.node_id, self.signer, agreed,
-                                   self._tunnels_http, on_lost=self._peer_gone,
-                                   child=self._child_pid, on_idle=self._peer_idle,
-                                   top_up=lambda tokens: self._top_up(lender, agreed, tokens))
+                                   self._client.tunnels, on_lost=self._child.end_now,
+                                   child=self._child.pid, on_idle=self._peer_idle,
+                                   top_up=lambda tokens: self._payer.top_up(lender, agreed,
+                                                                            tokens))
         return await lender.tunnel.start()
-
-    def _child_pid(self) -> int | None:
-        """The engine child, the one process the tunnels' loopback ports serve."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -352,7 +192,7 @@ class SplitEngine:
         try:
             plan.check({int(k): v for k, v in self.info.get("assigned", {}).items()})
         except ModelError:
-            self._kill_child()
+            self._child.kill()
             raise
         self.plan = plan
         self.live = live
@@ -361,41 +201,19 @@ class SplitEngine:
         self._ready.set()
 
     def _start_child(self, config: dict[str, Any]) -> None:
-        ours, theirs = socket.socketpair()
-        env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "forge_cli.rpc.child", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            env=env)
-        theirs.close()
-        conn = Connection(ours.detach())
-        conn.send(("load", config))
-        if not conn.poll(LOAD_TIMEOUT_S):
-            self._kill_child()
-            raise ModelError(f"the engine for {self.name} did not load within {LOAD_TIMEOUT_S} s")
-        try:
-            reply = conn.recv()
-        except (EOFError, OSError):
-            reply = ("failed", "ModelError", self._death_reason())
-        if reply[0] != "ready":
-            self._kill_child()
-            refusal = next((lender.tunnel.refusal for lender in self.lenders
-                            if lender.tunnel is not None and lender.tunnel.refusal), None)
-            if refusal is not None:  # a peer said no: that is the reason, not a broken model
-                raise TunnelRefused(f"the split engine for {self.name} could not load: "
-                                    f"{refusal.message}")
-            cls = getattr(errors, reply[1], ModelError)
-            raise (cls if isinstance(cls, type) and issubclass(cls, errors.ForgeError)
-                   else ModelError)(f"the split engine for {self.name} could not load: {reply[2]}")
-        self.info = reply[1]
-        self._conn = conn
-        threading.Thread(target=self._read, args=(conn, self._proc), name="forge-rpc-child",
-                         daemon=True).start()
+        self.info = self._child.start(config, death_reason=self._death_reason,
+                                      refusal=self._refusal)
+        self._child.read(self._on_message, self._on_end)
 
     def _death_reason(self) -> str:
         lost = [lender.tunnel.lost for lender in self.lenders
                 if lender.tunnel is not None and lender.tunnel.lost]
         return "; ".join(lost) or "its process exited"
+
+    def _refusal(self) -> ForgeError | None:
+        """A peer's refusal that stopped the child loading, if one did."""
+        return next((lender.tunnel.refusal for lender in self.lenders
+                     if lender.tunnel is not None and lender.tunnel.refusal), None)
 
     def _peer_idle(self, tunnel: HeadTunnel) -> None:
         """A peer closed this engine's idle tunnel: end the child and sleep until the next
@@ -405,49 +223,30 @@ class SplitEngine:
                                                     for lender in self.live):
                 return
             self._asleep = not self._jobs
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()  # on the tunnels' loop: never wait here
-
-    def _peer_gone(self) -> None:
-        """A tunnel lost its peer: end the child now, even idle (ggml would only notice at the
-        next request, and fail it), so the engine reloads without the peer at once."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-
-    def _kill_child(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=30)
+        self._child.end_now()  # on the tunnels' loop: never wait here
 
     # -- the child's messages ------------------------------------------------------------------
 
-    def _read(self, conn: Connection, proc: subprocess.Popen[bytes]) -> None:
-        while True:
-            try:
-                kind, job_id, *rest = conn.recv()
-            except (EOFError, OSError):
-                break
-            job = self._jobs.get(job_id)
-            if job is None:
-                continue
-            job.last = time.monotonic()
-            if kind == "start":
-                job.prompt_tokens = rest[0]
-            elif kind == "text":
-                job.pieces.append(rest[0])
-                job.tokens = rest[1]
-                job.out.put(("text", rest[0], rest[1]))
-            elif kind == "done":
-                self._end(job, ("done", rest[0]))
-            elif kind == "error":
-                cls = getattr(errors, rest[0], ModelError)
-                if not (isinstance(cls, type) and issubclass(cls, errors.ForgeError)):
-                    cls = ModelError
-                self._end(job, ("error", cls(rest[1])))
-        conn.close()
-        if self._closing or proc is not self._proc or self._asleep:
+    def _on_message(self, msg: tuple[Any, ...]) -> None:
+        kind, job_id, *rest = msg
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.last = time.monotonic()
+        if kind == "start":
+            job.prompt_tokens = rest[0]
+        elif kind == "text":
+            job.pieces.append(rest[0])
+            job.tokens = rest[1]
+            job.out.put(("text", rest[0], rest[1]))
+        elif kind == "done":
+            self._end(job, ("done", rest[0]))
+        elif kind == "error":
+            self._end(job, ("error", error_class(rest[0])(rest[1])))
+
+    def _on_end(self, proc: subprocess.Popen[bytes]) -> None:
+        """A child's socket closed: lost, unless the engine closes, sleeps or replaced it."""
+        if self._closing or proc is not self._child.proc or self._asleep:
             return
         self._lost(proc)
 
@@ -459,18 +258,14 @@ class SplitEngine:
         while time.monotonic() < deadline and not any(
                 lender.tunnel and lender.tunnel.lost for lender in self.live):
             time.sleep(0.05)
-        try:
-            code = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+        code = reap(proc)
         named = [lender for lender in self.live if lender.tunnel and lender.tunnel.lost]
         for lender in named:
             lender.lost = lender.tunnel.lost if lender.tunnel else lender.lost
         if named:
             why = "; ".join(str(lender.lost) for lender in named)
         else:
-            why = f"the split engine's process exited ({_exit_text(code)})"
+            why = f"the split engine's process exited ({exit_text(code)})"
         for job in list(self._jobs.values()):
             self._end(job, ("error", PeerLost(
                 f"{why}; the request failed after {job.tokens} tokens, and only those are "
@@ -493,7 +288,8 @@ class SplitEngine:
             job.ended = True
             self._jobs.pop(job.id, None)
         job.out.put(item)
-        self._meter(job)
+        self._payer.meter(job.lenders, job.prompt_tokens, job.tokens,
+                          "".join(job.pieces).encode())
 
     def _watch(self) -> None:
         """Generation that makes no progress for `stall_s` fails: the peer the head waits on
@@ -510,14 +306,14 @@ class SplitEngine:
             if slow is not None and slow.tunnel is not None:
                 slow.tunnel.lost = (f"layer peer {slow.short} stalled: no answer for "
                                     f"{self.stall_s} s")
-            self._kill_child()
+            self._child.kill()
 
     # -- metering ------------------------------------------------------------------------------
 
     def attach(self, node: Paying) -> None:
         """Pay layer peers through `node`'s wallet, as `node`'s account; load the model now if
         it was made with load=False (its weights paid for as they go)."""
-        self._node = node
+        self._payer.node = node
         if self._asleep and not self._waking:
             self._load()
             with self._lock:
@@ -544,80 +340,11 @@ class SplitEngine:
                 job = self._jobs.get(msg[1])
                 if job is not None:
                     job.lenders, job.last = list(self.live), time.monotonic()
-                self._send(msg)
-
-    def _send(self, msg: tuple[Any, ...]) -> None:
-        try:
-            assert self._conn is not None
-            self._conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the child is gone: the reader fails the job by the peer's name
-
-    def _meter(self, job: _Job) -> None:
-        if self._node is None or job.tokens + job.prompt_tokens == 0:
-            return
-        response = "".join(job.pieces).encode()
-        for lender in job.lenders:
-            if lender.lost is None and lender.agreed is not None and lender.rate > 0:
-                future = asyncio.run_coroutine_threadsafe(
-                    self._pay(lender, lender.agreed, job.prompt_tokens, job.tokens, response),
-                    self._loop)
-                self._payments.add(future)
-                future.add_done_callback(self._payments.discard)
-
-    async def _top_up(self, lender: Lender, agreed: dict[str, Any], tokens: int) -> bool:
-        """Pay `lender` ahead for `tokens` (the tunnel bytes they buy): False when this engine
-        pays no one (not attached) or the payment failed."""
-        if self._node is None or lender.rate == 0:
-            return False
-        return await self._pay(lender, agreed, 0, tokens, b"")
-
-    async def _pay(self, lender: Lender, agreed: dict[str, Any], prompt_tokens: int,
-                   tokens: int, response: bytes) -> bool:
-        """One dual-signed trade: the head pays `lender` for its layers over `tokens`."""
-        from forge_cli import identity
-
-        node = self._node
-        if node is None:  # attach(node) comes before any generation; a payment without it is a bug
-            raise ModelError(f"the split engine for {self.name} pays its peers through a node, "
-                             "and none is attached")
-        request = terms.agreement_body(agreed)
-        record = terms.metering_body(prompt_tokens=prompt_tokens, completion_tokens=tokens,
-                                     response=response)
-        trade = terms.layer_trade(agreed, model=self.name, prompt_tokens=prompt_tokens,
-                                  completion_tokens=tokens, request=request, response=record,
-                                  now_ms=node.clock())
-        consumer_sig = self.signer.sign(entries.trade_message(trade)).hex()
-
-        async def countersigned() -> tuple[dict[str, Any], list[bytes]]:
-            answer = await self._json("POST", f"{lender.url}/v1/forge/rpc/settle", {
-                "trade": trade, "consumer_sig": consumer_sig, "request": request.decode(),
-                "response": record.decode()})
-            provider_sig = answer.get("provider_sig") if isinstance(answer, dict) else None
-            if not isinstance(provider_sig, str) or not identity.verify_hex(
-                    lender.node_id, entries.trade_message(trade), provider_sig):
-                raise TunnelRefused(f"layer peer {lender.short} did not sign the layer trade")
-            tunnel = lender.tunnel
-            if tunnel is not None and tunnel.agreed is agreed:  # what the peer now lets flow
-                tunnel.paid_tokens += trade["completion_tokens"]
-            return ({"terms": trade, "provider_sig": provider_sig, "consumer_sig": consumer_sig},
-                    [request, record])
-
-        try:
-            await node.wallet.pay(node.node_id, trade["cu"], countersigned,
-                                  what=f"{trade['cu']} CU owed to layer peer {lender.short}")
-        except errors.ForgeError as exc:
-            log.error("layer trade with %s not settled: %s", lender.short, exc)
-            return False
-        lender.paid_cu += trade["cu"]
-        lender.trades += 1
-        return True
+                self._child.send(msg)
 
     def settled(self, timeout: float = 30) -> None:
         """Wait for the payments under way (tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._payments and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self._payer.settled(timeout)
 
     # -- the Engine surface --------------------------------------------------------------------
 
@@ -645,7 +372,7 @@ class SplitEngine:
         job = _Job(next(self._ids), list(self.live))
         with self._lock:
             self._jobs[job.id] = job
-        self._send((kind, job.id, *args))
+        self._child.send((kind, job.id, *args))
         return SplitStream(self, job)
 
     def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
@@ -663,12 +390,8 @@ class SplitEngine:
         if waiting:
             self._end(job, ("done", Completion("", 0, 0, "cancelled")))
             return
-        if job.ended or self._conn is None:
-            return
-        try:
-            self._conn.send(("cancel", job.id))
-        except (OSError, ValueError):
-            pass
+        if not job.ended:
+            self._child.send(("cancel", job.id))
 
     @property
     def n_ctx(self) -> int:
@@ -734,16 +457,7 @@ class SplitEngine:
             return
         self.settled()
         self._closing = True
-        if self._conn is not None:
-            try:
-                self._conn.send(("close",))
-            except (OSError, ValueError):
-                pass
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._kill_child()
+        self._child.close()
         for job in list(self._jobs.values()):
             self._end(job, ("error", ModelError(f"the engine for {self.name} was closed")))
         self._shutdown_loop()
@@ -753,9 +467,9 @@ class SplitEngine:
             for lender in getattr(self, "lenders", []):
                 if lender.tunnel is not None:
                     await lender.tunnel.close()
-            for session in (getattr(self, "_http", None), getattr(self, "_tunnels_http", None)):
-                if session is not None:
-                    await session.close()
+            client = getattr(self, "_client", None)
+            if client is not None:
+                await client.close()
 
         try:
             self._run(stop(), timeout=10)
@@ -769,50 +483,5 @@ class SplitEngine:
         self.close()
 
 
-def find_lenders(node_id: str, settings: dict[str, Any]) -> list[str]:
-    """URLs of the layer peers on the mesh (mDNS on mesh.interfaces, and mesh.peers), the most
-    memory first: what `--split auto` splits with. Looks for up to rpc.discover_s seconds,
-    and stops early once the peers found stay the same for 1.5 s."""
-    from forge_cli.errors import NoProvider
-    from forge_cli.mesh.discovery import Mesh
 
-    async def look() -> list[tuple[int, str]]:
-        mesh = Mesh(node_id, lambda: [], interfaces=settings["mesh.interfaces"],
-                    static_peers=settings["mesh.peers"], mdns=settings["mesh.mdns"], probe_s=1,
-                    expire_s=settings["mesh.expire_s"])
-        await mesh.start(None)
-        deadline = time.monotonic() + settings["rpc.discover_s"]
-        found: list[tuple[int, str]] = []
-        stable_since = time.monotonic()
-        try:
-            while time.monotonic() < deadline:
-                await mesh.probe_all()
-                now = sorted(((p.lends_mb or 0, p.url) for p in mesh.trusted_peers()
-                              if p.lends_mb is not None), reverse=True)
-                if [url for _, url in now] != [url for _, url in found]:
-                    found, stable_since = now, time.monotonic()
-                elif found and time.monotonic() - stable_since >= 1.5:
-                    break
-                await asyncio.sleep(0.25)
-        finally:
-            await mesh.stop()
-        return found
-
-    found = asyncio.run(look())
-    if not found:
-        raise NoProvider(f"no layer peer answered on the mesh within {settings['rpc.discover_s']} "
-                         "s", hint="start some with `forge rpc serve --mesh`, or name them: "
-                         "--split http://HOST:PORT[,URL…]")
-    return [url for _, url in found][:16]  # GGML_RPC_MAX_SERVERS
-
-
-def _exit_text(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-__all__ = ["Lender", "Plan", "SplitEngine", "SplitStream", "find_lenders", "plan_layers"]
+__all__ = ["Lender", "Paying", "Plan", "SplitEngine", "SplitStream", "plan_layers"]

@@ -30,7 +30,7 @@ from typing import Any
 
 from forge_cli import canonical, identity
 from forge_cli.ledger import entries
-from forge_cli.mesh.protocol import is_hex
+from forge_cli.wire import is_hex
 
 TERMS_DOMAIN = b"forge-rpc-terms-v2\n"
 TUNNEL_DOMAIN = b"forge-rpc-tunnel-v2\n"
