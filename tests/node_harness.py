@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,19 +41,29 @@ class NodeProcess:
         return ["node", "-m", str(model), "--port", "0"]
 
     def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
         assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{self.command(None)[0]} exited with {self.proc.wait()} "
-                                   "before listening")
-            self.lines.append(line)
-            # `in`, not startswith: a layer peer's ggml server writes to the same stdout
-            # through C's own buffer, and its text may land in front of the announcement.
-            if self.ANNOUNCE in line:
-                return line.split()[-1]
-        raise RuntimeError("node did not start in time")
+        # readline blocks: a process that neither announces nor exits is killed at the
+        # deadline, so its pipe closes and the wait ends (never a test hung for good).
+        watchdog = threading.Timer(START_TIMEOUT, self.proc.kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    code = self.proc.wait()
+                    if not watchdog.is_alive():
+                        raise RuntimeError(f"{self.command(None)[0]} did not start within "
+                                           f"{START_TIMEOUT} s; it said: {''.join(self.lines)}")
+                    raise RuntimeError(f"{self.command(None)[0]} exited with {code} before "
+                                       "listening")
+                self.lines.append(line)
+                # `in`, not startswith: a layer peer's ggml server writes to the same stdout
+                # through C's own buffer, and its text may land in front of the announcement.
+                if self.ANNOUNCE in line:
+                    return line.split()[-1]
+        finally:
+            watchdog.cancel()
 
     def request(self, method: str, path: str, body: Any = None, token: str | None = None,
                 raw: bytes | None = None, headers: dict[str, str] | None = None
