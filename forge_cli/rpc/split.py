@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from forge_cli import errors
 from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost, TunnelRefused, UsageError
 from forge_cli.inference.engine import Completion, Sampling, Stream, refuse_oversized
+from forge_cli.inference.tools import Tools
 from forge_cli.ledger import entries
 from forge_cli.rpc import terms
 from forge_cli.rpc.tunnel import HeadTunnel
@@ -648,9 +649,9 @@ class SplitEngine:
         self._send((kind, job.id, *args))
         return SplitStream(self, job)
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
-             block: bool = True) -> SplitStream:
-        return self._submit("chat", block, messages, sampling)
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling = Sampling(), *,
+             tools: Tools | None = None, block: bool = True) -> SplitStream:
+        return self._submit("chat", block, messages, sampling, tools)
 
     def generate(self, prompt: str, sampling: Sampling = Sampling(), *, add_bos: bool = True,
                  block: bool = True) -> SplitStream:
