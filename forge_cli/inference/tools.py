@@ -242,9 +242,10 @@ class CallReader:
     def feed(self, piece: str) -> list[tuple[Any, ...]]:
         self._buffer += piece
         events: list[tuple[Any, ...]] = []
-        while True:
+        steps = {"text": self._text, "head": self._head, "arguments": self._arguments}
+        while True:  # until a step neither moves on nor consumes anything
             before = (self._state, len(self._buffer))
-            events += getattr(self, f"_{self._state}")(final=False)
+            events += steps[self._state](final=False)
             if (self._state, len(self._buffer)) == before:
                 return events
 
@@ -253,7 +254,7 @@ class CallReader:
         events = self.feed("")
         if self._state == "head":  # a block that never became a call is prose
             self._state, self._buffer = "text", OPEN + self._buffer
-            return events + self._say(self._buffer, len(self._buffer))
+            events += self._say(self._buffer, len(self._buffer))
         if self._state == "arguments":
             events += self._arguments(final=True)
         elif self._buffer and not self.calls:
@@ -288,12 +289,10 @@ class CallReader:
             self._state = "arguments"
             return [("call", call)]
         if CLOSE in self._buffer or len(self._buffer) > _HEAD_MAX or self._no_head():
-            self._state, self._buffer = "text", OPEN + self._buffer
-            if self.calls:
-                self._buffer = self._buffer[len(OPEN):]  # what follows a call is not prose
+            self._state = "text"  # not a call: "<tool_call>" was prose, and so is what follows
+            if self.calls:  # after a call nothing is prose
                 return []
             self.text += OPEN
-            self._buffer = self._buffer[len(OPEN):]
             return [("text", OPEN)]
         return []
 
