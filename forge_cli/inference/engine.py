@@ -30,6 +30,7 @@ from typing import Any
 from forge_cli.errors import EngineBusy, ModelError, PromptTooLong, UsageError
 from forge_cli.inference import templates
 from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
+from forge_cli.inference.tools import Tools
 
 DEFAULT_N_CTX = 4096
 DEFAULT_QUEUE = 16
@@ -390,9 +391,10 @@ class Engine:
         """Refuse, before tokenizing, a prompt of `size` UTF-8 bytes that cannot fit."""
         refuse_oversized(self.name, self.n_ctx, self.max_prompt_bytes, size, what)
 
-    def render(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text the model's chat template makes of `messages`."""
-        return self.template.render(messages)
+    def render(self, messages: list[dict[str, Any]], tools: Tools | None = None) -> str:
+        """The prompt text the model's chat template makes of `messages`, with the `tools` a
+        request offers (forge_cli.inference.tools says how they are shown)."""
+        return self.template.render(messages, offered=tools)
 
     @property
     def queued(self) -> int:
@@ -472,9 +474,10 @@ class Engine:
         self._put(item, block)
         return item.future.result()
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
-             block: bool = True) -> Stream:
-        """Stream the assistant's reply to a conversation, rendered with the chat template.
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling = Sampling(), *,
+             tools: Tools | None = None, block: bool = True) -> Stream:
+        """Stream the assistant's reply to a conversation, rendered with the chat template
+        (with the `tools` offered: the grammar that constrains the calls is `sampling`'s).
 
         The prompt is rendered and tokenized in the calling thread (call it off an event
         loop): its cost grows with its length, and it never holds the scheduler."""
@@ -482,7 +485,7 @@ class Engine:
         # past the bound cannot fit: refused before rendering them.
         self.check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages),
                                 "the conversation")
-        prompt = self.render(messages)
+        prompt = self.render(messages, tools)
         stops = tuple(dict.fromkeys(sampling.stop + self.template.stops))
         if stops != sampling.stop:
             sampling = Sampling(**{**sampling.__dict__, "stop": stops})

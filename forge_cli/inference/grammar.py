@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from forge_cli.errors import UsageError
@@ -38,7 +39,11 @@ def from_schema(schema: Any, where: str = "the JSON schema") -> str:
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         raise UsageError(f"{where} nests deeper than {MAX_SCHEMA_DEPTH} levels")
     text = json.dumps(schema, ensure_ascii=False, allow_nan=False)
-    if len(text.encode("utf-8")) > MAX_SCHEMA_BYTES:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") in one of its strings
+        raise UsageError(f"{where} is not valid Unicode text: {exc.reason}") from None
+    if size > MAX_SCHEMA_BYTES:
         raise UsageError(f"{where} is larger than {MAX_SCHEMA_BYTES // 1024} KiB")
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -50,9 +55,34 @@ def from_schema(schema: Any, where: str = "the JSON schema") -> str:
     except Exception as exc:  # the converter's own words: AssertionError, ValueError, KeyError
         detail = str(exc) or type(exc).__name__
         raise UsageError(f"{where} cannot be turned into a grammar: {detail[:300]}") from None
-    if len(grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
-        raise UsageError(f"{where} makes a grammar larger than {MAX_GRAMMAR_BYTES // 1024} KiB")
+    check_size(str(grammar), f"the grammar {where} makes")
     return str(grammar)
+
+
+def check_size(grammar: str, what: str) -> None:
+    """A UsageError when `grammar` is past the bound (what a stranger's schemas may cost)."""
+    if len(grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
+        raise UsageError(f"{what} is larger than {MAX_GRAMMAR_BYTES // 1024} KiB")
+
+
+# Where a GBNF rule body refers to a rule: a name outside literals, classes and repetitions.
+_PARTS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|\{[0-9, ]*\}|[a-zA-Z0-9-]+|.',
+                    re.S)
+
+
+def schema_rules(schema: Any, where: str, *, prefix: str) -> tuple[str, str]:
+    """The rules of a JSON schema's grammar (from_schema), each renamed to begin with
+    `prefix`, so that the grammars of several schemas live in one: (the name its root rule
+    now has, the rules' text)."""
+    text = from_schema(schema, where)
+    rules = dict(line.split(" ::= ", 1) for line in text.splitlines() if " ::= " in line)
+
+    def rename(body: str) -> str:
+        return "".join(prefix + part if part in rules else part
+                       for part in _PARTS.findall(body))
+
+    return prefix + "root", "\n".join(f"{prefix}{name} ::= {rename(body)}"
+                                       for name, body in rules.items())
 
 
 def digest(grammar: str | None) -> str | None:
@@ -73,4 +103,5 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
-__all__ = ["MAX_GRAMMAR_BYTES", "MAX_SCHEMA_BYTES", "digest", "from_schema", "json_object"]
+__all__ = ["MAX_GRAMMAR_BYTES", "MAX_SCHEMA_BYTES", "check_size", "digest", "from_schema",
+           "json_object", "schema_rules"]

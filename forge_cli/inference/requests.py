@@ -13,6 +13,7 @@ from typing import Any
 from forge_cli.errors import UsageError
 from forge_cli.inference import grammar
 from forge_cli.inference.jobs import Sampling
+from forge_cli.inference.tools import MAX_DESCRIPTION, MAX_TOOLS, NAME, Tool, Tools
 
 
 def bad_request(message: str) -> UsageError:
@@ -42,7 +43,8 @@ def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join(words.get(k, k.__name__) for k in kinds)
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_CALL_ID = 256  # characters of a tool call's id (OpenAI's are 29)
 
 
 # Parameters this node does not honour, and the values that ask for nothing it would ignore
@@ -100,7 +102,21 @@ def parse_sampling(body: dict[str, Any], node_ctx: int) -> Sampling:
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("stop must be a non-empty string or a list of up to 4 of them")
     return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                    seed=seed, stop=tuple(stop), grammar=response_grammar(body))
+                    seed=seed, stop=tuple(stop), grammar=reply_grammar(body))
+
+
+def reply_grammar(body: dict[str, Any]) -> str | None:
+    """The grammar the reply must match: the tools' (when the model may call one) or the
+    response format's. Both at once is refused: a reply is either calls or that format."""
+    tools = parse_tools(body)
+    shape = response_grammar(body)
+    if tools is None or not tools.active:
+        return shape
+    if shape is not None:
+        raise bad_request("response_format and tools cannot be combined on this node: send "
+                          "tool_choice 'none' to get the response format, or leave out "
+                          "response_format to get tool calls")
+    return tools.grammar()
 
 
 def response_grammar(body: dict[str, Any]) -> str | None:
@@ -130,28 +146,156 @@ def response_grammar(body: dict[str, Any]) -> str | None:
                       f"found {json.dumps(kind)[:40]}")
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages: roles checked, content-parts joined, text valid Unicode."""
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages in OpenAI's shape: roles checked, content-parts joined, text valid
+    Unicode; an assistant's `tool_calls` checked (its content may then be null) and each `tool`
+    message answering a call made earlier in the conversation."""
     messages = field(body, "messages", list, required=True)
     if not messages:
         raise bad_request("messages must not be empty")
-    out = []
+    out: list[dict[str, Any]] = []
+    calls: dict[str, str] = {}  # the ids of the calls made so far, and their functions
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise bad_request(f"messages[{i}] must be an object")
+            raise bad_request(f"{where} must be an object")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
-                              f"found {role!r}")
+            raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, found "
+                              f"{json.dumps(role)[:40]}")
         if isinstance(content, list):  # the content-parts form: text parts only
             try:
                 content = "".join(p["text"] for p in content if p.get("type") == "text")
             except (TypeError, KeyError, AttributeError):
-                raise bad_request(f"messages[{i}].content parts must be text parts") from None
+                raise bad_request(f"{where}.content parts must be text parts") from None
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and role != "assistant":
+            raise bad_request(f"{where} has tool_calls; only an assistant message can")
+        if content is None and tool_calls is not None:
+            content = ""
         if not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": valid_text(content, f"messages[{i}].content")})
+            raise bad_request(f"{where}.content must be a string"
+                              + (" (or null beside tool_calls)" if role == "assistant" else ""))
+        parsed: dict[str, Any] = {"role": role, "content": valid_text(content, f"{where}.content")}
+        if tool_calls is not None:
+            parsed["tool_calls"] = _tool_calls(tool_calls, where, calls)
+        if role == "tool":
+            parsed["tool_call_id"] = _answered(message.get("tool_call_id"), where, calls)
+        out.append(parsed)
     return out
+
+
+def _tool_calls(value: Any, where: str, calls: dict[str, str]) -> list[dict[str, Any]]:
+    """An assistant message's calls, in OpenAI's shape, each id noted in `calls`."""
+    if not isinstance(value, list) or not value:
+        raise bad_request(f"{where}.tool_calls must be a non-empty array of calls")
+    if len(value) > MAX_TOOLS:
+        raise bad_request(f"{where}.tool_calls holds {len(value)} calls; at most {MAX_TOOLS}")
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise bad_request(f"{at} must be {{\"id\", \"type\": \"function\", \"function\": "
+                              "{\"name\", \"arguments\"}}")
+        ident = call.get("id")
+        if not isinstance(ident, str) or not 1 <= len(ident) <= MAX_CALL_ID:
+            raise bad_request(f"{at}.id must be a string of 1 to {MAX_CALL_ID} characters")
+        name = _function_name(function.get("name"), f"{at}.function.name")
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            raise bad_request(f"{at}.function.arguments must be a string (the arguments as "
+                              "JSON text)")
+        calls[ident] = name
+        out.append({"id": valid_text(ident, f"{at}.id"), "type": "function",
+                    "function": {"name": name,
+                                 "arguments": valid_text(arguments, f"{at}.function.arguments")}})
+    return out
+
+
+def _answered(ident: Any, where: str, calls: dict[str, str]) -> str:
+    """A tool message's `tool_call_id`: one of the calls made before it."""
+    if not isinstance(ident, str) or not ident:
+        raise bad_request(f"{where} has role 'tool' and needs 'tool_call_id', the id of the "
+                          "call it answers")
+    if ident not in calls:
+        raise bad_request(f"{where}.tool_call_id {json.dumps(ident)[:80]} answers no call made "
+                          "earlier in the conversation (an assistant message's tool_calls)")
+    return ident
+
+
+def _function_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        shown = json.dumps(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise bad_request(f"{where} must be 1 to 64 letters, digits, '_' or '-', found {shown}")
+    return name
+
+
+def parse_tools(body: dict[str, Any]) -> Tools | None:
+    """The tools a request offers and its tool_choice and parallel_tool_calls, each checked
+    (OpenAI's name rule, at most MAX_TOOLS, schemas that describe objects, a named choice
+    that is one of the tools); None when it offers none. The schemas become a grammar in
+    `Tools.grammar` (through reply_grammar), where a schema the converter cannot take is
+    refused by its place."""
+    offered = field(body, "tools", list, default=None)
+    choice = field(body, "tool_choice", (str, dict), default=None)
+    parallel = field(body, "parallel_tool_calls", bool, default=True)
+    if offered is None:
+        if choice is not None and choice not in ("none", "auto"):
+            raise bad_request("tool_choice asks for a tool call, and the request offers no "
+                              "tools")
+        return None
+    if not offered:
+        raise bad_request("tools must not be empty (leave it out to offer none)")
+    if len(offered) > MAX_TOOLS:
+        raise bad_request(f"tools holds {len(offered)} functions; at most {MAX_TOOLS}")
+    tools: list[Tool] = []
+    for i, item in enumerate(offered):
+        tools.append(_tool(item, f"tools[{i}]"))
+        if tools[-1].name in (t.name for t in tools[:-1]):
+            raise bad_request(f"tools[{i}].function.name {tools[-1].name!r} is offered twice")
+    named = None
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(function, dict):
+            raise bad_request('tool_choice must be "none", "auto", "required" or {"type": '
+                              '"function", "function": {"name": ...}}')
+        named = _function_name(function.get("name"), "tool_choice.function.name")
+        if named not in (t.name for t in tools):
+            raise bad_request(f"tool_choice names the function {named!r}, which is not among "
+                              f"the tools ({', '.join(t.name for t in tools)})")
+        choice = "function"
+    elif choice not in ("none", "auto", "required"):
+        raise bad_request('tool_choice must be "none", "auto", "required" or a named function, '
+                          f"found {json.dumps(choice)[:40]}")
+    return Tools(tuple(tools), choice, named, parallel)
+
+
+def _tool(item: Any, where: str) -> Tool:
+    function = item.get("function") if isinstance(item, dict) else None
+    if not isinstance(function, dict) or item.get("type") != "function":
+        raise bad_request(f'{where} must be {{"type": "function", "function": {{"name", '
+                          '"description", "parameters"}}')
+    name = _function_name(function.get("name"), f"{where}.function.name")
+    description = function.get("description", "")
+    if description is None:
+        description = ""
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        raise bad_request(f"{where}.function.description must be a string of at most "
+                          f"{MAX_DESCRIPTION} characters")
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise bad_request(f"{where}.function.parameters must be a JSON schema (an object), "
+                          f"found {type(parameters).__name__}")
+    if parameters.get("type", "object") != "object":
+        raise bad_request(f"{where}.function.parameters must describe an object (type "
+                          f"'object'), found type {json.dumps(parameters.get('type'))[:40]}")
+    return Tool(name, valid_text(description, f"{where}.function.description"),
+                {"type": "object", **parameters})
 
 
 def valid_text(value: str, where: str) -> str:

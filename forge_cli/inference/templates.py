@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from forge_cli.errors import ModelError
+from forge_cli.inference import tools
 
 CHATML = (
     "{% for message in messages %}"
@@ -51,10 +52,19 @@ class ChatTemplate:
     def stops(self) -> tuple[str, ...]:
         return {CHATML: CHATML_STOPS, GEMMA: GEMMA_STOPS}.get(self.source, ())
 
-    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ([{"role": "user", "content": "hi"}, …])."""
-        return render(self.source, messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                      add_generation_prompt=add_generation_prompt)
+    @property
+    def speaks_tools(self) -> bool:
+        """Whether the template renders tools itself, in the format forge reads
+        (forge_cli.inference.tools)."""
+        return tools.speaks_tools(self.source)
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               offered: tools.Tools | None = None) -> str:
+        """The prompt text for `messages` ([{"role": "user", "content": "hi"}, …]), with the
+        tools `offered` shown (natively, or by forge's fallback: see forge_cli.inference.tools)."""
+        shown, declared = tools.template_input(messages, offered, native=self.speaks_tools)
+        return render(self.source, shown, bos_token=self.bos_token, eos_token=self.eos_token,
+                      add_generation_prompt=add_generation_prompt, tools=declared)
 
 
 def _raise(message: str) -> None:
@@ -78,14 +88,15 @@ def _compile(source: str) -> Any:
         raise ModelError(f"the model's chat template does not compile: {exc}") from exc
 
 
-def render(source: str, messages: list[dict[str, str]], *, bos_token: str = "",
-           eos_token: str = "", add_generation_prompt: bool = True) -> str:
+def render(source: str, messages: list[dict[str, Any]], *, bos_token: str = "",
+           eos_token: str = "", add_generation_prompt: bool = True,
+           tools: list[dict[str, Any]] | None = None) -> str:
     from jinja2 import TemplateError
 
     try:
         return _compile(source).render(
             messages=messages, bos_token=bos_token, eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt, tools=tools,
         )
     except TemplateError as exc:
         raise ModelError(f"the model's chat template failed: {exc}") from exc

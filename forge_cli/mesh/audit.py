@@ -194,7 +194,7 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     """Audit one sale with `engine` (the same GGUF as terms.model_sha256): counts, prompt,
     text and every token against the model. Blocks for one prefill; call it off the loop.
     Setting `cancel` withdraws the prefill (ModelError) at the engine's next step."""
-    from forge_cli.inference.requests import parse_messages, parse_sampling
+    from forge_cli.inference.requests import parse_messages, parse_sampling, parse_tools
 
     if engine.sha256 != terms["model_sha256"]:
         raise DisputeRejected(f"this node's {engine.name} is not the model the trade names "
@@ -208,11 +208,12 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
     try:  # the consumer wrote the request: what is wrong with it is never the seller's lie
         body = wire.parse(request, limit=MAX_EVIDENCE, what="the request sold")
         messages = parse_messages(body)
+        tools = parse_tools(body)
         stops = parse_sampling(body, entries.MAX_AMOUNT).stop
     except (ValueError, UnicodeDecodeError, ForgeError) as exc:
         raise DisputeRejected(f"the request sold is not a chat request this node can audit "
                               f"({exc})") from None
-    prompt = engine.tokenize(engine.render(messages))
+    prompt = engine.tokenize(engine.render(messages, tools))
     if len(prompt) != terms["prompt_tokens"]:
         return Verdict(False, f"prompt: terms bill {terms['prompt_tokens']} prompt tokens; the "
                               f"request renders to {len(prompt)}")

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
 
 Each request is quoted and reserved before generation, and settled as a dual-signed trade
-after it (for the tokens actually produced); the response carries `x_forge`.
+after it (for the tokens actually produced); the response carries `x_forge`. A chat that
+offers tools has its reply read for calls (forge_cli.inference.tools.CallReader) and told as
+`message.tool_calls`, or streamed as OpenAI's tool-call deltas.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from forge_cli.errors import ForgeError
+from forge_cli.inference.tools import Call, CallReader, read_reply
 from forge_cli.node.sale import Sale, open_sale
 from forge_cli.node.throttle import Sender
 from forge_cli.node.web import NODE, REJECTS, STREAMING, WHO, Route, error_body, read_json, sse
@@ -52,8 +55,8 @@ async def _purchase(request: web.Request, who: Who, *, chat: bool) -> web.Stream
             pass
         settled = await sale.settle()
     sale.record(request)
-    return web.json_response(_full_response(sale.order.body, sale.name, session.completion,
-                                            session.text, sale.x_forge(settled), chat))
+    return web.json_response(_full_response(sale, session.completion, session.text,
+                                            sale.x_forge(settled)))
 
 
 def _usage(completion: Any) -> dict[str, int]:
@@ -62,25 +65,59 @@ def _usage(completion: Any) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-def _finish(completion: Any) -> str:
+def _finish(completion: Any, calls: bool = False) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the reply made calls and ended by itself."""
     reason = completion.finish_reason if completion else "stop"
-    return "length" if reason == "length" else "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
 
 
-def _full_response(body: dict[str, Any], model: str, completion: Any, text: str,
-                   x_forge: dict[str, Any], chat: bool) -> dict[str, Any]:
-    created = int(time.time())
-    if chat:
+def _full_response(sale: Sale, completion: Any, text: str,
+                   x_forge: dict[str, Any]) -> dict[str, Any]:
+    created, model = int(time.time()), sale.name
+    if sale.order.chat:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        calls = []
+        if sale.order.calls:
+            reply = read_reply(text)
+            calls = reply.calls
+            if calls:
+                message = {"role": "assistant", "content": reply.text or None,
+                           "tool_calls": [_call(call) for call in calls]}
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": _finish(completion), "logprobs": None}],
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": _finish(completion, bool(calls)),
+                             "logprobs": None}],
                 "usage": _usage(completion), "x_forge": x_forge}
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": created,
             "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": _finish(completion),
                          "logprobs": None}],
             "usage": _usage(completion), "x_forge": x_forge}
+
+
+def _call(call: Call) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _deltas(events: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """OpenAI's chunk deltas for what a CallReader read: prose as content; a call's first
+    delta with its index, id, type, name and empty arguments, then its arguments in pieces."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        if event[0] == "text":
+            out.append({"content": event[1]})
+        elif event[0] == "call":
+            call = event[1]
+            out.append({"tool_calls": [{"index": call.index, "id": call.id, "type": "function",
+                                        "function": {"name": call.name, "arguments": ""}}]})
+        else:
+            out.append({"tool_calls": [{"index": event[1].index,
+                                        "function": {"arguments": event[2]}}]})
+    return out
 
 
 async def _stream(request: web.Request, sale: Sale) -> web.StreamResponse:
@@ -93,6 +130,7 @@ async def _stream(request: web.Request, sale: Sale) -> web.StreamResponse:
                                            "Cache-Control": "no-cache"})
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
+    reader = CallReader() if sale.order.calls else None  # the reply read for tool calls
 
     def chunk(delta: dict[str, Any] | str, finish: str | None, **extra: Any) -> bytes:
         if chat:
@@ -115,10 +153,18 @@ async def _stream(request: web.Request, sale: Sale) -> web.StreamResponse:
             if chat:
                 await response.write(chunk({"role": "assistant", "content": ""}, None))
             async for piece in sale.run(source):
-                await response.write(chunk({"content": piece} if chat else piece, None))
+                if reader is None:
+                    await response.write(chunk({"content": piece} if chat else piece, None))
+                    continue
+                for delta in _deltas(reader.feed(piece)):
+                    await response.write(chunk(delta, None))
+            if reader is not None:  # what was held back (text that might have begun a call)
+                for delta in _deltas(reader.end()):
+                    await response.write(chunk(delta, None))
             settled = await sale.settle(streaming=True)
             completion = session.completion
-            await response.write(chunk({} if chat else "", _finish(completion),
+            calls = reader is not None and bool(reader.calls)
+            await response.write(chunk({} if chat else "", _finish(completion, calls),
                                        usage=_usage(completion),
                                        x_forge=sale.x_forge(settled)))
     except ForgeError as exc:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from forge_cli.errors import ForgeError, KillSwitchActive
-from forge_cli.inference.requests import parse_messages, parse_sampling
+from forge_cli.inference.requests import parse_messages, parse_sampling, parse_tools
 from forge_cli.mesh.audit import commit_sampling
 from forge_cli.node.throttle import Sender
 from forge_cli.node.web import NODE, REJECTS, STREAMING, Route, error_body, read_json, sse
@@ -48,6 +48,7 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
     consumer = sale.quote["consumer"]  # its signature checked: its refusals count against it
     sender.add(f"peer:{consumer}", f"peer {consumer[:12]}…")
     messages = parse_messages(sale.body)
+    tools = parse_tools(sale.body)  # shown in the prompt as the auditor will render it
     engine = sale.model.engine
     # The terms commit to the sampling run (ppm-exact, with its seed) and the ids produced.
     sampling, sale.sampling = commit_sampling(parse_sampling(sale.body, engine.n_ctx))
@@ -60,7 +61,8 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
     try:
         async with session:
             # Started before the stream begins: a refused prompt is an HTTP error.
-            pump = await node.pump(lambda: engine.chat(messages, sampling, block=False))
+            pump = await node.pump(
+                lambda: engine.chat(messages, sampling, tools=tools, block=False))
             request[STREAMING] = response
             await response.prepare(request)
             async for piece in session.run(pump):

@@ -17,7 +17,15 @@ from aiohttp import web
 
 from forge_cli.errors import KillSwitchActive
 from forge_cli.inference.jobs import Sampling
-from forge_cli.inference.requests import bad_request, field, parse_messages, parse_sampling, valid_text
+from forge_cli.inference.requests import (
+    bad_request,
+    field,
+    parse_messages,
+    parse_sampling,
+    parse_tools,
+    valid_text,
+)
+from forge_cli.inference.tools import Tools
 from forge_cli.node.web import NODE, TRADE_LOG
 from forge_cli.trade import forwarding
 from forge_cli.trade.session import Settled, Source, Starter, TradeSession, request_bytes
@@ -29,7 +37,8 @@ if TYPE_CHECKING:
 FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
 # What constrains a reply travels to the peer as the consumer wrote it: the peer derives the
 # same grammar (and prompt) from it, and its terms commit to that.
-CONSTRAINTS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+CONSTRAINTS = ("response_format", *TOOL_FIELDS)
 
 
 @dataclass
@@ -41,9 +50,15 @@ class Order:
     model: str | None
     stream: bool
     sampling: Sampling
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     prompt: str | None
     request: bytes
+    tools: Tools | None = None  # what the model may call (a chat's `tools`, `tool_choice`)
+
+    @property
+    def calls(self) -> bool:
+        """Whether the reply is read for tool calls (the model may make one)."""
+        return self.tools is not None and self.tools.active
 
     @property
     def prompt_bytes(self) -> int:
@@ -65,6 +80,10 @@ def order(body: dict[str, Any], *, chat: bool, n_ctx: int) -> Order:
     stream = field(body, "stream", bool, default=False)
     messages = parse_messages(body) if chat else None
     prompt = None if chat else valid_text(field(body, "prompt", str, required=True), "prompt")
+    if not chat and any(body.get(key) is not None for key in TOOL_FIELDS):
+        raise bad_request("tools are offered on /v1/chat/completions; a text completion "
+                          "takes none")
+    tools = parse_tools(body) if chat else None
     sampling = parse_sampling(body, n_ctx)
     for stop in sampling.stop:
         valid_text(stop, "stop")
@@ -72,7 +91,7 @@ def order(body: dict[str, Any], *, chat: bool, n_ctx: int) -> Order:
         raw = request_bytes(body)
     except UnicodeEncodeError as exc:
         raise bad_request(f"the request is not valid Unicode text: {exc.reason}") from None
-    return Order(body, chat, name, stream, sampling, messages, prompt, raw)
+    return Order(body, chat, name, stream, sampling, messages, prompt, raw, tools)
 
 
 @dataclass
@@ -150,7 +169,8 @@ async def open_sale(request: web.Request, who: Who, body: dict[str, Any], *,
     async def start() -> Source:
         if chat:
             return await node.pump(
-                lambda: model.engine.chat(checked.messages, checked.sampling, block=False))
+                lambda: model.engine.chat(checked.messages, checked.sampling,
+                                          tools=checked.tools, block=False))
         return await node.pump(
             lambda: model.engine.generate(checked.prompt, checked.sampling, block=False))
 

@@ -6,7 +6,7 @@ and talks to it over a socket: a lost peer kills this process, and the node fail
 it was serving, by the peer's name, and reloads without it.
 
 Messages (pickled, multiprocessing.connection framing):
-  node → child: ("load", config) · ("chat", id, messages, sampling) ·
+  node → child: ("load", config) · ("chat", id, messages, sampling, tools) ·
                 ("generate", id, prompt, sampling, add_bos) · ("cancel", id) · ("close",)
   child → node: ("ready", describe) | ("failed", error class, message) ·
                 ("start", id, prompt tokens) · ("text", id, piece, tokens) ·
@@ -66,9 +66,9 @@ class Child:
         engine = self.engine
         try:
             if kind == "chat":
-                messages, sampling = args
-                prompt = engine.render(messages)
-                stream = engine.chat(messages, sampling, block=False)
+                messages, sampling, tools = args
+                prompt = engine.render(messages, tools)
+                stream = engine.chat(messages, sampling, tools=tools, block=False)
             else:
                 prompt, sampling, add_bos = args
                 stream = engine.generate(prompt, sampling, add_bos=add_bos, block=False)

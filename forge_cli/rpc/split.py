@@ -30,6 +30,7 @@ from typing import Any
 
 from forge_cli.errors import EngineBusy, ForgeError, ModelError, PeerLost
 from forge_cli.inference.engine import Completion, Sampling, Stream, refuse_oversized
+from forge_cli.inference.tools import Tools
 from forge_cli.rpc.lenders import Lender, PeerClient
 from forge_cli.rpc.payment import Payer, Paying
 from forge_cli.rpc.plan import Plan, plan_layers
@@ -375,9 +376,9 @@ class SplitEngine:
         self._child.send((kind, job.id, *args))
         return SplitStream(self, job)
 
-    def chat(self, messages: list[dict[str, str]], sampling: Sampling = Sampling(), *,
-             block: bool = True) -> SplitStream:
-        return self._submit("chat", block, messages, sampling)
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling = Sampling(), *,
+             tools: Tools | None = None, block: bool = True) -> SplitStream:
+        return self._submit("chat", block, messages, sampling, tools)
 
     def generate(self, prompt: str, sampling: Sampling = Sampling(), *, add_bos: bool = True,
                  block: bool = True) -> SplitStream:
