@@ -26,13 +26,8 @@ from forge_cli.inference import grammar
 from forge_cli.inference.jobs import Sampling
 from forge_cli.ledger import entries
 from forge_cli.mesh import audit
+from tests.constraint_cases import AS_OBJECT, AS_SCHEMA, SCHEMA, matches_schema
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "n", "ok"],
-          "properties": {"name": {"type": "string", "maxLength": 6},
-                         "n": {"type": "integer", "minimum": 0, "maximum": 999},
-                         "ok": {"type": "boolean"}}}
-AS_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
-AS_OBJECT = {"type": "json_object"}
 HONEST_SALES = 60
 MAX_TOKENS = 48
 PROVIDER, CONSUMER = identity.Identity.generate(), identity.Identity.generate()
@@ -98,13 +93,6 @@ def as_sent(body: dict[str, Any]) -> bytes:
 
 def run_audit(auditor: Any, sale: dict[str, Any]) -> audit.Verdict:
     return audit.audit(auditor, sale["terms"], sale["request"], sale["response"], sale["tokens"])
-
-
-def matches_schema(text: str) -> bool:
-    value = json.loads(text)
-    return (set(value) == {"name", "n", "ok"} and isinstance(value["name"], str)
-            and len(value["name"]) <= 6 and type(value["n"]) is int and 0 <= value["n"] <= 999
-            and isinstance(value["ok"], bool))
 
 
 # -- the commitment --------------------------------------------------------------------------

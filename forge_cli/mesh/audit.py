@@ -3,11 +3,11 @@ of a reply against the auditor's own copy of the model, and the disputes that fo
 
 A provider's terms commit to the sampling it used (integers: ppm and a seed, and the SHA-256 of
 the grammar that constrained the reply, if one did) and the SHA-256 of the token ids it produced
-(the ids travel as a body; the grammar's schema travels in the request, which the auditor
-re-parses as the seller did). An auditor holding the same GGUF
-teacher-forces prompt + ids through its engine in one prefill (`Engine.score`, a scoring job in
-the same slots as generation) and checks at every position that the provider's token is one the
-committed sampler could have drawn, within `MARGIN` logits of float noise between machines:
+(the ids travel as a body; a grammar's schema travels in the request, which the auditor
+re-parses as the seller did). An auditor holding the same GGUF teacher-forces prompt + ids
+through its engine in one prefill (`Engine.score`, a scoring job in the same slots as
+generation) and checks at every position that the provider's token is one the committed
+sampler could have drawn, within `MARGIN` logits of float noise between machines:
 
 - temperature 0 (greedy): the token's logit is within MARGIN of the best logit;
 - otherwise: within MARGIN of the top_k-th best logit (top_k ≤ 0 with min_p ≤ 0: AUDIT_TOP_K),
@@ -358,12 +358,12 @@ def grammar_problem(wanted: str | None, committed: Any) -> str | None:
     names one."""
     if wanted == committed:
         return None
-    if committed is None:
-        return (f"the request asks for a grammar (sha256 {wanted[:16]}…) and the terms "
-                "commit to none: the reply was sold as free text")
     if wanted is None:
         return (f"the terms commit to a grammar (sha256 {str(committed)[:16]}…) that the "
                 "request does not ask for")
+    if committed is None:
+        return (f"the request asks for a grammar (sha256 {wanted[:16]}…) and the terms "
+                "commit to none: the reply was sold as free text")
     return (f"the terms commit to grammar {str(committed)[:16]}…, the request derives "
             f"{wanted[:16]}…")
 
