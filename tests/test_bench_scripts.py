@@ -122,3 +122,17 @@ def test_audit_bench_refuses_bad_counts_before_loading_anything():
     assert done.returncode == 2
     assert "--replies, --tokens, --rounds and --cheats must be at least 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_grammar_bench_help_names_its_options_and_refuses_bad_counts():
+    bench = REPO / "bench" / "grammar_bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--tokens", "--rounds", "--json"):
+        assert option in done.stdout
+    done = subprocess.run([sys.executable, str(bench), "--tokens", "2"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--tokens must be at least 8 and --rounds at least 1" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -375,7 +375,7 @@ class Scheduler:
                     f"llama.cpp could not decode a step of {n} tokens (llama_decode "
                     f"returned {code})"))
             return
-        if kept:
+        if kept:  # in position order: each step feeds a job's next chunk, lowest first
             for job, row, at in kept:
                 logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row),
                                                shape=(self._n_vocab,))

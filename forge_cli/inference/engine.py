@@ -29,6 +29,7 @@ from typing import Any
 
 from forge_cli.errors import EngineBusy, ModelError, PromptTooLong, UsageError
 from forge_cli.inference import templates
+from forge_cli.inference.grammar import Matcher
 from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
 from forge_cli.inference.tools import Tools
 
@@ -455,6 +456,18 @@ class Engine:
             if not sampler:
                 raise UsageError("the grammar does not parse (llama.cpp refused it)")
             lib.llama_sampler_free(sampler)
+
+    @contextmanager
+    def grammar_matcher(self, grammar: str) -> Iterator[Matcher]:
+        """llama.cpp's grammar sampler for `grammar` over this model's vocabulary, to step by
+        hand (an auditor's; UsageError when it does not parse). The model stays open while
+        it lives; it may be used on the scheduler thread, by a scoring job's `reduce`."""
+        with self._vocab_in_use():
+            matcher = Matcher(self._lib, self._vocab, self.n_vocab, grammar)
+            try:
+                yield matcher
+            finally:
+                matcher.close()
 
     def reply_text(self, ids: list[int], stops: tuple[str, ...] = ()) -> tuple[str, int]:
         """The text `chat` streams for a reply of these token ids (with `stops` and the

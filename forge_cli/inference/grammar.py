@@ -4,11 +4,13 @@ own converter (never a converter of ours), or the plain-JSON-object grammar it s
 A grammar is text; a request's grammar rides in its `Sampling` and the scheduler adds llama.cpp's
 grammar sampler to that sequence's chain, so a constrained sequence steps in the same batch as
 free ones. Its SHA-256 (`digest`) is what a sale commits to, so an auditor can apply the same
-grammar before its checks.
+grammar before its checks: a `Matcher` steps llama.cpp's own grammar sampler along a reply's
+tokens and says which tokens it allows at each.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import re
@@ -92,6 +94,51 @@ def digest(grammar: str | None) -> str | None:
     return hashlib.sha256(grammar.encode("utf-8")).hexdigest()
 
 
+class Matcher:
+    """llama.cpp's grammar sampler, stepped by hand along a reply: which of some tokens the
+    grammar allows next (`allowed`), then the token taken (`accept`). An auditor applies the
+    grammar a sale committed to exactly as the seller's sampler chain did.
+
+    Whether the grammar allows a token depends on the grammar's state and that token alone,
+    so asking about a few candidates gives the same answer for them as asking about the whole
+    vocabulary, for a fraction of the cost. Made by `Engine.grammar_matcher`, which holds
+    the vocabulary open while it lives.
+    """
+
+    def __init__(self, lib: Any, vocab: Any, n_vocab: int, text: str) -> None:
+        import numpy as np
+
+        self._lib = lib
+        self._sampler = lib.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not self._sampler:
+            raise UsageError("the grammar does not parse (llama.cpp refused it)")
+        # llama_token_data {id, logit, p}: one buffer, reused for every question
+        self._data = np.zeros(n_vocab, dtype=np.dtype(
+            [("id", np.int32), ("logit", np.float32), ("p", np.float32)]))
+        self._pointer = self._data.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+
+    def allowed(self, tokens: Any) -> Any:
+        """A boolean array: which of `tokens` (token ids) the grammar allows next. An end of
+        generation token is allowed only where the grammar may end."""
+        n = len(tokens)
+        data = self._data[:n]
+        data["id"] = tokens
+        data["logit"] = 0.0
+        candidates = self._lib.llama_token_data_array(self._pointer, n, -1, False)
+        self._lib.llama_sampler_apply(self._sampler, ctypes.byref(candidates))
+        return data["logit"] == 0.0  # what the grammar forbids it sets to -inf
+
+    def accept(self, token: int) -> None:
+        """Advance past `token`, which `allowed` must have allowed (llama.cpp aborts the
+        process on a token its grammar rejects, so this is never asked blindly)."""
+        self._lib.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        if self._sampler:
+            self._lib.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+
 def _depth(value: Any, level: int = 0) -> int:
     """How deep containers nest in `value` (stops counting past the bound)."""
     if level > MAX_SCHEMA_DEPTH:
@@ -103,5 +150,5 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
-__all__ = ["MAX_GRAMMAR_BYTES", "MAX_SCHEMA_BYTES", "check_size", "digest", "from_schema",
-           "json_object", "schema_rules"]
+__all__ = ["MAX_GRAMMAR_BYTES", "MAX_SCHEMA_BYTES", "Matcher", "check_size", "digest",
+           "from_schema", "json_object", "schema_rules"]

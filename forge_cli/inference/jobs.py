@@ -94,7 +94,9 @@ class Job:
 class Score:
     """Teacher-forced scoring: `tokens` decoded in one prefill, the logits of every position
     from `start - 1` on kept (each row predicts the token after it), or what `reduce` makes
-    of each."""
+    of each. `reduce(i, row)` runs on the scheduler thread once per row, in position order
+    (i = 0, 1, 2, …, whatever chunks the prefill is cut into): an auditor steps a grammar
+    along the reply in it."""
 
     tokens: list[int]
     start: int

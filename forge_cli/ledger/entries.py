@@ -177,11 +177,17 @@ _SAMPLING_LIMITS = {"temperature_ppm": 2_000_000, "top_p_ppm": 1_000_000, "top_k
                     "max_tokens": 1_000_000}
 
 
+# The SHA-256 of the grammar (GBNF) that constrained the reply: present only when one did, so
+# terms of free replies are what they always were.
+SAMPLING_GRAMMAR = "grammar_sha256"
+
+
 def check_sampling(sampling: Any) -> str | None:
     """Why committed sampling parameters are malformed, or None."""
     if not isinstance(sampling, dict):
         return "terms.sampling is not an object"
-    missing, extra = SAMPLING_KEYS - set(sampling), set(sampling) - SAMPLING_KEYS
+    missing = SAMPLING_KEYS - set(sampling)
+    extra = set(sampling) - SAMPLING_KEYS - {SAMPLING_GRAMMAR}
     if missing or extra:
         return (f"terms.sampling has missing keys {sorted(missing)} / unexpected keys "
                 f"{sorted(extra)}")
@@ -189,6 +195,11 @@ def check_sampling(sampling: Any) -> str | None:
         value = sampling[key]
         if type(value) is not int or not 0 <= value <= high:
             return f"terms.sampling.{key} must be an integer from 0 to {high}, found {value!r}"
+    if SAMPLING_GRAMMAR in sampling:
+        value = sampling[SAMPLING_GRAMMAR]
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            return (f"terms.sampling.{SAMPLING_GRAMMAR} must be a sha256 hex digest (64 "
+                    f"lowercase hex digits), found {str(value)[:80]!r}")
     return None
 
 

@@ -1,17 +1,26 @@
 """Audits of purchases (proof of useful work): what a provider commits to about a run, the check
 of a reply against the auditor's own copy of the model, and the disputes that follow.
 
-A provider's terms commit to the sampling it used (integers: ppm and a seed) and the SHA-256 of
-the token ids it produced (the ids travel as a body). An auditor holding the same GGUF
-teacher-forces prompt + ids through its engine in one prefill (`Engine.score`, a scoring job in
-the same slots as generation) and checks at every position that the provider's token is one the
-committed sampler could have drawn, within `MARGIN` logits of float noise between machines:
+A provider's terms commit to the sampling it used (integers: ppm and a seed, and the SHA-256 of
+the grammar that constrained the reply, if one did) and the SHA-256 of the token ids it produced
+(the ids travel as a body; a grammar's schema travels in the request, which the auditor
+re-parses as the seller did). An auditor holding the same GGUF teacher-forces prompt + ids
+through its engine in one prefill (`Engine.score`, a scoring job in the same slots as
+generation) and checks at every position that the provider's token is one the committed
+sampler could have drawn, within `MARGIN` logits of float noise between machines:
 
 - temperature 0 (greedy): the token's logit is within MARGIN of the best logit;
 - otherwise: within MARGIN of the top_k-th best logit (top_k ≤ 0 with min_p ≤ 0: AUDIT_TOP_K),
   and, when min_p > 0, at least max + ln(min_p) − MARGIN (llama.cpp's min-p keeps exactly the
   tokens above max + ln(min_p), before temperature). top_p is not checked (a looser bound never
   accuses an honest provider); the repeat penalty is applied to the auditor's logits first.
+
+A constrained reply is checked under its grammar first, as the seller's sampler chain applied
+it: the grammar the request derives must be the one the terms name (else a "grammar:"
+failure), the provider's token must be one the grammar allows at each position (llama.cpp's
+own grammar sampler, stepped along the ids), and the bounds above are taken over the allowed
+tokens only (the grammar sets the others to -inf before any sampler ranks them). The reply
+may end with the grammar unfinished: max_tokens or a stop string cut it.
 
 It also checks that the counts match the ids (billed tokens, CU, max_tokens), that the prompt
 has the billed length, and that the reply delivered is the text of the committed ids. A pass is
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -47,7 +57,9 @@ from forge_cli.errors import (
     NoStanding,
     RecheckBusy,
     Replay,
+    UsageError,
 )
+from forge_cli.inference import grammar as grammars
 from forge_cli.ledger import entries
 
 log = logging.getLogger("forge.audit")
@@ -70,13 +82,17 @@ DEFAULT_RECHECK_QUEUE = 8  # re-checks waiting at once, all auditors together
 RECHECK_WAIT_S = 30  # a poster waits this long for its verdict, then hears "queued" (202)
 RECHECK_EXPIRE_S = 600  # a re-check that waited this long for an idle engine is dropped
 IDLE_POLL_S = 0.02  # how often a running re-check looks for a paying session to yield to
+# A grammar is asked about this many of the best tokens at each position (and the provider's):
+# the best allowed one is among them unless none is, when the whole vocabulary is asked.
+GRAMMAR_CANDIDATES = 512
 
 
 # -- the commitment --------------------------------------------------------------------------
 
-def commit_sampling(sampling: Any) -> tuple[Any, dict[str, int]]:
-    """The sampling a sale runs with, and its committed integer form: floats rounded to ppm
-    (the run uses exactly the committed values) and a seed drawn when none was asked for."""
+def commit_sampling(sampling: Any) -> tuple[Any, dict[str, Any]]:
+    """The sampling a sale runs with, and its committed form: floats rounded to ppm (the run
+    uses exactly the committed values), a seed drawn when none was asked for, and the SHA-256
+    of its grammar when it has one (absent otherwise)."""
     from forge_cli.inference.engine import Sampling
 
     seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
@@ -85,11 +101,13 @@ def commit_sampling(sampling: Any) -> tuple[Any, dict[str, int]]:
               "min_p_ppm": round(sampling.min_p * PPM),
               "repeat_penalty_ppm": round(sampling.repeat_penalty * PPM),
               "seed": seed, "max_tokens": sampling.max_tokens}
+    if sampling.grammar is not None:
+        commit["grammar_sha256"] = grammars.digest(sampling.grammar)
     exact = Sampling(max_tokens=sampling.max_tokens, temperature=commit["temperature_ppm"] / PPM,
                      top_p=commit["top_p_ppm"] / PPM, top_k=commit["top_k"],
                      min_p=commit["min_p_ppm"] / PPM,
                      repeat_penalty=commit["repeat_penalty_ppm"] / PPM, seed=seed,
-                     stop=sampling.stop)
+                     stop=sampling.stop, grammar=sampling.grammar)
     return exact, commit
 
 
@@ -110,7 +128,7 @@ def ids_of(body: bytes) -> list[int] | None:
     return ids
 
 
-def run_terms(commit: dict[str, int], ids: list[int]) -> dict[str, Any]:
+def run_terms(commit: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     """The terms fields that commit a sale to its run: the sampling and the ids' hash."""
     return {"sampling": commit, "tokens_sha256": entries.body_hash(tokens_body(ids))}
 
@@ -147,53 +165,134 @@ def _mlogit(x: float) -> int:
     return round(float(x) * 1000)
 
 
-def position_check(prompt: list[int], ids: list[int],
-                   commit: dict[str, int]) -> Callable[[int, Any], dict[str, Any] | None]:
-    """The check of one reply position: given i and the auditor's logits that score ids[i],
-    None when the committed sampler could have drawn ids[i], else the evidence a dispute
-    carries (milli-logits: integers, they are signed). It reads the row and keeps nothing of
-    it, so the scheduler can run it on llama.cpp's own buffer."""
-    import numpy as np
+def position_check(prompt: list[int], ids: list[int], commit: dict[str, Any],
+                   grammar: grammars.Matcher | None = None) -> Positions:
+    """The check of each reply position, for `Engine.score`'s reduce (see `Positions`)."""
+    return Positions(prompt, ids, commit, grammar)
 
-    from forge_cli.inference.batching import PENALTY_LAST_N
 
-    penalty = commit["repeat_penalty_ppm"] / PPM
-    greedy = commit["temperature_ppm"] == 0
-    top_k, min_p = commit["top_k"], commit["min_p_ppm"] / PPM
-    if not greedy and top_k <= 0 and min_p <= 0:
-        top_k = AUDIT_TOP_K
+class Positions:
+    """The check of one reply position: called with i and the auditor's logits that score
+    ids[i], None when the committed sampler could have drawn ids[i], else the evidence a
+    dispute carries (milli-logits: integers, they are signed). It reads the row and keeps
+    nothing of it, so the scheduler can run it on llama.cpp's own buffer.
 
-    def check(i: int, row: Any) -> dict[str, Any] | None:
-        token = ids[i]
-        if penalty != 1.0:  # llama.cpp's penalties over the last 64 tokens, prompt included
+    With a `grammar` (a Matcher of the committed grammar) it must see the positions in order,
+    0, 1, 2, …: the grammar steps along the ids. `rejected` is then the first position whose
+    token the grammar forbids (or None); the positions after it are not checked, since the
+    grammar cannot step past a token it forbids.
+    """
+
+    def __init__(self, prompt: list[int], ids: list[int], commit: dict[str, Any],
+                 grammar: grammars.Matcher | None = None) -> None:
+        self.prompt = prompt
+        self.ids = ids
+        self.penalty = commit["repeat_penalty_ppm"] / PPM
+        self.greedy = commit["temperature_ppm"] == 0
+        self.top_k, self.min_p = commit["top_k"], commit["min_p_ppm"] / PPM
+        if not self.greedy and self.top_k <= 0 and self.min_p <= 0:
+            self.top_k = AUDIT_TOP_K
+        self.grammar = grammar
+        self.rejected: int | None = None
+        self._next = 0
+        # How many allowed tokens the best GRAMMAR_CANDIDATES must hold for the bounds over
+        # them to be exact: the best one (greedy, min-p), or the k best when top-k is the
+        # only bound. With fewer, the whole vocabulary is asked.
+        self._needed = self.top_k if not self.greedy and self.min_p <= 0 else 1
+
+    def __call__(self, i: int, row: Any) -> dict[str, Any] | None:
+        import numpy as np
+
+        from forge_cli.inference.batching import PENALTY_LAST_N
+
+        if self.grammar is not None:
+            if i != self._next:
+                raise ValueError(f"scored position {i} came before position {self._next}: a "
+                                 "grammar is checked along the reply in order")
+            self._next += 1
+            if self.rejected is not None:
+                return None
+        token = self.ids[i]
+        if self.penalty != 1.0:  # llama.cpp's penalties over the last 64 tokens, prompt too
+            penalty = self.penalty
             row = row.copy()
-            seen = np.unique(np.array((prompt + ids[:i])[-PENALTY_LAST_N:], dtype=np.int64))
+            seen = np.unique(np.array((self.prompt + self.ids[:i])[-PENALTY_LAST_N:],
+                                      dtype=np.int64))
             hit = row[seen]
             row[seen] = np.where(hit <= 0, hit * penalty, hit / penalty)
+        if self.grammar is not None:
+            masked = self._masked(row, token)
+            if masked is None:
+                self.rejected = i
+                return self._rejection(i, row, token)
+            row = masked
         best = float(row.max())
-        if greedy:
+        if self.greedy:
             bound = best - MARGIN
         else:
             bound = -math.inf
-            if 0 < top_k < len(row):
-                bound = float(np.partition(row, len(row) - top_k)[len(row) - top_k]) - MARGIN
-            if min_p > 0:
-                bound = max(bound, best + math.log(min_p) - MARGIN)
+            if 0 < self.top_k < len(row):
+                k = len(row) - self.top_k
+                bound = float(np.partition(row, k)[k]) - MARGIN
+            if self.min_p > 0:
+                bound = max(bound, best + math.log(self.min_p) - MARGIN)
         if float(row[token]) >= bound:
             return None
         top = np.argsort(-row, kind="stable")[:entries.MAX_TOP]
         return {"pos": i, "token": token, "token_mlogit": _mlogit(row[token]),
                 "bound_mlogit": _mlogit(bound),
-                "top": [[int(t), _mlogit(row[t])] for t in top]}
+                "top": [[int(t), _mlogit(row[t])] for t in top if np.isfinite(row[t])]}
 
-    return check
+    def _masked(self, row: Any, token: int) -> Any:
+        """`row` with what the grammar forbids at -inf (as its sampler sets it), then the
+        grammar stepped past `token`; None when it forbids `token`.
+
+        Only the best GRAMMAR_CANDIDATES tokens and `token` are asked about. Every token
+        outside them scores below each of them, so the best allowed token (and the k best,
+        when that many are allowed among them) is exact; the bounds over a subset of the
+        allowed tokens are never above the true ones, so they never accuse an honest
+        provider."""
+        import numpy as np
+
+        assert self.grammar is not None
+        n = len(row)
+        if n > GRAMMAR_CANDIDATES:
+            best = np.argpartition(row, n - GRAMMAR_CANDIDATES)[n - GRAMMAR_CANDIDATES:]
+        else:
+            best = np.arange(n)
+        inside = bool((best == token).any())
+        asked = best if inside else np.append(best, token)
+        allowed = asked[self.grammar.allowed(asked)]
+        if not (allowed == token).any():
+            return None
+        if int((allowed != token).sum()) + inside < self._needed and len(asked) < n:
+            everything = np.arange(n)
+            allowed = everything[self.grammar.allowed(everything)]
+        masked = np.full(n, -np.inf, dtype=np.float32)
+        masked[allowed] = row[allowed]
+        self.grammar.accept(token)
+        return masked
+
+    def _rejection(self, i: int, row: Any, token: int) -> dict[str, Any]:
+        """The evidence of a token the grammar forbids: its logit and the allowed tokens the
+        auditor ranks best there (bound: the best of them)."""
+        import numpy as np
+
+        assert self.grammar is not None
+        everything = np.arange(len(row))
+        allowed = everything[self.grammar.allowed(everything)]
+        top = allowed[np.argsort(-row[allowed], kind="stable")[:entries.MAX_TOP]]
+        bound = row[top[0]] if len(top) else row.max()
+        return {"pos": i, "token": token, "token_mlogit": _mlogit(row[token]),
+                "bound_mlogit": _mlogit(bound), "top": [[int(t), _mlogit(row[t])] for t in top]}
 
 
 def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
           tokens: bytes, *, cancel: threading.Event | None = None) -> Verdict:
-    """Audit one sale with `engine` (the same GGUF as terms.model_sha256): counts, prompt,
-    text and every token against the model. Blocks for one prefill; call it off the loop.
-    Setting `cancel` withdraws the prefill (ModelError) at the engine's next step."""
+    """Audit one sale with `engine` (the same GGUF as terms.model_sha256): counts, grammar,
+    prompt, text and every token against the model (under the grammar, if the request asks
+    for one). Blocks for one prefill; call it off the loop. Setting `cancel` withdraws the
+    prefill (ModelError) at the engine's next step."""
     from forge_cli.inference.requests import parse_messages, parse_sampling, parse_tools
 
     if engine.sha256 != terms["model_sha256"]:
@@ -209,15 +308,19 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
         body = wire.parse(request, limit=MAX_EVIDENCE, what="the request sold")
         messages = parse_messages(body)
         tools = parse_tools(body)
-        stops = parse_sampling(body, entries.MAX_AMOUNT).stop
+        sampling = parse_sampling(body, entries.MAX_AMOUNT)
     except (ValueError, UnicodeDecodeError, ForgeError) as exc:
         raise DisputeRejected(f"the request sold is not a chat request this node can audit "
                               f"({exc})") from None
+    reason = grammar_problem(grammars.digest(sampling.grammar),
+                             terms["sampling"].get("grammar_sha256"))
+    if reason:
+        return Verdict(False, f"grammar: {reason}")
     prompt = engine.tokenize(engine.render(messages, tools))
     if len(prompt) != terms["prompt_tokens"]:
         return Verdict(False, f"prompt: terms bill {terms['prompt_tokens']} prompt tokens; the "
                               f"request renders to {len(prompt)}")
-    text, read = engine.reply_text(ids, stops)
+    text, read = engine.reply_text(ids, sampling.stop)
     if read < len(ids):
         return Verdict(False, f"text: {len(ids) - read} token(s) follow the stop string that "
                               "ends the reply (padding)")
@@ -228,14 +331,42 @@ def audit(engine: Any, terms: dict[str, Any], request: bytes, response: bytes,
                               f"this node's context of {engine.n_ctx}; it cannot audit them")
     if not ids:
         return Verdict(True)
-    found = engine.score(prompt + ids, len(prompt),
-                         reduce=position_check(prompt, ids, terms["sampling"]), cancel=cancel)
+    with contextlib.ExitStack() as held:
+        matcher = None
+        if sampling.grammar is not None:
+            try:
+                matcher = held.enter_context(engine.grammar_matcher(sampling.grammar))
+            except UsageError as exc:
+                raise DisputeRejected(f"this node's llama.cpp cannot apply the request's "
+                                      f"grammar ({exc}); it cannot audit the trade") from None
+        check = position_check(prompt, ids, terms["sampling"], matcher)
+        found = engine.score(prompt + ids, len(prompt), reduce=check, cancel=cancel)
     failures = [f for f in found if f is not None]
+    if check.rejected is not None:
+        return Verdict(False, f"grammar: token {ids[check.rejected]} at position "
+                              f"{check.rejected} is not one the committed grammar allows there",
+                       len(ids), failures[:entries.MAX_FAILURES])
     if failures:
         return Verdict(False, f"model: {len(failures)} of {len(ids)} tokens are outside what "
                               "the committed model and sampling could draw", len(ids),
                        failures[:entries.MAX_FAILURES])
     return Verdict(True, "", len(ids))
+
+
+def grammar_problem(wanted: str | None, committed: Any) -> str | None:
+    """Why the grammar the terms commit to (`committed`, their grammar_sha256) is not the one
+    the request derives (`wanted`, its SHA-256), or None when both name the same or neither
+    names one."""
+    if wanted == committed:
+        return None
+    if wanted is None:
+        return (f"the terms commit to a grammar (sha256 {str(committed)[:16]}…) that the "
+                "request does not ask for")
+    if committed is None:
+        return (f"the request asks for a grammar (sha256 {wanted[:16]}…) and the terms "
+                "commit to none: the reply was sold as free text")
+    return (f"the terms commit to grammar {str(committed)[:16]}…, the request derives "
+            f"{wanted[:16]}…")
 
 
 # -- disputes --------------------------------------------------------------------------------
@@ -633,8 +764,8 @@ async def _maybe_await(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) else value
 
 
-__all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "MARGIN",
-           "MAX_EVIDENCE", "RecheckQueue", "STANDING_REPUTATION", "UPHELD", "Verdict", "audit",
-           "check_dispute", "commit_sampling", "counts_problem", "evidence", "ids_of",
-           "position_check", "recheck", "run_terms", "sign_dispute", "standing_problem",
-           "tokens_body"]
+__all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "GRAMMAR_CANDIDATES",
+           "MARGIN", "MAX_EVIDENCE", "Positions", "RecheckQueue", "STANDING_REPUTATION",
+           "UPHELD", "Verdict", "audit", "check_dispute", "commit_sampling", "counts_problem",
+           "evidence", "grammar_problem", "ids_of", "position_check", "recheck", "run_terms",
+           "sign_dispute", "standing_problem", "tokens_body"]

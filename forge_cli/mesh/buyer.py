@@ -30,7 +30,7 @@ from forge_cli.errors import (
 )
 from forge_cli.ledger import entries
 from forge_cli.mesh import protocol
-from forge_cli.mesh.audit import tokens_body
+from forge_cli.mesh.audit import grammar_problem, tokens_body
 from forge_cli.trade.offers import Seller, choose, offered  # noqa: F401  (their home)
 from forge_cli.trade.session import RemoteCompletion, RemoteOffer, Settled, TradeSession
 
@@ -199,17 +199,20 @@ class Buyer:
         the connection closes and the seller records the tokens it delivered as unsettled."""
         started = time.perf_counter()
         model, max_tokens = payload["model"], int(payload.get("max_tokens") or 256)
+        wanted = _grammar_sha256(payload)  # the buyer's own request: a bad one stops here
         if signed_quote is None:
             signed_quote = await self.quote_from(seller, model, max_tokens)
         quote = signed_quote["quote"]
         if max_cu is not None and quote["max_cu"] > max_cu:
             raise InsufficientCU(f"provider {seller.short()} quotes up to {quote['max_cu']} CU, "
                                  f"above the limit of {max_cu} CU")
-        request = json.dumps({**payload, "max_tokens": quote["max_tokens"]}, sort_keys=True,
+        # The payload's own key order, not sorted: a JSON schema in response_format lists its
+        # properties in the order the reply's keys must take (the bytes are hashed as sent).
+        request = json.dumps({**payload, "max_tokens": quote["max_tokens"]},
                              separators=(",", ":"), ensure_ascii=False)
         intent = {**signed_quote, "nonce": secrets.token_hex(16),
                   "request_sha256": protocol.sha256_hex(request.encode()), "ts": self.clock()}
-        deal = _Deal(self, seller, quote, intent, request.encode())
+        deal = _Deal(self, seller, quote, intent, request.encode(), wanted)
         trade = TradeSession(
             self, account=self.account, label=f"provider {seller.short()}",
             model=RemoteOffer(quote["model"], quote["model_sha256"], seller.params),
@@ -261,6 +264,7 @@ class _Deal:
     quote: dict[str, Any]
     intent: dict[str, Any]
     request: bytes
+    grammar_sha256: str | None  # of the grammar the request derives; the terms must name it
     reply: Reply | None = None
     data: dict[str, Any] | None = None  # the dual-signed trade, once countersigned
     entry: entries.Entry | None = None
@@ -285,6 +289,9 @@ class _Deal:
                                         request_sha256=self.intent["request_sha256"],
                                         response=session.text.encode(),
                                         streamed_tokens=reply.tokens, tokens=self.ids_body)
+        if reason is None and isinstance(terms, dict):
+            problem = grammar_problem(self.grammar_sha256, terms["sampling"].get("grammar_sha256"))
+            reason = f"grammar: {problem}" if problem else None
         if reason or not isinstance(terms, dict):
             raise TermsRejected(f"refused to countersign the terms of provider "
                                 f"{seller.short()}: {reason}; nothing was recorded or paid")
@@ -297,6 +304,15 @@ class _Deal:
             hold=session.hold)
         self.data = data
         return Settled(terms["cu"], price, 0, self.entry.seq)
+
+
+def _grammar_sha256(payload: dict[str, Any]) -> str | None:
+    """The SHA-256 of the grammar a seller derives from this request (its response_format),
+    as the auditor will; None for free text."""
+    from forge_cli.inference import grammar
+    from forge_cli.inference.requests import parse_sampling
+
+    return grammar.digest(parse_sampling(payload, entries.MAX_AMOUNT).grammar)
 
 
 def _said(exc: ForgeError) -> str:

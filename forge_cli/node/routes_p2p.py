@@ -54,6 +54,8 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
     sampling, sale.sampling = commit_sampling(parse_sampling(sale.body, engine.n_ctx))
     engine.check_prompt_bytes(sum(len(m["content"].encode()) for m in messages),
                               "the conversation")
+    if sampling.grammar is not None:  # the buyer's error: refused before anything is reserved
+        engine.check_grammar(sampling.grammar)
     session = await sales.open_sale(sale)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
