@@ -166,6 +166,24 @@ def test_an_embeddings_trade_that_generates_or_names_another_service_is_malforme
     assert "terms.service" in entries.check_terms(embedding_terms(service=["embeddings"]))
 
 
+def test_a_layer_trade_that_names_a_service_is_refused_by_the_layer_peer():
+    from forge_cli.rpc import terms
+
+    peer, head = Identity.generate(), Identity.generate()
+    agreed = terms.offer(peer, head=head.node_id, model_sha256="cd" * 32, layers=3, rate=20_000,
+                         now_ms=1_000, ttl_ms=60_000)
+    request = terms.agreement_body(agreed)
+    record = terms.metering_body(prompt_tokens=40, completion_tokens=10, response=b"0" * 10)
+    trade = terms.layer_trade(agreed, model="tiny", prompt_tokens=40, completion_tokens=10,
+                              request=request, response=record, now_ms=2_000)
+    # billing the 40 prompt tokens alone would be well formed, and pay less than the 50 run
+    prompt_only = {**trade, "service": "embeddings", "completion_tokens": 0,
+                   "cu": entries.trade_cost(40, trade["price_ucu_per_token"])}
+    assert entries.check_terms(prompt_only) is None
+    assert "not for a service" in terms.layer_trade_problem(prompt_only, agreed, request=request,
+                                                            response=record)
+
+
 # -- a real node, the openai client --------------------------------------------------------------
 
 SMOLLM2 = catalog.resolve("smollm2:135m").entry
@@ -291,6 +309,10 @@ def test_malformed_bodies_and_missing_tokens_are_json_errors(node: NodeProcess):
         assert status == 400 and why in answer["error"]["message"], answer
     status, _, answer = node.request("POST", "/v1/embeddings", body={"input": "hi"})
     assert status == 401 and answer["error"]["message"]
+    # more bytes than any text of the context's 4,096 tokens can have: refused untokenized
+    status, _, answer = node.request("POST", "/v1/embeddings", token=frank["token"],
+                                     body={"input": ["fine", "a" * 900_000]})
+    assert status == 413 and "input[1] is 900,000 bytes" in answer["error"]["message"], answer
     assert wallet(node, frank["token"])["spent"] == 0
 
 
