@@ -5,9 +5,10 @@ Requests are decoded together by continuous batching (forge_cli.inference.batchi
 step is one `llama_decode` carrying the next token of every live sequence and prompt chunks
 of newly admitted ones, and every sequence samples with its own parameters and seed. Callers
 get a `Stream` of text pieces that ends with a `Completion` (text, exact token counts,
-timings); a caller that stops listening cancels its request at the next step. llama.cpp's
-own log is silenced through its log callback, never by redirecting the process's stdout or
-stderr file descriptors.
+timings); a caller that stops listening cancels its request at the next step. Embeddings
+(`Engine.embed`) come from a context of their own over the same model, beside the scheduler's.
+llama.cpp's own log is silenced through its log callback, never by redirecting the process's
+stdout or stderr file descriptors.
 
 >>> with Engine("model.gguf") as engine:                        # doctest: +SKIP
 ...     for piece in engine.chat([{"role": "user", "content": "hi"}], Sampling(max_tokens=8)):
@@ -30,7 +31,7 @@ from typing import Any
 from forge_cli.errors import EngineBusy, ModelError, PromptTooLong, UsageError
 from forge_cli.inference import templates
 from forge_cli.inference.grammar import Matcher
-from forge_cli.inference.jobs import Call, Completion, Job, Sampling, Score
+from forge_cli.inference.jobs import Call, Completion, Embeddings, Job, Sampling, Score
 from forge_cli.inference.tools import Tools
 
 DEFAULT_N_CTX = 4096
@@ -38,6 +39,10 @@ DEFAULT_QUEUE = 16
 # Tokens one decode step may carry (llama.cpp's n_batch): a long prompt is fed in chunks of
 # this size beside the other sequences' next tokens.
 BATCH_TOKENS = 512
+# The embedding context's batch: at least this many tokens (more when one input needs more, up
+# to n_ctx: a pooled sequence must lie whole in one batch), and at most this many inputs.
+EMBED_BATCH_TOKENS = 512
+EMBED_SEQUENCES = 64
 
 log = logging.getLogger("forge.engine")
 _backend_ready = False
@@ -109,6 +114,32 @@ def extra_buffers_safe(lib: Any) -> bool:
     of more than one token then dies with SIGSEGV (SmolLM2's Q4_1 on a Sapphire Rapids host,
     llama-cpp-python's own `Llama` included). Plain CPU buffers decode correctly everywhere."""
     return b"AMX_INT8 = 1" not in lib.llama_print_system_info()
+
+
+def _on_own_thread(fn: Callable[[], Any], name: str) -> Any:
+    """fn() run on a thread started for it; what it returns or raises.
+
+    llama.cpp's CPU backend decodes on an OpenMP team of the calling thread, and that team
+    lives as long as its thread. While it lives, idle or not, libgomp counts more threads than
+    cores and stops spinning at its barriers, which slowed every later step of the scheduler
+    (smollm2:135m on this project's 2 cores: 88 → 30 tokens/s while a long-lived thread that
+    had decoded once stayed alive). A thread that ends takes its team with it."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the caller, raised there
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():  # a timeout keeps the wait interruptible by Ctrl-C
+        thread.join(timeout=0.25)
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def refuse_oversized(name: str, n_ctx: int, limit: int | None, size: int, what: str) -> None:
@@ -231,6 +262,11 @@ class Engine:
         self._closed = False
         self._readers = threading.Condition()  # callers tokenizing now (see _vocab_in_use)
         self._reading = 0
+        # Embeddings: their own context, made by the first call (see embed)
+        self._embedding: tuple[Any, int] | None = None  # (context, tokens its batch holds)
+        self._embedding_lock = threading.Lock()  # one call decodes on it at a time
+        self._embedding_calls = 0  # calls waiting for it or decoding (bounded like the queue)
+        self._embedding_gate = threading.Lock()
 
         from forge_cli.inference.batching import Lanes, Scheduler
 
@@ -565,6 +601,178 @@ class Engine:
                 raise value
             return value
 
+    # -- embeddings (a context of their own) ------------------------------------------------
+
+    @property
+    def embedding_size(self) -> int:
+        """How many numbers each embedding vector has."""
+        lib = self._lib
+        n_embd_out = getattr(lib, "llama_model_n_embd_out", lib.llama_model_n_embd)
+        return int(n_embd_out(self._model))
+
+    def embedding_tokens(self, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens as `embed` decodes them (a BOS where the model adds one), in the
+        calling thread; an input that cannot be embedded is refused here, before any decode:
+        PromptTooLong by its bytes before tokenizing, UsageError when it has no tokens or more
+        than the context holds."""
+        out = []
+        for i, text in enumerate(texts):
+            data = text.encode("utf-8")
+            self.check_prompt_bytes(len(data), f"input[{i}]")
+            with self._vocab_in_use():
+                tokens = self._tokenize_bytes(data, add_bos=True)
+            self._check_embedding_input(i, tokens)
+            out.append(tokens)
+        return out
+
+    def _check_embedding_input(self, i: int, tokens: list[int]) -> None:
+        if not tokens:
+            raise UsageError(f"input[{i}] is empty: there is nothing to embed")
+        if len(tokens) > self.n_ctx:
+            raise UsageError(f"input[{i}] is {len(tokens):,} tokens; the context of "
+                             f"{self.name} holds {self.n_ctx:,}", hint="shorten or split it")
+        if not all(type(t) is int and 0 <= t < self.n_vocab for t in tokens):
+            raise UsageError(f"input[{i}] holds a token id outside 0..{self.n_vocab - 1}")
+
+    def embed(self, texts: list[str], *, block: bool = True) -> Embeddings:
+        """One L2-normalized vector per text, pooled over its tokens (the model's own pooling
+        when its GGUF names one, else the mean), with the tokens each took.
+
+        >>> e = engine.embed(["a cat", "a dog"])                  # doctest: +SKIP
+        >>> len(e.vectors), len(e.vectors[0]) == engine.embedding_size, e.prompt_tokens
+        (2, True, 4)
+        """
+        return self.embed_tokens(self.embedding_tokens(texts), block=block)
+
+    def embed_tokens(self, inputs: list[list[int]], *, block: bool = True) -> Embeddings:
+        """`embed` for inputs already tokenized by `embedding_tokens`.
+
+        The vectors come from a context of their own over the loaded model, made on the first
+        call and grown when an input needs a bigger batch: the scheduler's contexts are never
+        touched, and generation goes on while it decodes. Calls take it one at a time; with
+        block=False, EngineBusy when as many calls as the request queue holds are already
+        waiting. Several inputs decode together, each its own sequence, as many as fit one
+        batch."""
+        if not inputs:
+            raise UsageError("nothing to embed: no inputs")
+        for i, tokens in enumerate(inputs):
+            self._check_embedding_input(i, tokens)
+        with self._embedding_gate:
+            if self._closed:
+                raise ModelError(f"the engine for {self.name} is closed")
+            if self._embedding_calls >= self._jobs.maxsize and not block:
+                raise EngineBusy(f"the engine for {self.name} has {self._jobs.maxsize} "
+                                 "embedding requests waiting; try again shortly")
+            self._embedding_calls += 1
+        try:
+            return _on_own_thread(lambda: self._embed_locked(inputs),
+                                  f"forge-embed:{self.name}")
+        finally:
+            with self._embedding_gate:
+                self._embedding_calls -= 1
+
+    def _embed_locked(self, inputs: list[list[int]]) -> Embeddings:
+        called = time.perf_counter()
+        with self._embedding_lock, self._vocab_in_use():  # the model stays until it ends
+            started = time.perf_counter()
+            vectors = self._embed_batches(inputs)
+            done = time.perf_counter()
+        sizes = [len(tokens) for tokens in inputs]
+        return Embeddings(vectors, sizes, sum(sizes), queued_s=started - called,
+                          embed_s=done - started)
+
+    def _embed_batches(self, inputs: list[list[int]]) -> list[list[float]]:
+        import numpy as np
+
+        lib = self._lib
+        ctx, room = self._embedding_context(max(len(tokens) for tokens in inputs))
+        mem = lib.llama_get_memory(ctx)
+        size = self.embedding_size
+        encode = bool(lib.llama_model_has_encoder(self._model))
+        vectors: list[list[float]] = []
+        batch = lib.llama_batch_init(room, 0, 1)
+        try:
+            start = 0
+            while start < len(inputs):
+                if self._closed:
+                    raise ModelError(f"the engine for {self.name} was closed")
+                end, used = start, 0  # the inputs [start, end) that fit one batch
+                while (end < len(inputs) and end - start < EMBED_SEQUENCES
+                       and used + len(inputs[end]) <= room):
+                    used += len(inputs[end])
+                    end += 1
+                batch.n_tokens = 0
+                for seq, tokens in enumerate(inputs[start:end]):
+                    for pos, token in enumerate(tokens):
+                        k = batch.n_tokens
+                        batch.token[k], batch.pos[k] = token, pos
+                        batch.n_seq_id[k], batch.seq_id[k][0] = 1, seq
+                        batch.logits[k] = 1  # pooling reads every position's output
+                        batch.n_tokens += 1
+                lib.llama_memory_clear(mem, True)  # the last batch's sequences reuse these ids
+                code = (lib.llama_encode if encode else lib.llama_decode)(ctx, batch)
+                if code != 0:
+                    raise ModelError(f"llama.cpp could not embed {end - start} inputs of "
+                                     f"{used} tokens with {self.name} (code {code})")
+                for seq in range(end - start):
+                    pooled = lib.llama_get_embeddings_seq(ctx, seq)
+                    if not pooled:
+                        raise ModelError(f"llama.cpp gave no pooled embedding for {self.name}")
+                    vector = np.ctypeslib.as_array(pooled, shape=(size,)).astype(np.float64)
+                    norm = float(np.linalg.norm(vector))
+                    if not np.isfinite(norm):
+                        raise ModelError(f"{self.name} made an embedding that is not finite")
+                    if norm > 0:
+                        vector /= norm
+                    vectors.append(vector.astype(np.float32).tolist())
+                start = end
+        finally:
+            lib.llama_batch_free(batch)
+        return vectors
+
+    def _embedding_context(self, longest: int) -> tuple[Any, int]:
+        """The embedding context, with a batch of at least `longest` tokens (a new, bigger one
+        replaces it when it has less). Its batch is also its micro-batch and its whole cache:
+        pooling reads a sequence only when all of it is in one micro-batch, and each batch is
+        decoded into an emptied cache."""
+        lib = self._lib
+        if self._embedding is not None and self._embedding[1] >= longest:
+            return self._embedding
+        room = max(longest, min(self.n_ctx, max(EMBED_BATCH_TOKENS,
+                                                1 << (longest - 1).bit_length())))
+        if lib.llama_model_has_encoder(self._model) and lib.llama_model_has_decoder(self._model):
+            raise UsageError(f"{self.name} is an encoder-decoder model; it makes no embeddings")
+        if self._embedding is not None:
+            lib.llama_free(self._embedding[0])
+            self._embedding = None
+        params = lib.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = room
+        params.n_seq_max = min(EMBED_SEQUENCES, int(lib.llama_max_parallel_sequences()))
+        params.kv_unified = True  # the sequences of a batch share the cache's cells
+        params.embeddings = True
+        params.pooling_type = self._pooling()
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
+        params.no_perf = True
+        _LOG_TAIL.clear()
+        ctx = lib.llama_init_from_model(self._model, params)
+        if not ctx:
+            why = next((line for line in reversed(_LOG_TAIL) if line), "") or "no reason given"
+            raise ModelError(f"llama.cpp cannot make an embedding context of {room} tokens for "
+                             f"{self.name}: {why}")
+        self._embedding = (ctx, room)
+        return self._embedding
+
+    def _pooling(self) -> int:
+        """The GGUF's own pooling when it names mean, CLS or last-token pooling (an embedding
+        model); the mean otherwise (a generative model like SmolLM2 names none)."""
+        lib = self._lib
+        arch = self.metadata.get("general.architecture", "")
+        own = self.metadata.get(f"{arch}.pooling_type", "")
+        kinds = (lib.LLAMA_POOLING_TYPE_MEAN, lib.LLAMA_POOLING_TYPE_CLS,
+                 lib.LLAMA_POOLING_TYPE_LAST)
+        return int(own) if own.isdigit() and int(own) in kinds else lib.LLAMA_POOLING_TYPE_MEAN
+
     def _put(self, item: Job | Score | Call, block: bool) -> None:
         if self._closed:
             raise ModelError(f"the engine for {self.name} is closed")
@@ -605,6 +813,8 @@ class Engine:
                 scheduler.free()
             for ctx, _ in self._contexts:
                 self._lib.llama_free(ctx)
+            if self._embedding is not None:
+                self._lib.llama_free(self._embedding[0])
             self._lib.llama_model_free(self._model)
 
     def __enter__(self) -> Engine:

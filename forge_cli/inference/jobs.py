@@ -1,6 +1,7 @@
 """What the engine's scheduler works on and hands back: a request's sampling, a generation job,
 a scoring job, a call to run on the scheduler thread, and a finished completion. The engine
-makes them and the batching scheduler steps them; both import them from here.
+makes them and the batching scheduler steps them; both import them from here. Also what an
+embedding call hands back (`Embeddings`), which no scheduler sees.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Call", "Completion", "Job", "Sampling", "Score"]
+__all__ = ["Call", "Completion", "Embeddings", "Job", "Sampling", "Score"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,34 @@ class Completion:
                 "tokens_per_s": round(self.tokens_per_s, 3),
             },
         }
+
+
+@dataclass
+class Embeddings:
+    """The vectors of one embedding call, one per input in order, each L2-normalized and of
+    float32 values; the tokens each input took. It reads as a trade's Completion does: an
+    embedding bills its input (`prompt_tokens`) and generates nothing."""
+
+    vectors: list[list[float]]
+    tokens: list[int]  # per input, as decoded (BOS included where the model adds one)
+    prompt_tokens: int
+    queued_s: float = 0.0  # waiting for the embedding context (another call held it)
+    embed_s: float = 0.0  # decoding every input
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    generation_s: float = 0.0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.queued_s + self.embed_s
+
+    @property
+    def body(self) -> bytes:
+        """The vectors as little-endian float32, one after another: exactly the numbers
+        returned (base64 carries these bytes), and what a trade's response hash commits to."""
+        import numpy as np
+
+        return np.asarray(self.vectors, dtype="<f4").tobytes()
 
 
 @dataclass

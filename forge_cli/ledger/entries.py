@@ -203,9 +203,23 @@ def check_sampling(sampling: Any) -> str | None:
     return None
 
 
+# What a trade sold when it was not a generation (optional in terms; absent: a generation).
+# "embeddings": vectors of the input text; the input is what is billed (`billed_tokens`), no
+# token is generated and nothing is sampled, so the terms commit to no run.
+TRADE_SERVICE = "service"
+SERVICES = frozenset({"embeddings"})
+
+
 def trade_cost(completion_tokens: int, price_ucu_per_token: int) -> int:
     """cu = ceil(completion_tokens × price), price in µCU per token."""
     return -(-completion_tokens * price_ucu_per_token // UCU_PER_CU)
+
+
+def billed_tokens(terms: dict[str, Any]) -> int:
+    """The tokens a trade's cu pays for: those generated, or an embedding's input tokens."""
+    if terms.get(TRADE_SERVICE) == "embeddings":
+        return cast(int, terms["prompt_tokens"])
+    return cast(int, terms["completion_tokens"])
 
 
 def trade_message(terms: dict[str, Any]) -> bytes:
@@ -216,10 +230,17 @@ def trade_message(terms: dict[str, Any]) -> bytes:
 def check_terms(terms: Any) -> str | None:
     if not isinstance(terms, dict):
         return "data.terms is not an object"
-    reason = _first(_exact_keys(terms, TRADE_TERMS, TRADE_RUN), _account(terms, "provider"),
-                    _account(terms, "consumer"))
+    reason = _first(_exact_keys(terms, TRADE_TERMS, TRADE_RUN | {TRADE_SERVICE}),
+                    _account(terms, "provider"), _account(terms, "consumer"))
     if reason:
         return reason
+    if TRADE_SERVICE in terms:
+        service = terms[TRADE_SERVICE]
+        if not isinstance(service, str) or service not in SERVICES:
+            return (f"terms.service is {str(service)[:40]!r}; a trade sells "
+                    f"{' or '.join(sorted(SERVICES))} (or, without it, a generation)")
+        if terms["completion_tokens"] != 0 or TRADE_RUN & set(terms):
+            return "an embeddings trade generates no tokens and commits to no sampled run"
     if TRADE_RUN & set(terms):
         if not TRADE_RUN <= set(terms):
             return "terms commit to the run with both sampling and tokens_sha256, or neither"
@@ -243,9 +264,10 @@ def check_terms(terms: Any) -> str | None:
         return "terms.nonce must be a string of 8 to 128 characters"
     if terms["provider"] == terms["consumer"]:
         return "provider and consumer are the same account"
-    expected = trade_cost(terms["completion_tokens"], terms["price_ucu_per_token"])
+    billed = billed_tokens(terms)
+    expected = trade_cost(billed, terms["price_ucu_per_token"])
     if terms["cu"] != expected:
-        return (f"terms.cu is {terms['cu']} but {terms['completion_tokens']} tokens at "
+        return (f"terms.cu is {terms['cu']} but {billed} tokens at "
                 f"{terms['price_ucu_per_token']} µCU/token cost {expected} CU")
     return None
 

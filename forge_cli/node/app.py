@@ -15,6 +15,7 @@ from forge_cli.node import (
     routes_agent,
     routes_audit,
     routes_economy,
+    routes_embeddings,
     routes_gossip,
     routes_ledger,
     routes_lending,
@@ -39,8 +40,9 @@ from forge_cli.node.web import (
     openapi,
 )
 
-ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_economy.ROUTES, *routes_lending.ROUTES,
-                       *routes_ledger.ROUTES, *routes_safety.ROUTES, *routes_mesh.ROUTES,
+ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_embeddings.ROUTES, *routes_economy.ROUTES,
+                       *routes_lending.ROUTES, *routes_ledger.ROUTES, *routes_safety.ROUTES,
+                       *routes_mesh.ROUTES,
                        *routes_p2p.ROUTES, *routes_gossip.ROUTES, *routes_system.ROUTES,
                        *routes_agent.ROUTES, *routes_audit.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -44,6 +44,8 @@ async def pricing(request: web.Request) -> web.Response:
                             "1000": entries.trade_cost(1000, price)},
             "prompt_tokens": "free: only completion tokens are charged",
             "formula": "cu = ceil(completion_tokens × price_ucu_per_token / 1e6)",
+            "embeddings": {"price_ucu_per_input_token": price,
+                           "formula": "cu = ceil(input_tokens × price_ucu_per_token / 1e6)"},
         })
     return web.json_response({"models": out})
 

@@ -265,15 +265,17 @@ class Node:
 
     def session(self, *, account: str, label: str, model: Any, max_tokens: int, request: bytes,
                 settle: Settle | None = None, price: int | None = None, peer: bool = False,
-                charge: bool = True, partial: Partial = "produced") -> TradeSession:
+                charge: bool = True, partial: Partial = "produced",
+                hint: str | None = None) -> TradeSession:
         """A trade session on this node; it settles as a local trade unless told otherwise."""
         return TradeSession(self, account=account, label=label, model=model,
                             max_tokens=max_tokens, request=request,
                             settle=settle or self.local_trade, price=price, peer=peer,
-                            charge=charge, partial=partial)
+                            charge=charge, partial=partial, hint=hint)
 
     def buyer_session(self, who: Any, *, model: Any, max_tokens: int, request: bytes,
-                      price: int | None = None) -> TradeSession:
+                      price: int | None = None, settle: Settle | None = None,
+                      hint: str | None = None) -> TradeSession:
         """A purchase by a local account (an agent's token), refused for the operator."""
         if who.is_operator:
             raise SelfTrade(
@@ -282,7 +284,8 @@ class Node:
                 hint="create a consumer account with `forge wallet agent create NAME` and use "
                 "its token")
         return self.session(account=who.account_hex, label=who.name, model=model,
-                            max_tokens=max_tokens, request=request, price=price)
+                            max_tokens=max_tokens, request=request, price=price,
+                            settle=settle, hint=hint)
 
     async def local_trade(self, session: TradeSession, completion: Any) -> Settled:
         """Sign (as provider, and with the consumer's key from the keystore) and record the
@@ -296,28 +299,43 @@ class Node:
         self.counted(settled, session.model.name, completion)
         return settled
 
-    def _record_trade(self, session: TradeSession, completion: Any) -> entries.Entry:
+    async def embeddings_trade(self, session: TradeSession, completion: Any) -> Settled:
+        """Record an embeddings trade (`entries.SERVICES`): the input tokens billed at the
+        session's price, the vectors' float32 bytes as its response; nothing for no vectors.
+        The completion is the engine's `Embeddings`."""
+        assert session.price is not None
+        if completion is None or not completion.prompt_tokens:
+            return Settled(0, session.price, 0, None)
+        entry = await self.on_ledger(self._record_trade, session, completion,
+                                     service="embeddings", response=completion.body)
+        settled = Settled(entry.data["terms"]["cu"], session.price, 0, entry.seq)
+        self.counted(settled, session.model.name, completion)
+        return settled
+
+    def _record_trade(self, session: TradeSession, completion: Any, *,
+                      service: str | None = None, response: bytes | None = None
+                      ) -> entries.Entry:
         consumer = self.accounts.signer_for(session.account)
         if consumer is None:
             raise ForgeError(f"no key for account {session.account[:16]}… in the keystore")
-        tokens = completion.completion_tokens
         price = session.price
         if price is None:  # a session prices itself when it opens; a trade before that is a bug
             raise ForgeError("a trade was recorded for a session that never opened")
+        response = session.response if response is None else response
         terms = {
             "provider": self.node_id, "consumer": session.account, "model": session.model.name,
             "model_sha256": session.model.sha256, "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": tokens, "price_ucu_per_token": price,
-            "cu": entries.trade_cost(tokens, price),
+            "completion_tokens": completion.completion_tokens, "price_ucu_per_token": price,
             "request_sha256": hashlib.sha256(session.request).hexdigest(),
-            "response_sha256": hashlib.sha256(session.response).hexdigest(),
+            "response_sha256": hashlib.sha256(response).hexdigest(),
             "nonce": secrets.token_hex(16), "ts": self.clock(),
+            **({entries.TRADE_SERVICE: service} if service is not None else {}),
         }
+        terms["cu"] = entries.trade_cost(entries.billed_tokens(terms), price)
         message = entries.trade_message(terms)
         data = {"terms": terms, "provider_sig": self.signer.sign(message).hex(),
                 "consumer_sig": consumer.sign(message).hex()}
-        return self.wallet.record_trade(data, [session.request, session.response],
-                                        hold=session.hold)
+        return self.wallet.record_trade(data, [session.request, response], hold=session.hold)
 
     def counted(self, settled: Settled, model: str, completion: Any) -> None:
         """Metrics for a trade this node recorded."""
@@ -355,6 +373,11 @@ class Node:
         full queue) are raised here, before any piece."""
         stream = await asyncio.get_running_loop().run_in_executor(self._pumps, start)
         return Pump(stream, self._pumps)
+
+    async def offload(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on a pump thread and return what it returns: work that takes time in
+        proportion to a request's size (tokenizing, embedding) never runs on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pumps, fn)
 
     def safety_killed(self) -> bool:
         """The kill switch, read without touching the ledger (checked on every streamed piece)."""

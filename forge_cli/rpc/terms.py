@@ -182,6 +182,8 @@ def layer_trade_problem(trade: dict[str, Any], agreed: dict[str, Any], *, reques
     reason = entries.check_terms(trade)
     if reason:
         return f"malformed trade terms: {reason}"
+    if entries.TRADE_SERVICE in trade:  # it would bill the prompt alone, not the layers run
+        return "a layer trade pays for the tokens its layers ran, not for a service"
     terms = agreed["terms"]
     expected = {"provider": terms["peer"], "consumer": terms["head"],
                 "model_sha256": terms["model_sha256"], "price_ucu_per_token": price(terms),
