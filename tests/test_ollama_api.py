@@ -70,6 +70,50 @@ def verify_deep(node: NodeProcess) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=REPO, env=forge_env(node.home), timeout=300)
 
 
+# -- the translation, without a node ------------------------------------------------------------
+
+def test_an_ollama_request_becomes_the_openai_body_the_sale_checks():
+    from forge_cli.node.routes_ollama import translate
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    body = {"model": "m", "format": "json", "tools": [weather], "keep_alive": "5m",
+            "options": {"num_predict": -1, "temperature": 0.2, "top_k": 7, "seed": -1,
+                        "stop": ["\n"], "num_ctx": 64, "use_mmap": True},
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                    {"function": {"name": "get_time", "arguments": {}}}]},
+                {"role": "tool", "tool_name": "get_time", "content": "noon"},
+                {"role": "tool", "content": "sunny"}]}
+    out, chat = translate(body, chat=True, n_ctx=128, model="m")
+    assert chat and out["max_tokens"] == 128 and "seed" not in out  # -1: up to the context
+    assert (out["temperature"], out["top_k"], out["stop"]) == (0.2, 7, ["\n"])
+    assert out["response_format"] == {"type": "json_object"} and out["tools"] == [weather]
+    calls = out["messages"][1]["tool_calls"]
+    assert calls[0] == {"id": "call_1_0", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    # A result names the call it answers: by tool_name, else the earliest unanswered.
+    assert out["messages"][2]["tool_call_id"] == "call_1_1"
+    assert out["messages"][3]["tool_call_id"] == "call_1_0"
+    out, chat = translate({"prompt": "hi", "system": "be brief", "format": {"type": "object"}},
+                          chat=False, n_ctx=128, model="m")
+    assert chat and out["messages"] == [{"role": "system", "content": "be brief"},
+                                        {"role": "user", "content": "hi"}]
+    assert out["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    out, chat = translate({"prompt": "hi", "raw": True}, chat=False, n_ctx=128, model="m")
+    assert not chat and out["prompt"] == "hi"
+
+
+def test_openai_tool_calls_are_written_with_object_arguments():
+    from forge_cli.node.routes_ollama import ollama_tool_calls
+
+    assert ollama_tool_calls([{"id": "call_x", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]) == [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+
+
 # -- a node on the tiny GGUF, with a loopback hub to pull from -----------------------------------
 
 @pytest.fixture(scope="module")

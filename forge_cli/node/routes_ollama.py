@@ -497,21 +497,23 @@ def _final(completion: Completion | None, started: float) -> dict[str, Any]:
             "eval_duration": _ns(completion.generation_s)}
 
 
+def _reads_calls(sale: Sale) -> bool:
+    """Whether the reply is read for tool calls: the order says so once OpenAI's tools (the
+    shared `Order.calls`) are in; an order without that reading has none."""
+    return bool(getattr(sale.order, "calls", False))
+
+
 def _extracted(sale: Sale, text: str) -> tuple[str, list[dict[str, Any]]]:
-    """The reply's text and the tool calls in it, in OpenAI's shape (`arguments` a JSON
-    string), when the request offered tools: forge_cli.inference.tools extracts them for every
-    dialect. Without tools, all of it is text."""
-    if not sale.order.body.get("tools"):
+    """The reply's prose and the tool calls in it, in OpenAI's shape (`arguments` a JSON
+    string), read by the one reader every dialect shares (forge_cli.inference.tools)."""
+    if not _reads_calls(sale):
         return text, []
-    try:  # the shared extractor (OpenAI's tools) lands beside this dialect
-        from forge_cli.inference import tools  # type: ignore[attr-defined]
-    except ImportError:
-        return text, []
-    extract = getattr(tools, "extract_calls", None)
-    if extract is None:
-        return text, []
-    content, calls = extract(text)
-    return content, list(calls)
+    from forge_cli.inference.tools import read_reply
+
+    reply = read_reply(text)
+    return reply.text, [{"id": call.id, "type": "function",
+                         "function": {"name": call.name, "arguments": call.arguments}}
+                        for call in reply.calls]
 
 
 async def _stream(request: web.Request, sale: Sale, *, chat: bool,
@@ -522,7 +524,7 @@ async def _stream(request: web.Request, sale: Sale, *, chat: bool,
     Once the stream has begun, an error is one `{"error": …}` line: a streamed response never
     carries a second HTTP response in its body."""
     session = sale.session
-    holding = bool(sale.order.body.get("tools"))
+    holding = _reads_calls(sale)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-cache"})
     try:
         async with session:
