@@ -460,9 +460,16 @@ def test_ollama_tools_come_back_as_tool_calls_with_object_arguments(smollm2):
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "options": {"num_predict": 64, "temperature": 0}}, token=smollm2.buyer["token"])
     assert status == 200, reply
-    (call,) = reply["message"]["tool_calls"]
-    assert call["function"]["name"] == "get_weather"
-    assert isinstance(call["function"]["arguments"], dict) and "city" in call["function"]["arguments"]
+    calls = reply["message"]["tool_calls"]
+    assert calls and all(call["function"]["name"] == "get_weather" for call in calls)
+    assert all(isinstance(call["function"]["arguments"], dict) for call in calls)
+    assert "<tool_call>" not in reply["message"]["content"]
+    status, chunks = lines(smollm2, CHAT, {
+        "model": "smollm2:135m", "tools": [weather], "tool_choice": "required",
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "options": {"num_predict": 64, "temperature": 0}}, smollm2.buyer["token"])
+    assert status == 200 and chunks[-1]["done"]
+    assert chunks[-1]["message"]["tool_calls"] == reply["message"]["tool_calls"]
 
 
 def test_every_trade_verifies_deep(smollm2):
