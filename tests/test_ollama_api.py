@@ -446,6 +446,11 @@ def test_the_ollama_client_embeds(smollm2):
     done = client(smollm2).embed(model="smollm2:135m", input=["a cat", "a dog"])
     assert len(done.embeddings) == 2 and len(done.embeddings[0]) > 0
     assert trades(smollm2) == before + 1
+    status, _, legacy = smollm2.request("POST", "/api/embeddings",  # the older form
+                                        {"model": "smollm2:135m", "prompt": "a cat"},
+                                        token=smollm2.buyer["token"])
+    assert status == 200 and legacy["embedding"] == done.embeddings[0]
+    assert trades(smollm2) == before + 2
 
 
 def test_ollama_tools_come_back_as_tool_calls_with_object_arguments(smollm2):
