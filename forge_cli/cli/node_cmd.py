@@ -26,6 +26,9 @@ ThreadsOpt = typer.Option(None, "--threads", min=1, max=1024,
                           "0 there means one per physical core].")
 PeerOpt = typer.Option(None, "--peer", help="URL of a node to probe as a peer without mDNS "
                        "(repeat for several; adds to mesh.peers).")
+OllamaPortOpt = typer.Option(None, "--ollama-port", min=0, max=65535,
+                             help="Also serve the API on this port (Ollama's is 11434), for apps "
+                             "with a fixed Ollama URL [default: off]; 0 picks a free one.")
 NoPullOpt = typer.Option(False, "--no-pull",
                          help="Refuse a model that is not on disk instead of pulling it.")
 
@@ -45,6 +48,7 @@ def node(
                                      help="Split the model's layers with layer peers "
                                      "(`forge rpc serve`): auto (found on the mesh) or "
                                      "URL[,URL…]; each is paid per layer-token."),
+    ollama_port: int | None = OllamaPortOpt,
 ) -> None:
     """Serve inference where every request is a dual-signed trade in the ledger.
 
@@ -58,7 +62,8 @@ def node(
         raise UsageError("--interface and --peer configure the mesh, which is off",
                          hint="add --mesh, or use `forge seed`")
     run_node(model, host, port, ledger, mesh=mesh, interfaces=interface, peers=peer,
-             pull=not no_pull, threads=threads, split=_split_urls(split, model))
+             pull=not no_pull, threads=threads, split=_split_urls(split, model),
+             ollama_port=ollama_port)
 
 
 def _split_urls(split: str | None, model: list[str] | None) -> list[str] | None:
@@ -81,9 +86,11 @@ def _split_urls(split: str | None, model: list[str] | None) -> list[str] | None:
 def run_node(model: list[str] | None, host: str | None, port: int | None, ledger: Path | None,
              *, mesh: bool, interfaces: list[str] | None = None,
              peers: list[str] | None = None, pull: bool = True,
-             threads: int | None = None, split: list[str] | None = None) -> None:
+             threads: int | None = None, split: list[str] | None = None,
+             ollama_port: int | None = None) -> None:
     """Start a node and serve until SIGINT/SIGTERM (with `mesh`, advertise it and find peers);
-    with `pull`, catalog models not on disk are downloaded first."""
+    with `pull`, catalog models not on disk are downloaded first; with `ollama_port`, the API
+    listens on that port too."""
     from forge_cli.inference import download
     from forge_cli.node.app import check_bind, serve
     from forge_cli.root.build import build_node
@@ -110,9 +117,8 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
                        interfaces=interfaces, peers=peers, split=split)
     signer, models = node_.signer, list(node_.models.values())
 
-    def announce(site) -> None:  # noqa: ANN001
-        bound = site._server.sockets[0].getsockname()  # the real port when 0 was asked
-        url = f"http://{bound[0]}:{bound[1]}"
+    def announce(site, ollama=None) -> None:  # noqa: ANN001
+        url = _url(site)
         offload = {m.name: m.engine.gpu_offload for m in models}
         lines = [
             f"forge node listening on {url}",
@@ -128,6 +134,7 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
             *([f"  gossip    {node_.gossip.describe()}; network view {node_.network.path}"]
               if node_.gossip else []),
             f"  docs      {url}/openapi.json   metrics {url}/metrics",
+            f"  ollama    {_url(ollama) if ollama else url}/api   (Ollama's API)",
         ]
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
@@ -135,9 +142,14 @@ def run_node(model: list[str] | None, host: str | None, port: int | None, ledger
         (home / "node.url").write_text(url + "\n", encoding="utf-8")
 
     try:
-        serve(node_, host, port, announce=announce)
+        serve(node_, host, port, announce=announce, ollama_port=ollama_port)
     finally:
         (home / "node.url").unlink(missing_ok=True)
+
+
+def _url(site) -> str:  # noqa: ANN001
+    bound = site._server.sockets[0].getsockname()  # the real port when 0 was asked
+    return f"http://{bound[0]}:{bound[1]}"
 
 
 def split_lines(split: dict) -> str:

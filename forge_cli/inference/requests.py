@@ -78,9 +78,15 @@ def _same(value: Any, ok: Any) -> bool:
     return bool(value == ok)
 
 
+DEFAULT = Sampling()
+# llama.cpp's top-k keeps at most the vocabulary; past any vocabulary a value means nothing.
+MAX_TOP_K = 1 << 20
+
+
 def parse_sampling(body: dict[str, Any], node_ctx: int) -> Sampling:
     """The sampling a request asks for, each value range-checked (max_tokens within the
-    context, temperature 0–2, top_p in (0, 1], a 32-bit seed, up to 4 stop strings)."""
+    context, temperature 0–2, top_p in (0, 1], a 32-bit seed, up to 4 stop strings, top_k
+    0–2**20, min_p 0–1, repeat_penalty 0.01–2); what is absent keeps `Sampling`'s default."""
     refuse_unsupported(body)
     max_tokens = field(body, "max_tokens", int, default=None)
     if max_tokens is None:
@@ -101,7 +107,18 @@ def parse_sampling(body: dict[str, Any], node_ctx: int) -> Sampling:
         stop = (stop,)
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise bad_request("stop must be a non-empty string or a list of up to 4 of them")
+    top_k = field(body, "top_k", int, default=DEFAULT.top_k)
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise bad_request(f"top_k must be between 0 (off) and {MAX_TOP_K:,}, found {top_k}")
+    min_p = field(body, "min_p", (int, float), default=DEFAULT.min_p)
+    if not 0 <= min_p <= 1:
+        raise bad_request(f"min_p must be between 0 and 1, found {min_p}")
+    repeat_penalty = field(body, "repeat_penalty", (int, float), default=DEFAULT.repeat_penalty)
+    if not 0.01 <= repeat_penalty <= 2:
+        raise bad_request(f"repeat_penalty must be between 0.01 and 2 (1 is off), found "
+                          f"{repeat_penalty}")
     return Sampling(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                    top_k=top_k, min_p=float(min_p), repeat_penalty=float(repeat_penalty),
                     seed=seed, stop=tuple(stop), grammar=reply_grammar(body))
 
 

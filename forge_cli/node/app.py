@@ -20,6 +20,7 @@ from forge_cli.node import (
     routes_ledger,
     routes_lending,
     routes_mesh,
+    routes_ollama,
     routes_openai,
     routes_p2p,
     routes_safety,
@@ -40,10 +41,10 @@ from forge_cli.node.web import (
     openapi,
 )
 
-ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_embeddings.ROUTES, *routes_economy.ROUTES,
-                       *routes_lending.ROUTES, *routes_ledger.ROUTES, *routes_safety.ROUTES,
-                       *routes_mesh.ROUTES,
-                       *routes_p2p.ROUTES, *routes_gossip.ROUTES, *routes_system.ROUTES,
+ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_embeddings.ROUTES, *routes_ollama.ROUTES,
+                       *routes_economy.ROUTES, *routes_lending.ROUTES, *routes_ledger.ROUTES,
+                       *routes_safety.ROUTES, *routes_mesh.ROUTES, *routes_p2p.ROUTES,
+                       *routes_gossip.ROUTES, *routes_system.ROUTES,
                        *routes_agent.ROUTES, *routes_audit.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("timers")
@@ -53,7 +54,8 @@ def make_app(node: Node) -> web.Application:
     """The node's web application (tests run it on loopback with aiohttp's test server)."""
     public = {route.path for route in ROUTES if route.public}
     auth = auth_middleware(Throttle(AUTH_FAILURES_PER_MINUTE), public)
-    app = web.Application(middlewares=[errors_middleware, auth], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[routes_ollama.ollama_errors, errors_middleware, auth],
+                          client_max_size=MAX_BODY)
     app[NODE] = node
     app[REJECTS] = Throttle(REJECTS_PER_MINUTE)
     app[OPENAPI] = openapi(ROUTES)
@@ -88,9 +90,11 @@ def check_bind(host: str, token_file: Path) -> None:
 
 
 def serve(node: Node, host: str, port: int, *, announce: Any = None,
-          app: web.Application | None = None) -> None:
+          app: web.Application | None = None, ollama_port: int | None = None) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests finish or are cancelled cleanly. `app`
-    serves another skin over the node (a layer peer's); the node's own API without it."""
+    serves another skin over the node (a layer peer's); the node's own API without it.
+    `ollama_port` serves the same API on a second port too, for apps that only know Ollama's
+    (announced after the first, as `site, second`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = app or make_app(node)
 
@@ -99,12 +103,16 @@ def serve(node: Node, host: str, port: int, *, announce: Any = None,
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()
+        second = None
+        if ollama_port is not None:
+            second = web.TCPSite(runner, host, ollama_port)
+            await second.start()
         if node.mesh is not None:
             await node.mesh.start(runner.addresses[0][1])
         if node.gossip is not None:
             await node.gossip.start()
         if announce is not None:
-            announce(site)
+            announce(site, *([second] if second is not None else []))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

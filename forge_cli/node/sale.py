@@ -39,6 +39,8 @@ FORWARD_MAX_TOKENS = 32_768  # a peer checks against its own context
 # same grammar (and prompt) from it, and its terms commit to that.
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 CONSTRAINTS = ("response_format", *TOOL_FIELDS)
+# Sampling beyond OpenAI's own fields, forwarded only when the consumer set them.
+TUNING = ("top_k", "min_p", "repeat_penalty")
 
 
 @dataclass
@@ -152,6 +154,7 @@ async def open_sale(request: web.Request, who: Who, body: dict[str, Any], *,
         payload = {"messages": checked.messages, "temperature": s.temperature, "top_p": s.top_p,
                    **({"seed": s.seed} if s.seed is not None else {}),
                    **({"stop": list(s.stop)} if s.stop else {}),
+                   **{key: getattr(s, key) for key in TUNING if body.get(key) is not None},
                    **{key: body[key] for key in CONSTRAINTS if body.get(key) is not None}}
 
         async def forwarded() -> Source:
