@@ -283,8 +283,9 @@ def translate(body: dict[str, Any], *, chat: bool, n_ctx: int, model: str
     if fmt is not None:
         out["response_format"] = fmt
     # tool_choice is not Ollama's; forge takes it as OpenAI's, for a call that must happen.
+    # The ollama client sends `tools: []` when it offers none: that is no tools, as in Ollama.
     for name in ("tools", "tool_choice", "logprobs", "top_logprobs"):
-        if body.get(name) is not None:
+        if body.get(name) is not None and body.get(name) != []:
             out[name] = body[name]
     if chat:
         out["messages"] = _messages(body)
