@@ -65,7 +65,11 @@ from forge_cli.ledger import entries
 log = logging.getLogger("forge.audit")
 
 PPM = 1_000_000
-MARGIN = 0.5  # logits: float noise between CPUs, builds and batch shapes
+# Logits of float noise between a seller's run (one token a step, in batches of any shape) and the
+# auditor's prefill (hundreds a step), CPUs and builds. An honest greedy smollm2:135m reply's
+# chosen token trailed the prefill's best by up to 0.553 here (24 replies batched 4 at a time:
+# 0 to 0.291); 0.5 disputed honest sellers, so the bound is about twice the worst seen.
+MARGIN = 1.0
 AUDIT_TOP_K = 100  # the rank bound of sampling that commits to neither top_k nor min_p
 DEFAULT_EVERY = 20
 UPHELD, FORGED = entries.AUDIT_VERDICTS
