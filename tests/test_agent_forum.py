@@ -426,6 +426,7 @@ def test_readme_request_with_defaults_answers_on_smollm2(smollm2, capsys):
     with capsys.disabled():
         print(f"  {summary['spent_cu']} CU of {summary['budget_cu']}, {summary['calls']} calls, "
               f"{len(summary['tasks'])} tasks, coverage {summary['intent']['coverage_pm']}‰")
+        print(done.stdout)
     assert summary["status"] == "answered" and summary["answer"]
     assert summary["plan"]["planner"] == "coordinator" and len(summary["tasks"]) >= 2
     assert all(t["lane"] and t["verdict"] and t["verdict"]["check"] for t in summary["tasks"])

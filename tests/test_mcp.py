@@ -74,8 +74,8 @@ async def test_agent_run_takes_a_plan_object_or_text_and_agent_tools_read_runs_b
     params = StdioServerParameters(command=sys.executable,
                                    args=["-m", "forge_cli", "mcp", "--node", writer.url],
                                    env=forge_env(writer.home, FORGE_TOKEN=who["token"]), cwd=REPO)
-    plan = {"tasks": [{"id": "T1", "prompt": "Reply with the word yes.", "agent": "research",
-                       "max_tokens": 12}]}
+    plan = {"tasks": [{"id": "T1", "prompt": "Say yes.", "agent": "research",
+                       "max_tokens": 24}]}
     async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
         await session.initialize()
         tools = {tool.name: tool for tool in (await session.list_tools()).tools}
@@ -83,7 +83,7 @@ async def test_agent_run_takes_a_plan_object_or_text_and_agent_tools_read_runs_b
         runs = []
         for given in (plan, json.dumps(plan)):  # the SDK sends an object as an object
             reply = await session.call_tool("agent_run", {"request": "say yes", "plan": given,
-                                                          "max_tokens": 12})
+                                                          "max_tokens": 24})
             assert not reply.is_error, reply.content
             summary = reply.structured_content
             assert summary["status"] == "answered" and summary["plan"]["planner"] == "file"

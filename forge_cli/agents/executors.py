@@ -59,16 +59,17 @@ async def call(lane: Lane, system: str, instruction: str, max_tokens: int,
         else:
             out = await asyncio.wait_for(_anthropic(lane, system, instruction, max_tokens), limit)
     except TimeoutError:
-        out = External(False, "", _model(lane), "timeout", 0,
+        out = External(False, "", label(lane), "timeout", 0,
                        detail=f"no reply within {limit:.0f} s")
     except (OSError, ValueError, wire.BadJSON) as exc:  # aiohttp's errors are OSErrors
-        out = External(False, "", _model(lane), "error", 0,
+        out = External(False, "", label(lane), "error", 0,
                        detail=f"{type(exc).__name__}: {exc}"[:300])
     out.seconds_ms = int((time.monotonic() - started) * 1000)
     return out
 
 
-def _model(lane: Lane) -> str:
+def label(lane: Lane) -> str:
+    """How results name a lane's executor: `subprocess:NAME`, `openai:MODEL`, `anthropic:MODEL`."""
     if lane.executor == "subprocess":
         return "subprocess:" + os.path.basename(lane.argv[0])
     return f"{lane.executor}:{lane.model or 'default'}"
@@ -84,11 +85,11 @@ async def _subprocess(lane: Lane, instruction: str, limit: float) -> External:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        return External(False, "", _model(lane), "timeout", 0,
+        return External(False, "", label(lane), "timeout", 0,
                         detail=f"killed after {limit:.0f} s")
     code = proc.returncode
     text = (stdout if code == 0 else stderr or stdout)[:MAX_OUTPUT].decode("utf-8", "replace")
-    return External(code == 0, text, _model(lane), "stop" if code == 0 else "error", 0,
+    return External(code == 0, text, label(lane), "stop" if code == 0 else "error", 0,
                     detail=f"exit status {code}", extra={"exit_status": code})
 
 
@@ -115,7 +116,7 @@ async def _openai(lane: Lane, system: str, instruction: str, max_tokens: int) ->
     if lane.api_key_env:
         key = os.environ.get(lane.api_key_env)
         if not key:
-            return External(False, "", _model(lane), "error", 0,
+            return External(False, "", label(lane), "error", 0,
                             detail=f"environment variable {lane.api_key_env} is not set")
         headers["Authorization"] = f"Bearer {key}"
     url = lane.base_url.rstrip("/") + "/chat/completions"
@@ -128,7 +129,7 @@ async def _openai(lane: Lane, system: str, instruction: str, max_tokens: int) ->
         text = choice["message"]["content"]
         assert isinstance(text, str)
     except (KeyError, IndexError, TypeError, AssertionError):
-        return External(False, "", _model(lane), "error", 0, detail=_error(status, value))
+        return External(False, "", label(lane), "error", 0, detail=_error(status, value))
     usage = value.get("usage") if isinstance(value.get("usage"), dict) else {}
     forge = value.get("x_forge") if isinstance(value.get("x_forge"), dict) else {}
     cost = None
@@ -144,7 +145,7 @@ async def _openai(lane: Lane, system: str, instruction: str, max_tokens: int) ->
 async def _anthropic(lane: Lane, system: str, instruction: str, max_tokens: int) -> External:
     key = os.environ.get("ANTHROPIC_API_KEY")
     if not key:
-        return External(False, "", _model(lane), "error", 0,
+        return External(False, "", label(lane), "error", 0,
                         detail="environment variable ANTHROPIC_API_KEY is not set")
     url = (lane.base_url or ANTHROPIC_URL).rstrip("/") + "/v1/messages"
     status, value = await _post(url, {
@@ -154,7 +155,7 @@ async def _anthropic(lane: Lane, system: str, instruction: str, max_tokens: int)
     try:
         text = "".join(part["text"] for part in value["content"] if part.get("type") == "text")
     except (KeyError, TypeError):
-        return External(False, "", _model(lane), "error", 0, detail=_error(status, value))
+        return External(False, "", label(lane), "error", 0, detail=_error(status, value))
     usage = value.get("usage") if isinstance(value.get("usage"), dict) else {}
     finish = "length" if value.get("stop_reason") == "max_tokens" else "stop"
     return External(status == 200, text, f"anthropic:{value.get('model') or lane.model}"[:120],

@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from forge_cli.agents import executors, record
 from forge_cli.agents import judge as judges
 from forge_cli.agents import plan as plans
-from forge_cli.agents import record
 from forge_cli.agents import roster as rosters
 from forge_cli.errors import (
     ApprovalRequired,
@@ -237,8 +237,6 @@ class Run:
                        label: str) -> Any:
         """A call to the lane's executor outside forge: counted as a call, timed against the
         seconds budget (what is left of it bounds the call)."""
-        from forge_cli.agents import executors
-
         self._admit(label)
         self.calls += 1
         self.in_flight += 1
@@ -638,7 +636,7 @@ async def _task(run: Run, request: str, task: plans.Task, lane: rosters.Lane, wa
                         {"role": "user", "content": f"{task.prompt}\n\n(Answer in at most "
                          "three short lines.)"}]
         started: dict[str, int] = {}
-        model_name = model.name if model is not None else f"{lane.executor}:{lane.model or ''}"
+        model_name = model.name if model is not None else executors.label(lane)
 
         async def opened(reservation: Any, model_name: str = model_name, attempt: int = attempt,
                          tier: str = tier, parent: int | None = parent,
@@ -735,11 +733,9 @@ async def _answer(run: Run, request: str, plan: plans.Plan, results: dict[str, t
 
 async def _verify(run: Run, answer_seq: int, answer: str) -> None:
     """The configured verifier: its argv with the answer as the last argument; exit 0 is ok."""
-    from forge_cli.agents.executors import call
-
     lane = rosters.Lane("verifier", "verify", "verify", ("verify",), executor="subprocess",
                         argv=run.team.verifier, timeout_s=VERIFY_TIMEOUT_S)
-    out = await call(lane, "", answer, 0, float(VERIFY_TIMEOUT_S))
+    out = await executors.call(lane, "", answer, 0, float(VERIFY_TIMEOUT_S))
     await run.record("verification", answer_seq, ok=out.ok, source=" ".join(run.team.verifier)[:200],
                      detail=(out.text or out.detail)[:500], seconds_ms=out.seconds_ms)
 
