@@ -332,17 +332,46 @@ def test_policy_refuses_a_lane_outside_the_allowed_categories_before_any_task(pa
     assert summary["calls"] == 0 and summary["tasks"][0]["status"] == "not run"
 
 
-def test_list_and_compare_runs_side_by_side(pair):
+@pytest.fixture(scope="module")
+def two_runs(pair, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two answered runs on node A: one task on a command lane each, then the synthesizer."""
+    a, _ = pair
+    folder = tmp_path_factory.mktemp("two-runs")
+    lanes = folder / "roster.toml"
+    lanes.write_text(f"""[[agent]]
+name = "echo"
+category = "engineering"
+domain = "commands"
+keywords = ["echo"]
+executor = "subprocess"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(ECHO)}]
+""")
+    out = []
+    for tasks in (1, 2):
+        plan = folder / f"plan{tasks}.json"
+        plan.write_text(json.dumps({"tasks": [{"id": f"T{i}", "prompt": f"echo {i}",
+                                               "agent": "echo"} for i in range(tasks)]}))
+        done = forge(a.home, a.url, "agent", "run", "--account", "ops", "--roster", str(lanes),
+                     "--plan", str(plan), "-n", "8", "--json", f"echo {tasks}",
+                     FORGE_TOKEN=a.operator_token)
+        assert done.returncode == 0, done.stderr
+        out.append(json.loads(done.stdout)["run"])
+    return out
+
+
+def test_list_and_compare_runs_side_by_side(pair, two_runs):
     a, _ = pair
     listed = forge(a.home, None, "agent", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
-    assert len(rows) >= 2 and {"run", "status", "spent_cu", "calls", "seconds",
-                               "coverage_pm", "passed"} <= set(rows[0])
+    assert [r["run"] for r in rows[:2]] == two_runs[::-1]  # newest first
+    assert {"run", "status", "spent_cu", "calls", "seconds", "coverage_pm",
+            "passed"} <= set(rows[0])
     newer, older = rows[0]["run"], rows[1]["run"]
     both = json.loads(forge(a.home, None, "agent", "compare", older, newer, "--json").stdout)
     assert both["a"]["run"] == older and both["b"]["run"] == newer
-    assert both["delta"]["calls"] == both["b"]["calls"] - both["a"]["calls"]
+    assert (both["a"]["tasks"], both["b"]["tasks"], both["delta"]["tasks"]) == (1, 2, 1)
+    assert both["delta"]["calls"] == both["b"]["calls"] - both["a"]["calls"] == 1
     text = forge(a.home, None, "agent", "compare", older, newer)
     assert "spent_cu" in text.stdout and "b - a" in text.stdout
     status, _, body = a.request("GET", f"/v1/forge/agent/compare?a={older}&b=nope",
@@ -350,10 +379,11 @@ def test_list_and_compare_runs_side_by_side(pair):
     assert status == 400 and "run ids" in body["error"]["message"]
 
 
-def test_a_tampered_answer_is_flagged_by_agent_show(pair):
+def test_a_tampered_answer_is_flagged_by_agent_show(pair, two_runs):
     a, _ = pair
-    rows = json.loads(forge(a.home, None, "agent", "list", "--json").stdout)
-    run = next(r["run"] for r in rows if r["status"] == "answered")
+    run = two_runs[0]
+    before = forge(a.home, None, "agent", "show", run)
+    assert before.returncode == 0 and "TAMPERED" not in before.stdout
     [answer] = [e for e in agent_steps(a.home, run) if e.data["step"] == "answer"]
     db = sqlite3.connect(a.home / "ledger.db", timeout=30)
     with db:
@@ -364,10 +394,11 @@ def test_a_tampered_answer_is_flagged_by_agent_show(pair):
     assert shown.returncode == 1
     assert "TAMPERED" in shown.stdout and f"seq {answer.seq}: the answer body" in shown.stdout
     assert "ledger verify --deep" in shown.stderr
-    assert json.loads(forge(a.home, None, "agent", "list", "--json").stdout)[0]["tampered"] \
-        in (True, False)  # the listing still reads; the run itself is marked
-    assert any(r["tampered"] for r in json.loads(
-        forge(a.home, None, "agent", "list", "--json").stdout) if r["run"] == run)
+    rows = json.loads(forge(a.home, None, "agent", "list", "--json").stdout)
+    for row in rows:  # flagged exactly when one of its bodies is the forged one
+        shares = any(answer.data["answer_sha256"] in e.data.values()
+                     for e in agent_steps(a.home, row["run"]))
+        assert row["tampered"] is shares, row["run"]
 
 
 # -- escalation by tier never lands on a base model ----------------------------------------
