@@ -332,6 +332,84 @@ def test_policy_refuses_a_lane_outside_the_allowed_categories_before_any_task(pa
     assert summary["calls"] == 0 and summary["tasks"][0]["status"] == "not run"
 
 
+def test_classifier_picks_a_lane_when_the_keywords_cannot_and_is_paid(pair, tmp_path):
+    a, _ = pair
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tasks": [{"id": "T1", "prompt": "make it better",
+                                           "max_tokens": 4}]}))
+    done = forge(a.home, a.url, "agent", "run", "--account", "ops", "--plan", str(plan),
+                 "-n", "4", "--json", "vague", FORGE_TOKEN=a.operator_token)
+    summary = json.loads(done.stdout)
+    [decision] = summary["route"]
+    assert decision["method"] == "classifier" and decision["trade"] is not None
+    assert decision["lane"] in roster.default().names() and decision["cu"] > 0
+    with Ledger.open_reader(a.home / "ledger.db") as book:
+        assert book.entry(decision["trade"]).kind == "trade"
+
+
+def test_max_seconds_bounds_a_slow_command_and_stops_the_run_with_a_hint(pair, tmp_path):
+    a, _ = pair
+    lanes = tmp_path / "roster.toml"
+    nap = "import time; time.sleep(20)"
+    lanes.write_text(f"""[[agent]]
+name = "nap"
+category = "engineering"
+domain = "commands"
+keywords = ["nap"]
+executor = "subprocess"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(nap)}]
+""")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tasks": [{"id": "T1", "prompt": "nap", "agent": "nap"},
+                                          {"id": "T2", "prompt": "nap", "agent": "nap",
+                                           "deps": ["T1"]}]}))
+    started = time.monotonic()
+    done = forge(a.home, a.url, "agent", "run", "--account", "ops", "--roster", str(lanes),
+                 "--plan", str(plan), "--max-seconds", "2", "--json", "nap twice",
+                 FORGE_TOKEN=a.operator_token)
+    assert time.monotonic() - started < 20  # the command was killed, not waited for
+    assert done.returncode == 1
+    summary = json.loads(done.stdout)
+    first = summary["tasks"][0]
+    assert first["status"] == "failed" and first["verdict"]["check"] == "executor"
+    assert "timeout" in first["verdict"]["reason"] or "killed" in first["verdict"]["reason"]
+    assert summary["status"] == "stopped" and summary["stop"]["gate"] == "max_seconds"
+    assert summary["tasks"][1]["status"] == "not run"
+    assert "raise the seconds budget" in done.stderr and "--max-seconds 4" in done.stderr
+
+
+def test_a_configured_verifier_checks_the_answer_and_is_witnessed(pair, tmp_path):
+    a, _ = pair
+    check = "import sys; print(len(sys.argv[-1])); sys.exit(0)"
+    assert forge(a.home, None, "config", "set", "agents.verifier",
+                 f"{sys.executable},-c,{check}").returncode == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tasks": [{"id": "T1", "prompt": "x", "agent": "echo"}]}))
+    lanes = tmp_path / "roster.toml"
+    lanes.write_text(f"""[[agent]]
+name = "echo"
+category = "engineering"
+domain = "commands"
+keywords = ["echo"]
+executor = "subprocess"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(ECHO)}]
+""")
+    try:
+        done = forge(a.home, a.url, "agent", "run", "--account", "ops", "--roster", str(lanes),
+                     "--plan", str(plan), "-n", "8", "--json", "verify me",
+                     FORGE_TOKEN=a.operator_token)
+    finally:
+        forge(a.home, None, "config", "set", "agents.verifier", "")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    verification = summary["verification"]
+    assert verification["ok"] is True and verification["source"].startswith(sys.executable)
+    assert verification["detail"].strip() == str(len(summary["answer"]))
+    steps = agent_steps(a.home, summary["run"])
+    [entry] = [e for e in steps if e.data["step"] == "verification"]
+    assert entry.fields["parent"] == summary["answer_seq"]
+
+
 @pytest.fixture(scope="module")
 def two_runs(pair, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Two answered runs on node A: one task on a command lane each, then the synthesizer."""

@@ -234,13 +234,14 @@ class Run:
     # -- one call on another executor -------------------------------------------------------
 
     async def external(self, lane: rosters.Lane, instruction: str, max_tokens: int,
-                       label: str) -> Any:
+                       label: str, opened: Callable[[Any], Awaitable[None]]) -> Any:
         """A call to the lane's executor outside forge: counted as a call, timed against the
-        seconds budget (what is left of it bounds the call)."""
+        seconds budget (what is left of it bounds the call). `opened` records its start."""
         self._admit(label)
         self.calls += 1
         self.in_flight += 1
         try:
+            await opened(None)
             left = self.seconds_left()
             return await executors.call(lane, TASK_SYSTEM, instruction, max_tokens,
                                         left if left is not None else float(lane.timeout_s))
@@ -650,8 +651,8 @@ async def _task(run: Run, request: str, task: plans.Task, lane: rosters.Lane, wa
 
         async with gate:
             if model is None:
-                await opened(None)
-                ext = await run.external(lane, instruction, max_tokens, f"task {task.id!r}")
+                ext = await run.external(lane, instruction, max_tokens, f"task {task.id!r}",
+                                         opened)
                 text, finish, tokens = ext.text, ext.finish_reason, ext.completion_tokens or 0
                 witness = {"trade": None, "cu": 0, **ext.witness()}
                 model_name = ext.model
