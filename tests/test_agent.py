@@ -279,3 +279,19 @@ def test_agent_api_errors_are_clear(node, run_forge):
     assert missing.returncode == 2 and "no agent run" in missing.stderr
     no_node = run_forge("agent", "run", "hello")
     assert no_node.returncode == 2 and "no running node" in no_node.stderr
+
+
+def test_agent_plan_shows_the_coordinators_routed_plan_without_running_it(node):
+    node.agent("pla")
+    done = forge(node, "agent", "plan", "--account", "pla", "--json",
+                 "Write a short README intro for a CLI tool and list three risks")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "planned" and summary["plan"]["planner"] == "coordinator"
+    assert [t["prompt"] for t in summary["tasks"]] == [
+        "Write a short README intro for a CLI tool", "List three risks"]
+    assert all(t["lane"] and t["status"] == "not run" for t in summary["tasks"])
+    assert [r["method"] for r in summary["route"]] == ["coordinator", "coordinator"]
+    assert summary["calls"] == 1 and summary["spent_cu"] == summary["plan"]["cu"] > 0
+    steps = {e.data["step"] for e in run_steps(node, summary["run"])}
+    assert steps == {"request", "plan", "route"}  # paid and witnessed; nothing else ran

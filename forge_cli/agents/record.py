@@ -71,9 +71,10 @@ def _ids(deps: list[Any]) -> list[str]:
 def summarize(ledger: Any, run: str) -> dict[str, Any]:
     """One run: request, plan, routes, tasks (lane, model, CU, verdict), spend, answer, intent.
 
-    `status` is answered, stopped (budget, call or seconds limit, or a safety gate), rejected
-    (the plan), refused (the policy), failed (every task failed its check, or an engine error)
-    or running. `integrity` lists bodies or entries of the run that do not match their hashes.
+    `status` is answered, planned (`forge agent plan`: planned and routed, nothing run),
+    stopped (budget, call or seconds limit, or a safety gate), rejected (the plan), refused
+    (the policy), failed (every task failed its check, or an engine error) or running.
+    `integrity` lists bodies or entries of the run that do not match their hashes.
     """
     found = steps(ledger, run)
     read = _Reader(ledger)
@@ -194,6 +195,8 @@ def summarize(ledger: Any, run: str) -> dict[str, Any]:
     for task in tasks.values():
         if task["status"] in ("running", "checking"):
             task["status"] = "interrupted"
+    if out["status"] == "running" and found[0].data.get("plan_only") and out["plan"]:
+        out["status"] = "planned"
     out["tasks"] = list(tasks.values())
     out["integrity"] = read.findings
     return out

@@ -426,11 +426,12 @@ def _context(request: str, results: list[str]) -> str:
 async def execute(node: Node, who: Any, request: str, *, model_name: str | None, limits: Limits,
                   team: Team | None = None,
                   plan_source: str | dict[str, Any] | list[Any] | None = None,
-                  resume: dict[str, Any] | None = None) -> str:
+                  resume: dict[str, Any] | None = None, plan_only: bool = False) -> str:
     """Run an agent request to its end (answer, stop or error), recording every step.
 
     Returns the run id. `resume` is the summary of an earlier run of the same account: its
-    plan is reused and so is every result whose verdict passed.
+    plan is reused and so is every result whose verdict passed. `plan_only` ends the run once
+    its plan is made and routed (`forge agent plan`): the coordinator is paid, nothing else runs.
     """
     if who.is_operator:
         raise SelfTrade("an agent run spends from an account, and the operator's is this node's "
@@ -446,13 +447,14 @@ async def execute(node: Node, who: Any, request: str, *, model_name: str | None,
         account=who.account_hex, request_sha256=_sha(request), budget_cu=limits.budget_cu,
         max_calls=limits.max_calls, max_seconds=limits.max_seconds,
         resumes=resume["run"] if resume else None, model=run.model.name,
-        max_tokens=limits.max_tokens, roster=team.roster.source, roster_sha256=_sha(lanes))
+        max_tokens=limits.max_tokens, roster=team.roster.source, roster_sha256=_sha(lanes),
+        **({"plan_only": True} if plan_only else {}))
     run.request_seq = entry.seq
     plan = await _plan(run, request, plan_source, resume)
     if plan is None:
         return run.id
     lanes_of = await _route_all(run, plan)
-    if lanes_of is None:
+    if lanes_of is None or plan_only:
         return run.id
     reused = resume["passed"] if resume else {}
     results: dict[str, tuple[int, str]] = {}

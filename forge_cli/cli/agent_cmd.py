@@ -54,7 +54,7 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
     else:
         typer.echo(describe(summary))
     status, run = summary["status"], summary["run"]
-    if status == "answered":
+    if status in ("answered", "planned"):
         return
     if status == "stopped":
         stop = summary["stop"]
@@ -155,6 +155,36 @@ def _read_roster(path: Path | None) -> str | None:
 
     parse(text, str(path))  # a bad roster is a usage error here, before the node is asked
     return text
+
+
+@app.command()
+def plan(
+    request: list[str] = typer.Argument(..., help="What the agent should do."),
+    model: str | None = typer.Option(None, "--model", "-m", help="The coordinator's model."),
+    account: str | None = typer.Option(None, "--account", help="Agent account that pays (the "
+                                       "operator may name any; default: the token's own)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "-n", min=1, max=TOKENS_MAX,
+                                          help="Most tokens of the coordinator's reply "
+                                          "[default: 256]."),
+    budget: int | None = BudgetOpt,
+    roster: Path | None = RosterOpt,
+    as_json: bool = JsonOpt,
+    node: str | None = NodeOpt,
+    token: str | None = TokenOpt,
+) -> None:
+    """Show the plan the coordinator makes of REQUEST, routed to lanes, without running it.
+
+    It is paid (the coordinator runs, and a classifier for a task no keyword decides) and
+    witnessed like a run that ends after its routes:
+
+        forge agent plan --account bob --json "compare SQLite and LMDB, then summarise"
+    """
+    body: dict[str, Any] = {"request": _request(request), "plan_only": True}
+    for key, value in (("budget_cu", budget), ("model", model), ("account", account),
+                       ("max_tokens", max_tokens), ("roster", _read_roster(roster))):
+        if value is not None:
+            body[key] = value
+    _finish(_client(node, token).post("/v1/forge/agent/runs", body), as_json)
 
 
 @app.command()

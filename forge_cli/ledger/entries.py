@@ -455,7 +455,7 @@ AGENT_STEPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 # Keys a step may carry since issue 21 (entries written before it lack them); null allowed.
 AGENT_OPTIONAL: dict[str, frozenset[str]] = {
-    "request": frozenset({"max_seconds", "roster", "roster_sha256"}),
+    "request": frozenset({"max_seconds", "roster", "roster_sha256", "plan_only"}),
     "plan": frozenset({"edges"}),
     "task": frozenset({"lane", "tier", "executor"}),
     "result": frozenset({"finish_reason", "executor_model", "seconds_ms", "prompt_tokens",
@@ -465,7 +465,7 @@ AGENT_OPTIONAL: dict[str, frozenset[str]] = {
     "stop": frozenset({"seconds_ms"}),
     "error": frozenset({"planner"}),
 }
-_AGENT_BOOLS = ("ok", "flagged", "call_ok")
+_AGENT_BOOLS = ("ok", "flagged", "call_ok", "plan_only")
 _AGENT_JSON = ("candidates", "edges", "missing", "failed", "external_cost", "judgment")
 MAX_AGENT_JSON = 16 * 1024
 _RUN_ID = re.compile(r"ag_[0-9a-f]{12}")

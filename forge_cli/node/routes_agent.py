@@ -130,8 +130,9 @@ async def start(request: web.Request) -> web.Response:
     team = _team(body, request[WHO])
     who = _acting(node, request[WHO], field(body, "account", str, default=None))
     limits = _limits(node, body)
+    plan_only = field(body, "plan_only", bool, default=False)
     run = await runs.execute(node, who, text, model_name=model, limits=limits, team=team,
-                             plan_source=plan)
+                             plan_source=plan, plan_only=plan_only)
     return web.json_response(_summary(node, run))
 
 
@@ -205,8 +206,8 @@ async def route(request: web.Request) -> web.Response:
 ROUTES = [
     Route("POST", "/v1/forge/agent/runs", start,
           "Run an agent request {request, plan?, roster?, model?, account?, budget_cu?, "
-          "max_calls?, max_seconds?, max_tokens?, concurrency?, approval_wait_s?, mode?}; "
-          "returns the run summary"),
+          "max_calls?, max_seconds?, max_tokens?, concurrency?, approval_wait_s?, mode?, "
+          "plan_only?}; returns the run summary"),
     Route("GET", "/v1/forge/agent/runs", listing, "Agent runs, newest first (?limit=)"),
     Route("GET", "/v1/forge/agent/compare", compare,
           "Two runs side by side (?a=RUN&b=RUN): counts, CU, calls, seconds, verdicts, coverage"),
