@@ -275,6 +275,22 @@ def test_agent_api_errors_are_clear(node, run_forge):
     assert status == 404 and "no agent run" in body["error"]["message"]
     status, _, body = node.request("GET", "/v1/forge/agent/runs/nope", token=op)
     assert status == 400
+    who = node.agent("hostile")
+    with Ledger.open_reader(node.home / "ledger.db") as book:
+        before = book.size
+    for body, words in (({"request": "x", "roster": "[[agent"}, "not valid TOML"),
+                        ({"request": "x", "roster": "[[agent]]\nname='a'\ncategory='c'\n"
+                          "domain='d'\nkeywords=[]"}, "keywords must be a non-empty"),
+                        ({"request": "x", "max_seconds": 0}, "max_seconds must be between"),
+                        ({"request": "x", "plan_only": "yes"}, "plan_only"),
+                        ({"request": "x", "roster": "x" * 70_000}, "roster is larger")):
+        status, _, reply = node.request("POST", "/v1/forge/agent/runs", body, token=who["token"])
+        assert status == 400 and words in reply["error"]["message"], (body, reply)
+    status, _, reply = node.request("POST", "/v1/forge/agent/route", {"text": ""},
+                                    token=who["token"])
+    assert status == 400 and "text must be non-empty" in reply["error"]["message"]
+    with Ledger.open_reader(node.home / "ledger.db") as book:
+        assert book.size == before  # nothing recorded, nothing reserved
     missing = forge(node, "agent", "show", "ag_000000000000")
     assert missing.returncode == 2 and "no agent run" in missing.stderr
     no_node = run_forge("agent", "run", "hello")

@@ -541,6 +541,6 @@ def test_readme_request_with_defaults_answers_on_smollm2(smollm2, capsys):
     assert all(t["lane"] and t["verdict"] and t["verdict"]["check"] for t in summary["tasks"])
     assert {r["method"] for r in summary["route"]} == {"coordinator"}
     intent = summary["intent"]
-    assert set(intent) >= {"coverage_pm", "flagged", "missing"}
+    assert set(intent) >= {"coverage", "coverage_pm", "flagged", "missing"}
     assert summary["budget_cu"] == 4000 and summary["spent_cu"] <= 4000
     assert "answer" in done.stdout and "intent" in done.stdout

@@ -173,6 +173,7 @@ def summarize(ledger: Any, run: str) -> dict[str, Any]:
                 out["spent_cu"] += judgment["cu"]
                 out["calls"] += 1 if judgment["trade"] is not None else 0
             out["intent"] = {"seq": seq, "method": data["method"],
+                             "coverage": data["coverage_pm"] / 1000,
                              "coverage_pm": data["coverage_pm"], "flagged": data["flagged"],
                              "missing": data["missing"], "terms": data["terms"],
                              "judgment": judgment}
