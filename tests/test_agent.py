@@ -307,7 +307,8 @@ def test_agent_plan_shows_the_coordinators_routed_plan_without_running_it(node):
     assert [t["prompt"] for t in summary["tasks"]] == [
         "Write a short README intro for a CLI tool", "List three risks"]
     assert all(t["lane"] and t["status"] == "not run" for t in summary["tasks"])
-    assert [r["method"] for r in summary["route"]] == ["coordinator", "coordinator"]
+    assert [r["method"] for r in summary["route"]] == ["lexical", "coordinator"]
+    assert summary["tasks"][0]["lane"] == "technical-writing"  # 3 of its 5 keywords
     assert summary["calls"] == 1 and summary["spent_cu"] == summary["plan"]["cu"] > 0
     steps = {e.data["step"] for e in run_steps(node, summary["run"])}
     assert steps == {"request", "plan", "route"}  # paid and witnessed; nothing else ran

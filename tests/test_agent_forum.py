@@ -539,7 +539,11 @@ def test_readme_request_with_defaults_answers_on_smollm2(smollm2, capsys):
     assert summary["status"] == "answered" and summary["answer"]
     assert summary["plan"]["planner"] == "coordinator" and len(summary["tasks"]) >= 2
     assert all(t["lane"] and t["verdict"] and t["verdict"]["check"] for t in summary["tasks"])
-    assert {r["method"] for r in summary["route"]} == {"coordinator"}
+    assert {r["method"] for r in summary["route"]} <= {"coordinator", "lexical"}
+    # "Write a short README intro …" has three of technical-writing's five keywords: the
+    # deterministic router decides it, whatever lane the coordinator named.
+    assert summary["route"][0]["method"] == "lexical"
+    assert summary["tasks"][0]["lane"] == "technical-writing"
     intent = summary["intent"]
     assert set(intent) >= {"coverage", "coverage_pm", "flagged", "missing"}
     assert summary["budget_cu"] == 4000 and summary["spent_cu"] <= 4000

@@ -564,7 +564,9 @@ async def _route_all(run: Run, plan: plans.Plan) -> dict[str, rosters.Lane] | No
         lexical = rosters.route(task.prompt, team.roster, threshold_pm=team.threshold_pm,
                                 margin_pm=team.margin_pm)
         trade, cu = None, 0
-        if task.agent is not None:
+        if task.agent is not None and (run.planner != "coordinator" or lexical.lane is None):
+            # A plan's own lane stands; the coordinator's only where the keywords do not
+            # decide (the deterministic router goes first, as for a task with no lane).
             method = "coordinator" if run.planner == "coordinator" else "plan"
             name = task.agent
         elif lexical.lane is not None:
