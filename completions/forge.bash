@@ -9,7 +9,7 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge node:--split"|"forge node:--ollama-port"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit show:--ledger"|"forge rpc serve:--host"|"forge rpc serve:--port"|"forge rpc serve:-p"|"forge rpc serve:--threads"|"forge rpc serve:--memory"|"forge rpc serve:--rate"|"forge rpc serve:--interface") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge node:--split"|"forge node:--ollama-port"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--max-seconds"|"forge agent run:--roster"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent plan:--model"|"forge agent plan:-m"|"forge agent plan:--account"|"forge agent plan:--max-tokens"|"forge agent plan:-n"|"forge agent plan:--budget"|"forge agent plan:--roster"|"forge agent plan:--node"|"forge agent plan:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--max-tokens"|"forge agent resume:-n"|"forge agent resume:--model"|"forge agent resume:-m"|"forge agent resume:--max-seconds"|"forge agent resume:--roster"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge agent list:--limit"|"forge agent list:--ledger"|"forge agent compare:--ledger"|"forge agent route:--roster"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit show:--ledger"|"forge rpc serve:--host"|"forge rpc serve:--port"|"forge rpc serve:-p"|"forge rpc serve:--threads"|"forge rpc serve:--memory"|"forge rpc serve:--rate"|"forge rpc serve:--interface") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:seed") cmdpath="$cmdpath seed" ;;
@@ -71,8 +71,12 @@ _forge() {
             "forge config:set") cmdpath="$cmdpath set" ;;
             "forge config:keys") cmdpath="$cmdpath keys" ;;
             "forge agent:run") cmdpath="$cmdpath run" ;;
+            "forge agent:plan") cmdpath="$cmdpath plan" ;;
             "forge agent:resume") cmdpath="$cmdpath resume" ;;
             "forge agent:show") cmdpath="$cmdpath show" ;;
+            "forge agent:list") cmdpath="$cmdpath list" ;;
+            "forge agent:compare") cmdpath="$cmdpath compare" ;;
+            "forge agent:route") cmdpath="$cmdpath route" ;;
             "forge audit:list") cmdpath="$cmdpath list" ;;
             "forge audit:run") cmdpath="$cmdpath run" ;;
             "forge audit:show") cmdpath="$cmdpath show" ;;
@@ -188,15 +192,32 @@ _forge() {
         "forge agent run:--max-tokens"|"forge agent run:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent run:--concurrency") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent run:--mode") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--max-seconds") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent run:--roster") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent run:--wait-approval") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent run:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent run:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--model"|"forge agent plan:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--account") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--max-tokens"|"forge agent plan:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--budget") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--roster") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent plan:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent resume:--budget") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent resume:--max-calls") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--max-tokens"|"forge agent resume:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--model"|"forge agent resume:-m") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--max-seconds") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent resume:--roster") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent resume:--wait-approval") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent resume:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent resume:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge agent show:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent list:--limit") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent list:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent compare:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge agent route:--roster") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge audit list:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge audit run:--node") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge audit run:--token") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -507,23 +528,45 @@ _forge() {
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--help" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "run resume show" -- "$cur"))
+                COMPREPLY=($(compgen -W "run plan resume show list compare route" -- "$cur"))
             fi ;;
         "forge agent run")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--plan --budget --max-calls --model -m --account --max-tokens -n --concurrency --mode --wait-approval --json --node --token --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--plan --budget --max-calls --model -m --account --max-tokens -n --concurrency --mode --max-seconds --roster --wait-approval --json --node --token --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge agent plan")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--model -m --account --max-tokens -n --budget --roster --json --node --token --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         "forge agent resume")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--budget --max-calls --wait-approval --json --node --token --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--budget --max-calls --max-tokens -n --model -m --max-seconds --roster --wait-approval --json --node --token --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;
         "forge agent show")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--json --ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge agent list")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--limit --json --ledger --help" -- "$cur"))
+            fi ;;
+        "forge agent compare")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--json --ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge agent route")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--roster --json --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

@@ -7,7 +7,7 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge node:--split'|'forge node:--ollama-port'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit show:--ledger'|'forge rpc serve:--host'|'forge rpc serve:--port'|'forge rpc serve:-p'|'forge rpc serve:--threads'|'forge rpc serve:--memory'|'forge rpc serve:--rate'|'forge rpc serve:--interface') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge node:--split'|'forge node:--ollama-port'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--max-seconds'|'forge agent run:--roster'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent plan:--model'|'forge agent plan:-m'|'forge agent plan:--account'|'forge agent plan:--max-tokens'|'forge agent plan:-n'|'forge agent plan:--budget'|'forge agent plan:--roster'|'forge agent plan:--node'|'forge agent plan:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--max-tokens'|'forge agent resume:-n'|'forge agent resume:--model'|'forge agent resume:-m'|'forge agent resume:--max-seconds'|'forge agent resume:--roster'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge agent list:--limit'|'forge agent list:--ledger'|'forge agent compare:--ledger'|'forge agent route:--roster'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit show:--ledger'|'forge rpc serve:--host'|'forge rpc serve:--port'|'forge rpc serve:-p'|'forge rpc serve:--threads'|'forge rpc serve:--memory'|'forge rpc serve:--rate'|'forge rpc serve:--interface') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
             ('forge:seed') cmdpath="$cmdpath seed" ;;
@@ -69,8 +69,12 @@ _forge() {
             ('forge config:set') cmdpath="$cmdpath set" ;;
             ('forge config:keys') cmdpath="$cmdpath keys" ;;
             ('forge agent:run') cmdpath="$cmdpath run" ;;
+            ('forge agent:plan') cmdpath="$cmdpath plan" ;;
             ('forge agent:resume') cmdpath="$cmdpath resume" ;;
             ('forge agent:show') cmdpath="$cmdpath show" ;;
+            ('forge agent:list') cmdpath="$cmdpath list" ;;
+            ('forge agent:compare') cmdpath="$cmdpath compare" ;;
+            ('forge agent:route') cmdpath="$cmdpath route" ;;
             ('forge audit:list') cmdpath="$cmdpath list" ;;
             ('forge audit:run') cmdpath="$cmdpath run" ;;
             ('forge audit:show') cmdpath="$cmdpath show" ;;
@@ -186,15 +190,32 @@ _forge() {
         ('forge agent run:--max-tokens'|'forge agent run:-n') _files; return ;;
         ('forge agent run:--concurrency') _files; return ;;
         ('forge agent run:--mode') _files; return ;;
+        ('forge agent run:--max-seconds') _files; return ;;
+        ('forge agent run:--roster') _files; return ;;
         ('forge agent run:--wait-approval') _files; return ;;
         ('forge agent run:--node') _files; return ;;
         ('forge agent run:--token') _files; return ;;
+        ('forge agent plan:--model'|'forge agent plan:-m') _files; return ;;
+        ('forge agent plan:--account') _files; return ;;
+        ('forge agent plan:--max-tokens'|'forge agent plan:-n') _files; return ;;
+        ('forge agent plan:--budget') _files; return ;;
+        ('forge agent plan:--roster') _files; return ;;
+        ('forge agent plan:--node') _files; return ;;
+        ('forge agent plan:--token') _files; return ;;
         ('forge agent resume:--budget') _files; return ;;
         ('forge agent resume:--max-calls') _files; return ;;
+        ('forge agent resume:--max-tokens'|'forge agent resume:-n') _files; return ;;
+        ('forge agent resume:--model'|'forge agent resume:-m') _files; return ;;
+        ('forge agent resume:--max-seconds') _files; return ;;
+        ('forge agent resume:--roster') _files; return ;;
         ('forge agent resume:--wait-approval') _files; return ;;
         ('forge agent resume:--node') _files; return ;;
         ('forge agent resume:--token') _files; return ;;
         ('forge agent show:--ledger') _files; return ;;
+        ('forge agent list:--limit') _files; return ;;
+        ('forge agent list:--ledger') _files; return ;;
+        ('forge agent compare:--ledger') _files; return ;;
+        ('forge agent route:--roster') _files; return ;;
         ('forge audit list:--ledger') _files; return ;;
         ('forge audit run:--node') _files; return ;;
         ('forge audit run:--token') _files; return ;;
@@ -574,19 +595,26 @@ _forge() {
                 items=('--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('run:Run REQUEST as a budgeted agent on the node; print the run and its answer.' 'resume:Resume RUN as a new run: reuse its witnessed results that passed, re-run only...' 'show:Summarise RUN from the ledger alone (works offline, also while the node runs).')
+                items=('run:Run REQUEST as a budgeted agent on the node; print the run and its answer.' 'plan:Show the plan the coordinator makes of REQUEST, routed to lanes, without runn...' 'resume:Resume RUN as a new run: reuse its witnessed results that passed, re-run only...' 'show:Summarise RUN from the ledger alone (works offline, also while the node runs).' 'list:List agent runs, newest first, from the ledger alone: status, tasks passed, C...' 'compare:Compare two runs side by side: tasks, verdicts, CU, calls, seconds and coverage.' 'route:Show which lane the lexical router picks for TEXT (nothing runs; no node need...')
                 _describe -t commands command items
             fi ;;
         ('forge agent run')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--plan:A plan JSON file to use instead of asking the coordinator model: {"tasks": [{...' '--budget:Most CU the run may spend, checked before every call against each call'\''s maxi...' '--max-calls:Most paid calls (planner, tasks, synthesizer) the run may start.' '--model:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '-m:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '--account:Agent account that pays (the operator may name any; default: the token'\''s own).' '--max-tokens:Most tokens per call [default: 256].' '-n:Most tokens per call [default: 256].' '--concurrency:Tasks of one wave running at once.' '--mode:How a task naming a model only mesh peers offer picks the peer: cost, quality...' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                items=('--plan:A plan JSON file to use instead of asking the coordinator model: {"tasks": [{...' '--budget:Most CU the run may spend, checked before every call against each call'\''s maxi...' '--max-calls:Most paid calls (planner, tasks, synthesizer) the run may start.' '--model:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '-m:Model for the coordinator, the tasks (unless a task names one) and the synthe...' '--account:Agent account that pays (the operator may name any; default: the token'\''s own).' '--max-tokens:Most tokens per call [default: 256].' '-n:Most tokens per call [default: 256].' '--concurrency:Tasks of one wave running at once.' '--mode:How a task naming a model only mesh peers offer picks the peer: cost, quality...' '--max-seconds:Most seconds the run may take, checked before every call [default: agents.max...' '--roster:TOML file of agent lanes ([[agent]] tables) [default: agents.roster, else the...' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge agent plan')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--model:The coordinator'\''s model.' '-m:The coordinator'\''s model.' '--account:Agent account that pays (the operator may name any; default: the token'\''s own).' '--max-tokens:Most tokens of the coordinator'\''s reply [default: 256].' '-n:Most tokens of the coordinator'\''s reply [default: 256].' '--budget:Most CU the run may spend, checked before every call against each call'\''s maxi...' '--roster:TOML file of agent lanes ([[agent]] tables) [default: agents.roster, else the...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files
             fi ;;
         ('forge agent resume')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--budget:Budget of the new run [default: the old run'\''s].' '--max-calls:Call limit of the new run [default: the old run'\''s].' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
+                items=('--budget:Budget of the new run [default: the old run'\''s].' '--max-calls:Call limit of the new run [default: the old run'\''s].' '--max-tokens:Most tokens per call [default: the old run'\''s].' '-n:Most tokens per call [default: the old run'\''s].' '--model:Model of the new run [default: the old run'\''s].' '-m:Model of the new run [default: the old run'\''s].' '--max-seconds:Most seconds the run may take, checked before every call [default: agents.max...' '--roster:TOML file of agent lanes ([[agent]] tables) [default: agents.roster, else the...' '--wait-approval:Seconds to wait for a person (`forge safety approve ID`) when a call needs ap...' '--json:The run'\''s summary as JSON on stdout.' '--node:Node URL (default: FORGE_NODE or FORGE_HOME/node.url).' '--token:API token (default: FORGE_TOKEN or the operator'\''s).' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files
@@ -594,6 +622,25 @@ _forge() {
         ('forge agent show')
             if [[ "$PREFIX" == -* ]]; then
                 items=('--json:The run'\''s summary as JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge agent list')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--limit:Most runs to show.' '--json:The runs as JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            fi ;;
+        ('forge agent compare')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--json:Both runs and b − a as JSON.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge agent route')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--roster:TOML file of agent lanes ([[agent]] tables) [default: agents.roster, else the...' '--json:The decision as JSON.' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files

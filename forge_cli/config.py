@@ -178,6 +178,27 @@ KEYS: dict[str, Key] = {
             "spends in one minute above which the breaker opens", low=1, high=1_000_000),
         Key("safety.breaker_reset_s", int, 300, "seconds after which an open breaker closes",
             low=1, high=DAY_S),
+        Key("agents.roster", str, "", "TOML file of agent lanes ([[agent]] tables); empty "
+            "means the built-in roster"),
+        Key("agents.budget_cu", int, 4_000, "CU an agent run may spend unless --budget says "
+            "(0: no budget)", low=0, high=INT_MAX),
+        Key("agents.max_seconds", int, 0, "seconds an agent run may take unless --max-seconds "
+            "says (0: no limit)", low=0, high=DAY_S),
+        Key("agents.route_threshold_pm", int, 500, "keyword score (permille) a lane needs to "
+            "win the lexical route", low=0, high=1000),
+        Key("agents.route_margin_pm", int, 150, "lead (permille) the winning lane needs over "
+            "the next; else the classifier decides", low=0, high=1000),
+        Key("agents.tier_cheap", list, [], "models for cheap lanes; empty means the run's model"),
+        Key("agents.tier_capable", list, [], "models a failed cheap task escalates to "
+            "(catalog or mesh names; base models are skipped)"),
+        Key("agents.tier_frontier", list, [], "models a failed capable task escalates to"),
+        Key("agents.judge", bool, True, "a model judge checks each result that passes the "
+            "deterministic checks"),
+        Key("agents.intent_judge", bool, False, "a model judgment when the answer's intent "
+            "coverage is flagged"),
+        Key("agents.verifier", list, [], "argv of a command that verifies each answer (the "
+            "answer is its last argument; exit 0 is ok)"),
+        Key("agents.categories", list, [], "lane categories agent runs may use; empty means all"),
         Key("lending.sweep_s", int, 30, "seconds between the node's checks for overdue loans",
             low=1, high=DAY_S),
         Key("lending.heartbeat_s", int, 3600,

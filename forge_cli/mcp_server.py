@@ -163,29 +163,56 @@ def build(client: Client) -> Any:
     async def agent_run(
         request: Annotated[str, Field(min_length=1, max_length=4000)],
         budget_cu: Annotated[int | None, Field(ge=1, description="Most CU the run may spend; "
-                                               "checked before each call.")] = None,
+                                               "checked before each call (default: the node's "
+                                               "agents.budget_cu).")] = None,
         max_calls: Annotated[int | None, Field(ge=1, le=10_000)] = None,
+        max_seconds: Annotated[int | None, Field(ge=1, le=86_400)] = None,
         account: Annotated[str | None, Field(description="Agent account to pay from (operator "
                                              "token only; default: the token's own).")] = None,
         model: Annotated[str | None, Field(description="Model for coordinator, tasks and "
                                            "synthesizer.")] = None,
-        plan: Annotated[str | None, Field(description="A plan as JSON text ({\"tasks\": [{\"id\","
-                                          " \"prompt\", \"deps\"}]}) instead of the "
-                                          "coordinator's.")] = None,
+        plan: Annotated[dict[str, Any] | list[Any] | str | None, Field(
+            description="A plan instead of the coordinator's: an object {\"tasks\": [{\"id\", "
+                        "\"prompt\", \"agent\"?, \"deps\"?}]} or the same as JSON text.")] = None,
         max_tokens: Annotated[int | None, Field(ge=1, le=32_768)] = None,
     ) -> dict[str, Any]:
         """Run a budgeted multi-step agent on the node; every step is witnessed in the ledger.
         Returns the run's summary; a run that stops (budget, call limit, safety gate) or whose
         plan is rejected is a tool error naming the reason and the run id."""
         body = {k: v for k, v in {"request": request, "budget_cu": budget_cu,
-                                  "max_calls": max_calls, "account": account, "model": model,
-                                  "plan": plan, "max_tokens": max_tokens}.items() if v is not None}
+                                  "max_calls": max_calls, "max_seconds": max_seconds,
+                                  "account": account, "model": model, "plan": plan,
+                                  "max_tokens": max_tokens}.items() if v is not None}
         summary = await call("POST", "/v1/forge/agent/runs", body)
         ended = summary.get("stop") or summary.get("error")
         if summary["status"] != "answered" and ended:
             raise ToolError(f"run {summary['run']} {summary['status']} at seq {ended['seq']}: "
                             f"{ended['reason']}")
         return summary
+
+    @server.tool()
+    async def agent_route(
+        text: Annotated[str, Field(min_length=1, max_length=4000)],
+    ) -> dict[str, Any]:
+        """Which roster lane the lexical router picks for a text (keyword scores in permille);
+        `decided` false means a run would ask the classifier model. Nothing is run or paid."""
+        return await call("POST", "/v1/forge/agent/route", {"text": text})
+
+    @server.tool()
+    async def agent_list(
+        limit: Annotated[int, Field(ge=1, le=1000)] = 20,
+    ) -> dict[str, Any]:
+        """Agent runs of this token's account, newest first: status, tasks passed, CU, calls,
+        seconds and intent coverage."""
+        return await call("GET", "/v1/forge/agent/runs" + query(limit=limit))
+
+    @server.tool()
+    async def agent_compare(
+        a: Annotated[str, Field(pattern=r"^ag_[0-9a-f]{12}$", description="First run.")],
+        b: Annotated[str, Field(pattern=r"^ag_[0-9a-f]{12}$", description="Second run.")],
+    ) -> dict[str, Any]:
+        """Two agent runs side by side (tasks, verdicts, CU, calls, seconds, coverage) and b − a."""
+        return await call("GET", "/v1/forge/agent/compare" + query(a=a, b=b))
 
     return server
 

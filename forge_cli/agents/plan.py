@@ -1,7 +1,9 @@
 """Plans: a JSON DAG of tasks, parsed strictly, checked, and cut into waves.
 
-A plan is `{"tasks": [{"id", "prompt", "deps"?, "model"?, "max_tokens"?, "expect"?}, …]}`
-(a bare list of tasks is accepted too). A model's reply may wrap the JSON in prose or a code
+A plan is `{"tasks": [{"id", "prompt", "agent"?, "deps"?, "model"?, "max_tokens"?, "expect"?}, …]}`
+(a bare list of tasks is accepted too). `agent` names a roster lane; a dependency is a data
+edge (its result is shown to the task) unless it is written `{"id": "T1", "type": "order"}`,
+which only orders the two. A model's reply may wrap the JSON in prose or a code
 fence; the first `{` or `[` to its matching end is what is read. Everything else is rejected
 with a message that names the task and the rule: cycles, unknown or duplicate ids, bad types.
 """
@@ -17,10 +19,11 @@ from forge_cli.errors import PlanRejected
 
 MAX_TASKS = 32
 MAX_PROMPT = 4000
-TASK_KEYS = {"id", "prompt", "deps", "model", "max_tokens", "expect"}
+TASK_KEYS = {"id", "prompt", "agent", "deps", "model", "max_tokens", "expect"}
+COORDINATOR_TASKS = (2, 3, 4)  # how many tasks the coordinator may plan
 _ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
-__all__ = ["Plan", "PlanRejected", "Task", "extract_json", "parse"]
+__all__ = ["Plan", "PlanRejected", "Task", "coordinator_schema", "extract_json", "parse"]
 
 
 @dataclass(frozen=True)
@@ -31,10 +34,18 @@ class Task:
     model: str | None = None
     max_tokens: int | None = None
     expect: str | None = None
+    agent: str | None = None
+    order: frozenset[str] = frozenset()  # deps that only order (their result is not shown)
+
+    @property
+    def data_deps(self) -> tuple[str, ...]:
+        return tuple(d for d in self.deps if d not in self.order)
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "deps": list(self.deps)}
-        for key in ("model", "max_tokens", "expect"):
+        deps: list[Any] = [{"id": d, "type": "order"} if d in self.order else d
+                           for d in self.deps]
+        out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "deps": deps}
+        for key in ("agent", "model", "max_tokens", "expect"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -69,7 +80,8 @@ def extract_json(text: str) -> Any:
     return value
 
 
-def parse(source: str | dict[str, Any] | list[Any], *, models: set[str], max_tokens_limit: int) -> Plan:
+def parse(source: str | dict[str, Any] | list[Any], *, models: set[str], max_tokens_limit: int,
+          lanes: set[str] | None = None) -> Plan:
     """Check a plan (text or decoded JSON) and return it with its waves, or raise PlanRejected.
 
     >>> parse('{"tasks":[{"id":"a","prompt":"x"},{"id":"b","prompt":"y","deps":["a"]}]}',
@@ -87,7 +99,7 @@ def parse(source: str | dict[str, Any] | list[Any], *, models: set[str], max_tok
         raise PlanRejected("plan.tasks must be a non-empty list of tasks")
     if len(value) > MAX_TASKS:
         raise PlanRejected(f"plan has {len(value)} tasks; at most {MAX_TASKS} are allowed")
-    tasks = [_task(i, item, models, max_tokens_limit) for i, item in enumerate(value)]
+    tasks = [_task(i, item, models, max_tokens_limit, lanes) for i, item in enumerate(value)]
     seen: set[str] = set()
     for task in tasks:
         if task.id in seen:
@@ -100,7 +112,7 @@ def parse(source: str | dict[str, Any] | list[Any], *, models: set[str], max_tok
     return Plan(tuple(tasks), _waves(tasks))
 
 
-def _task(i: int, item: Any, models: set[str], limit: int) -> Task:
+def _task(i: int, item: Any, models: set[str], limit: int, lanes: set[str] | None) -> Task:
     where = f"tasks[{i}]"
     if not isinstance(item, dict):
         raise PlanRejected(f"{where} must be an object, found {type(item).__name__}")
@@ -117,9 +129,7 @@ def _task(i: int, item: Any, models: set[str], limit: int) -> Task:
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
         raise PlanRejected(f"{where}: prompt must be non-empty text of at most {MAX_PROMPT} "
                            "characters")
-    deps = item.get("deps", [])
-    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-        raise PlanRejected(f"{where}: deps must be a list of task ids")
+    deps, order = _deps(where, item.get("deps", []))
     if len(set(deps)) != len(deps):
         raise PlanRejected(f"{where}: deps lists a task twice")
     if task_id in deps:
@@ -135,7 +145,82 @@ def _task(i: int, item: Any, models: set[str], limit: int) -> Task:
     expect = item.get("expect")
     if expect is not None and (not isinstance(expect, str) or not expect or len(expect) > 200):
         raise PlanRejected(f"{where}: expect must be non-empty text of at most 200 characters")
-    return Task(task_id, prompt, tuple(deps), model, max_tokens, expect)
+    agent = item.get("agent")
+    if agent is not None and (not isinstance(agent, str) or (lanes is not None
+                                                            and agent not in lanes)):
+        raise PlanRejected(f"{where}: agent {agent!r} is not a lane of the roster (lanes: "
+                           f"{', '.join(sorted(lanes or ())) or 'none'})")
+    return Task(task_id, prompt, tuple(deps), model, max_tokens, expect, agent, frozenset(order))
+
+
+def _deps(where: str, deps: Any) -> tuple[list[str], set[str]]:
+    """Dependency ids, and those that are order-only edges (`{"id", "type": "order"}`)."""
+    if not isinstance(deps, list):
+        raise PlanRejected(f"{where}: deps must be a list of task ids")
+    ids: list[str] = []
+    order: set[str] = set()
+    for dep in deps:
+        if isinstance(dep, dict):
+            if set(dep) - {"id", "type"} or not isinstance(dep.get("id"), str) \
+                    or dep.get("type", "data") not in ("data", "order"):
+                raise PlanRejected(f"{where}: a dependency is a task id or "
+                                   '{"id": ID, "type": "data"|"order"}, found ' + repr(dep))
+            ids.append(dep["id"])
+            if dep.get("type") == "order":
+                order.add(dep["id"])
+        elif isinstance(dep, str):
+            ids.append(dep)
+        else:
+            raise PlanRejected(f"{where}: deps must be a list of task ids")
+    return ids, order
+
+
+def parts(request: str) -> list[str]:
+    """The request's own parts, as instructions: its sentences and clauses (split at ';', '.',
+    ', then' and 'and'), each with a capital letter; the whole request comes first.
+
+    >>> parts("Write a short README intro for a CLI tool and list three risks")
+    ['Write a short README intro for a CLI tool and list three risks', \
+'Write a short README intro for a CLI tool', 'List three risks']
+    """
+    whole = " ".join(request.split())[:MAX_PROMPT]
+    out = [whole]
+    for sentence in re.split(r"[.;!?]+\s+|,\s*then\s+", whole):
+        clauses = re.split(r",?\s+and\s+(?:then\s+)?", sentence)
+        if any(len(c.split()) < 2 for c in clauses):  # "SQLite and LMDB" is one part
+            clauses = [sentence]
+        for clause in clauses:
+            clause = re.sub(r"^(?:then|and)\s+", "", clause.strip(" ,.;!?"), flags=re.I)
+            if len(clause) >= 3 and clause[:1].upper() + clause[1:] not in out:
+                out.append(clause[:1].upper() + clause[1:])
+    return out[:9]
+
+
+def coordinator_schema(lanes: list[str], request: str) -> dict[str, Any]:
+    """The JSON schema the coordinator's reply is decoded under: 2 to 4 tasks with ids T1…Tn,
+    each naming a lane and depending only on earlier tasks, task n taking the request's n-th
+    part (`parts`) as its prompt. Every plan it can write is a DAG with known ids and lanes,
+    and no task is one the request did not ask for (a small model otherwise copies its
+    example, or one part twice)."""
+    found = parts(request)
+    clauses = found[1:] if len(found) > 2 else [
+        found[0], f"Check the draft answer to this request and improve it: {found[0]}"]
+
+    def item(n: int) -> dict[str, Any]:
+        earlier = [f"T{j}" for j in range(1, n)]
+        deps: dict[str, Any] = ({"type": "array", "maxItems": 0, "items": {"type": "string"}}
+                                if n == 1 else
+                                {"type": "array", "maxItems": 1, "items": {"enum": earlier}})
+        return {"type": "object", "properties": {
+            "id": {"const": f"T{n}"}, "agent": {"enum": lanes},
+            "prompt": {"const": clauses[n - 1]}, "deps": deps},
+            "required": ["id", "agent", "prompt", "deps"], "additionalProperties": False}
+
+    most = min(COORDINATOR_TASKS[-1], len(clauses))
+    return {"type": "object", "properties": {"tasks": {"anyOf": [
+        {"type": "array", "prefixItems": [item(n) for n in range(1, count + 1)], "items": False}
+        for count in COORDINATOR_TASKS if count <= most]}},
+        "required": ["tasks"], "additionalProperties": False}
 
 
 def _waves(tasks: list[Task]) -> tuple[tuple[Task, ...], ...]:

@@ -101,6 +101,14 @@ def _agent_step(d: dict[str, Any]) -> str:
         return f"{d['cu']} CU, trade {d['trade']}, from results {','.join(map(str, d['inputs']))}"
     if step == "stop":
         return f"[{d['gate']}] {_short(d['reason'], 70)}"
+    if step == "route":
+        return f"{d['task']} → {d['lane']} by {d['method']}"
+    if step == "intent":
+        missing = f", missing {','.join(d['missing'][:5])}" if d["missing"] else ""
+        return (f"coverage {d['coverage_pm'] / 10:.0f} %{' FLAGGED' if d['flagged'] else ''}"
+                f"{missing}")
+    if step == "verification":
+        return f"{'ok' if d['ok'] else 'FAIL'} by {_short(d['source'], 40)}"
     return f"[{d['stage']}] {_short(d['reason'], 70)}"
 
 

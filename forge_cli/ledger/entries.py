@@ -478,11 +478,35 @@ AGENT_STEPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "stop": (frozenset({"gate", "reason", "spent_cu", "calls", "in_flight"}), frozenset()),
     "error": (frozenset({"stage", "reason", "body_sha256", "trade", "cu"}),
               frozenset({"body_sha256", "trade"})),
+    # issue 21: routing to roster lanes, the answer's intent coverage, its verification
+    "route": (frozenset({"task", "lane", "method", "category", "executor", "confidence_pm",
+                         "candidates", "threshold_pm", "margin_pm", "trade", "cu"}),
+              frozenset({"trade"})),
+    "intent": (frozenset({"method", "coverage_pm", "flagged", "terms", "missing", "judgment"}),
+               frozenset({"judgment"})),
+    "verification": (frozenset({"ok", "source", "detail", "seconds_ms"}), frozenset()),
 }
+# Keys a step may carry since issue 21 (entries written before it lack them); null allowed.
+AGENT_OPTIONAL: dict[str, frozenset[str]] = {
+    "request": frozenset({"max_seconds", "roster", "roster_sha256", "plan_only"}),
+    "plan": frozenset({"edges"}),
+    "task": frozenset({"lane", "tier", "executor"}),
+    "result": frozenset({"finish_reason", "executor_model", "seconds_ms", "prompt_tokens",
+                         "external_cost", "call_ok", "detail"}),
+    "verdict": frozenset({"score", "trade", "cu"}),
+    "answer": frozenset({"finish_reason", "failed", "seconds_ms"}),
+    "stop": frozenset({"seconds_ms"}),
+    "error": frozenset({"planner"}),
+}
+_AGENT_BOOLS = ("ok", "flagged", "call_ok", "plan_only")
+_AGENT_JSON = ("candidates", "edges", "missing", "failed", "external_cost", "judgment")
+MAX_AGENT_JSON = 16 * 1024
 _RUN_ID = re.compile(r"ag_[0-9a-f]{12}")
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _AGENT_INTS = ("budget_cu", "max_calls", "max_tokens", "tasks", "waves", "wave", "attempt", "cu", "max_cu",
-               "completion_tokens", "spent_cu", "calls", "in_flight", "trade", "reuse")
+               "completion_tokens", "spent_cu", "calls", "in_flight", "trade", "reuse",
+               "max_seconds", "confidence_pm", "threshold_pm", "margin_pm", "seconds_ms",
+               "prompt_tokens", "score", "coverage_pm", "terms")
 
 
 def _agent(data: dict[str, Any]) -> str | None:
@@ -490,15 +514,16 @@ def _agent(data: dict[str, Any]) -> str | None:
     if step not in AGENT_STEPS:
         return f"data.step must be one of {', '.join(AGENT_STEPS)}, found {step!r}"
     keys, nullable = AGENT_STEPS[step]
-    reason = _exact_keys(data, {"run", "step", *keys})
+    optional = AGENT_OPTIONAL.get(step, frozenset())
+    reason = _exact_keys(data, {"run", "step", *keys}, optional)
     if reason:
         return reason
     if not isinstance(data["run"], str) or not _RUN_ID.fullmatch(data["run"]):
         return "data.run must be 'ag_' and 12 hex digits"
-    for key in keys:
+    for key in [*keys, *(k for k in optional if k in data)]:
         value = data[key]
         if value is None:
-            if key not in nullable:
+            if key not in nullable and key not in optional:
                 return f"data.{key} must not be null in a {step} step"
         elif key in _AGENT_INTS:
             if type(value) is not int or value < 0:
@@ -525,12 +550,41 @@ def _agent(data: dict[str, Any]) -> str | None:
             if type(value) is not bool:
                 return "data.ok must be true or false"
         elif key == "planner":
-            if value not in ("file", "model", "resume"):
-                return f"data.planner must be file, model or resume, found {value!r}"
-        else:  # model, check, gate, stage, reason: short text
+            if value not in ("file", "model", "coordinator", "resume"):
+                return f"data.planner must be file, coordinator or resume, found {value!r}"
+        elif key in _AGENT_BOOLS:
+            if type(value) is not bool:
+                return f"data.{key} must be true or false"
+        elif key in _AGENT_JSON:
+            reason = _agent_json(key, value)
+        else:  # model, check, gate, stage, reason, lane, method, …: short text
             reason = _text(data, key)
         if reason:
             return reason
+    return None
+
+
+def _agent_json(key: str, value: Any) -> str | None:
+    """A structured value of an agent step (candidates, edges, missing terms, a judgment):
+    a list or an object of integers, text, booleans and nulls, bounded in size."""
+    if not isinstance(value, (list, dict)):
+        return f"data.{key} must be a list or an object"
+    stack: list[Any] = [value]
+    size = 0
+    while stack:
+        item = stack.pop()
+        size += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            size += sum(len(k) for k in item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            size += len(item)
+        elif item is not None and not isinstance(item, (bool, int)):
+            return f"data.{key} holds a {type(item).__name__}; only integers, text and booleans"
+        if size > MAX_AGENT_JSON:
+            return f"data.{key} is larger than {MAX_AGENT_JSON // 1024} KiB"
     return None
 
 
