@@ -5,7 +5,9 @@ prompt chunks of newly admitted ones (up to the context's n_batch), then each se
 samples from its own row of logits with its own sampler chain (its temperature, top-k/p,
 min-p, repeat penalty and seed); a plain greedy request (no penalty) takes the row's argmax
 itself, the first of equal maxima as llama.cpp's greedy sampler does, without the chain's copy
-of the whole vocabulary. A finished or cancelled sequence gives its slot and its KV cells back
+of the whole vocabulary. A sequence under a grammar (a JSON schema, tool calls) steps in the same
+batch: its draw is asked of its grammar and redrawn under the grammar's mask only when refused
+(`_constrained`). A finished or cancelled sequence gives its slot and its KV cells back
 before the next step; queued requests take free slots between steps, never more items than
 there were free slots, so live sequences step however much work keeps arriving. Requests come
 tokenized (by their callers): nothing here costs in proportion to a prompt's length but
@@ -71,7 +73,7 @@ class _Sequence:
     """One request in a slot: its prompt still to decode, its sampler, what it produced."""
 
     def __init__(self, job: Job, slot: int, tokens: list[int], budget: int, chain: Any,
-                 started: float) -> None:
+                 grammar: Any, started: float) -> None:
         self.job = job
         self.slot = slot
         self.prompt = tokens
@@ -80,6 +82,7 @@ class _Sequence:
         self.next = -1  # the last sampled token: decoded at the next step
         self.budget = budget
         self.chain = chain
+        self.grammar = grammar  # llama.cpp's grammar sampler, outside the chain (see _constrained)
         self.count = 0
         self.text = _Text(job.sampling.stop)
         self.parts: list[str] = []
@@ -96,7 +99,7 @@ class _Sequence:
 class _Scoring:
     """A scoring job in a slot: its tokens still to decode and the logit rows kept so far."""
 
-    chain = None
+    chain = grammar = None
 
     def __init__(self, job: Score, slot: int, n_vocab: int) -> None:
         import numpy as np
@@ -192,6 +195,14 @@ class Scheduler:
         self._lane = lane
         self._busy = False
         self._threads = (0, 0)
+        # llama_token_data {id, logit, p} for a constrained sequence's draws: the whole
+        # vocabulary, and one token (reused by every sequence; the scheduler samples in turn)
+        token_data = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        self._cand = np.zeros(self._n_vocab, dtype=token_data)
+        self._cand_ptr = self._cand.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+        self._ids = np.arange(self._n_vocab, dtype=np.int32)
+        self._one = np.zeros(1, dtype=token_data)
+        self._one_ptr = self._one.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -279,7 +290,7 @@ class Scheduler:
                 job.out.put(("done", Completion("", len(tokens), 0, "cancelled",
                                                 queued_s=started - job.submitted)))
                 return
-            chain = self._sampler(job.sampling, tokens)
+            chain, grammar = self._sampler(job.sampling, tokens)
         except ForgeError as exc:
             job.out.put(("error", exc))
             return
@@ -287,26 +298,25 @@ class Scheduler:
             job.out.put(("error", ModelError(f"generation failed: {exc}")))
             return
         budget = min(job.sampling.max_tokens, engine.n_ctx - len(tokens))
-        self._live.append(_Sequence(job, self._free.pop(), tokens, budget, chain, started))
+        self._live.append(_Sequence(job, self._free.pop(), tokens, budget, chain, grammar,
+                                    started))
 
-    def _sampler(self, s: Sampling, prompt: list[int]) -> Any:
-        """This request's own sampler chain: its grammar, penalties, then greedy or top-k →
-        top-p → min-p → temperature → a draw seeded by the request (the order llama-cpp-python
-        uses). None for plain greedy, which `_step` samples itself."""
-        if s.temperature == 0 and s.repeat_penalty == 1.0 and s.grammar is None:
-            return None
+    def _sampler(self, s: Sampling, prompt: list[int]) -> tuple[Any, Any]:
+        """This request's own sampler chain: penalties, then greedy or top-k → top-p → min-p
+        → temperature → a draw seeded by the request (the order llama-cpp-python uses); None
+        for plain greedy, which `_step` samples itself. And its grammar's sampler, or None."""
         lib = self._lib
-        params = lib.llama_sampler_chain_default_params()
-        params.no_perf = True
-        chain = lib.llama_sampler_chain_init(params)
+        grammar = None
         if s.grammar is not None:
-            # First: the tokens it forbids are gone before any other sampler ranks them.
             grammar = lib.llama_sampler_init_grammar(self._vocab, s.grammar.encode("utf-8"),
                                                      b"root")
             if not grammar:
-                lib.llama_sampler_free(chain)
                 raise UsageError("the request's grammar does not parse (llama.cpp refused it)")
-            lib.llama_sampler_chain_add(chain, grammar)
+        if s.temperature == 0 and s.repeat_penalty == 1.0:
+            return None, grammar
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = lib.llama_sampler_chain_init(params)
         penalties = None
         if s.repeat_penalty != 1.0:
             penalties = lib.llama_sampler_init_penalties(
@@ -325,7 +335,56 @@ class Scheduler:
         if penalties is not None:  # the penalty counts the prompt's tokens too (the grammar
             for token in prompt[-PENALTY_LAST_N:]:  # does not: it constrains the reply alone)
                 lib.llama_sampler_accept(penalties, token)
-        return chain
+        return chain, grammar
+
+    def _constrained(self, seq: _Sequence, row: int) -> int | None:
+        """The next token of a sequence under a grammar, as llama.cpp's own common sampler
+        does it: sample from the whole row, ask the grammar about that one token, and only
+        when it refuses mask the whole vocabulary with the grammar and sample again. Asking
+        about one token is cheap; masking ~50k costs a few ms a token, which the model's own
+        choice usually spares. Greedy picks exactly what masking first would (the best token,
+        if allowed, is the best allowed one); a draw is from the same allowed tokens within
+        the same top-k/min-p bounds the auditor checks. None: the grammar allows no token."""
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, row),
+                                       shape=(self._n_vocab,))
+        token = self._pick(seq.chain, logits, None)
+        one = self._one
+        one["id"][0], one["logit"][0], one["p"][0] = token, 0.0, 0.0
+        lib.llama_sampler_apply(seq.grammar, ctypes.byref(
+            lib.llama_token_data_array(self._one_ptr, 1, -1, False)))
+        if one["logit"][0] != 0.0:  # refused (set to -inf): mask everything and draw again
+            token = self._pick(seq.chain, logits, seq.grammar)
+            if token is None:
+                return None
+        lib.llama_sampler_accept(seq.grammar, token)
+        if seq.chain is not None:
+            lib.llama_sampler_accept(seq.chain, token)
+        return token
+
+    def _pick(self, chain: Any, logits: Any, grammar: Any) -> Any:
+        """A token drawn by `chain` (the row's argmax when None) from `logits`, after
+        `grammar` masked them if given; None when the grammar left no token."""
+        lib = self._lib
+        cand = self._cand
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        array = lib.llama_token_data_array(self._cand_ptr, self._n_vocab, -1, False)
+        if grammar is not None:
+            lib.llama_sampler_apply(grammar, ctypes.byref(array))
+        if chain is None:  # greedy: the first of equal maxima, as the free path takes it
+            best = int(cand["logit"].argmax())
+            if grammar is not None and not np.isfinite(cand["logit"][best]):
+                return None
+            return int(cand["id"][best])
+        lib.llama_sampler_apply(chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            return None
+        chosen = array.data[array.selected]
+        if grammar is not None and not np.isfinite(chosen.logit) and chosen.logit < 0:
+            return None
+        return int(chosen.id)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -385,7 +444,13 @@ class Scheduler:
                 except Exception as exc:  # the caller's code: it must not fail the others
                     job.error = job.error or exc
         for seq, row in rows:
-            if seq.chain is None:
+            if seq.grammar is not None:
+                picked = self._constrained(seq, row)
+                if picked is None:  # nothing the grammar allows: the reply ends here
+                    self._finish(seq, "stop")
+                    continue
+                token = picked
+            elif seq.chain is None:
                 logits = lib.llama_get_logits_ith(self._ctx, row)
                 token = int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
             else:
@@ -437,6 +502,8 @@ class Scheduler:
         self._lib.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
         if seq.chain is not None:
             self._lib.llama_sampler_free(seq.chain)
+        if seq.grammar is not None:
+            self._lib.llama_sampler_free(seq.grammar)
         self._free.append(seq.slot)
 
     def _finish(self, seq: _Sequence | _Scoring, reason: str) -> None:
