@@ -39,9 +39,10 @@ class FreeEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def chat(self, messages: Any, sampling: Any, *, block: bool = True) -> Any:
+    def chat(self, messages: Any, sampling: Any, *, tools: Any = None,
+             block: bool = True) -> Any:
         return self._engine.chat(messages, dataclasses.replace(sampling, grammar=None),
-                                 block=block)
+                                 tools=tools, block=block)
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,10 @@ class DoctoredEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    def chat(self, messages: Any, sampling: Any, *, block: bool = True) -> Any:
+    def chat(self, messages: Any, sampling: Any, *, tools: Any = None,
+             block: bool = True) -> Any:
         fewer = dataclasses.replace(sampling, max_tokens=max(1, sampling.max_tokens - SHORT_BY))
-        done = self._engine.chat(messages, fewer, block=block).result()
+        done = self._engine.chat(messages, fewer, tools=tools, block=block).result()
         pieces = [done.text]
         if self.cheat == "pad":
             pad = [self.rng.randrange(0x20, 0x7F) for _ in range(SHORT_BY)]

@@ -236,17 +236,19 @@ def test_an_agent_task_naming_a_peers_model_is_bought_from_that_peer(nodes, tmp_
          str(tmp_path / "plan.json"), "--max-tokens", "5", "--mode", "cost", "--json", "go"],
         capture_output=True, text=True, cwd=REPO, timeout=120,
         env=forge_env(tmp_path / "b", FORGE_NODE=b.url))
-    assert done.returncode == 0, done.stderr
+    # The tiny model never ends a reply, so the judge fails each 5-token result as cut at
+    # max_tokens and the run ends failed: what is bought, and from whom, is the point here.
+    assert done.returncode == 1 and "cut at max_tokens" in done.stderr, done.stderr
     run = json.loads(done.stdout)["run"]
     steps = [e for e in entries_of(tmp_path / "b", "agent") if e.data["run"] == run]
     far = next(e for e in steps if e.data["step"] == "result" and e.data["task"] == "far")
-    near = next(e for e in steps if e.data["step"] == "result" and e.data["task"] == "near")
-    assert far.data["model"] == tiny_gguf.name and near.data["model"] == other.name
-    # The far task was a peer-to-peer purchase: a's ledger holds it, bought by b's node.
-    [p2p] = [e.data for e in entries_of(tmp_path / "a", "trade")]
-    assert p2p["terms"]["consumer"] == health(b)["node_id"]
-    assert p2p in [e.data for e in entries_of(tmp_path / "b", "trade")]
-    assert far.data["cu"] == p2p["terms"]["cu"]  # ann paid b what b paid a
+    assert far.data["model"] == tiny_gguf.name
+    # Every turn of the far task was a peer-to-peer purchase: a's ledger holds each, bought by
+    # b's node, and b's holds the same trades.
+    p2p = [e.data for e in entries_of(tmp_path / "a", "trade")]
+    assert p2p and all(t["terms"]["consumer"] == health(b)["node_id"] for t in p2p)
+    assert all(t in [e.data for e in entries_of(tmp_path / "b", "trade")] for t in p2p)
+    assert far.data["cu"] == p2p[0]["terms"]["cu"]  # ann paid b what b paid a
 
 
 def test_a_seller_judges_a_stranger_by_its_network_view_of_what_it_spent_elsewhere(nodes,
