@@ -99,6 +99,10 @@ class Embeddings:
         return self.queued_s + self.embed_s
 
     @property
+    def tokens_per_s(self) -> float:  # nothing is generated
+        return 0.0
+
+    @property
     def body(self) -> bytes:
         """The vectors as little-endian float32, one after another: exactly the numbers
         returned (base64 carries these bytes), and what a trade's response hash commits to."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
-from forge_cli.errors import UsageError
+from forge_cli.errors import StorageError, UsageError
 from forge_cli.ledger import entries, queries, views
 from forge_cli.mesh.protocol import MODES, rank
 from forge_cli.node import routes_mesh
@@ -73,7 +73,10 @@ async def network(request: web.Request) -> web.Response:
     view = await asyncio.to_thread(node.network.summary)
     volume = queries.trade_volume(node.reader)
     note = await node.on_ledger(node.ledger.checkpoint)  # reused while the size is the same
-    size, root, _, vkey = node.ledger.latest_checkpoint()
+    latest = node.ledger.latest_checkpoint()
+    if latest is None:  # checkpoint() just wrote one
+        raise StorageError("the ledger holds no checkpoint after writing one")
+    size, root, _, vkey = latest
     # `trades` and `root` are the network view's (every verified trade, ours and gossiped);
     # `merkle_root` and `ledger_trades` are this node's own ledger.
     return web.json_response({

@@ -73,8 +73,10 @@ async def embed(request: web.Request, who: Who, inputs: list[str], model: str | 
     node = request.app[NODE]
     texts = checked_inputs(inputs)
     served = node.model(model)
+    from forge_cli.inference.engine import Engine
+
     engine = served.engine
-    if not callable(getattr(engine, "embed_tokens", None)):
+    if not isinstance(engine, Engine):
         raise UsageError(f"{served.name} runs split across machines here; it makes no "
                          "embeddings", hint="ask a node that runs the whole model")
     tokens = await node.offload(lambda: engine.embedding_tokens(texts))

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 
 def _gossip(node: Node) -> Gossip:
-    if getattr(node, "gossip", None) is None:
+    if node.gossip is None:
         raise MeshNotRunning("gossip runs only on a node in the mesh",
                              hint="start it with `forge node --mesh` or `forge seed`")
     return node.gossip

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from forge_cli.errors import NotFound
+from forge_cli.errors import NotFound, StorageError
 from forge_cli.node.web import NODE, Route, bad_request, int_query
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ async def checkpoint(request: web.Request) -> web.Response:
     node: Node = request.app[NODE]
     text = await node.on_ledger(node.ledger.checkpoint)
     latest = node.ledger.latest_checkpoint()
+    if latest is None:  # checkpoint() just wrote one
+        raise StorageError("the ledger holds no checkpoint after writing one")
     return web.json_response({"size": latest[0], "root": latest[1].hex(), "note": text,
                               "vkey": latest[3]})
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from forge_cli.errors import ForgeError, KillSwitchActive
+from forge_cli.errors import ForgeError, KillSwitchActive, ModelError
 from forge_cli.inference.requests import parse_messages, parse_sampling, parse_tools
 from forge_cli.mesh.audit import commit_sampling
 from forge_cli.node.throttle import Sender
@@ -73,11 +73,15 @@ async def _sell(request: web.Request, sender: Sender) -> web.StreamResponse:
                 raise KillSwitchActive("kill switch: activated while this reply was "
                                        "generating; nothing is charged")
             completion = await session.finish()
+            if completion is None:  # the engine's stream always ends in one
+                raise ModelError("the engine ended the reply without a completion")
             # The running count ends at the total: tokens held back (a stop sequence, an
             # unfinished character) are billed, so the consumer is told of them first.
             await response.write(sse({"text": "", "tokens": completion.completion_tokens}))
             session.told(completion.completion_tokens)
             await session.settle()
+            if sale.data is None:  # settle() signed the terms into it
+                raise ModelError("the sale settled without signed terms")
             await response.write(sse({**sale.data, "tokens": sale.ids}))
             terms_sent = True
     except ForgeError as exc:  # the consumer hears why, and pays nothing

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from forge_cli import errors
 from forge_cli.node.web import NODE, OPENAPI, Route
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     events.MAX_SUBSCRIBERS at once (429 past it); a subscriber that stops reading is dropped
     once a write waits WRITE_TIMEOUT_S."""
     node: Node = request.app[NODE]
+    if node.events is None:  # attached by Node.start, before the app serves a request
+        raise errors.ModelError("the node's event feed is not running yet; try again shortly")
     with node.events.subscribe() as feed:  # FeedFull before a byte of the stream is sent
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})

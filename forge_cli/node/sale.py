@@ -169,13 +169,15 @@ async def open_sale(request: web.Request, who: Who, body: dict[str, Any], *,
     session = node.buyer_session(who, model=model, max_tokens=checked.sampling.max_tokens,
                                  request=checked.request)
 
+    messages, prompt = checked.messages, checked.prompt or ""
+
     async def start() -> Source:
-        if chat:
+        if messages is not None:
             return await node.pump(
-                lambda: model.engine.chat(checked.messages, checked.sampling,
-                                          tools=checked.tools, block=False))
+                lambda: model.engine.chat(messages, checked.sampling, tools=checked.tools,
+                                          block=False))
         return await node.pump(
-            lambda: model.engine.generate(checked.prompt, checked.sampling, block=False))
+            lambda: model.engine.generate(prompt, checked.sampling, block=False))
 
     return Sale(node, checked, session, start, model.name, None)
 

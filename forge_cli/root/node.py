@@ -17,12 +17,31 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from forge_cli import identity
 from forge_cli.errors import ForgeError, SelfTrade, UnknownModel
 from forge_cli.ledger import entries, views
 from forge_cli.trade.session import Partial, Pump, Settle, Settled, TradeSession
+
+if TYPE_CHECKING:
+    from forge_cli.economy.accounts import Accounts, Resolved
+    from forge_cli.economy.lending import Lending
+    from forge_cli.economy.pricing import Market
+    from forge_cli.economy.safety import Safety
+    from forge_cli.inference.engine import Engine
+    from forge_cli.ledger.store import Ledger
+    from forge_cli.mesh.audit import Auditor
+    from forge_cli.mesh.buyer import Buyer
+    from forge_cli.mesh.discovery import Mesh
+    from forge_cli.mesh.gossip import Gossip
+    from forge_cli.mesh.network import NetworkView
+    from forge_cli.mesh.seller import Sales
+    from forge_cli.node.events import EventBus
+    from forge_cli.rpc.split import SplitEngine
+    from forge_cli.trade.seams import Offer
+    from forge_cli.trade.session import Completion
+    from forge_cli.trade.wallet import Wallet
 
 T = TypeVar("T")
 
@@ -30,7 +49,7 @@ T = TypeVar("T")
 @dataclass
 class LoadedModel:
     name: str
-    engine: Any  # forge_cli.inference.engine.Engine
+    engine: Engine | SplitEngine
     sha256: str
     params: int
     path: Path | None
@@ -43,8 +62,9 @@ class LoadedModel:
 class Node:
     """What a node is and does; the routes (forge_cli.node) are a thin HTTP skin over it."""
 
-    def __init__(self, *, home: Path, ledger: Any, reader: Any, signer: identity.Identity,
-                 models: list[LoadedModel], accounts: Any, operator_token: str, safety: Any,
+    def __init__(self, *, home: Path, ledger: Ledger, reader: Ledger, signer: identity.Identity,
+                 models: list[LoadedModel], accounts: Accounts, operator_token: str,
+                 safety: Safety,
                  clock: Callable[[], int], ledger_thread: ThreadPoolExecutor,
                  settle_ms: int = 30_000, max_unsettled: int = 3,
                  audit_every: int = 20, rechecks_per_minute: int = 2,
@@ -73,16 +93,16 @@ class Node:
         self.settle_ms = settle_ms  # how long a peer consumer has to countersign
         self.max_unsettled = max_unsettled  # sales a peer may leave uncountersigned here
         # Wired by build_node; `start` attaches events and sales once the event loop runs.
-        self.wallet: Any = None  # forge_cli.trade.wallet.Wallet
-        self.lending: Any = None  # forge_cli.economy.lending.Lending
-        self.markets: dict[str, Any] = {}
-        self.network: Any = None  # forge_cli.mesh.network.NetworkView
-        self.mesh: Any = None  # forge_cli.mesh.discovery.Mesh, with `forge node --mesh`
-        self.gossip: Any = None  # forge_cli.mesh.gossip.Gossip, with `forge node --mesh`
-        self.sales: Any = None  # forge_cli.mesh.seller.Sales: what peers buy from this node
-        self.buyer: Any = None  # forge_cli.mesh.buyer.Buyer: what this node buys from peers
+        self.wallet: Wallet = None  # type: ignore[assignment]  # build_node sets it next
+        self.lending: Lending = None  # type: ignore[assignment]  # build_node sets it next
+        self.markets: dict[str, Market] = {}
+        self.network: NetworkView = None  # type: ignore[assignment]  # build_node sets it next
+        self.mesh: Mesh | None = None  # with `forge node --mesh`
+        self.gossip: Gossip | None = None  # with `forge node --mesh`
+        self.sales: Sales = None  # type: ignore[assignment]  # start() sets it: what peers buy here
+        self.buyer: Buyer | None = None  # what this node buys from peers
         self.auditor = self._auditor(audit_every, rechecks_per_minute, recheck_queue)
-        self.events: Any = None  # EventBus, attached once the event loop runs
+        self.events: EventBus | None = None  # attached once the event loop runs
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -125,7 +145,7 @@ class Node:
         if self.events is not None:
             self.events.close()
 
-    def _auditor(self, every: int, rechecks_per_minute: int, recheck_queue: int) -> Any:
+    def _auditor(self, every: int, rechecks_per_minute: int, recheck_queue: int) -> Auditor:
         """Audits of this node's purchases, and disputes from peers (forge_cli.mesh.audit)."""
         from forge_cli.ledger import queries
         from forge_cli.mesh.audit import Auditor
@@ -138,7 +158,7 @@ class Node:
                        rechecks_per_minute=rechecks_per_minute, recheck_queue=recheck_queue,
                        counted=lambda outcome: self.metrics.rechecks.labels(outcome).inc())
 
-    def engine_for(self, model_sha256: str) -> Any:
+    def engine_for(self, model_sha256: str) -> Engine | SplitEngine | None:
         """This node's engine for the GGUF of that SHA-256, or None."""
         return next((m.engine for m in self.models.values() if m.sha256 == model_sha256), None)
 
@@ -161,7 +181,7 @@ class Node:
         return await AsyncClient(url, timeout=60, session=session).post(
             "/v1/forge/audit/dispute", payload)
 
-    def peer_buyer(self) -> Any:
+    def peer_buyer(self) -> Buyer:
         """The node's buyer on the mesh: its own account in its wallet, one HTTP session."""
         if self.buyer is None:
             import aiohttp
@@ -224,7 +244,7 @@ class Node:
                                f"{', '.join(sorted(self.models))}")
         return found
 
-    def price(self, model: Any) -> int:
+    def price(self, model: Offer) -> int:
         """The current price (reading it changes nothing)."""
         return self.markets[model.name].price_ucu(model.params)
 
@@ -233,7 +253,7 @@ class Node:
         return [{"model": m.name, "sha256": m.sha256[:16], "params": m.params,
                  "price_ucu_per_token": self.price(m)} for m in self.models.values()]
 
-    def supply(self, model: Any) -> int:
+    def supply(self, model: Offer) -> int:
         """Providers of this model: this node, plus trusted mesh peers offering the same GGUF
         (matched by its sha256 prefix, as they advertise it)."""
         if self.mesh is None:
@@ -242,7 +262,7 @@ class Node:
         return 1 + sum(1 for peer in self.mesh.trusted_peers()
                        if any(o.sha256 and prefix.startswith(o.sha256) for o in peer.offers))
 
-    def quote(self, model: Any) -> int:
+    def quote(self, model: Offer) -> int:
         """The price for a request arriving now: demand (queued + running) moves the market.
         Only a request that passed validation is quoted, so a rejected one moves nothing."""
         market = self.markets.get(model.name)
@@ -263,7 +283,7 @@ class Node:
             self.events.publish("activity", {"in_flight": self.in_flight,
                                              "last_reply": self.last_reply})
 
-    def session(self, *, account: str, label: str, model: Any, max_tokens: int, request: bytes,
+    def session(self, *, account: str, label: str, model: Offer, max_tokens: int, request: bytes,
                 settle: Settle | None = None, price: int | None = None, peer: bool = False,
                 charge: bool = True, partial: Partial = "produced",
                 hint: str | None = None) -> TradeSession:
@@ -273,7 +293,7 @@ class Node:
                             settle=settle or self.local_trade, price=price, peer=peer,
                             charge=charge, partial=partial, hint=hint)
 
-    def buyer_session(self, who: Any, *, model: Any, max_tokens: int, request: bytes,
+    def buyer_session(self, who: Resolved, *, model: Offer, max_tokens: int, request: bytes,
                       price: int | None = None, settle: Settle | None = None,
                       hint: str | None = None) -> TradeSession:
         """A purchase by a local account (an agent's token), refused for the operator."""
@@ -287,7 +307,8 @@ class Node:
                             max_tokens=max_tokens, request=request, price=price,
                             settle=settle, hint=hint)
 
-    async def local_trade(self, session: TradeSession, completion: Any) -> Settled:
+    async def local_trade(self, session: TradeSession, completion: Completion | None
+                          ) -> Settled:
         """Sign (as provider, and with the consumer's key from the keystore) and record the
         trade for the tokens produced; nothing is recorded for none."""
         assert session.price is not None
@@ -299,20 +320,25 @@ class Node:
         self.counted(settled, session.model.name, completion)
         return settled
 
-    async def embeddings_trade(self, session: TradeSession, completion: Any) -> Settled:
+    async def embeddings_trade(self, session: TradeSession, completion: Completion | None
+                               ) -> Settled:
         """Record an embeddings trade (`entries.SERVICES`): the input tokens billed at the
         session's price, the vectors' float32 bytes as its response; nothing for no vectors.
         The completion is the engine's `Embeddings`."""
+        from forge_cli.inference.jobs import Embeddings
+
         assert session.price is not None
         if completion is None or not completion.prompt_tokens:
             return Settled(0, session.price, 0, None)
+        if not isinstance(completion, Embeddings):
+            raise TypeError(f"an embeddings trade settles Embeddings, not {completion!r}")
         entry = await self.on_ledger(self._record_trade, session, completion,
                                      service="embeddings", response=completion.body)
         settled = Settled(entry.data["terms"]["cu"], session.price, 0, entry.seq)
         self.counted(settled, session.model.name, completion)
         return settled
 
-    def _record_trade(self, session: TradeSession, completion: Any, *,
+    def _record_trade(self, session: TradeSession, completion: Completion, *,
                       service: str | None = None, response: bytes | None = None
                       ) -> entries.Entry:
         consumer = self.accounts.signer_for(session.account)
@@ -337,7 +363,7 @@ class Node:
                 "consumer_sig": consumer.sign(message).hex()}
         return self.wallet.record_trade(data, [session.request, response], hold=session.hold)
 
-    def counted(self, settled: Settled, model: str, completion: Any) -> None:
+    def counted(self, settled: Settled, model: str, completion: Completion | None) -> None:
         """Metrics for a trade this node recorded."""
         self.metrics.trades.labels(model).inc()
         self.metrics.cu_earned.inc(settled.cu)
@@ -346,7 +372,7 @@ class Node:
             self.metrics.tokens.labels("prompt").inc(completion.prompt_tokens)
             self.metrics.tokens.labels("completion").inc(completion.completion_tokens)
 
-    def observe(self, completion: Any) -> None:
+    def observe(self, completion: Completion | None) -> None:
         """Timing metrics of a generation that produced something."""
         if completion is not None and completion.completion_tokens:
             self.metrics.ttft.observe(completion.time_to_first_token_s)

@@ -384,6 +384,10 @@ class SplitEngine:
                  block: bool = True) -> SplitStream:
         return self._submit("generate", block, prompt, sampling, add_bos)
 
+    def check_grammar(self, grammar: str) -> None:
+        """Nothing to check here: the child holds the vocabulary, and a grammar llama.cpp
+        refuses fails its request there (a 400) before a token is made or charged."""
+
     def _cancel(self, job: _Job) -> None:
         with self._lock:  # still waiting for the engine to wake: it never reaches the child
             waiting = [msg for msg in self._pending if msg[1] == job.id]

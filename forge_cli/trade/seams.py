@@ -9,9 +9,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from forge_cli.economy.accounts import Resolved
     from forge_cli.identity import Identity
+    from forge_cli.inference.jobs import Sampling
     from forge_cli.ledger.entries import Entry
     from forge_cli.trade.offers import Directory, Seller
-    from forge_cli.trade.session import Partial, Settle, Settled, Source, TradeSession
+    from forge_cli.trade.session import (
+        Completion,
+        Partial,
+        Settle,
+        Settled,
+        Source,
+        TradeSession,
+    )
     from forge_cli.trade.wallet import Wallet
 
 T = TypeVar("T")
@@ -31,17 +39,22 @@ class Offer(Protocol):
 
 
 class Engine(Protocol):
-    n_ctx: int
+    @property
+    def n_ctx(self) -> int: ...
 
     def check_prompt_bytes(self, size: int, what: str = ...) -> None: ...
 
-    def chat(self, messages: list[dict[str, str]], sampling: Any, *, block: bool = ...) -> Any: ...
+    # -> Any: the engine's Stream (forge_cli.inference.engine), which only Node.pump walks, on a
+    # thread of its own; trade/ hands it over and never reads it.
+    def chat(self, messages: list[dict[str, Any]], sampling: Sampling, *,
+             block: bool = ...) -> Any: ...
 
 
 class Served(Offer, Protocol):
     """A model this node runs."""
 
-    engine: Engine
+    @property
+    def engine(self) -> Engine: ...
 
 
 class Breakers(Protocol):
@@ -101,7 +114,9 @@ class Node(Desk, Protocol):
     # Any: the values are root's LoadedModel (above trade/), and a dict's value type is
     # invariant, so `Served` would not accept it; read one through `model(name)`, typed Served.
     models: dict[str, Any]
-    mesh: Directory | None  # forge_cli.mesh.discovery.Mesh, or None without --mesh
+    @property
+    def mesh(self) -> Directory | None: ...  # forge_cli.mesh.discovery.Mesh; None without --mesh
+
     # Any: the verified network view (forge_cli.mesh.network.NetworkView) is read only by the
     # mesh's own seller, and trade/ names no mesh module, not even for a type.
     network: Any
@@ -110,6 +125,7 @@ class Node(Desk, Protocol):
 
     def price(self, model: Offer) -> int: ...
 
+    # Any: `start` returns the engine's Stream, as Engine.chat above does.
     async def pump(self, start: Callable[[], Any]) -> Source: ...
 
     def session(self, *, account: str, label: str, model: Offer, max_tokens: int,
@@ -137,9 +153,9 @@ class Node(Desk, Protocol):
 
     def peer_buyer(self) -> PeerBuyer: ...
 
-    def observe(self, completion: Any) -> None: ...
+    def observe(self, completion: Completion | None) -> None: ...
 
-    def counted(self, settled: Settled, model: str, completion: Any) -> None: ...
+    def counted(self, settled: Settled, model: str, completion: Completion | None) -> None: ...
 
 
 __all__ = ["Bought", "Breakers", "Desk", "Engine", "Node", "Offer", "PeerBuyer", "Served"]

@@ -71,8 +71,13 @@ class Completion(Protocol):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    time_to_first_token_s: float
     generation_s: float
+
+    @property
+    def time_to_first_token_s(self) -> float: ...
+
+    @property
+    def tokens_per_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
