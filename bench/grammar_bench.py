@@ -6,12 +6,13 @@ each costs.
 
 Each round generates the same prompt twice through the engine as a sale runs it (committed
 sampling, greedy): once free, once under a JSON-schema grammar whose one string field lets the
-model write on until max_tokens (the engine draws, asks llama.cpp's grammar sampler about that one
-token, and masks the whole vocabulary only when the grammar refuses it). Then `forge_cli.mesh.audit.audit` checks each reply on the same
-engine: one teacher-forced prefill, plus, for the constrained one, the grammar stepped along
-the ids. The two kinds alternate within each round (which goes first alternates too), so both
-see the same machine load; the medians over rounds are printed with the load average beside
-each round. An honest reply that fails its audit is a false dispute: the script exits 1.
+model write on until max_tokens (the engine draws, asks llama.cpp's grammar sampler about that
+one token, and masks the whole vocabulary only when the grammar refuses it). Then
+`forge_cli.mesh.audit.audit` checks each reply on the same engine: one teacher-forced prefill,
+plus, for the constrained one, the grammar stepped along the ids. The two kinds alternate within
+each round (which goes first alternates too), so both see the same machine load; the medians
+over rounds are printed with the load average beside each round. An honest reply that fails its
+audit is a false dispute: the script exits 1.
 """
 
 from __future__ import annotations
