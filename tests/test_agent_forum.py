@@ -4,6 +4,7 @@ intent check, listing and comparing runs, and tamper shown by `agent show`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from forge_cli import canonical
 from forge_cli.agents import judge, roster
 from forge_cli.agents.plan import coordinator_schema, parts
 from forge_cli.agents.run import upstream
@@ -285,6 +287,12 @@ def test_roster_with_a_command_another_forge_node_and_anthropic_witnesses_every_
     with Ledger.open_reader(b.home / "ledger.db") as book:
         trade = book.entry(cost["trade"])
     assert trade.kind == "trade" and trade.data["terms"]["cu"] == cost["cu"] > 0
+    # ... and the same signed trade is held in A's ledger, as a body of the result entry.
+    with Ledger.open_reader(a.home / "ledger.db") as book:
+        held = book.body(results["T3"].fields["bodies"][1])
+    assert hashlib.sha256(held).hexdigest() == remote["external_trade_sha256"]
+    assert canonical.decode(held) == trade.data
+    assert tasks["T3"]["external_trade_sha256"] == remote["external_trade_sha256"]
 
     # Anthropic's Messages API (a loopback stand-in): the key, the version, the reply.
     [sent] = [s for s in StandIn.seen if s["body"]["messages"][0]["content"].endswith(

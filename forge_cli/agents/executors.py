@@ -10,6 +10,7 @@ against --max-seconds. Replies are read with a size cap through the one JSON par
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,12 +38,19 @@ class External:
     cost: dict[str, Any] | None = None  # as the provider states it ({"cu": 12, "trade": 7})
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Another forge node's dual-signed trade for this call (canonical JSON of the entry's data:
+    # terms and both signatures, checked here), kept as a body of the run's result entry, so
+    # the trade is in this node's ledger as well as the seller's.
+    trade_record: bytes | None = None
 
     def witness(self) -> dict[str, Any]:
         """What the run's `result` entry records of the call (integers and text only)."""
+        held = ({"external_trade_sha256": hashlib.sha256(self.trade_record).hexdigest()}
+                if self.trade_record is not None else {})
         return {"executor_model": self.model, "finish_reason": self.finish_reason,
                 "seconds_ms": self.seconds_ms, "prompt_tokens": self.prompt_tokens,
-                "external_cost": self.cost, "call_ok": self.ok, "detail": self.detail[:300]}
+                "external_cost": self.cost, "call_ok": self.ok, "detail": self.detail[:300],
+                **held}
 
 
 async def call(lane: Lane, system: str, instruction: str, max_tokens: int,
@@ -137,9 +145,43 @@ async def _openai(lane: Lane, system: str, instruction: str, max_tokens: int) ->
         cost = {"cu": wire.finite_int(forge.get("cu_cost")),
                 "trade": wire.finite_int(forge.get("trade_seq"))}
     finish = "length" if choice.get("finish_reason") == "length" else "stop"
-    return External(status == 200, text, f"openai:{value.get('model') or lane.model}"[:120],
-                    finish, 0, wire.finite_int(usage.get("prompt_tokens")),
-                    wire.finite_int(usage.get("completion_tokens")), cost)
+    out = External(status == 200, text, f"openai:{value.get('model') or lane.model}"[:120],
+                   finish, 0, wire.finite_int(usage.get("prompt_tokens")),
+                   wire.finite_int(usage.get("completion_tokens")), cost)
+    if cost is not None and cost["trade"] is not None and cost["cu"] is not None:
+        out.trade_record, why = await _forge_trade(lane.base_url, headers, cost["trade"],
+                                                   cost["cu"])
+        if why:
+            out.detail = f"the seller's trade is not held here: {why}"
+    return out
+
+
+async def _forge_trade(base_url: str, headers: dict[str, str], seq: int, cu: int
+                       ) -> tuple[bytes | None, str]:
+    """The trade entry a forge seller says it recorded for this call (GET its ledger entry),
+    held only when both signatures check over its terms and it bills what `x_forge` stated:
+    its canonical JSON, or None and why not."""
+    import aiohttp
+
+    from forge_cli import canonical, identity
+    from forge_cli.ledger import entries
+
+    url = f"{base_url.rstrip('/')}/forge/ledger/entry/{seq}"
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as reply:
+            raw = await reply.content.read(MAX_OUTPUT + 1)
+        value = wire.parse(raw, limit=MAX_OUTPUT, what=f"entry {seq} from {url}")
+        data = value["entry"]["data"]
+        terms = data["terms"]
+        message = entries.trade_message(terms)
+        signed = (value["entry"]["kind"] == "trade" and terms["cu"] == cu
+                  and identity.verify_hex(terms["provider"], message, data["provider_sig"])
+                  and identity.verify_hex(terms["consumer"], message, data["consumer_sig"]))
+    except (OSError, ValueError, KeyError, TypeError, wire.BadJSON) as exc:
+        return None, f"entry {seq} could not be read ({type(exc).__name__}: {exc})"[:200]
+    if not signed:
+        return None, f"entry {seq} is not a trade of {cu} CU signed by both sides"
+    return canonical.encode(data), ""
 
 
 async def _anthropic(lane: Lane, system: str, instruction: str, max_tokens: int) -> External:

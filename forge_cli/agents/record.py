@@ -152,6 +152,8 @@ def summarize(ledger: Any, run: str) -> dict[str, Any]:
                         result=read.text(data["result_sha256"], seq, "result"))
             if data.get("external_cost") is not None:
                 task["external_cost"] = data["external_cost"]
+            if data.get("external_trade_sha256") is not None:  # the seller's signed trade, held
+                task["external_trade_sha256"] = data["external_trade_sha256"]
         elif step == "verdict":
             task = tasks[data["task"]]
             task["cu"] += data.get("cu", 0)

@@ -660,11 +660,13 @@ async def _task(run: Run, request: str, task: plans.Task, lane: rosters.Lane, wa
                 text, finish, tokens = ext.text, ext.finish_reason, ext.completion_tokens or 0
                 witness = {"trade": None, "cu": 0, **ext.witness()}
                 model_name = ext.model
+                held = (ext.trade_record,) if ext.trade_record is not None else ()
             else:
                 call = await run.call(model, messages, max_tokens, f"task {task.id!r}", opened)
                 text, finish, tokens = call.text, call.finish_reason, call.tokens
                 witness = {"trade": call.trade, "cu": call.cu, "finish_reason": finish}
-        result = await run.record("result", started["seq"], bodies=(text.encode(),),
+                held = ()
+        result = await run.record("result", started["seq"], bodies=(text.encode(), *held),
                                   task=task.id, model=model_name, completion_tokens=tokens,
                                   result_sha256=_sha(text), **witness)
         if model is None and not witness["call_ok"]:

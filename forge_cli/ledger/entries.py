@@ -492,7 +492,7 @@ AGENT_OPTIONAL: dict[str, frozenset[str]] = {
     "plan": frozenset({"edges"}),
     "task": frozenset({"lane", "tier", "executor"}),
     "result": frozenset({"finish_reason", "executor_model", "seconds_ms", "prompt_tokens",
-                         "external_cost", "call_ok", "detail"}),
+                         "external_cost", "call_ok", "detail", "external_trade_sha256"}),
     "verdict": frozenset({"score", "trade", "cu"}),
     "answer": frozenset({"finish_reason", "failed", "seconds_ms"}),
     "stop": frozenset({"seconds_ms"}),
