@@ -29,6 +29,15 @@ from tests.node_harness import NodeProcess
 README_REQUEST = "Write a short README intro for a CLI tool and list three risks"
 LONG = "import sys; print('\\n'.join(f'line {i:04d} of the long output' for i in range(300)))"
 ECHO = "import sys; print(sys.argv[-1])"
+# One lane: a command that prints its instruction.
+ECHO_ROSTER = f"""[[agent]]
+name = "echo"
+category = "engineering"
+domain = "commands"
+keywords = ["echo"]
+executor = "subprocess"
+argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(ECHO)}]
+"""
 
 
 def forge(home: Path, url: str | None, *args: str, timeout: float = 120,
@@ -394,14 +403,7 @@ def test_a_configured_verifier_checks_the_answer_and_is_witnessed(pair, tmp_path
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"tasks": [{"id": "T1", "prompt": "x", "agent": "echo"}]}))
     lanes = tmp_path / "roster.toml"
-    lanes.write_text(f"""[[agent]]
-name = "echo"
-category = "engineering"
-domain = "commands"
-keywords = ["echo"]
-executor = "subprocess"
-argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(ECHO)}]
-""")
+    lanes.write_text(ECHO_ROSTER)
     try:
         done = forge(a.home, a.url, "agent", "run", "--account", "ops", "--roster", str(lanes),
                      "--plan", str(plan), "-n", "8", "--json", "verify me",
@@ -424,14 +426,7 @@ def two_runs(pair, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     a, _ = pair
     folder = tmp_path_factory.mktemp("two-runs")
     lanes = folder / "roster.toml"
-    lanes.write_text(f"""[[agent]]
-name = "echo"
-category = "engineering"
-domain = "commands"
-keywords = ["echo"]
-executor = "subprocess"
-argv = [{json.dumps(sys.executable)}, "-c", {json.dumps(ECHO)}]
-""")
+    lanes.write_text(ECHO_ROSTER)
     out = []
     for tasks in (1, 2):
         plan = folder / f"plan{tasks}.json"

@@ -163,6 +163,17 @@ def response_grammar(body: dict[str, Any]) -> str | None:
                       f"found {json.dumps(kind)[:40]}")
 
 
+def role_of(message: Any, where: str) -> str:
+    """A chat message's role, checked: the message is an object and its role one of ROLES."""
+    if not isinstance(message, dict):
+        raise bad_request(f"{where} must be an object")
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, found "
+                          f"{json.dumps(role)[:40]}")
+    return str(role)
+
+
 def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The chat messages in OpenAI's shape: roles checked, content-parts joined, text valid
     Unicode; an assistant's `tool_calls` checked (its content may then be null) and each `tool`
@@ -174,12 +185,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     calls: dict[str, str] = {}  # the ids of the calls made so far, and their functions
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}, found "
-                              f"{json.dumps(role)[:40]}")
+        role, content = role_of(message, where), message.get("content")
         if isinstance(content, list):  # the content-parts form: text parts only
             try:
                 content = "".join(p["text"] for p in content if p.get("type") == "text")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from forge_cli.errors import Forbidden, ForgeError, UnknownModel
+from forge_cli.inference.requests import role_of
 from forge_cli.node.sale import FORWARD_MAX_TOKENS, Sale, open_sale
 from forge_cli.node.throttle import Sender
 from forge_cli.node.web import NODE, REJECTS, STREAMING, WHO, Route, bad_request, error_body, field, read_json
@@ -59,7 +60,6 @@ RUNTIME: dict[str, Kinds] = {
     "num_keep": int, "numa": bool, "low_vram": bool, "f16_kv": bool, "logits_all": bool,
     "vocab_only": bool, "use_mmap": bool, "use_mlock": bool, "embedding_only": bool,
     "penalize_newline": bool, "mirostat_tau": NUMBER, "mirostat_eta": NUMBER}
-ROLES = ("system", "user", "assistant", "tool")
 # A Go duration ("5m", "1h30m", "-1s") or a bare number of seconds, as keep_alive takes.
 DURATION = re.compile(r"-?(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|-?\d+(?:\.\d+)?")
 # llama.cpp's file types (general.file_type) by the names Ollama reports them with.
@@ -216,12 +216,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     waiting: list[tuple[str, str]] = []  # (id, name) of calls not yet answered
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{i}] must be an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, "
-                              f"found {json.dumps(role)[:40]}")
+        role, content = role_of(message, f"messages[{i}]"), message.get("content")
         if message.get("images"):
             raise bad_request(f"messages[{i}].images is not supported: this node's models read "
                               "text only")
