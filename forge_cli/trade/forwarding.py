@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forge_cli.errors import NoProvider
 from forge_cli.trade.offers import Seller, choose, offered
 from forge_cli.trade.seams import Bought, Node, PeerBuyer
 from forge_cli.trade.session import (
+    Completion,
     Pieces,
     RemoteCompletion,
     RemoteOffer,
     Settled,
     TradeSession,
 )
+
+if TYPE_CHECKING:
+    from forge_cli.economy.accounts import Resolved
 
 
 class RemotePump(Pieces):
@@ -113,7 +117,7 @@ class Forward:
         return out
 
 
-async def forward(node: Node, who: Any, model: str, max_tokens: int, request: bytes,
+async def forward(node: Node, who: Resolved, model: str, max_tokens: int, request: bytes,
                   mode: str = "balanced") -> Forward:
     """Quote from the best peer for `mode` and open a session for the local consumer at that
     quote (none is charged for the operator: the peer trade is the only trade). Nothing is
@@ -128,7 +132,7 @@ async def forward(node: Node, who: Any, model: str, max_tokens: int, request: by
     offer = RemoteOffer(model, quote["model_sha256"], seller.params)
     holder: list[Forward] = []
 
-    async def peer_only(session: TradeSession, completion: Any) -> Settled:
+    async def peer_only(session: TradeSession, completion: Completion | None) -> Settled:
         pump = holder[0].pump
         purchase = pump.purchase if pump is not None else None
         return Settled(purchase.cu if purchase else 0, quote["price_ucu_per_token"], 0, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -310,6 +310,18 @@ class Pieces:
         raise value
 
 
+class Streamed(Protocol):
+    """An engine's stream as a pump walks it (forge_cli.inference.engine.Stream): text pieces,
+    the tokens generated so far, a way to stop it, and its completion once it ended."""
+
+    tokens: int
+    completion: Completion | None
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
 class Pump(Pieces):
     """Text pieces of an engine Stream, carried from a worker thread into the event loop.
 
@@ -317,7 +329,7 @@ class Pump(Pieces):
     and returns the Completion: what was produced, which is what the consumer pays for.
     """
 
-    def __init__(self, stream: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, stream: Streamed, pool: ThreadPoolExecutor) -> None:
         super().__init__()
         self.stream = stream
         loop = asyncio.get_running_loop()
@@ -333,7 +345,7 @@ class Pump(Pieces):
 
         self.thread = loop.run_in_executor(pool, run)
 
-    async def close(self) -> Any:
+    async def close(self) -> Completion | None:
         self.stream.cancel()
         try:
             await asyncio.shield(self.thread)
