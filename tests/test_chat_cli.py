@@ -131,6 +131,13 @@ def test_node_option_with_no_node_there_is_a_clear_error(run_forge, tiny_gguf: P
 # -- on a terminal ---------------------------------------------------------------------------
 
 
+def sigint_default() -> None:
+    """In the child: Ctrl-C interrupts, as in a user's terminal, even when the suite itself was
+    started in the background by a shell without job control, which makes children ignore
+    SIGINT (Python then never turns it into KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`forge chat` (or another `command`) on a pseudo-terminal, read and typed into like a
     person would."""
@@ -142,6 +149,7 @@ class Terminal:
             [sys.executable, "-m", "forge_cli", command, *args],
             stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
             env=forge_env(home, TERM="dumb", **(env or {})), close_fds=True,
+            preexec_fn=sigint_default,
         )
         os.close(slave)
         self.seen = b""
@@ -257,7 +265,7 @@ def test_ctrl_c_in_one_shot_exits_130_without_traceback(forge_home: Path, tiny_g
         [sys.executable, "-m", "forge_cli", "chat", "-m", str(tiny_gguf), "-t", "0",
          "-n", "1000000", "go on"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-        env=forge_env(forge_home, FORGE_MODELS_N_CTX="65536"),
+        env=forge_env(forge_home, FORGE_MODELS_N_CTX="65536"), preexec_fn=sigint_default,
     )
     try:
         assert proc.stdout is not None and proc.stdout.read(1)  # the reply has started
