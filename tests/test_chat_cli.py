@@ -159,6 +159,7 @@ class Terminal:
         while needle not in self.seen:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None and not self._ready(0):
+                self.proc.kill()  # a failed test leaves no chat generating on after it
                 raise AssertionError(f"never saw {needle!r}; got {self.seen[-2000:]!r}")
             if self._ready(min(left, 0.5)):
                 try:
