@@ -32,6 +32,13 @@ A peer's dispute costs the disputer, not the node (`Auditor.receive`): its evide
 about a trade this node holds or the auditor's own purchase, a repeat is refused before any
 model work, and the re-check waits in a bounded queue (`RecheckQueue`) that runs one at a time,
 only while no paying session is open, withdrawn the moment one opens.
+
+Disputes are relayed: a node that re-checked a peer's dispute and upheld it signs a relay
+(`sign_relay`) and sends it on to its peers, and serves its upheld disputes, relayed, to
+peers that pull them (a late joiner). A relayed dispute is weighed on the standing of the
+node that relayed it (its signature names it: no one can relay in another's name), counted
+against that relayer's hourly quota (`RelayQuota`), refused as a replay when its id was seen
+here (`dispute_id`), and re-checked before it counts, like any other.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -86,6 +94,11 @@ DEFAULT_RECHECK_QUEUE = 8  # re-checks waiting at once, all auditors together
 RECHECK_WAIT_S = 30  # a poster waits this long for its verdict, then hears "queued" (202)
 RECHECK_EXPIRE_S = 600  # a re-check that waited this long for an idle engine is dropped
 IDLE_POLL_S = 0.02  # how often a running re-check looks for a paying session to yield to
+RELAYS_PER_HOUR = 60  # relayed disputes one relayer may have considered here an hour
+RELAY_SOURCES = 10_000  # relayers whose hourly counts are kept at once
+SEEN_DISPUTES = 10_000  # dispute ids remembered here, newest kept
+RELAY_DOMAIN = b"forge-dispute-relay/1\n"
+RELAY_TASKS = 16  # relays being sent at once; past this a new one is dropped (logged)
 # A grammar is asked about this many of the best tokens at each position (and the provider's):
 # the best allowed one is among them unless none is, when the whole vocabulary is asked.
 GRAMMAR_CANDIDATES = 512
@@ -438,6 +451,92 @@ def evidence(payload: Any) -> tuple[Any, dict[str, bytes]]:
     return payload.get("dispute"), bodies
 
 
+def dispute_id(data: dict[str, Any]) -> str:
+    """A dispute's id: the SHA-256 of what its auditor signed (one claim, one id, however
+    many nodes relay it)."""
+    return hashlib.sha256(entries.dispute_message(data["claim"])).hexdigest()
+
+
+def relay_message(ident: str, relayer: str) -> bytes:
+    """What a relayer signs: the domain, the dispute's id and its own node id."""
+    return RELAY_DOMAIN + f"{ident} {relayer}".encode()
+
+
+def sign_relay(data: dict[str, Any], bodies: dict[str, bytes],
+               signer: identity.Identity) -> dict[str, Any]:
+    """The payload that relays a dispute this node re-checked and upheld: the dispute, its
+    bodies and `relay` ({by, sig}) naming this node."""
+    return {"dispute": data, "bodies": {h: bodies[h].hex() for h in dispute_bodies(data)},
+            "relay": {"by": signer.node_id,
+                      "sig": signer.sign(relay_message(dispute_id(data),
+                                                       signer.node_id)).hex()}}
+
+
+def relayer_of(payload: dict[str, Any], data: dict[str, Any]) -> str | None:
+    """The node that relayed a (checked) dispute, None for a dispute sent by its auditor;
+    DisputeRejected when the relay is malformed or its signature does not verify."""
+    relay = payload.get("relay")
+    if relay is None:
+        return None
+    if not isinstance(relay, dict) or not isinstance(relay.get("by"), str) \
+            or not isinstance(relay.get("sig"), str):
+        raise DisputeRejected("a dispute's relay is {by: node id, sig: hex}")
+    by = relay["by"]
+    if not identity.verify_hex(by, relay_message(dispute_id(data), by), relay["sig"]):
+        raise DisputeRejected("forged relay: its signature does not verify against the "
+                              "relaying node's id")
+    if by == data["claim"]["auditor"]:
+        raise DisputeRejected("a dispute's auditor sends it itself, without a relay")
+    return by
+
+
+class RelayQuota:
+    """Relayed disputes considered here per relayer (its verified node id) per hour: a relayer
+    with standing cannot flood this node's re-check queue with other keys' disputes."""
+
+    def __init__(self, per_hour: int = RELAYS_PER_HOUR,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_hour = per_hour
+        self.clock = clock
+        self._taken: dict[str, collections.deque[float]] = {}
+
+    def take(self, relayer: str) -> None:
+        """Count one of `relayer`'s relays, or RecheckBusy (429) when its hour is used."""
+        now = self.clock()
+        taken = self._taken.setdefault(relayer, collections.deque())
+        while taken and now - taken[0] >= 3600:
+            taken.popleft()
+        if len(taken) >= self.per_hour:
+            raise RecheckBusy(f"node {relayer[:16]}… relayed {len(taken)} disputes here in the "
+                              f"last hour, its limit of {self.per_hour}",
+                              retry_after_s=int(3600 - (now - taken[0])) + 1)
+        taken.append(now)
+        if len(self._taken) > RELAY_SOURCES:  # forget relayers idle for an hour
+            for old in [r for r, t in self._taken.items() if not t or now - t[-1] >= 3600]:
+                del self._taken[old]
+
+
+class SeenDisputes:
+    """The ids of disputes taken here (re-checked, waiting, or unchecked), newest
+    SEEN_DISPUTES kept: a relayed dispute arriving again by another path is a replay."""
+
+    def __init__(self, size: int = SEEN_DISPUTES) -> None:
+        self.size = size
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, ident: object) -> bool:
+        return ident in self._ids
+
+    def add(self, ident: str) -> None:
+        self._ids[ident] = None
+        self._ids.move_to_end(ident)
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def discard(self, ident: str) -> None:
+        self._ids.pop(ident, None)
+
+
 def standing_problem(auditor: str, *, provided: int, reputation: int,
                      flag: str | None) -> str | None:
     """Why `auditor` holds no standing at this node, or None when it does.
@@ -637,6 +736,9 @@ class Auditor:
         self.counted = counted
         self.rechecks = RecheckQueue(self.bench.paying, size=recheck_queue,
                                      per_minute=rechecks_per_minute, counted=counted)
+        self.relays = RelayQuota()
+        self.seen = SeenDisputes()
+        self._relaying: set[asyncio.Task[None]] = set()
 
     def due(self, model_sha256: str) -> bool:
         """Whether to audit a purchase of this model: this node holds it, and the draw (one
@@ -723,24 +825,38 @@ class Auditor:
         hears the verdict, or "queued" when it is not done within RECHECK_WAIT_S."""
         data, bodies = evidence(payload)
         check_dispute(data, bodies)
+        relayer = relayer_of(payload, data)
         claim = data["claim"]
         auditor, terms = claim["auditor"], claim["trade"]["terms"]
-        if auditor == self.signer.node_id:
+        if self.signer.node_id in (auditor, relayer):
             return {"outcome": "own"}
+        ident = dispute_id(data)
         trade_id = entries.trade_id(claim["trade"])
+        if ident in self.seen:
+            raise Replay(f"dispute {ident[:16]}… (auditor {auditor[:16]}…, trade "
+                         f"{trade_id[:16]}…) was already taken here; nothing was re-checked")
         seen = self.bench.audited(trade_id, auditor)
         if seen is not None:
             raise Replay(f"auditor {auditor[:16]}… already audited trade {trade_id[:16]}… "
                          f"(recorded here at seq {seen}); nothing was re-checked")
-        provided, reputation, flag = self.bench.standing(auditor)
-        problem = standing_problem(auditor, provided=provided, reputation=reputation, flag=flag)
-        if problem is None and terms["consumer"] != auditor and not self.bench.holds(trade_id):
+        # A relayed dispute stands on its relayer's standing: that node re-checked it.
+        source = relayer or auditor
+        provided, reputation, flag = self.bench.standing(source)
+        problem = standing_problem(source, provided=provided, reputation=reputation, flag=flag)
+        if problem is not None and relayer is not None:
+            problem = f"relayed by {relayer[:16]}…, whose standing counts: " + \
+                problem.replace(f"auditor {relayer[:16]}…", "it", 1)
+        if problem is None and relayer is None and terms["consumer"] != auditor \
+                and not self.bench.holds(trade_id):
             problem = (f"trade {trade_id[:16]}… is not held here, and its auditor is not its "
                        "consumer")
         if problem is not None:
             raise NoStanding(f"dispute not considered: {problem}")
+        if relayer is not None:
+            self.relays.take(relayer)
         engine = self.engines(terms["model_sha256"])
         if engine is None:
+            self.seen.add(ident)  # nothing to re-check it with; a repeat is refused unread
             return {"outcome": "unchecked"}
 
         async def run(cancel: threading.Event) -> dict[str, Any]:
@@ -751,17 +867,102 @@ class Auditor:
                 raise DisputeRejected(
                     f"forged dispute: trade {trade_id[:16]}… passes its audit here; recorded "
                     f"at seq {entry.seq} against auditor {auditor[:16]}…")
+            self.relay(data, bodies)
             return {"outcome": UPHELD, "seq": entry.seq}
 
         done = self.rechecks.submit((trade_id, auditor), run)
+        self.seen.add(ident)
+        done.add_done_callback(lambda f: f.cancelled() and self.seen.discard(ident))
         try:
             return await asyncio.wait_for(asyncio.shield(done), RECHECK_WAIT_S)
         except TimeoutError:
             return {"outcome": "queued", "waiting": len(self.rechecks.waiting)}
 
+    def relay(self, data: dict[str, Any], bodies: dict[str, bytes]) -> None:
+        """Send a peer's dispute this node upheld on to its peers, signed as relayed by this
+        node, in the background (at most RELAY_TASKS at once; a peer that has it refuses it
+        as a replay before any work)."""
+        if self.send is None:
+            return
+        if len(self._relaying) >= RELAY_TASKS:
+            log.warning("not relaying dispute %s…: %d relays are still being sent",
+                        dispute_id(data)[:16], len(self._relaying))
+            return
+        payload = sign_relay({**data, "verdict": UPHELD}, bodies, self.signer)
+        task = asyncio.create_task(self._send_all(payload))
+        self._relaying.add(task)
+        task.add_done_callback(self._relaying.discard)
+
+    async def _send_all(self, payload: dict[str, Any]) -> None:
+        assert self.send is not None
+        for url in self.peers():
+            try:
+                await self.send(url, payload)
+            except ForgeError as exc:
+                log.info("relayed dispute not taken by %s: %s", url, exc)
+
+    async def pull(self, url: str, fetch: Callable[[str], Awaitable[Any]], after: int) -> int:
+        """Take the disputes a peer serves after its ledger seq `after` (`fetch(path)` GETs
+        one page of `disputes_page`), each as if posted here; returns the cursor to ask from
+        next. A dispute over a quota stops the page: it is asked for again next time."""
+        page = await fetch(f"{PULL_PATH}?after={after}")
+        items = page.get("disputes") if isinstance(page, dict) else None
+        if not isinstance(items, list) or len(items) > PULL_PAGE:
+            raise DisputeRejected(f"{url} served a dispute page that is not "
+                                  f"{{disputes: [at most {PULL_PAGE}], next: seq}}")
+        cursor = after
+        for item in items:
+            seq = item.get("seq") if isinstance(item, dict) else None
+            if type(seq) is not int or seq <= cursor:
+                raise DisputeRejected(f"{url} served a dispute without a growing seq")
+            try:
+                await self.receive(item)
+            except RecheckBusy as exc:
+                log.info("pulled dispute from %s waits: %s", url, exc)
+                return cursor
+            except ForgeError as exc:  # a replay, no standing, a forgery: taken as a post is
+                log.info("pulled dispute from %s not taken: %s", url, exc)
+            cursor = seq
+        last = page.get("next")
+        return last if type(last) is int and last > cursor and not items else cursor
+
     async def stop(self) -> None:
         """Drop the re-checks still waiting (their posters may send them again)."""
+        for task in list(self._relaying):
+            task.cancel()
+        await asyncio.gather(*self._relaying, return_exceptions=True)
         await self.rechecks.stop()
+
+
+PULL_PATH = "/v1/forge/audit/disputes"
+PULL_PAGE = 4  # disputes per pulled page (each carries up to MAX_EVIDENCE of bodies)
+PULL_SCAN = 256  # dispute entries one page looks through (forged ones are not served)
+PULL_PAGE_MAX_BYTES = PULL_PAGE * (2 * MAX_EVIDENCE + 64 * 1024)
+
+
+def disputes_page(ledger: Any, signer: identity.Identity, after: int) -> dict[str, Any]:
+    """The upheld disputes of `ledger` after seq `after`, at most PULL_PAGE, each relayed by
+    `signer` (its own disputes go as they are: their auditor sends them), for `pull`."""
+    items: list[dict[str, Any]] = []
+    last = after
+    for scanned, entry in enumerate(ledger.iter_entries(after + 1, kind="dispute")):
+        if scanned >= PULL_SCAN:
+            break
+        last = entry.seq
+        data = entry.data
+        if data["verdict"] != UPHELD:
+            continue
+        bodies = {h: ledger.body(h) for h in dispute_bodies(data)}
+        if any(b is None for b in bodies.values()):
+            continue  # redacted here: nothing a peer could re-check
+        if data["claim"]["auditor"] == signer.node_id:
+            item = {"dispute": data, "bodies": {h: b.hex() for h, b in bodies.items()}}
+        else:
+            item = sign_relay(data, bodies, signer)
+        items.append({**item, "seq": entry.seq})
+        if len(items) >= PULL_PAGE:
+            break
+    return {"disputes": items, "next": last}
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -769,7 +970,9 @@ async def _maybe_await(value: Any) -> Any:
 
 
 __all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "GRAMMAR_CANDIDATES",
-           "MARGIN", "MAX_EVIDENCE", "Positions", "RecheckQueue", "STANDING_REPUTATION",
-           "UPHELD", "Verdict", "audit", "check_dispute", "commit_sampling", "counts_problem",
-           "evidence", "grammar_problem", "ids_of", "position_check", "recheck", "run_terms",
-           "sign_dispute", "standing_problem", "tokens_body"]
+           "MARGIN", "MAX_EVIDENCE", "PULL_PAGE", "PULL_PATH", "Positions", "RELAYS_PER_HOUR",
+           "RecheckQueue", "RelayQuota", "STANDING_REPUTATION", "SeenDisputes", "UPHELD",
+           "Verdict", "audit", "check_dispute", "commit_sampling", "counts_problem",
+           "dispute_id", "disputes_page", "evidence", "grammar_problem", "ids_of",
+           "position_check", "recheck", "relay_message", "relayer_of", "run_terms",
+           "sign_dispute", "sign_relay", "standing_problem", "tokens_body"]

@@ -68,6 +68,8 @@ def make_app(node: Node) -> web.Application:
         app[TIMERS] = [asyncio.create_task(routes_lending.sweeper(node)),
                        asyncio.create_task(routes_lending.heartbeats(node)),
                        asyncio.create_task(routes_p2p.expiry_sweeper(node))]
+        if node.mesh is not None:  # a node on the mesh pulls the disputes its peers upheld
+            app[TIMERS].append(asyncio.create_task(routes_audit.puller(node)))
 
     async def stop(app: web.Application) -> None:
         for task in app.get(TIMERS, []):

@@ -1,5 +1,5 @@
 """Audit routes: a peer's dispute (re-checked here before it counts), an audit of a trade this
-node holds, and its record.
+node holds, its record, and the upheld disputes peers pull (`puller` pulls theirs).
 
 The dispute route is public: peers hold no tokens here, and a dispute authenticates itself by
 its auditor's signature and the two signatures of the trade it disputes. What it may cost is
@@ -10,6 +10,8 @@ no body.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -29,6 +31,8 @@ from forge_cli.node.web import (
 
 if TYPE_CHECKING:
     from forge_cli.root.node import Node
+
+log = logging.getLogger("forge.audit")
 
 REFUSALS_PER_MINUTE = 20  # refused disputes one address may send a minute
 REFUSALS: web.AppKey[Throttle] = web.AppKey("dispute_refusals", Throttle)
@@ -90,12 +94,57 @@ async def audits(request: web.Request) -> web.Response:
         for account, (passed, disputed, forged) in sorted(rows.items())]})
 
 
+async def disputes(request: web.Request) -> web.Response:
+    """?after=SEQ: the upheld disputes of this node's ledger after SEQ, relayed by this node,
+    for a peer that pulls them (a late joiner)."""
+    node: Node = request.app[NODE]
+    raw = request.query.get("after", "-1")
+    if not raw.lstrip("-").isdecimal() or len(raw) > 20 or not -1 <= int(raw) < 2**63:
+        raise bad_request(f"after must be a ledger seq (an integer from -1), found {raw[:40]!r}")
+    page = await asyncio.to_thread(_page, node, int(raw))
+    return web.json_response(page)
+
+
+def _page(node: Node, after: int) -> dict[str, object]:
+    from forge_cli.mesh import audit
+
+    node.reader.refresh()
+    return audit.disputes_page(node.reader, node.signer, after)
+
+
+async def puller(node: Node, every_s: float = 10.0) -> None:
+    """Pull the disputes each trusted peer upheld, every `every_s` (a node that joins late
+    learns of them); per-peer cursors live for the process."""
+    from forge_cli.client import AsyncClient
+    from forge_cli.errors import ForgeError
+    from forge_cli.mesh import audit
+
+    cursors: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(every_s)
+        if node.mesh is None:
+            return
+        for peer in node.mesh.trusted_peers():
+            if peer.node_id == node.node_id:
+                continue
+            client = AsyncClient(peer.url, timeout=60, session=node.peer_buyer().session,
+                                 max_bytes=audit.PULL_PAGE_MAX_BYTES)
+            try:
+                cursors[peer.node_id] = await node.auditor.pull(
+                    peer.url, client.get, cursors.get(peer.node_id, -1))
+            except ForgeError as exc:
+                log.info("could not pull disputes from %s: %s", peer.url, exc)
+
+
 ROUTES = [
     Route("POST", "/v1/forge/audit/dispute", dispute,
           "A peer's audit dispute with its bodies: re-checked here, recorded as upheld or forged",
           public=True),
     Route("POST", "/v1/forge/audit/trade", audit_trade,
           "Audit a trade of this node's ledger (operator): recorded as audit or dispute"),
+    Route("GET", "/v1/forge/audit/disputes", disputes,
+          "Upheld disputes of this node's ledger after ?after=SEQ, relayed by this node (peers "
+          "pull them)", public=True),
     Route("GET", "/v1/forge/audits", audits,
           "Audit record per peer: audits passed, disputes upheld against it, disputes it forged"),
 ]
