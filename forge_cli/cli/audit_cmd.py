@@ -72,18 +72,47 @@ def list_(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
 
 @app.command()
 def run(seq: int = typer.Argument(..., min=0, max=INT_MAX,
-                                  help="Seq of a trade in the running node's ledger."),
+                                  help="Seq of a trade in the node's (or worker's) ledger."),
         as_json: bool = JsonOpt,
         node: str | None = typer.Option(
             None, "--node", help="Node URL (default: FORGE_NODE or FORGE_HOME/node.url)."),
         token: str | None = typer.Option(
-            None, "--token", help="API token (default: FORGE_TOKEN or the operator's).")) -> None:
-    """Audit one trade the running node holds, with its own copy of the model: recorded as an
-    `audit` entry, or a `dispute` sent to its peers. Exit 1 when the audit fails."""
-    from forge_cli.client import running_node
+            None, "--token", help="API token (default: FORGE_TOKEN or the operator's)."),
+        offline: bool = typer.Option(
+            False, "--offline", help="Audit the ledger directly, with no node (the default "
+            "when none runs on this FORGE_HOME)."),
+        model: str | None = typer.Option(
+            None, "--model", "-m", help="Offline: the GGUF to audit with, a name or path "
+            "(default: the model the trade names, found on this disk)."),
+        peer: list[str] = typer.Option(
+            [], "--peer", help="Offline: send a dispute to this node URL too (repeat for "
+            "several; adds to mesh.peers)."),
+        ledger: Path | None = LedgerOpt) -> None:
+    """Audit one trade with a local copy of its model: recorded as an `audit` entry, or a
+    `dispute` sent to peers. Exit 1 when the audit fails.
 
-    done = running_node(node, token, "`forge audit run` audits with the node's model").post(
-        "/v1/forge/audit/trade", {"seq": seq})
+    With a node running (or --node) the node audits; otherwise (a worker's ledger, or
+    --offline) this command does, with the GGUF on this disk: exit 2 when it is absent.
+    """
+    from forge_cli.client import node_url, running_node
+
+    if offline or (node is None and token is None and node_url(None) is None):
+        import asyncio
+
+        from forge_cli.mesh.worker import audit_offline
+
+        entry = asyncio.run(audit_offline(
+            config.ledger_path(ledger), seq, model=model,
+            peers=[*config.get("mesh.peers"), *peer]))
+        claim = entry.data.get("claim", {})
+        done = {"seq": entry.seq, "kind": entry.kind,
+                "verdict": entry.data.get("verdict", "passed"),
+                "positions": entry.data.get("positions", claim.get("positions", 0)),
+                "reason": claim.get("reason", ""),
+                "failing_positions": [f["pos"] for f in claim.get("failures", [])]}
+    else:
+        done = running_node(node, token, "`forge audit run` audits with the node's model").post(
+            "/v1/forge/audit/trade", {"seq": seq})
     if as_json:
         print_json(done)
     elif done["kind"] == "audit":

@@ -872,11 +872,17 @@ class Auditor:
 
         done = self.rechecks.submit((trade_id, auditor), run)
         self.seen.add(ident)
-        done.add_done_callback(lambda f: f.cancelled() and self.seen.discard(ident))
+        done.add_done_callback(lambda f: self._forget_dropped(f, ident))
         try:
             return await asyncio.wait_for(asyncio.shield(done), RECHECK_WAIT_S)
         except TimeoutError:
             return {"outcome": "queued", "waiting": len(self.rechecks.waiting)}
+
+    def _forget_dropped(self, done: asyncio.Future[Any], ident: str) -> None:
+        """A re-check dropped unrun (the node stopped, it expired, the engine failed) may be
+        sent again; one that ran (upheld, or forged: DisputeRejected) stays seen."""
+        if done.cancelled() or not isinstance(done.exception(), (type(None), DisputeRejected)):
+            self.seen.discard(ident)
 
     def relay(self, data: dict[str, Any], bodies: dict[str, bytes]) -> None:
         """Send a peer's dispute this node upheld on to its peers, signed as relayed by this

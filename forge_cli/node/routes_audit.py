@@ -125,7 +125,7 @@ async def puller(node: Node, every_s: float = 10.0) -> None:
         if node.mesh is None:
             return
         for peer in node.mesh.trusted_peers():
-            if peer.node_id == node.node_id:
+            if peer.node_id is None or peer.node_id == node.node_id:
                 continue
             client = AsyncClient(peer.url, timeout=60, session=node.peer_buyer().session,
                                  max_bytes=audit.PULL_PAGE_MAX_BYTES)
