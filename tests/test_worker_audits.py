@@ -192,3 +192,93 @@ def _forge(home: Path) -> Any:
         return subprocess.run([sys.executable, "-m", "forge_cli", *args], capture_output=True,
                               text=True, cwd=REPO, env=forge_env(home), timeout=120)
     return run
+
+
+# -- hostile relays --------------------------------------------------------------------------
+
+def _relayed(relay_mesh: dict[str, Any], by: Any, **kw: Any) -> dict[str, Any]:
+    """A fabricated dispute (fresh keys; its prompt billed short, so the re-check upholds it
+    without a prefill) relayed by `by`'s key."""
+    from forge_cli.mesh import audit
+    from tests import dispute_helpers
+
+    sha = relay_mesh["c"].node.models["tiny"].sha256
+    posted = dispute_helpers.fabricated(sha, prompt_tokens=3, words=2, **kw)
+    bodies = {h: bytes.fromhex(b) for h, b in posted["bodies"].items()}
+    return audit.sign_relay(posted["dispute"], bodies, by)
+
+
+def _disputes(node: InProcessNode) -> int:
+    node.node.reader.refresh()
+    return sum(1 for _ in node.node.reader.iter_entries(0, kind="dispute"))
+
+
+def test_a_dispute_flood_from_one_relayer_is_bounded_by_its_quota(relay_mesh):
+    b, c = relay_mesh["b"], relay_mesh["c"]
+    from forge_cli.mesh.audit import RelayQuota
+
+    saved = c.node.auditor.relays  # B already relayed the worker's dispute here this hour
+    c.node.auditor.relays = RelayQuota(per_hour=3)
+    before = _disputes(c)
+    try:
+        answers = [c.post("/v1/forge/audit/dispute", _relayed(relay_mesh, b.node.signer))
+                   for _ in range(12)]
+    finally:
+        c.node.auditor.relays = saved
+    taken = [body for status, body in answers if status == 200]
+    refused = [body for status, body in answers if status == 429]
+    assert len(taken) == 3 and all(t["outcome"] == "upheld" for t in taken), answers
+    assert len(refused) == 9, answers
+    assert "relayed 3 disputes here in the last hour" in refused[0]["error"]["message"]
+    assert _disputes(c) == before + 3
+
+
+def test_a_relayed_dispute_replayed_or_relayed_again_by_another_is_deduped(relay_mesh):
+    b, c, d = relay_mesh["b"], relay_mesh["c"], relay_mesh["d"]
+    c.buy(d, 3, 0.0, audit=False)  # D has standing at C too
+    first = _relayed(relay_mesh, b.node.signer)
+    status, body = c.post("/v1/forge/audit/dispute", first)
+    assert status == 200 and body["outcome"] == "upheld", body
+    before = _disputes(c)
+    status, body = c.post("/v1/forge/audit/dispute", first)
+    assert status == 409 and body["error"]["type"] == "conflict_error", body
+    from forge_cli.mesh import audit
+
+    bodies = {h: bytes.fromhex(x) for h, x in first["bodies"].items()}
+    again = audit.sign_relay(first["dispute"], bodies, d.node.signer)
+    status, body = c.post("/v1/forge/audit/dispute", again)
+    assert status == 409, body
+    assert _disputes(c) == before
+
+
+def test_a_forged_relayed_dispute_is_not_counted(relay_mesh):
+    from forge_cli import identity
+    from forge_cli.ledger import entries
+    from forge_cli.mesh import audit
+
+    b, c = relay_mesh["b"], relay_mesh["c"]
+    before = _disputes(c)
+    # A relay signature that is not the named relayer's.
+    relayed = _relayed(relay_mesh, b.node.signer)
+    relayed["relay"]["sig"] = identity.Identity.generate().sign(b"x").hex()
+    status, body = c.post("/v1/forge/audit/dispute", relayed)
+    assert status == 422 and "forged relay" in body["error"]["message"], body
+    # A relayer with no standing at C (a fresh key) is not considered.
+    status, body = c.post("/v1/forge/audit/dispute",
+                          _relayed(relay_mesh, identity.Identity.generate()))
+    assert status == 403 and "whose standing counts" in body["error"]["message"], body
+    assert _disputes(c) == before
+    # A lying claim about an honest trade, relayed by B: it re-checks as passing, so it is
+    # recorded against its author and never against the provider.
+    b.node.reader.refresh()
+    trade = next(e for e in b.node.reader.iter_entries(0, kind="trade")
+                 if e.data["terms"]["provider"] == relay_mesh["worker_id"])
+    liar = identity.Identity.generate()
+    lie = audit.sign_dispute(trade.data, audit.Verdict(False, "model: lies", 1, []), liar, 1)
+    bodies = {h: b.node.reader.body(h) for h in audit.dispute_bodies(lie)}
+    provider_before = c.record(relay_mesh["worker_id"])
+    status, body = c.post("/v1/forge/audit/dispute", audit.sign_relay(lie, bodies, b.node.signer))
+    assert status == 422 and "forged dispute" in body["error"]["message"], body
+    assert c.record(relay_mesh["worker_id"])[1] == provider_before[1]
+    assert c.record(liar.node_id)[2] == 1
+    assert entries.trade_id(trade.data)
