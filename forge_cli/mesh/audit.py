@@ -832,13 +832,14 @@ class Auditor:
             return {"outcome": "own"}
         ident = dispute_id(data)
         trade_id = entries.trade_id(claim["trade"])
-        if ident in self.seen:
-            raise Replay(f"dispute {ident[:16]}… (auditor {auditor[:16]}…, trade "
-                         f"{trade_id[:16]}…) was already taken here; nothing was re-checked")
         seen = self.bench.audited(trade_id, auditor)
         if seen is not None:
             raise Replay(f"auditor {auditor[:16]}… already audited trade {trade_id[:16]}… "
                          f"(recorded here at seq {seen}); nothing was re-checked")
+        if ident in self.seen:
+            raise Replay(f"auditor {auditor[:16]}… already audited trade {trade_id[:16]}…: "
+                         f"its dispute {ident[:16]}… was already taken here by another path; "
+                         "nothing was re-checked")
         # A relayed dispute stands on its relayer's standing: that node re-checked it.
         source = relayer or auditor
         provided, reputation, flag = self.bench.standing(source)
