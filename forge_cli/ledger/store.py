@@ -56,8 +56,7 @@ SCHEMA = [
         line TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (size, witness_vkey))""",
     # Two checkpoints of one log that cannot both be true (a split view), both signed by it.
     """CREATE TABLE IF NOT EXISTS fork_evidence (origin TEXT NOT NULL, size INTEGER NOT NULL,
-        note_a TEXT NOT NULL, note_b TEXT NOT NULL, log_vkey TEXT NOT NULL,
-        source TEXT NOT NULL, found_ms INTEGER NOT NULL, PRIMARY KEY (origin, size))""",
+        note_a TEXT NOT NULL, note_b TEXT NOT NULL, PRIMARY KEY (origin, size))""",
     *(view.ddl() for view in views.VIEWS),
 ]
 TABLES = ("entries", "bodies", "merkle_nodes", "checkpoints", "witnessed", "cosignatures",

@@ -246,16 +246,15 @@ def check_evidence(data: Any) -> Evidence:
 
 
 def record_evidence(ledger: Ledger, evidence: Evidence, source: str) -> bool:
-    """Keep checked evidence (one per log and size); True if it was new here."""
+    """Keep checked evidence (one per log and size); True if it was new here. Every column
+    is checkable by `verify --deep`, so `source` is for the caller's log line only."""
+    del source
     known = ledger.conn.execute("SELECT 1 FROM fork_evidence WHERE origin = ? AND size = ?",
                                 (evidence.origin, evidence.size)).fetchone()
     if known:
         return False
-    log = log_verifier(evidence.origin)
-    ledger.execute_write(
-        "INSERT OR IGNORE INTO fork_evidence VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (evidence.origin, evidence.size, evidence.note_a, evidence.note_b,
-         log.vkey() if log is not None else "", source[:200], time.time_ns() // 1_000_000))
+    ledger.execute_write("INSERT OR IGNORE INTO fork_evidence VALUES (?, ?, ?, ?)",
+                         (evidence.origin, evidence.size, evidence.note_a, evidence.note_b))
     return True
 
 
@@ -263,7 +262,7 @@ def evidence(ledger: Ledger, limit: int = 100) -> list[Evidence]:
     """The fork evidence kept here, newest first (at most `limit`)."""
     return [Evidence(*row) for row in _rows(
         ledger, "SELECT origin, size, note_a, note_b FROM fork_evidence "
-        "ORDER BY found_ms DESC LIMIT ?", (limit,))]
+        "ORDER BY rowid DESC LIMIT ?", (limit,))]
 
 
 def evidence_counts(ledger: Ledger) -> dict[str, int]:
@@ -339,6 +338,33 @@ def cosigners(note_text: str, witnesses: Sequence[note.Verifier]) -> list[note.V
         except ProofFailed:
             continue
         found.append(verifier)
+    return found
+
+
+def deep_findings(ledger: Ledger) -> list[tuple[str, str]]:
+    """(table, problem) for each kept cosignature or piece of evidence that does not verify
+    (`verify --deep`): every column of both tables is covered by a signature or a check."""
+    found = []
+    notes = {size: text for size, _, text, _ in ledger.checkpoints()}
+    for size, vkey, line, ts in _rows(ledger, "SELECT size, witness_vkey, line, ts "
+                                      "FROM cosignatures", ()):
+        where = f"cosignature by {vkey.split('+', 1)[0][:80]} on size {size}"
+        try:
+            key = note.Verifier.parse(vkey)
+            if size not in notes:
+                raise ProofFailed("no checkpoint of that size is stored")
+            joined = note.SignedNote.parse(notes[size]).text + "\n" + line
+            if note.verify_cosignature(joined, key) != ts:
+                raise ProofFailed(f"its time column {ts} differs from the signed time")
+        except (UsageError, ProofFailed) as exc:
+            found.append(("cosignatures", f"{where}: {exc}"))
+    for origin, size, note_a, note_b in _rows(ledger, "SELECT origin, size, note_a, note_b "
+                                              "FROM fork_evidence", ()):
+        try:
+            if check_evidence({"origin": origin, "notes": [note_a, note_b]}).size != size:
+                raise ProofFailed(f"its size column {size} differs from the notes")
+        except (UsageError, ProofFailed) as exc:
+            found.append(("fork_evidence", f"evidence against {origin[:80]}: {exc}"))
     return found
 
 
