@@ -90,7 +90,8 @@ class Witnesses:
                     raise BadResponse(f"witness {peer.url} answered 409 without a size")
                 held = self.held[peer.node_id] = int(size)
                 continue
-            level = logging.ERROR if status == 409 else logging.WARNING
+            # 404: it does not know us as a peer yet (or is no witness); it asks again later.
+            level = {409: logging.ERROR, 404: logging.DEBUG}.get(status, logging.WARNING)
             log.log(level, "witness %s refused our checkpoint of size %d: %d %s", peer.url,
                     cp.size, status, display.plain(_message(answer))[:300])
             return None
