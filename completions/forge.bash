@@ -9,7 +9,7 @@ _forge() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$cmdpath:$word" in
-            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge node:--split"|"forge node:--ollama-port"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--audit-every"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--max-seconds"|"forge agent run:--roster"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent plan:--model"|"forge agent plan:-m"|"forge agent plan:--account"|"forge agent plan:--max-tokens"|"forge agent plan:-n"|"forge agent plan:--budget"|"forge agent plan:--roster"|"forge agent plan:--node"|"forge agent plan:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--max-tokens"|"forge agent resume:-n"|"forge agent resume:--model"|"forge agent resume:-m"|"forge agent resume:--max-seconds"|"forge agent resume:--roster"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge agent list:--limit"|"forge agent list:--ledger"|"forge agent compare:--ledger"|"forge agent route:--roster"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit run:--model"|"forge audit run:-m"|"forge audit run:--peer"|"forge audit run:--ledger"|"forge audit show:--ledger"|"forge rpc serve:--host"|"forge rpc serve:--port"|"forge rpc serve:-p"|"forge rpc serve:--threads"|"forge rpc serve:--memory"|"forge rpc serve:--rate"|"forge rpc serve:--interface") ((i++)) ;;
+            "forge chat:--model"|"forge chat:-m"|"forge chat:--system"|"forge chat:-s"|"forge chat:--max-tokens"|"forge chat:-n"|"forge chat:--temperature"|"forge chat:-t"|"forge chat:--seed"|"forge chat:--node"|"forge chat:--token"|"forge chat:--threads"|"forge node:--model"|"forge node:-m"|"forge node:--host"|"forge node:--port"|"forge node:-p"|"forge node:--ledger"|"forge node:--interface"|"forge node:--peer"|"forge node:--threads"|"forge node:--split"|"forge node:--ollama-port"|"forge seed:--model"|"forge seed:-m"|"forge seed:--host"|"forge seed:--port"|"forge seed:-p"|"forge seed:--ledger"|"forge seed:--interface"|"forge seed:--peer"|"forge seed:--threads"|"forge worker:--model"|"forge worker:-m"|"forge worker:--seed"|"forge worker:--mode"|"forge worker:--max-tokens"|"forge worker:-n"|"forge worker:--temperature"|"forge worker:-t"|"forge worker:--system"|"forge worker:-s"|"forge worker:--wait"|"forge worker:--retries"|"forge worker:--audit-every"|"forge worker:--interface"|"forge worker:--peer"|"forge worker:--ledger"|"forge peers:--node"|"forge peers:--token"|"forge tui:--node"|"forge tui:-n"|"forge tui:--token"|"forge tui:-t"|"forge tui:--poll"|"forge mcp:--node"|"forge mcp:--token"|"forge wallet:--ledger"|"forge ledger verify:--checkpoint"|"forge ledger verify:--key"|"forge ledger verify:--witnesses"|"forge ledger verify:--witness-keys"|"forge ledger verify:--ledger"|"forge ledger show:--limit"|"forge ledger show:-n"|"forge ledger show:--kind"|"forge ledger show:-k"|"forge ledger show:--ledger"|"forge ledger get:--ledger"|"forge ledger replay:--until"|"forge ledger replay:--ledger"|"forge ledger root:--ledger"|"forge ledger checkpoint:--ledger"|"forge ledger prove:--size"|"forge ledger prove:--ledger"|"forge ledger consistency:--ledger"|"forge ledger causal:--ledger"|"forge ledger cosign:--key"|"forge ledger cosign:--proof"|"forge ledger cosign:--ledger"|"forge ledger export:--ledger"|"forge ledger import:--ledger"|"forge ledger anchor:--network"|"forge ledger anchor:--ledger"|"forge ledger anchor verify:--checkpoint"|"forge ledger anchor verify:--ledger"|"forge safety status:--account"|"forge safety status:--ledger"|"forge safety kill:--reason"|"forge safety kill:--ledger"|"forge safety resume:--reason"|"forge safety resume:--ledger"|"forge safety approve:--ledger"|"forge safety deny:--ledger"|"forge safety pending:--ledger"|"forge safety policy set:--account"|"forge safety policy set:--cap"|"forge safety policy set:--hourly"|"forge safety policy set:--lifetime"|"forge safety policy set:--approval"|"forge safety policy set:--ledger"|"forge loan lend:--node"|"forge loan lend:--token"|"forge loan withdraw:--shares"|"forge loan withdraw:--amount"|"forge loan withdraw:--node"|"forge loan withdraw:--token"|"forge loan borrow:--term"|"forge loan borrow:--collateral"|"forge loan borrow:--node"|"forge loan borrow:--token"|"forge loan repay:--node"|"forge loan repay:--token"|"forge loan list:--node"|"forge loan list:--token"|"forge loan pool:--node"|"forge loan pool:--token"|"forge loan credit:--node"|"forge loan credit:--token"|"forge settle:--hours"|"forge settle:--out"|"forge settle:--format"|"forge settle:--price"|"forge agent run:--plan"|"forge agent run:--budget"|"forge agent run:--max-calls"|"forge agent run:--model"|"forge agent run:-m"|"forge agent run:--account"|"forge agent run:--max-tokens"|"forge agent run:-n"|"forge agent run:--concurrency"|"forge agent run:--mode"|"forge agent run:--max-seconds"|"forge agent run:--roster"|"forge agent run:--wait-approval"|"forge agent run:--node"|"forge agent run:--token"|"forge agent plan:--model"|"forge agent plan:-m"|"forge agent plan:--account"|"forge agent plan:--max-tokens"|"forge agent plan:-n"|"forge agent plan:--budget"|"forge agent plan:--roster"|"forge agent plan:--node"|"forge agent plan:--token"|"forge agent resume:--budget"|"forge agent resume:--max-calls"|"forge agent resume:--max-tokens"|"forge agent resume:-n"|"forge agent resume:--model"|"forge agent resume:-m"|"forge agent resume:--max-seconds"|"forge agent resume:--roster"|"forge agent resume:--wait-approval"|"forge agent resume:--node"|"forge agent resume:--token"|"forge agent show:--ledger"|"forge agent list:--limit"|"forge agent list:--ledger"|"forge agent compare:--ledger"|"forge agent route:--roster"|"forge audit list:--ledger"|"forge audit run:--node"|"forge audit run:--token"|"forge audit run:--model"|"forge audit run:-m"|"forge audit run:--peer"|"forge audit run:--ledger"|"forge audit show:--ledger"|"forge rpc serve:--host"|"forge rpc serve:--port"|"forge rpc serve:-p"|"forge rpc serve:--threads"|"forge rpc serve:--memory"|"forge rpc serve:--rate"|"forge rpc serve:--interface") ((i++)) ;;
             "forge:chat") cmdpath="$cmdpath chat" ;;
             "forge:node") cmdpath="$cmdpath node" ;;
             "forge:seed") cmdpath="$cmdpath seed" ;;
@@ -49,6 +49,8 @@ _forge() {
             "forge ledger:cosign") cmdpath="$cmdpath cosign" ;;
             "forge ledger:export") cmdpath="$cmdpath export" ;;
             "forge ledger:import") cmdpath="$cmdpath import" ;;
+            "forge ledger:anchor") cmdpath="$cmdpath anchor" ;;
+            "forge ledger anchor:verify") cmdpath="$cmdpath verify" ;;
             "forge safety:status") cmdpath="$cmdpath status" ;;
             "forge safety:kill") cmdpath="$cmdpath kill" ;;
             "forge safety:resume") cmdpath="$cmdpath resume" ;;
@@ -130,6 +132,8 @@ _forge() {
         "forge wallet:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger verify:--checkpoint") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger verify:--key") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger verify:--witnesses") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger verify:--witness-keys") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger verify:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger show:--limit"|"forge ledger show:-n") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger show:--kind"|"forge ledger show:-k") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -148,6 +152,10 @@ _forge() {
         "forge ledger cosign:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger export:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge ledger import:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger anchor:--network") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger anchor:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger anchor verify:--checkpoint") COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "forge ledger anchor verify:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge safety status:--account") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge safety status:--ledger") COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "forge safety kill:--reason") COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -340,11 +348,11 @@ _forge() {
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--help" -- "$cur"))
             else
-                COMPREPLY=($(compgen -W "verify show get replay root checkpoint prove consistency causal cosign export import" -- "$cur"))
+                COMPREPLY=($(compgen -W "verify show get replay root checkpoint prove consistency causal cosign export import anchor" -- "$cur"))
             fi ;;
         "forge ledger verify")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--deep --json --checkpoint --key --ledger --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--deep --json --checkpoint --key --witnesses --witness-keys --ledger --help" -- "$cur"))
             fi ;;
         "forge ledger show")
             if [[ "$cur" == -* ]]; then
@@ -366,7 +374,7 @@ _forge() {
             fi ;;
         "forge ledger checkpoint")
             if [[ "$cur" == -* ]]; then
-                COMPREPLY=($(compgen -W "--ledger --help" -- "$cur"))
+                COMPREPLY=($(compgen -W "--json --ledger --help" -- "$cur"))
             fi ;;
         "forge ledger prove")
             if [[ "$cur" == -* ]]; then
@@ -399,6 +407,18 @@ _forge() {
         "forge ledger import")
             if [[ "$cur" == -* ]]; then
                 COMPREPLY=($(compgen -W "--ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        "forge ledger anchor")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--network --json --ledger --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "verify" -- "$cur"))
+            fi ;;
+        "forge ledger anchor verify")
+            if [[ "$cur" == -* ]]; then
+                COMPREPLY=($(compgen -W "--checkpoint --json --ledger --help" -- "$cur"))
             else
                 COMPREPLY=($(compgen -f -- "$cur"))
             fi ;;

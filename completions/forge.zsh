@@ -7,7 +7,7 @@ _forge() {
     for ((i = 2; i < CURRENT; i++)); do
         word="${words[i]}"
         case "$cmdpath:$word" in
-            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge node:--split'|'forge node:--ollama-port'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--audit-every'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--max-seconds'|'forge agent run:--roster'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent plan:--model'|'forge agent plan:-m'|'forge agent plan:--account'|'forge agent plan:--max-tokens'|'forge agent plan:-n'|'forge agent plan:--budget'|'forge agent plan:--roster'|'forge agent plan:--node'|'forge agent plan:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--max-tokens'|'forge agent resume:-n'|'forge agent resume:--model'|'forge agent resume:-m'|'forge agent resume:--max-seconds'|'forge agent resume:--roster'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge agent list:--limit'|'forge agent list:--ledger'|'forge agent compare:--ledger'|'forge agent route:--roster'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit run:--model'|'forge audit run:-m'|'forge audit run:--peer'|'forge audit run:--ledger'|'forge audit show:--ledger'|'forge rpc serve:--host'|'forge rpc serve:--port'|'forge rpc serve:-p'|'forge rpc serve:--threads'|'forge rpc serve:--memory'|'forge rpc serve:--rate'|'forge rpc serve:--interface') (( i++ )) ;;
+            ('forge chat:--model'|'forge chat:-m'|'forge chat:--system'|'forge chat:-s'|'forge chat:--max-tokens'|'forge chat:-n'|'forge chat:--temperature'|'forge chat:-t'|'forge chat:--seed'|'forge chat:--node'|'forge chat:--token'|'forge chat:--threads'|'forge node:--model'|'forge node:-m'|'forge node:--host'|'forge node:--port'|'forge node:-p'|'forge node:--ledger'|'forge node:--interface'|'forge node:--peer'|'forge node:--threads'|'forge node:--split'|'forge node:--ollama-port'|'forge seed:--model'|'forge seed:-m'|'forge seed:--host'|'forge seed:--port'|'forge seed:-p'|'forge seed:--ledger'|'forge seed:--interface'|'forge seed:--peer'|'forge seed:--threads'|'forge worker:--model'|'forge worker:-m'|'forge worker:--seed'|'forge worker:--mode'|'forge worker:--max-tokens'|'forge worker:-n'|'forge worker:--temperature'|'forge worker:-t'|'forge worker:--system'|'forge worker:-s'|'forge worker:--wait'|'forge worker:--retries'|'forge worker:--audit-every'|'forge worker:--interface'|'forge worker:--peer'|'forge worker:--ledger'|'forge peers:--node'|'forge peers:--token'|'forge tui:--node'|'forge tui:-n'|'forge tui:--token'|'forge tui:-t'|'forge tui:--poll'|'forge mcp:--node'|'forge mcp:--token'|'forge wallet:--ledger'|'forge ledger verify:--checkpoint'|'forge ledger verify:--key'|'forge ledger verify:--witnesses'|'forge ledger verify:--witness-keys'|'forge ledger verify:--ledger'|'forge ledger show:--limit'|'forge ledger show:-n'|'forge ledger show:--kind'|'forge ledger show:-k'|'forge ledger show:--ledger'|'forge ledger get:--ledger'|'forge ledger replay:--until'|'forge ledger replay:--ledger'|'forge ledger root:--ledger'|'forge ledger checkpoint:--ledger'|'forge ledger prove:--size'|'forge ledger prove:--ledger'|'forge ledger consistency:--ledger'|'forge ledger causal:--ledger'|'forge ledger cosign:--key'|'forge ledger cosign:--proof'|'forge ledger cosign:--ledger'|'forge ledger export:--ledger'|'forge ledger import:--ledger'|'forge ledger anchor:--network'|'forge ledger anchor:--ledger'|'forge ledger anchor verify:--checkpoint'|'forge ledger anchor verify:--ledger'|'forge safety status:--account'|'forge safety status:--ledger'|'forge safety kill:--reason'|'forge safety kill:--ledger'|'forge safety resume:--reason'|'forge safety resume:--ledger'|'forge safety approve:--ledger'|'forge safety deny:--ledger'|'forge safety pending:--ledger'|'forge safety policy set:--account'|'forge safety policy set:--cap'|'forge safety policy set:--hourly'|'forge safety policy set:--lifetime'|'forge safety policy set:--approval'|'forge safety policy set:--ledger'|'forge loan lend:--node'|'forge loan lend:--token'|'forge loan withdraw:--shares'|'forge loan withdraw:--amount'|'forge loan withdraw:--node'|'forge loan withdraw:--token'|'forge loan borrow:--term'|'forge loan borrow:--collateral'|'forge loan borrow:--node'|'forge loan borrow:--token'|'forge loan repay:--node'|'forge loan repay:--token'|'forge loan list:--node'|'forge loan list:--token'|'forge loan pool:--node'|'forge loan pool:--token'|'forge loan credit:--node'|'forge loan credit:--token'|'forge settle:--hours'|'forge settle:--out'|'forge settle:--format'|'forge settle:--price'|'forge agent run:--plan'|'forge agent run:--budget'|'forge agent run:--max-calls'|'forge agent run:--model'|'forge agent run:-m'|'forge agent run:--account'|'forge agent run:--max-tokens'|'forge agent run:-n'|'forge agent run:--concurrency'|'forge agent run:--mode'|'forge agent run:--max-seconds'|'forge agent run:--roster'|'forge agent run:--wait-approval'|'forge agent run:--node'|'forge agent run:--token'|'forge agent plan:--model'|'forge agent plan:-m'|'forge agent plan:--account'|'forge agent plan:--max-tokens'|'forge agent plan:-n'|'forge agent plan:--budget'|'forge agent plan:--roster'|'forge agent plan:--node'|'forge agent plan:--token'|'forge agent resume:--budget'|'forge agent resume:--max-calls'|'forge agent resume:--max-tokens'|'forge agent resume:-n'|'forge agent resume:--model'|'forge agent resume:-m'|'forge agent resume:--max-seconds'|'forge agent resume:--roster'|'forge agent resume:--wait-approval'|'forge agent resume:--node'|'forge agent resume:--token'|'forge agent show:--ledger'|'forge agent list:--limit'|'forge agent list:--ledger'|'forge agent compare:--ledger'|'forge agent route:--roster'|'forge audit list:--ledger'|'forge audit run:--node'|'forge audit run:--token'|'forge audit run:--model'|'forge audit run:-m'|'forge audit run:--peer'|'forge audit run:--ledger'|'forge audit show:--ledger'|'forge rpc serve:--host'|'forge rpc serve:--port'|'forge rpc serve:-p'|'forge rpc serve:--threads'|'forge rpc serve:--memory'|'forge rpc serve:--rate'|'forge rpc serve:--interface') (( i++ )) ;;
             ('forge:chat') cmdpath="$cmdpath chat" ;;
             ('forge:node') cmdpath="$cmdpath node" ;;
             ('forge:seed') cmdpath="$cmdpath seed" ;;
@@ -47,6 +47,8 @@ _forge() {
             ('forge ledger:cosign') cmdpath="$cmdpath cosign" ;;
             ('forge ledger:export') cmdpath="$cmdpath export" ;;
             ('forge ledger:import') cmdpath="$cmdpath import" ;;
+            ('forge ledger:anchor') cmdpath="$cmdpath anchor" ;;
+            ('forge ledger anchor:verify') cmdpath="$cmdpath verify" ;;
             ('forge safety:status') cmdpath="$cmdpath status" ;;
             ('forge safety:kill') cmdpath="$cmdpath kill" ;;
             ('forge safety:resume') cmdpath="$cmdpath resume" ;;
@@ -128,6 +130,8 @@ _forge() {
         ('forge wallet:--ledger') _files; return ;;
         ('forge ledger verify:--checkpoint') _files; return ;;
         ('forge ledger verify:--key') _files; return ;;
+        ('forge ledger verify:--witnesses') _files; return ;;
+        ('forge ledger verify:--witness-keys') _files; return ;;
         ('forge ledger verify:--ledger') _files; return ;;
         ('forge ledger show:--limit'|'forge ledger show:-n') _files; return ;;
         ('forge ledger show:--kind'|'forge ledger show:-k') _files; return ;;
@@ -146,6 +150,10 @@ _forge() {
         ('forge ledger cosign:--ledger') _files; return ;;
         ('forge ledger export:--ledger') _files; return ;;
         ('forge ledger import:--ledger') _files; return ;;
+        ('forge ledger anchor:--network') _files; return ;;
+        ('forge ledger anchor:--ledger') _files; return ;;
+        ('forge ledger anchor verify:--checkpoint') _files; return ;;
+        ('forge ledger anchor verify:--ledger') _files; return ;;
         ('forge safety status:--account') _files; return ;;
         ('forge safety status:--ledger') _files; return ;;
         ('forge safety kill:--reason') _files; return ;;
@@ -363,12 +371,12 @@ _forge() {
                 items=('--help:Show this message and exit.')
                 _describe -t options option items
             else
-                items=('verify:Check every entry, signature and checkpoint. Exit 0 valid, 1 invalid, 2 canno...' 'show:The newest entries, oldest first.' 'get:One entry with its hash, signature and the state of its bodies.' 'replay:Rebuild the state (balances, supply, counts) from the entries alone, up to a...' 'root:Tree size and Merkle root (RFC 9162) of the ledger as it is now.' 'checkpoint:Sign and store a checkpoint (C2SP signed note) of the current tree, and print...' 'prove:Inclusion proof that entry SEQ is in the tree of the given size (RFC 9162 §2....' 'consistency:Consistency proof that the size-OLD tree is a prefix of the size-NEW tree (§2...' 'causal:The chain of parents that led to SEQ, and the entries that name SEQ as parent.' 'cosign:Witness another log: cosign its checkpoint if it extends the last one seen, a...' 'export:Every entry as JSONL on stdout, with bodies (base64) and signatures.' 'import:Verify an export and append what this ledger lacks; a file failing any check...')
+                items=('verify:Check every entry, signature and checkpoint. Exit 0 valid, 1 invalid, 2 canno...' 'show:The newest entries, oldest first.' 'get:One entry with its hash, signature and the state of its bodies.' 'replay:Rebuild the state (balances, supply, counts) from the entries alone, up to a...' 'root:Tree size and Merkle root (RFC 9162) of the ledger as it is now.' 'checkpoint:Sign and store a checkpoint (C2SP signed note) of the current tree, and print...' 'prove:Inclusion proof that entry SEQ is in the tree of the given size (RFC 9162 §2....' 'consistency:Consistency proof that the size-OLD tree is a prefix of the size-NEW tree (§2...' 'causal:The chain of parents that led to SEQ, and the entries that name SEQ as parent.' 'cosign:Witness another log: cosign its checkpoint if it extends the last one seen, a...' 'export:Every entry as JSONL on stdout, with bodies (base64) and signatures.' 'import:Verify an export and append what this ledger lacks; a file failing any check...' 'anchor:The Bitcoin anchor of the original Forge: a 40-byte OP_RETURN payload committ...')
                 _describe -t commands command items
             fi ;;
         ('forge ledger verify')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--deep:Also re-hash bodies and rebuild every table (balances, nonces, Merkle nodes)...' '--json:Print every finding as JSON.' '--checkpoint:A checkpoint saved earlier (`forge ledger checkpoint > cp.txt`): the ledger m...' '--key:Verifier key (vkey) for --checkpoint; default: the node named by its origin.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                items=('--deep:Also re-hash bodies and rebuild every table (balances, nonces, Merkle nodes)...' '--json:Print every finding as JSON.' '--checkpoint:A checkpoint saved earlier (`forge ledger checkpoint > cp.txt`): the ledger m...' '--key:Verifier key (vkey) for --checkpoint; default: the node named by its origin.' '--witnesses:With --checkpoint: exit 1 unless at least N known witnesses cosigned it.' '--witness-keys:Witness verifier keys (vkeys), one a line, # comments; default: the mesh peer...' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
         ('forge ledger show')
@@ -395,7 +403,7 @@ _forge() {
             fi ;;
         ('forge ledger checkpoint')
             if [[ "$PREFIX" == -* ]]; then
-                items=('--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                items=('--json:Machine-readable JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
                 _describe -t options option items
             fi ;;
         ('forge ledger prove')
@@ -434,6 +442,21 @@ _forge() {
         ('forge ledger import')
             if [[ "$PREFIX" == -* ]]; then
                 items=('--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                _files
+            fi ;;
+        ('forge ledger anchor')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--network:mainnet, testnet, signet or regtest (the payload'\''s 6th byte).' '--json:Machine-readable JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
+                _describe -t options option items
+            else
+                items=('verify:Check that PAYLOAD commits to a signed checkpoint this ledger is consistent w...')
+                _describe -t commands command items
+            fi ;;
+        ('forge ledger anchor verify')
+            if [[ "$PREFIX" == -* ]]; then
+                items=('--checkpoint:The checkpoint the payload commits to (default: one of the ledger'\''s own signe...' '--json:Machine-readable JSON on stdout.' '--ledger:Ledger file (default: FORGE_HOME/ledger.db).' '--help:Show this message and exit.')
                 _describe -t options option items
             else
                 _files

@@ -44,6 +44,9 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         foreign.append_many([Draft("note", {"text": f"g{i}"}) for i in range(4)])
         second_note = foreign.checkpoint()
         proof = foreign.consistency_proof(5, 9)
+    with Ledger.open_writer(path.with_name("foreign-fork.db"), foreign_owner) as fork:
+        fork.append_many([Draft("note", {"text": f"x{i}"}) for i in range(5)])
+        forked_note = fork.checkpoint()  # size 5 again, another root: a split view
         from forge_cli.ledger import note
         foreign_vkey = note.Verifier(note.origin_for(foreign_owner.node_id),
                                      foreign_owner.public_key).vkey()
@@ -108,6 +111,16 @@ def build_full_ledger(path: Path, owner: Identity) -> dict[str, Any]:
         book.checkpoint()
         witness(book, first_note, foreign_vkey)
         witness(book, second_note, foreign_vkey, proof)
+        from forge_cli.ledger import witness as witnesses
+
+        witnesses.record_evidence(book, witnesses.check_evidence(
+            {"origin": note.origin_for(foreign_owner.node_id),
+             "notes": [first_note, forked_note]}), "test")
+        ours = book.latest_checkpoint()[2]
+        line = note.cosignature(ours, witnesses.witness_name(stranger.node_id), stranger,
+                                1_800_000_000).line()
+        witnesses.keep_cosignatures(book, ours, line,
+                                    witnesses.witness_verifier(stranger.node_id))
         size = book.size
     return {"size": size, "owner": owner, "consumer": consumer, "stranger": stranger,
             "trade_seq": trade.seq}

@@ -78,7 +78,8 @@ ROUTES = [("GET", "/v1/models"), ("POST", CHAT), ("POST", "/v1/completions"),
 # (verified by their signatures) without tokens.
 MESH_PUBLIC = [("GET", "/v1/forge/ledger/checkpoint"), ("GET", "/v1/forge/ledger/consistency"),
                ("GET", "/v1/forge/gossip/trades"), ("POST", "/v1/forge/gossip/trades"),
-               ("POST", "/v1/forge/audit/dispute")]
+               ("POST", "/v1/forge/audit/dispute"), ("POST", "/ledger/witness/add-checkpoint"),
+               ("GET", "/v1/forge/witness/evidence")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -110,6 +111,12 @@ def test_checkpoint_and_consistency_are_public_for_peers(node):
     status, _, body = node.request("POST", "/v1/forge/gossip/trades", {"trades": []})
     assert_json_error(status, body, 404)
     assert "gossip runs only on a node in the mesh" in body["error"]["message"]
+    # Without the mesh a node witnesses no log: a well-formed add-checkpoint is 404.
+    cp = node.request("GET", "/v1/forge/ledger/checkpoint")[2]["note"]
+    status, _, body = node.request("POST", "/ledger/witness/add-checkpoint",
+                                   raw=b"old 0\n\n" + cp.encode())
+    assert_json_error(status, body, 404)
+    assert body["error"]["code"] == "unknown_log"
 
 
 def test_unknown_route_and_wrong_method_are_json(node):

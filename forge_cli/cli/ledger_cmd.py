@@ -122,6 +122,12 @@ def verify(
         "cp.txt`): the ledger must still extend it, which catches a truncated tail."),
     key: str | None = typer.Option(None, "--key", help="Verifier key (vkey) for --checkpoint; "
                                    "default: the node named by its origin."),
+    witnesses: int | None = typer.Option(
+        None, "--witnesses", min=1, max=16, help="With --checkpoint: exit 1 unless at least N "
+        "known witnesses cosigned it."),
+    witness_keys: Path | None = typer.Option(
+        None, "--witness-keys", help="Witness verifier keys (vkeys), one a line, # comments; "
+        "default: the mesh peers this node gossips with (FORGE_HOME/network.db)."),
     ledger: Path | None = LedgerOpt,
 ) -> None:
     """Check every entry, signature and checkpoint. Exit 0 valid, 1 invalid, 2 cannot check.
@@ -129,25 +135,48 @@ def verify(
     On failure the first bad seq and the reason go to stderr:
 
         forge ledger verify || echo "ledger tampered"
+
+    With --witnesses N, the saved checkpoint must also carry N cosignatures by known witnesses:
+
+        forge ledger checkpoint > cp.txt; forge ledger verify --checkpoint cp.txt --witnesses 2
     """
     from forge_cli.ledger import verify as verifier
 
-    saved = None
+    saved, cosigned = None, None
+    if witnesses is not None and checkpoint is None:
+        raise UsageError("--witnesses counts the cosignatures of a checkpoint; pass "
+                         "--checkpoint FILE")
     if checkpoint is not None:
         try:
-            saved = verifier.open_saved_checkpoint(checkpoint.read_text(encoding="utf-8"), key)
+            text = checkpoint.read_text(encoding="utf-8")
+            saved = verifier.open_saved_checkpoint(text, key)
         except OSError as exc:
             raise UsageError(f"cannot read checkpoint file {checkpoint}: {exc.strerror}") from exc
         except ProofFailed as exc:
             raise ProofFailed(f"saved checkpoint {checkpoint}: {exc}") from None
+        if witnesses is not None:
+            cosigned = _cosigners(text, witness_keys)
     with _reader(ledger) as book:
         report = verifier.verify(book, deep=deep, saved=saved)
+    short = cosigned is not None and witnesses is not None and len(cosigned) < witnesses
     if as_json:
-        print_json(report.to_json())
-    elif report.ok:
+        print_json(report.to_json() | ({} if cosigned is None else {
+            "witnesses": [v.vkey() for v in cosigned], "witnesses_required": witnesses}))
+    elif report.ok and not short:
         typer.echo(f"ledger valid: {report.size} entries, root {report.root}, "
                    f"{report.signatures} signatures, {report.checkpoints} checkpoints"
-                   + (", all tables rebuilt and equal" if deep else ""))
+                   + (", all tables rebuilt and equal" if deep else "")
+                   + ("" if cosigned is None else
+                      f"; the checkpoint is cosigned by {len(cosigned)} known witnesses"))
+    if report.ok and short:
+        assert cosigned is not None
+        names = ", ".join(v.name for v in cosigned) or "none"
+        message = (f"checkpoint {checkpoint} is cosigned by {len(cosigned)} known witnesses "
+                   f"({names}); {witnesses} are required")
+        if as_json:
+            sys.stderr.write(f"forge: {message}\n")
+            raise typer.Exit(CheckFailed.exit_code)
+        raise CheckFailed(message)
     if not report.ok:
         first = report.findings[0]
         more = len(report.findings) - 1
@@ -267,19 +296,73 @@ def root(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
         typer.echo(f"{size} {digest.hex()}")
 
 
+def _cosigners(text: str, keys_file: Path | None) -> list[Any]:
+    """The known witnesses whose cosignature on the checkpoint note verifies."""
+    from forge_cli.ledger import note, witness
+
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read witness keys {keys_file}: {exc}") from exc
+        keys = [note.Verifier.parse(line) for line in lines
+                if line.strip() and not line.lstrip().startswith("#")]
+        if any(k.sig_type != note.COSIGNATURE_V1 for k in keys):
+            raise UsageError(f"{keys_file} holds a key that is not a cosignature/v1 key "
+                             "(type 0x04)")
+    else:
+        from forge_cli.mesh.network import NetworkView
+
+        path = config.home() / "network.db"
+        ids = []
+        if path.exists():
+            view = NetworkView.open(path)
+            try:
+                ids = view.peer_ids()
+            finally:
+                view.close()
+        keys = [witness.witness_verifier(node_id) for node_id in ids]
+    return witness.cosigners(text, keys)
+
+
 @app.command()
-def checkpoint(ledger: Path | None = LedgerOpt) -> None:
-    """Sign and store a checkpoint (C2SP signed note) of the current tree, and print it.
+def checkpoint(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None:
+    """Sign and store a checkpoint (C2SP signed note) of the current tree, and print it with
+    the cosignatures witnesses (mesh peers) gave it. While a node holds the ledger, the newest
+    checkpoint it signed is printed instead.
 
     Save it outside the ledger to catch truncation later:
 
         forge ledger checkpoint > cp.txt; forge ledger verify --checkpoint cp.txt
     """
-    with _writer(ledger) as book:
-        text = book.checkpoint()
-        vkey = book.latest_checkpoint()[3]
-    sys.stdout.write(text)
+    from forge_cli.errors import LedgerError, LedgerLocked
+    from forge_cli.ledger import witness
+
+    try:
+        with _writer(ledger) as book:
+            text = book.checkpoint()
+            size, root, _, vkey = book.latest_checkpoint()
+            full, cosigs, now = (witness.with_cosignatures(book, text),
+                                 witness.cosignatures(book, size), book.size)
+    except LedgerLocked:
+        with _reader(ledger) as book:
+            latest = book.latest_checkpoint()
+            if latest is None:
+                raise LedgerError("the running node has signed no checkpoint yet") from None
+            size, root, text, vkey = latest
+            full, cosigs, now = (witness.with_cosignatures(book, text),
+                                 witness.cosignatures(book, size), book.size)
+        sys.stderr.write(f"a running node holds the ledger: this is the newest checkpoint it "
+                         f"signed (size {size}; the ledger has {now} entries)\n")
+    if as_json:
+        print_json({"size": size, "root": bytes(root).hex(), "note": full, "vkey": vkey,
+                    "cosignatures": [{"witness": w, "time": ts} for w, _, ts in cosigs]})
+        return
+    sys.stdout.write(full)
     sys.stderr.write(f"verifier key: {vkey}\n")
+    if cosigs:
+        sys.stderr.write(f"cosigned by {len(cosigs)} witness(es): "
+                         + ", ".join(w.split("+", 1)[0] for w, _, _ in cosigs) + "\n")
 
 
 @app.command()
@@ -470,3 +553,97 @@ def import_(
                    f"ledger now holds {start + count}")
     else:
         typer.echo(f"nothing to import: the ledger already holds all {start} entries")
+
+
+anchor_app = typer.Typer(
+    help="The Bitcoin anchor of the original Forge: a 40-byte OP_RETURN payload committing to "
+    "the root of the newest signed checkpoint. No wallet, no network: the payload and its proof.",
+    invoke_without_command=True,
+)
+app.add_typer(anchor_app, name="anchor")
+
+
+@anchor_app.callback()
+def anchor(
+    ctx: typer.Context,
+    network: str = typer.Option("mainnet", "--network",
+                                help="mainnet, testnet, signet or regtest (the payload's 6th byte)."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Print the OP_RETURN payload (hex) of the newest signed checkpoint, its script, and the
+    checkpoint it commits to. Publish it with your own Bitcoin node (README: Anchoring)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from forge_cli.errors import LedgerError
+    from forge_cli.ledger import anchor as anchors
+    from forge_cli.ledger import witness
+
+    with _reader(ledger) as book:
+        latest = book.latest_checkpoint()
+        if latest is None:
+            raise LedgerError("the ledger holds no signed checkpoint yet",
+                              hint="sign one with `forge ledger checkpoint`")
+        size, root, text, vkey = latest
+        full = witness.with_cosignatures(book, text)
+    made = anchors.anchor(bytes(root), network)
+    out = {"network": made.network, "payload_hex": made.payload().hex(),
+           "script_hex": made.script().hex(), "payload_len": len(made.payload()),
+           "size": size, "root": bytes(root).hex(), "checkpoint": full, "vkey": vkey}
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(f"payload  {out['payload_hex']}")
+    typer.echo(f"script   {out['script_hex']}  (OP_RETURN, {made.network})")
+    typer.echo(f"commits to the checkpoint of size {size}, root {out['root']}:")
+    typer.echo(full, nl=False)
+
+
+@anchor_app.command("verify")
+def anchor_verify(
+    payload: str = typer.Argument(..., help="The payload in hex (or the whole 6a28… script)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="The checkpoint the payload commits to (default: one of the "
+        "ledger's own signed checkpoints with that root)."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Check that PAYLOAD commits to a signed checkpoint this ledger is consistent with.
+    Exit 0 it does, 1 it does not, 2 the payload is malformed."""
+    from forge_cli.ledger import anchor as anchors
+    from forge_cli.ledger import note
+    from forge_cli.ledger import verify as verifier
+
+    made = anchors.parse(payload)
+    with _reader(ledger) as book:
+        if checkpoint is not None:
+            try:
+                cp = verifier.open_saved_checkpoint(checkpoint.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise UsageError(f"cannot read checkpoint file {checkpoint}: "
+                                 f"{exc.strerror}") from exc
+            if cp.root != made.root:
+                raise ProofFailed(f"the payload commits to root {made.root.hex()}, not to the "
+                                  f"root {cp.root.hex()} of checkpoint {checkpoint}")
+        else:
+            found = [(size, text, vkey) for size, root, text, vkey in book.checkpoints()
+                     if bytes(root) == made.root]
+            if not found:
+                raise ProofFailed(f"no signed checkpoint of this ledger has root "
+                                  f"{made.root.hex()}", hint="pass the one it commits to "
+                                  "with --checkpoint FILE")
+            cp = note.open_checkpoint(found[0][1], note.Verifier.parse(found[0][2]))
+        if cp.size > book.size:
+            raise ProofFailed(f"the checkpoint has {cp.size} entries but this ledger only "
+                              f"{book.size}")
+        if book.root(cp.size) != cp.root:
+            raise ProofFailed(f"this ledger's first {cp.size} entries do not hash to the "
+                              "anchored root: it is not the history the payload commits to")
+        size = book.size
+    out = {"valid": True, "network": made.network, "root": made.root.hex(),
+           "checkpoint_size": cp.size, "origin": cp.origin, "ledger_size": size}
+    if as_json:
+        print_json(out)
+        return
+    typer.echo(f"anchor valid: {made.network} payload commits to {cp.origin} at size {cp.size} "
+               f"(root {made.root.hex()}); this ledger's {size} entries extend it")

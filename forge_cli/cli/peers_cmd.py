@@ -28,7 +28,9 @@ def _row(peer: dict[str, Any], now_ms: int) -> list[str]:
              "-" if price is None else f"{price:,}",
              "-" if peer["reputation"] is None else str(peer["reputation"]),
              _ago(peer["last_seen_ms"], now_ms), "-" if latency is None else f"{latency} ms",
-             peer["source"] + ("  FLAGGED: " + peer["flag_reason"] if peer["flagged"] else "")]
+             str((peer.get("witness") or {}).get("cosigned") or "-"),
+             peer["source"] + ("  FLAGGED: " + peer["flag_reason"] if peer["flagged"] else "")
+             + (f"  FORK EVIDENCE: {peer['fork_evidence']}" if peer.get("fork_evidence") else "")]
     return [display.plain(cell) for cell in cells]
 
 
@@ -41,8 +43,9 @@ def peers(
 ) -> None:
     """Peers the running node found on the mesh (it must run with --mesh or be a seed).
 
-    Shows id, url, models, price (µCU/token), reputation (basis points), last seen and
-    latency of each peer that answered its /health probe.
+    Shows id, url, models, price (µCU/token), reputation (basis points), last seen, latency,
+    how many of this node's checkpoints it cosigned as a witness, and any split view of its
+    log on record (FORK EVIDENCE), for each peer that answered its /health probe.
     """
     from forge_cli.client import running_node
 
@@ -54,7 +57,8 @@ def peers(
     if not table:
         typer.echo("no peers yet (the mesh is running)")
         return
-    header = ["node id", "url", "models", "µCU/tok", "rep bp", "last seen", "latency", "source"]
+    header = ["node id", "url", "models", "µCU/tok", "rep bp", "last seen", "latency", "cosigned",
+              "source"]
     now_ms = time.time_ns() // 1_000_000
     rows = [header, *(_row(p, now_ms) for p in table)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]

@@ -169,13 +169,21 @@ def _cosigned_message(timestamp: int, text: str) -> bytes:
     return f"cosignature/v1\ntime {timestamp}\n".encode() + text.encode()
 
 
-def cosign(note_text: str, witness_name: str, witness: identity.Identity, timestamp: int) -> str:
-    """Add a timestamped Ed25519 cosignature (tlog-cosignature v1) to a checkpoint note."""
+def cosignature(note_text: str, witness_name: str, witness: identity.Identity,
+                timestamp: int) -> Signature:
+    """A timestamped Ed25519 cosignature (tlog-cosignature v1) on a checkpoint note."""
     note = SignedNote.parse(note_text)
     verifier = Verifier(witness_name, witness.public_key, COSIGNATURE_V1)
     blob = struct.pack(">Q", timestamp) + witness.sign(_cosigned_message(timestamp, note.text))
+    return Signature(witness_name, verifier.key_id, blob)
+
+
+def cosign(note_text: str, witness_name: str, witness: identity.Identity, timestamp: int) -> str:
+    """The checkpoint note with a cosignature by `witness` added (replacing its earlier one)."""
+    note = SignedNote.parse(note_text)
     others = tuple(s for s in note.signatures if s.name != witness_name)
-    return SignedNote(note.text, (*others, Signature(witness_name, verifier.key_id, blob))).render()
+    sig = cosignature(note_text, witness_name, witness, timestamp)
+    return SignedNote(note.text, (*others, sig)).render()
 
 
 def verify_cosignature(note_text: str, verifier: Verifier) -> int:

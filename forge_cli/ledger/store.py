@@ -51,10 +51,16 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS witnessed (origin TEXT PRIMARY KEY, size INTEGER NOT NULL,
         root BLOB NOT NULL, note TEXT NOT NULL, log_vkey TEXT NOT NULL,
         witness_vkey TEXT NOT NULL)""",
+    # Cosignatures peers returned on this ledger's checkpoints (ledger.witness), each verified.
+    """CREATE TABLE IF NOT EXISTS cosignatures (size INTEGER NOT NULL, witness_vkey TEXT NOT NULL,
+        line TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY (size, witness_vkey))""",
+    # Two checkpoints of one log that cannot both be true (a split view), both signed by it.
+    """CREATE TABLE IF NOT EXISTS fork_evidence (origin TEXT NOT NULL, size INTEGER NOT NULL,
+        note_a TEXT NOT NULL, note_b TEXT NOT NULL, PRIMARY KEY (origin, size))""",
     *(view.ddl() for view in views.VIEWS),
 ]
-TABLES = ("entries", "bodies", "merkle_nodes", "checkpoints", "witnessed",
-          *(view.table for view in views.VIEWS))
+TABLES = ("entries", "bodies", "merkle_nodes", "checkpoints", "witnessed", "cosignatures",
+          "fork_evidence", *(view.table for view in views.VIEWS))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 from forge_cli import canonical, parallel
 from forge_cli.errors import EntryRejected, ForgeError, UsageError
-from forge_cli.ledger import entries, merkle, note, views
+from forge_cli.ledger import entries, merkle, note, views, witness
 from forge_cli.ledger.store import TABLES, Ledger
 
 log = logging.getLogger("forge.ledger")
@@ -374,6 +374,8 @@ class _Verifier:
                 self.find(None, view.table, problem)
         self._conservation()
         self._deep_witnessed(conn)
+        for table, problem in witness.deep_findings(self.ledger):
+            self.find(None, table, problem)
 
     def _conservation(self) -> None:
         """Σ balances + Σ escrow + pool cash = Σ grants − Σ burns, and nothing negative.

@@ -35,6 +35,7 @@ from forge_cli.errors import (
 )
 from forge_cli.ledger import merkle, note
 from forge_cli.mesh.network import ACCEPTED, DUPLICATE, NetworkView
+from forge_cli.mesh.witnesses import Witnesses
 
 log = logging.getLogger("forge.gossip")
 
@@ -163,6 +164,7 @@ class Gossip:
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="forge-gossip")
         self._waiting = 0
         self._pulling = asyncio.Semaphore(MAX_PULLING)
+        self.witnesses: Witnesses | None = None  # build_node sets it: cosigning with peers
 
     async def start(self) -> None:
         import aiohttp
@@ -230,6 +232,11 @@ class Gossip:
                 await self._guard(peer, "checkpoint check", self.check_checkpoint(peer))
                 if self.mesh.flag_of(peer) is not None:
                     return
+                if self.witnesses is not None:
+                    await self._guard(peer, "witness request",
+                                      self.witnesses.ask(peer, self._session))
+                    await self._guard(peer, "evidence pull",
+                                      self.witnesses.pull_evidence(peer, self._client(peer)))
                 await self._guard(peer, "pull", self.pull(peer))
             await self._guard(peer, "push", self.push(peer))
         except Exception:  # a bug must not end gossip with this peer for good
@@ -381,6 +388,9 @@ class Gossip:
             return
         if cp.size == last.cp_size:
             if cp.root != last.cp_root:
+                if self.witnesses is not None and last.cp_note:
+                    await self.witnesses.fork_seen(cp.origin, last.cp_note, body["note"],
+                                                   f"gossip check of {peer.url}")
                 await self.flag(peer, f"log fork: checkpoint {cp.size} has root "
                                 f"{cp.root.hex()[:16]}… but root {last.cp_root.hex()[:16]}… "
                                 f"was seen earlier at the same size")

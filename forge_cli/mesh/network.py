@@ -472,6 +472,12 @@ class NetworkView:
             self.conn.execute(f"UPDATE peers SET {assignments} WHERE node_id = ?",
                               (*values, node_id))
 
+    def peer_ids(self) -> list[str]:
+        """Node ids of the peers gossip has dealt with and not flagged."""
+        with self.lock:
+            return [row[0] for row in self.conn.execute(
+                "SELECT node_id FROM peers WHERE flag IS NULL ORDER BY node_id")]
+
     def flags(self) -> dict[str, str]:
         """node id → why that peer is flagged, for every flagged peer."""
         with self.lock:

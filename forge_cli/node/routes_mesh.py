@@ -8,7 +8,7 @@ from aiohttp import web
 
 from forge_cli.economy.credit import account_reputation
 from forge_cli.errors import MeshNotRunning
-from forge_cli.ledger import queries
+from forge_cli.ledger import queries, witness
 from forge_cli.node.web import NODE, Route
 
 if TYPE_CHECKING:
@@ -23,9 +23,14 @@ def peer_table(node: Node) -> list[dict[str, Any]]:
                              hint="start it with `forge node --mesh` or `forge seed`")
     rows = node.mesh.table(lambda node_id: account_reputation(node.reader, node_id))
     records = queries.audit_records(node.reader)
+    cosigned, forks = witness.witness_counts(node.reader), witness.evidence_counts(node.reader)
     for row in rows:
         passed, disputed, forged = records.get(row["node_id"] or "", (0, 0, 0))
         row["audits"] = {"passed": passed, "disputed": disputed, "forged": forged}
+        count, largest = cosigned.get(row["node_id"] or "", (0, None))
+        # As a witness: how many of our checkpoints it cosigned; as a log: split views of it.
+        row["witness"] = {"cosigned": count, "largest_size": largest}
+        row["fork_evidence"] = forks.get(row["node_id"] or "", 0)
     return rows
 
 

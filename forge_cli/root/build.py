@@ -117,6 +117,9 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                              source_quota=settings["mesh.gossip_source_quota"],
                              max_trades=settings["mesh.gossip_max_trades"],
                              on_refused=lambda reason, n: refused.labels(reason).inc(n))
+        from forge_cli.mesh.witnesses import Witnesses
+
+        node.gossip.witnesses = Witnesses(node)
     return node
 
 

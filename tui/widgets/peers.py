@@ -1,5 +1,5 @@
 """Peers on the mesh: id, models, price, reputation, audit record, last seen, latency, flagged
-peers."""
+peers, and how many of our checkpoints each cosigned as a witness."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class PeersPanel(Panel):
         yield Static(NO_MESH, id="peers-state")
         table: DataTable = DataTable(id="peers-table", cursor_type="row")
         table.add_columns("peer", "models", "price µCU/tok", "rep bp", "audits", "last seen",
-                          "latency", "flag")
+                          "latency", "flag", "cosigned")
         yield table
 
     def show(self, snapshot: Snapshot) -> None:
@@ -48,7 +48,8 @@ class PeersPanel(Panel):
             # A peer picks its node id and model names: cells hold Text, never markup.
             cells = [str(peer.get("node_id") or "?")[:8], names,
                      _or_dash(peer.get("price_ucu_per_token")), _or_dash(peer.get("reputation")),
-                     _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer)]
+                     _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer),
+                     _or_dash((peer.get("witness") or {}).get("cosigned") or None)]
             table.add_row(*map(display.text, cells))
 
 
@@ -68,7 +69,10 @@ def _audits(peer: dict) -> str:
 
 
 def _flag(peer: dict) -> str:
-    """A short word for why a peer is flagged (duplicate node id, disputes, a forked log)."""
+    """A short word for why a peer is flagged (duplicate node id, disputes, a forked log, a
+    split view on record)."""
+    if peer.get("fork_evidence"):
+        return "SPLIT VIEW"
     if not peer.get("flagged"):
         return ""
     reason = str(peer.get("flag_reason") or "")
