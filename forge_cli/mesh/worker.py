@@ -83,7 +83,10 @@ def local_auditor(signer: identity.Identity, ledger: Ledger, run: Callable[..., 
     return Auditor(signer, every=max(1, every),
                    engines=lambda sha: model if model is not None and model.sha256 == sha
                    else None,
-                   append=append, disputes_against=lambda p: queries.dispute_auditors(ledger, p),
+                   append=append,
+                   # Only this key's own disputes are in its ledger: each weighs what a node's
+                   # own does (10,000 bp), short of FLAG_TRUST_BP alone.
+                   disputes_against=lambda p: 10_000 * queries.dispute_auditors(ledger, p),
                    flag=flag, peers=peers, send=send)
 
 
