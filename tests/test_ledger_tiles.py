@@ -263,3 +263,16 @@ def test_tile_routes_answer_hostile_paths_with_400_and_missing_tiles_with_404(se
     zipped = fetch(node.url + "/ledger/tile/entries/000", {"Accept-Encoding": "gzip"})
     assert gzip.decompress(zipped) == plain and len(zipped) < len(plain)
     assert len(fetch(node.url + "/ledger/tile/0/000")) == 8192
+
+
+def test_tiles_bench_names_its_options_and_refuses_bad_counts() -> None:
+    bench = REPO / "bench" / "tiles_bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    for option in ("--entries", "--readers", "--rounds", "--json"):
+        assert option in done.stdout
+    done = subprocess.run([sys.executable, str(bench), "--readers", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "must be at least 1" in done.stderr
+    assert "Traceback" not in done.stderr
