@@ -276,3 +276,25 @@ def test_tiles_bench_names_its_options_and_refuses_bad_counts() -> None:
                           text=True, timeout=60)
     assert done.returncode == 2 and "must be at least 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_cosigned_checkpoint_verifies_in_tlog_scales(tmp_path: Path) -> None:
+    """forge's tlog-cosignature/v1 lines check out in the same independent verifier (how a
+    witness's cosignature is checked: `tests/tlog_verify.py … --cosigner VKEY`)."""
+    me, witness_key = identity.Identity.generate(), identity.Identity.generate()
+    with Ledger.open_writer(tmp_path / "l.db", me) as book:
+        book.append_many([Draft("note", {"text": f"e{i}"}) for i in range(300)])
+        book.checkpoint()
+        tiles.export(book, tmp_path / "site")
+    vkey = note.Verifier(note.origin_for(me.node_id), me.public_key).vkey()
+    name = note.origin_for(witness_key.node_id) + "/witness"
+    cosigner = note.Verifier(name, witness_key.public_key, note.COSIGNATURE_V1).vkey()
+    signed = (tmp_path / "site" / "checkpoint").read_text(encoding="utf-8")
+    (tmp_path / "site" / "checkpoint").write_text(
+        note.cosign(signed, name, witness_key, 1_760_000_000), encoding="utf-8")
+    code, result = run_verifier(str(tmp_path / "site"), vkey, "--cosigner", cosigner)
+    assert code == 0 and result["cosignatures"] == 1, result
+    stranger = identity.Identity.generate()
+    wrong = note.Verifier(name, stranger.public_key, note.COSIGNATURE_V1).vkey()
+    code, result = run_verifier(str(tmp_path / "site"), vkey, "--cosigner", wrong)
+    assert code == 1 and "0 of 1 cosignatures" in result["error"], result
