@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from tests.conftest import REPO, forge_env
 from tests.node_harness import NodeProcess
 
 VERIFIER = REPO / "tests" / "tlog_verify.py"
+GO_VERIFIER = REPO / "tests" / "tlog_verify_go"
+GOPATH = Path("/usr/share/gocode")  # where Debian's golang-*-dev packages put Go sources
 OLD_SIZES = (300, 700)
 SIZE = 1000
 
@@ -45,6 +48,30 @@ def run_verifier(location: str, vkey: str, *args: str) -> tuple[int, dict]:
     env["PYTHONPATH"] = verifier_path()  # forge itself is not importable there
     done = subprocess.run([sys.executable, str(VERIFIER), location, vkey, *args],
                           capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def go_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/tlog_verify_go built against Debian's golang.org/x/mod (offline, GOPATH mode)."""
+    go = shutil.which("go")
+    if go is None or not (GOPATH / "src/golang.org/x/mod/sumdb/tlog").is_dir():
+        pytest.skip("the Go checksum-database verifier needs Debian's golang-go and "
+                    "golang-golang-x-mod-dev (`apt-get install golang-go "
+                    "golang-golang-x-mod-dev`)")
+    out = tmp_path_factory.mktemp("go") / "tlog_verify_go"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH), "GOFLAGS": "",
+           "GOCACHE": str(out.parent / "cache"), "GOPROXY": "off"}
+    done = subprocess.run([go, "build", "-o", str(out), "."], cwd=GO_VERIFIER, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def run_go_verifier(binary: Path, location: str, vkey: str, *olds: Path) -> tuple[int, dict]:
+    done = subprocess.run([str(binary), location, vkey, *map(str, olds)], capture_output=True,
+                          text=True, timeout=300)
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout.splitlines()[-1])
 
@@ -239,6 +266,34 @@ def test_a_tampered_export_fails_the_verifier(served, tmp_path: Path) -> None:
     wrong = note.Verifier(vkey.split("+")[0], other.public_key).vkey()
     code, result = run_verifier(str(tmp_path / "site"), wrong)
     assert code == 1
+
+
+def export_with_cli(home: Path, site: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "forge_cli", "ledger", "tiles", "export",
+                           str(site), "--json"], capture_output=True, text=True, cwd=REPO,
+                          env=forge_env(home), timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_node_and_exported_tiles_verify_in_go_x_mod(served, go_verifier: Path,
+                                                     tmp_path: Path) -> None:
+    """The same checks by golang.org/x/mod/sumdb/tlog and sumdb/note (the Go checksum
+    database's code, from Debian): over HTTP from the node, and from http.server."""
+    node, vkey, old = served
+    code, result = run_go_verifier(go_verifier, node.url + "/ledger", vkey, *old)
+    assert code == 0, result
+    assert result["size"] >= SIZE and result["old_sizes_consistent"] == list(OLD_SIZES)
+    report = export_with_cli(node.home, tmp_path / "site")
+    with StaticServer(tmp_path / "site") as static:
+        code, result = run_go_verifier(go_verifier, static.url, vkey, *old)
+    assert code == 0, result
+    assert result["size"] == report["size"]
+    target = tmp_path / "site" / "tile" / "entries" / "000"
+    original = target.read_bytes()
+    target.write_bytes(original[:50] + bytes([original[50] ^ 1]) + original[51:])
+    code, result = run_go_verifier(go_verifier, str(tmp_path / "site"), vkey)
+    assert code == 1 and "does not hash to its leaf" in result["error"], result
 
 
 def test_tile_routes_answer_hostile_paths_with_400_and_missing_tiles_with_404(served) -> None:
