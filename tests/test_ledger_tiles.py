@@ -353,3 +353,24 @@ def test_a_cosigned_checkpoint_verifies_in_tlog_scales(tmp_path: Path) -> None:
     wrong = note.Verifier(name, stranger.public_key, note.COSIGNATURE_V1).vkey()
     code, result = run_verifier(str(tmp_path / "site"), vkey, "--cosigner", wrong)
     assert code == 1 and "0 of 1 cosignatures" in result["error"], result
+
+
+def test_export_without_a_checkpoint_or_to_an_unwritable_place_exits_2_with_a_reason(
+        tmp_path: Path) -> None:
+    me = identity.Identity.generate()
+    with Ledger.open_writer(tmp_path / "l.db", me) as book:
+        book.append("note", {"text": "no checkpoint yet"})
+    run = [sys.executable, "-m", "forge_cli", "ledger", "tiles", "export"]
+    done = subprocess.run([*run, str(tmp_path / "site"), "--ledger", str(tmp_path / "l.db")],
+                          capture_output=True, text=True, cwd=REPO, env=forge_env(tmp_path),
+                          timeout=120)
+    assert done.returncode == 2 and "no signed checkpoint" in done.stderr, done.stderr
+    assert "forge ledger checkpoint" in done.stderr and "Traceback" not in done.stderr
+    with Ledger.open_writer(tmp_path / "l.db", me) as book:
+        book.checkpoint()
+    (tmp_path / "file").write_text("in the way")
+    done = subprocess.run([*run, str(tmp_path / "file" / "site"), "--ledger",
+                           str(tmp_path / "l.db")], capture_output=True, text=True, cwd=REPO,
+                          env=forge_env(tmp_path), timeout=120)
+    assert done.returncode == 2 and "cannot write" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
