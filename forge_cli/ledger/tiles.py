@@ -99,8 +99,8 @@ def parse_path(path: str) -> Tile:
 
 
 def tiles_for_size(size: int) -> Iterator[Tile]:
-    """Every tile and entry bundle of a tree of `size` entries, level by level: the full ones,
-    then the partial one where the level's count of hashes is not a multiple of 256."""
+    """Every tile and entry bundle of a tree of `size` entries: the full ones level by level,
+    then the partial ones (where a level's count of hashes is not a multiple of 256)."""
     for level, count in enumerate(_level_counts(size)):
         for n in range(count // TILE_WIDTH):
             yield Tile(level, n)
