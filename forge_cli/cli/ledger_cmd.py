@@ -647,3 +647,32 @@ def anchor_verify(
         return
     typer.echo(f"anchor valid: {made.network} payload commits to {cp.origin} at size {cp.size} "
                f"(root {made.root.hex()}); this ledger's {size} entries extend it")
+
+
+tiles_app = typer.Typer(help="The ledger as a C2SP tlog-tiles log (static files).",
+                        no_args_is_help=True)
+app.add_typer(tiles_app, name="tiles")
+
+
+@tiles_app.command("export")
+def tiles_export(
+    directory: Path = typer.Argument(..., help="Folder to write checkpoint and tile/ into."),
+    as_json: bool = JsonOpt,
+    ledger: Path | None = LedgerOpt,
+) -> None:
+    """Write the tree of the latest signed checkpoint as C2SP tlog-tiles static files.
+
+    Any static file server can then serve the log, e.g.:
+
+        forge ledger tiles export site/ && python -m http.server -d site/
+    """
+    from forge_cli.ledger import tiles
+
+    with _reader(ledger) as book:
+        done = tiles.export(book, directory)
+    if as_json:
+        print_json({"directory": str(directory), "size": done.size, "files": done.files,
+                    "bytes": done.bytes})
+    else:
+        typer.echo(f"wrote {done.files} files ({done.bytes:,} bytes) for the tree of "
+                   f"{done.size} entries to {directory}")

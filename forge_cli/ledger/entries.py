@@ -25,6 +25,9 @@ UCU_PER_CU = 1_000_000
 # Every amount, count and time in an entry or trade is at most 2^53: exact in SQLite, in JSON
 # readers that use doubles, and far from 2^63 when summed.
 MAX_AMOUNT = 2**53
+# An entry's bytes are the leaf the tree hashes, and C2SP tlog-tiles entry bundles carry each
+# leaf after a big-endian uint16 length: no entry may be longer (bodies are stored apart).
+MAX_LEAF_BYTES = 65_535
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
@@ -80,7 +83,17 @@ def build(
     if not (type(seq) is type(ts) is int and isinstance(kind, str) and kind.isascii()):
         raise canonical.CanonicalError("entry envelope has a seq, ts or kind of the wrong type")
     raw = canonical.dumps_checked_parts(fields)
+    check_leaf_size(seq, raw)
     return fields, raw, leaf_hash(raw)
+
+
+def check_leaf_size(seq: int, raw: bytes) -> None:
+    """EntryRejected if the entry is too long to be a leaf of an entry bundle."""
+    if len(raw) > MAX_LEAF_BYTES:
+        raise EntryRejected(
+            f"entry {seq} would be {len(raw):,} bytes; a ledger entry is at most "
+            f"{MAX_LEAF_BYTES:,} bytes (C2SP tlog-tiles entry bundles carry a 16-bit length); "
+            "put large content in a body, which is stored outside the entry")
 
 
 def check_envelope(fields: Any) -> str | None:

@@ -599,6 +599,8 @@ class Ledger:
             tuple[dict[str, Any], bytes, bytes, bytes, dict[str, bytes]]]) -> list[Entry]:
         """Append records already built, signed and checked elsewhere (import), in one
         transaction: (fields, entry bytes, leaf hash, signature, bodies by hash)."""
+        for fields, raw, *_ in records:
+            entries.check_leaf_size(fields["seq"], raw)
         rng = self.compact_range()
         with self._transaction():
             for fields, *_ in records:

@@ -25,6 +25,7 @@ from forge_cli.node import (
     routes_p2p,
     routes_safety,
     routes_system,
+    routes_tiles,
     routes_witness,
 )
 from forge_cli.node.throttle import AUTH_FAILURES_PER_MINUTE, REJECTS_PER_MINUTE, Throttle
@@ -46,14 +47,15 @@ ROUTES: list[Route] = [*routes_openai.ROUTES, *routes_embeddings.ROUTES, *routes
                        *routes_economy.ROUTES, *routes_lending.ROUTES, *routes_ledger.ROUTES,
                        *routes_safety.ROUTES, *routes_mesh.ROUTES, *routes_p2p.ROUTES,
                        *routes_gossip.ROUTES, *routes_system.ROUTES,
-                       *routes_agent.ROUTES, *routes_audit.ROUTES, *routes_witness.ROUTES]
+                       *routes_agent.ROUTES, *routes_audit.ROUTES, *routes_witness.ROUTES,
+                       *routes_tiles.ROUTES]
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TIMERS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("timers")
 
 
 def make_app(node: Node) -> web.Application:
     """The node's web application (tests run it on loopback with aiohttp's test server)."""
-    public = {route.path for route in ROUTES if route.public}
+    public = {route.template for route in ROUTES if route.public}
     auth = auth_middleware(Throttle(AUTH_FAILURES_PER_MINUTE), public)
     app = web.Application(middlewares=[routes_ollama.ollama_errors, errors_middleware, auth],
                           client_max_size=MAX_BODY)

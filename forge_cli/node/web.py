@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ class Route:
     handler: Handler
     summary: str
     public: bool = False
+
+    @property
+    def template(self) -> str:
+        """The path as aiohttp names its resource: `{name:regex}` parts become `{name}`."""
+        return re.sub(r"\{(\w+):[^}]*\}", r"{\1}", self.path)
 
 
 def error_response(status: int, message: str, kind: str, code: str | None = None,
@@ -242,12 +248,12 @@ def openapi(routes: list[Route]) -> dict[str, Any]:
         if route.method == "POST":
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"type": "object"}}}}
-        params = [part[1:-1] for part in route.path.split("/") if part.startswith("{")]
+        params = [part[1:-1] for part in route.template.split("/") if part.startswith("{")]
         if params:
             op["parameters"] = [{"name": p, "in": "path", "required": True,
                                  "schema": {"type": "integer", "minimum": 0} if p == "seq"
                                  else {"type": "string"}} for p in params]
-        paths.setdefault(route.path, {})[route.method.lower()] = op
+        paths.setdefault(route.template, {})[route.method.lower()] = op
     return {
         "openapi": "3.0.3",
         "info": {"title": "forge node", "version": "1"},
