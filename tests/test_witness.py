@@ -25,6 +25,7 @@ from forge_cli.ledger.store import Ledger
 from tests.conftest import REPO, forge_env
 from tests.mesh_helpers import wait_for
 from tests.node_harness import NodeProcess
+from tests.test_ledger_tiles import run_verifier
 from tests.test_mesh_gossip import STATIC, FakePeer, flag_of, node_peers, notes
 
 ADD = "/ledger/witness/add-checkpoint"
@@ -154,6 +155,13 @@ def test_a_forked_log_is_refused_by_its_witness_and_a_third_node_flags_it(nodes,
     assert shown["cosignatures"][0]["witness"] == witness.witness_verifier(w_id).vkey()
     w_key = witness.witness_verifier(w_id)
     assert note.verify_cosignature(shown["note"], w_key) > 0
+    # F serves that checkpoint over HTTP with W's cosignature, and an independent C2SP verifier
+    # (tlog-scales, not forge's code) checks F's signature, the tiles and W's cosignature.
+    f_vkey = note.Verifier(note.origin_for(key.node_id), key.public_key).vkey()
+    wait_for("f serving w's cosignature", lambda: w_key.vkey().split("+")[0] in str(
+        f.request("GET", "/ledger/checkpoint")[2]))
+    checked, result = run_verifier(f"{f.url}/ledger", f_vkey, "--cosigner", w_key.vkey())
+    assert checked == 0 and result["cosignatures"] == 1, result
     size_a = shown["size"]
     (tmp_path / "cp.txt").write_text(forge(f_home, "ledger", "checkpoint").stdout)
     (tmp_path / "keys.txt").write_text(f"# w\n{w_key.vkey()}\n")
