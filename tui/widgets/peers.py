@@ -1,5 +1,6 @@
-"""Peers on the mesh: id, models, price, reputation, audit record, last seen, latency, flagged
-peers, and how many of our checkpoints each cosigned as a witness."""
+"""Peers on the mesh: id, models, price, reputation, trust over the trade graph (effective: trust
+less the collusion penalty, with the heuristics that fired), audit record, last seen, latency,
+flagged peers, and how many of our checkpoints each cosigned as a witness."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class PeersPanel(Panel):
         yield Static(classes="notice")
         yield Static(NO_MESH, id="peers-state")
         table: DataTable = DataTable(id="peers-table", cursor_type="row")
-        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "audits", "last seen",
+        table.add_columns("peer", "models", "price µCU/tok", "rep bp", "trust bp",
+                          "collusion", "audits", "last seen",
                           "latency", "flag", "cosigned")
         yield table
 
@@ -48,13 +50,20 @@ class PeersPanel(Panel):
             # A peer picks its node id and model names: cells hold Text, never markup.
             cells = [str(peer.get("node_id") or "?")[:8], names,
                      _or_dash(peer.get("price_ucu_per_token")), _or_dash(peer.get("reputation")),
-                     _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer),
+                     _or_dash(peer.get("effective_bp")), _collusion(peer), _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer),
                      _or_dash((peer.get("witness") or {}).get("cosigned") or None)]
             table.add_row(*map(display.text, cells))
 
 
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
+
+
+def _collusion(peer: dict) -> str:
+    """The collusion heuristics that fired for a peer (24 h window), with the penalty."""
+    record = peer.get("collusion") or {}
+    flags = [str(f).replace("_", " ") for f in record.get("flags") or []]
+    return f"{', '.join(flags)} (-{record.get('penalty_bp', 0)})" if flags else "-"
 
 
 def _audits(peer: dict) -> str:
