@@ -7,7 +7,9 @@ row. It never stops at the first problem: every finding is collected.
 
 Entries are checked a span at a time (`check_span`), spans on worker processes, one per
 core; this process folds their results in seq order, so the report is the same for any
-number of workers.
+number of workers. The fold is kept small, because it is the one part that does not spread
+over cores: a whole span joins the Merkle tree as one subtree root, and `--deep` receives
+each span's parsed entries in one marshal blob rather than parsing them again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import marshal
 import sqlite3
 from collections import deque
 from collections.abc import Iterator
@@ -87,7 +90,27 @@ def signature_problem(what: str) -> str:
     return f"{what} signature does not verify"
 
 
-@dataclass
+_DECODER = json.JSONDecoder()
+
+
+def parse_entry(raw: bytes) -> Any:
+    """`json.loads(raw)`, ValueError if `raw` is not JSON.
+
+    Stored entries are UTF-8 with nothing around the value, which one decoder call reads;
+    anything else (a byte-order mark, whitespace, UTF-16, an encoded surrogate) goes to
+    `json.loads` itself, so both accept and refuse exactly the same bytes.
+    """
+    try:
+        text = raw.decode()
+        value, end = _DECODER.raw_decode(text)
+        if end == len(text):
+            return value
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        pass
+    return json.loads(raw)
+
+
+@dataclass(slots=True)
 class EntryCheck:
     """What `check_entry` found: the leaf hash, the fields (None if unreadable), the problems
     found so far, and the signatures still to check (see `bad_signatures`)."""
@@ -107,7 +130,7 @@ def check_entry(raw: bytes, sig: bytes, seq: int, prev: bytes, *, strict: bool) 
     """
     leaf = hashlib.sha256(b"\x00" + raw).digest()
     try:
-        fields = json.loads(raw)
+        fields = parse_entry(raw)
     except ValueError:
         return EntryCheck(leaf, None, ["entry is not JSON"], [])
     problem = entries.check_envelope(fields)
@@ -147,12 +170,23 @@ class Span:
     problems: list[tuple[int, str]] = field(default_factory=list)  # (seq, reason), row order
     bad_signatures: list[tuple[int, str]] = field(default_factory=list)  # (seq, what)
     signatures: int = 0
-    # deep: each row's bytes, None if unreadable (parsing again here costs less than pickling
-    # the parsed fields between processes)
-    entries: list[bytes | None] = field(default_factory=list)
+    # When every seq in the span is present and there are 2^height of them: the root of
+    # their perfect subtree; deep also keeps every node under it, a level's hashes joined
+    # (nodes[0] is level 1)
+    subtree: bytes | None = None
+    height: int = 0
+    nodes: list[bytes] = field(default_factory=list)
+    # deep: marshal of each row's fields (None where unreadable); marshal reads them back
+    # several times faster than JSON, and this process reads every entry of the ledger
+    fields: bytes = b""
 
     def leaf(self, i: int) -> bytes:
         return self.leaves[32 * i:32 * i + 32]
+
+    def parsed(self) -> list[dict[str, Any] | None]:
+        # Only ever our own worker's output: marshal is not for bytes from outside.
+        parsed: list[dict[str, Any] | None] = marshal.loads(self.fields)
+        return parsed
 
 
 def check_span(book: Ledger, start: int, end: int, *, deep: bool, threads: int = 1) -> Span:
@@ -166,26 +200,35 @@ def check_span(book: Ledger, start: int, end: int, *, deep: bool, threads: int =
         (start,)).fetchone()
     prev = bytes.fromhex(entries.GENESIS_PREV) if before is None else merkle.leaf_hash(before[0])
     span = Span()
+    problems, seqs = span.problems, span.seqs
     checks: list[SigCheck] = []
     leaves: list[bytes] = []
+    parsed: list[dict[str, Any] | None] = []
     for rows in book.iter_rows(start, end, batch=max(1, end - start)):
         for seq, stored_hash, raw, sig, kind, ts in rows:
             check = check_entry(raw, sig, seq, prev, strict=deep)
-            fields = check.fields
-            if check.leaf != stored_hash:
-                span.problems.append(
-                    (seq, "stored hash does not match the entry bytes (edited entry)"))
-            span.problems.extend((seq, problem) for problem in check.problems)
+            fields, leaf = check.fields, check.leaf
+            if leaf != stored_hash:
+                problems.append((seq, "stored hash does not match the entry bytes (edited entry)"))
+            if check.problems:
+                problems.extend((seq, problem) for problem in check.problems)
             if fields is not None:
                 if fields["kind"] != kind or fields["ts"] != ts:
-                    span.problems.append((seq, "kind/ts columns do not match the entry"))
-                checks.extend(check.signatures)
-            span.seqs.append(seq)
-            leaves.append(check.leaf)
-            if deep:
-                span.entries.append(None if fields is None else raw)
-            prev = check.leaf
+                    problems.append((seq, "kind/ts columns do not match the entry"))
+                checks += check.signatures
+            seqs.append(seq)
+            leaves.append(leaf)
+            parsed.append(fields)
+            prev = leaf
     span.leaves = b"".join(leaves)
+    count = len(leaves)
+    if count == end - start and count and not count & (count - 1):
+        levels = merkle.subtree_levels(leaves)
+        span.subtree, span.height = levels[-1][0], len(levels) - 1
+        if deep:
+            span.nodes = [b"".join(level) for level in levels[1:]]
+    if deep:
+        span.fields = marshal.dumps(parsed)
     span.signatures = len(checks)
     span.bad_signatures = bad_signatures(checks, threads=threads)
     return span
@@ -303,24 +346,52 @@ class _Verifier:
         finds (deep), then its bad signatures, as one sequential pass would find them."""
         for seq, reason in span.problems:
             self.find(seq, "entries", reason)
+        if self.deep:
+            for seq, fields in zip(span.seqs, span.parsed(), strict=True):
+                if fields is not None:
+                    self._deep_entry(seq, fields)
+        if not self._fold_subtree(span):
+            self._fold_leaves(span)
+        for seq, what in span.bad_signatures:
+            self.find(seq, "entries", signature_problem(what))
+        self.report.signatures += span.signatures
+
+    def _fold_subtree(self, span: Span) -> bool:
+        """Add a whole span to the tree as one subtree, where that is what adding its leaves
+        one by one would do: no seq missing before or in it, and no checkpoint's size inside
+        it (whose root needs the leaves). False if it must go leaf by leaf."""
+        if span.subtree is None or not span.seqs:
+            return False
+        start, count = span.seqs[0], len(span.seqs)
+        if self.expected != start or self.range.size != start or any(
+                start < size < start + count for size in self.wanted_roots):
+            return False
+        completed = self.range.append_subtree(span.height, span.subtree)
+        if self.deep:
+            for level, joined in enumerate(span.nodes, 1):
+                first = start >> level
+                for i in range(len(joined) // 32):
+                    self.nodes[(level, first + i)] = joined[32 * i:32 * i + 32]
+            for level, idx, node in completed:
+                self.nodes[(level, idx)] = node
+        if self.range.size in self.wanted_roots:
+            self.roots[self.range.size] = self.range.root()
+        self.expected = start + count
+        return True
+
+    def _fold_leaves(self, span: Span) -> None:
         for i, seq in enumerate(span.seqs):
             expected = self.expected
             if seq != expected:
                 self.find(expected, "entries",
                           f"entries {expected}..{seq - 1} are missing (deleted or reordered)"
                           if seq > expected else f"seq {seq} is out of order")
-            raw = span.entries[i] if self.deep else None
-            if raw is not None:
-                self._deep_entry(seq, json.loads(raw))
             for level, idx, node in self.range.append(span.leaf(i)):
                 if self.deep:
                     self.nodes[(level, idx)] = node
             if self.range.size in self.wanted_roots:
                 self.roots[self.range.size] = self.range.root()
             self.expected = seq + 1
-        for seq, what in span.bad_signatures:
-            self.find(seq, "entries", signature_problem(what))
-        self.report.signatures += span.signatures
 
     def _deep_entry(self, seq: int, fields: dict[str, Any]) -> None:
         try:
