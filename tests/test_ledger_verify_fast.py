@@ -170,3 +170,12 @@ def test_a_subtree_that_does_not_start_on_its_own_boundary_is_refused():
     with pytest.raises(ValueError, match="32 bytes"):
         merkle.CompactRange().append_subtree(0, b"short")
 
+
+
+@pytest.mark.parametrize("workers", [2, 3, 16, 64])
+@pytest.mark.parametrize("size", [5_000, 100_000, 1_000_000])
+def test_spans_shrink_until_every_worker_gets_several_and_stay_whole_subtrees(size, workers):
+    span = verifier.span_size(size, workers)
+    assert span & (span - 1) == 0 and verifier.MIN_SPAN <= span <= verifier.SPAN
+    assert span == verifier.MIN_SPAN or -(-size // span) >= verifier.SPANS_PER_WORKER * workers
+    assert span == verifier.SPAN or size < 2 * span * verifier.SPANS_PER_WORKER * workers
