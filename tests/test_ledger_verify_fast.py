@@ -8,6 +8,7 @@ one subtree root. Each is held here to its slow twin, hostile inputs first.
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from forge_cli import identity, parallel
 from forge_cli.identity import Identity
 from forge_cli.ledger import merkle
 from forge_cli.ledger import verify as verifier
+from forge_cli.ledger.store import Ledger
 
 SIGNER = Identity.generate()
 MESSAGE = b"\x00" * 31 + b"\x01"
@@ -179,3 +181,25 @@ def test_spans_shrink_until_every_worker_gets_several_and_stay_whole_subtrees(si
     assert span & (span - 1) == 0 and verifier.MIN_SPAN <= span <= verifier.SPAN
     assert span == verifier.MIN_SPAN or -(-size // span) >= verifier.SPANS_PER_WORKER * workers
     assert span == verifier.SPAN or size < 2 * span * verifier.SPANS_PER_WORKER * workers
+
+
+def test_merkle_nodes_edited_into_other_types_are_findings_not_a_crash(tmp_path):
+    owner, peer = Identity.generate(), Identity.generate()
+    db = tmp_path / "ledger.db"
+    with Ledger.open_writer(db, owner) as book:
+        book.append("grant", {"account": owner.node_id, "cu": 100})
+        for _ in range(7):
+            book.append("transfer", {"from": owner.node_id, "to": peer.node_id, "cu": 1})
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE merkle_nodes SET hash = 'text' WHERE level = 1 AND idx = 1")
+        conn.execute("UPDATE merkle_nodes SET level = 'two' WHERE level = 2 AND idx = 1")
+        conn.execute("UPDATE merkle_nodes SET idx = 0.5 WHERE level = 1 AND idx = 3")
+    with Ledger.open_reader(db) as book:
+        found = [str(f) for f in verifier.verify(book, deep=True, workers=1).findings]
+    assert found == [
+        "table merkle_nodes: node (level 1, index 0.5) is unexpected",
+        "table merkle_nodes: node (level 1, index 1) is wrong",
+        "table merkle_nodes: node (level 1, index 3) is missing",
+        "table merkle_nodes: node (level 2, index 1) is missing",
+        "table merkle_nodes: node (level two, index 1) is unexpected",
+    ]

@@ -505,6 +505,7 @@ class _Verifier:
                     else b"")
             count = len(made) // 32
             if (len(rows) == count and [idx for idx, _ in rows] == list(range(count))
+                    and all(type(h) is bytes for _, h in rows)
                     and b"".join([h for _, h in rows]) == made):
                 continue
             stored = dict(rows)
@@ -513,7 +514,7 @@ class _Verifier:
                 if stored.get(idx) != ours.get(idx):
                     problems.append((level, idx, "missing" if idx not in stored else (
                         "unexpected" if idx not in ours else "wrong")))
-        for level, idx, kind in sorted(problems):
+        for level, idx, kind in sorted(problems, key=_node_order):
             self.find(None, "merkle_nodes", f"node (level {level}, index {idx}) is {kind}")
 
     def _deep_bodies(self, conn: sqlite3.Connection) -> None:
@@ -545,6 +546,15 @@ class _Verifier:
                 continue
             if (cp.origin, cp.size, cp.root) != (origin, size, root):
                 self.find(None, "witnessed", f"log {origin}: columns differ from the cosigned note")
+
+
+def _node_order(problem: tuple[Any, Any, str]) -> tuple[Any, ...]:
+    """(level, index) order; a level or index an edit made text (SQLite keeps what it is
+    given) sorts after every number instead of failing the comparison."""
+    level, idx, _ = problem
+    if all(type(v) in (int, float) for v in (level, idx)):
+        return (0, level, idx)
+    return (1, repr(level), repr(idx))
 
 
 def _conserved(state: views.MemoryState) -> str | None:
