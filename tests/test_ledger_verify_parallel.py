@@ -17,6 +17,7 @@ import pytest
 
 from forge_cli import parallel
 from forge_cli.identity import Identity
+from forge_cli.ledger import merkle
 from forge_cli.ledger import verify as verifier
 from forge_cli.ledger.store import Draft, Ledger
 from tests.ledger_factory import signed_trade
@@ -181,3 +182,28 @@ def test_zero_workers_is_a_usage_error(template):
 
     with Ledger.open_reader(template) as book, pytest.raises(UsageError, match="at least 1"):
         verifier.verify(book, workers=0)
+
+
+def test_a_full_span_joins_the_tree_whole_and_deep_still_checks_every_node_in_it(
+        template, tmp_path, no_fallback):
+    """Span 1 holds no checkpoint and no gap, so it is folded as one subtree: a node stored
+    wrong or missing inside it is still named, on one core and on several."""
+    span = verifier.SPAN
+    with Ledger.open_reader(template) as book:
+        whole = verifier.check_span(book, span, 2 * span, deep=True)
+        leaves = [whole.leaf(i) for i in range(span)]
+        assert whole.subtree == merkle.subtree_levels(leaves)[-1][0]
+        assert whole.height == span.bit_length() - 1 and len(whole.nodes) == whole.height
+        assert verifier.check_span(book, 4 * span, SIZE, deep=False).subtree is None
+    db = copy_of(template, tmp_path / "ledger.db")
+    wrong, gone = (3, (span >> 3) + 5), (whole.height, 1)
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE merkle_nodes SET hash = zeroblob(32) WHERE level = ? AND idx = ?",
+                     wrong)
+        conn.execute("DELETE FROM merkle_nodes WHERE level = ? AND idx = ?", gone)
+    one = report(db, deep=True, workers=1)
+    assert [f["reason"] for f in one["findings"]] == [
+        f"node (level {wrong[0]}, index {wrong[1]}) is wrong",
+        f"node (level {gone[0]}, index {gone[1]}) is missing"]
+    assert report(db, deep=True, workers=2) == one
+    assert report(db, deep=False, workers=2)["valid"]

@@ -164,6 +164,32 @@ class CompactRange:
         self.size += 1
         return completed
 
+    def append_subtree(self, level: int, subtree_root: bytes) -> list[tuple[int, int, bytes]]:
+        """Add 2^level leaves at once by the root of their perfect subtree (see
+        `subtree_levels`); the tree's size must be a multiple of 2^level. Returns what
+        `append` of each leaf would have returned for the nodes above `level`, lowest first.
+
+        >>> one, two = CompactRange(), CompactRange()
+        >>> leaves = [leaf_hash(bytes([i])) for i in range(4)]
+        >>> _ = [one.append(leaf) for leaf in leaves]
+        >>> _ = two.append_subtree(2, subtree_levels(leaves)[-1][0])
+        >>> one.root() == two.root() and two.size == 4
+        True
+        """
+        _require_hash(subtree_root, "subtree root")
+        if level < 0 or self.size % (1 << level):
+            raise ValueError(f"a subtree of 2^{level} leaves cannot start at leaf {self.size}")
+        self.size += 1 << level
+        completed = []
+        acc, index = subtree_root, (self.size - 1) >> level
+        while index & 1:
+            acc = node_hash(self.peaks.pop(), acc)
+            index >>= 1
+            level += 1
+            completed.append((level, index, acc))
+        self.peaks.append(acc)
+        return completed
+
     def root(self) -> bytes:
         """MTH of every leaf appended so far; SHA-256(b"") when empty."""
         return _fold_peaks(self.peaks)
@@ -184,6 +210,23 @@ def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
     while len(levels[-1]) > 1:
         below = levels[-1]
         levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)])
+    return levels
+
+
+def subtree_levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
+    """Every node of the perfect subtree over `leaf_hashes` (2^k of them), levels[level][i]:
+    levels[0] the leaf hashes themselves, levels[k] the subtree's root alone.
+
+    >>> [len(level) for level in subtree_levels([leaf_hash(b"a")] * 4)]
+    [4, 2, 1]
+    """
+    count = len(leaf_hashes)
+    if count == 0 or count & (count - 1):
+        raise ValueError(f"a perfect subtree has a power of two leaves, got {count}")
+    levels = [list(leaf_hashes)]
+    while len(levels[-1]) > 1:
+        below = levels[-1]
+        levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below), 2)])
     return levels
 
 
