@@ -401,6 +401,13 @@ class NetworkView:
         return ([bytes(data) for _, data, source in rows if source != peer],
                 rows[-1][0] if rows else cursor)
 
+    def trade_edges(self) -> list[tuple[str, str, int, int, bool]]:
+        """(consumer, provider, cu, ts, own) of every trade here, for trust (mesh.trust):
+        ts is when this node verified it (the parties' signed ts is only their word)."""
+        with self.lock:
+            return [(c, p, cu, ts, bool(own)) for c, p, cu, ts, own in self.conn.execute(
+                "SELECT consumer, provider, cu, ts, own FROM trades")]
+
     def contains(self, trade_id: str) -> bool:
         with self.lock:
             return self.conn.execute("SELECT 1 FROM trades WHERE id = ?",
