@@ -520,9 +520,9 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
     """Honest nodes against a fraction of colluding sybils that wash-trade among themselves
     and each dispute an honest seller falsely; what honest observers make of them.
 
-    Honest nodes each sell `args.sales` times to random honest buyers. Each sybil sells once
-    to an honest buyer (a foothold: someone honest traded with the clique), buys once from an
-    honest seller and disputes that purchase, and sells `args.wash` times to other sybils.
+    Honest nodes each sell `args.sales` times to random honest buyers. Each sybil sells
+    `args.footholds` times to honest buyers (someone honest traded with the clique), buys once
+    from an honest seller and disputes that purchase, and sells `args.wash` times to other sybils.
     Two honest auditors dispute one honest-graph seller (the control: disputes from auditors
     with standing should flag). Every dispute re-checks as upheld (the worst case)."""
     count = round(n * fraction)
@@ -553,27 +553,33 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
                                                              if h is not cheater], 2)]
     false_disputes = []
     for sybil in bad:
-        trade(sybil, rng.choice(honest))
+        for _ in range(args.footholds):
+            trade(sybil, rng.choice(honest))
         victim = rng.choice(honest)
         false_disputes.append((sybil, victim, trade(victim, sybil)))
         for _ in range(args.wash):
             trade(sybil, other(bad, sybil))
     observers = honest if args.observers == 0 else rng.sample(honest,
                                                               min(args.observers, len(honest)))
-    for provider, consumer, t in made:  # each party's ledger feeds its view
-        provider.view.add_own(t.data, 0)
-        consumer.view.add_own(t.data, 0)
     gossiped = n <= args.gossip_trades_up_to
     spread_rounds = None
-    if gossiped:  # the trades spread by gossip from their parties
+    if gossiped:  # each party's ledger feeds its view; gossip spreads the trades from there
+        for provider, consumer, t in made:
+            provider.view.add_own(t.data, 0)
+            consumer.view.add_own(t.data, 0)
         ids = [t.id for _, _, t in made]
         spread_rounds = await mesh.rounds_until(
             lambda: all(nd.view.contains(i) for nd in observers for i in ids), args.max_rounds)
-    else:  # the state gossip reaches (the spread measurement shows it does), loaded directly
-        raw = [t.data for _, _, t in made]
+    else:  # the state gossip reaches (`spread` shows it does), in the observers' views only
         for nd in observers:
-            for start in range(0, len(raw), MAX_BATCH):
-                nd.view.add_many(raw[start:start + MAX_BATCH], "history")
+            theirs = [t.data for p, c, t in made if nd in (p, c)]
+            for t in theirs:
+                nd.view.add_own(t, 0)
+            rest = [t.data for p, c, t in made if nd not in (p, c)]
+            for start in range(0, len(rest), MAX_BATCH):
+                nd.view.add_many(rest[start:start + MAX_BATCH], "history")
+            for peer in nd.mesh.peers:  # nothing left to push: the others measure nothing
+                nd.view.set_pushed(peer.node_id, nd.view.count())
     for sybil, _victim, t in false_disputes:
         sybil.hold_dispute(make_dispute(t, sybil.key, 1_800_000_000_000), sybil.node_id)
     for auditor, t in controls:
@@ -646,9 +652,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--observers", type=int, default=12,
                         help="honest nodes whose reputation view is checked (0: all)")
     parser.add_argument("--sales", type=int, default=3, help="trades each honest node sells")
+    parser.add_argument("--footholds", type=int, default=0,
+                        help="sales each sybil makes to honest buyers")
     parser.add_argument("--wash", type=int, default=20,
                         help="wash trades each sybil sells to other sybils")
-    parser.add_argument("--gossip-trades-up-to", type=int, default=100,
+    parser.add_argument("--gossip-trades-up-to", type=int, default=50,
                         help="largest N whose sybil-run trades spread by gossip (larger N "
                              "loads them into the observers' views directly)")
     parser.add_argument("--loss", type=float, default=0.02, help="chance a message is lost")
