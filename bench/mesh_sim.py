@@ -628,8 +628,10 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
 
 
 def flags(rep: Any, auditors: set[str]) -> bool:
-    """Whether upheld disputes from `auditors` flag their provider at a node with `rep`."""
-    return len(auditors) >= audit.FLAG_AUDITORS
+    """Whether upheld disputes from `auditors` flag their provider at a node with `rep`: the
+    node's rule (root/node.py `dispute_weight`, mesh/audit.py `Auditor.record`), their graph
+    trust here summed against FLAG_TRUST_BP."""
+    return sum(rep.graph_bp(a) for a in auditors) >= audit.FLAG_TRUST_BP
 
 
 def _load() -> str:
@@ -689,6 +691,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         load_before = _load()
         started = time.perf_counter()
         result = await spread(n, args)
+        print(f"N={n}: spread done in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+              flush=True)
         result["wall_s"] = round(time.perf_counter() - started, 1)
         result["load_before"], result["load_after"] = load_before, _load()
         result["sybil_runs"] = []

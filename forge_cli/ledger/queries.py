@@ -126,6 +126,13 @@ def dispute_auditors(ledger: Ledger, provider: str) -> int:
         (provider,)).fetchone()[0])
 
 
+def upheld_auditors(ledger: Ledger, provider: str) -> list[str]:
+    """The distinct auditors whose disputes against `provider` this ledger upheld."""
+    return [row[0] for row in ledger.conn.execute(
+        "SELECT DISTINCT auditor FROM audits WHERE provider = ? AND verdict = 'upheld' "
+        "ORDER BY auditor", (provider,))]
+
+
 def audit_records(ledger: Ledger) -> dict[str, tuple[int, int, int]]:
     """account → (audits passed, disputes upheld against it, disputes it forged)."""
     return {key[0]: value for key, value in view_rows(ledger, views.AUDIT_RECORD).items()}

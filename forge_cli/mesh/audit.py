@@ -73,7 +73,11 @@ MARGIN = 1.0
 AUDIT_TOP_K = 100  # the rank bound of sampling that commits to neither top_k nor min_p
 DEFAULT_EVERY = 20
 UPHELD, FORGED = entries.AUDIT_VERDICTS
-FLAG_AUDITORS = 2  # disputes upheld from this many distinct auditors flag a provider
+# Disputes upheld here flag a provider once their distinct auditors' trust here (graph trust,
+# forge_cli.mesh.trust: 10,000 bp for an average peer this node trades with, and for this node
+# itself) sums to this much: two such auditors, never one alone (one holds at most 10,000),
+# and never keys nobody here trusts, however many (they hold 0).
+FLAG_TRUST_BP = 15_000
 # A peer's dispute carries its three bodies, hex-encoded, inside the node's 1 MiB request cap;
 # together they may hold this many bytes (a chat request of ~90k words), no more.
 MAX_EVIDENCE = 384 * 1024
@@ -81,6 +85,10 @@ MAX_EVIDENCE = 384 * 1024
 # dispute upheld against it or forged by it, or one sale it left unsettled, costs it standing
 # until the trades it provides earn it back.
 STANDING_REPUTATION = 5_000
+# And the trust over the trade graph it needs (mesh.trust, graph bp): a tenth of an average
+# peer's. A key that sold this node one small trade among many larger ones has less, so a
+# few cheap sales cannot buy sybils a say.
+STANDING_TRUST_BP = 1_000
 DEFAULT_RECHECKS_PER_MINUTE = 2  # per auditor
 DEFAULT_RECHECK_QUEUE = 8  # re-checks waiting at once, all auditors together
 RECHECK_WAIT_S = 30  # a poster waits this long for its verdict, then hears "queued" (202)
@@ -439,13 +447,14 @@ def evidence(payload: Any) -> tuple[Any, dict[str, bytes]]:
 
 
 def standing_problem(auditor: str, *, provided: int, reputation: int,
-                     flag: str | None) -> str | None:
+                     flag: str | None, trust: int | None = None) -> str | None:
     """Why `auditor` holds no standing at this node, or None when it does.
 
     Standing is what this node's own ledger says of it: it provided at least one settled,
     paid trade here (this node chose to buy from it, which no stranger can make it do: a
     fresh key, or one living on the peer free tier, has provided nothing), its reputation
-    here is at least STANDING_REPUTATION, and this node has not flagged it.
+    here is at least STANDING_REPUTATION, its trust over the trade graph (`trust`, when
+    given) at least STANDING_TRUST_BP, and this node has not flagged it.
     """
     who = f"auditor {auditor[:16]}…"
     if flag is not None:
@@ -456,6 +465,9 @@ def standing_problem(auditor: str, *, provided: int, reputation: int,
     if reputation < STANDING_REPUTATION:
         return (f"{who} has reputation {reputation} here, below the {STANDING_REPUTATION} "
                 "a dispute needs")
+    if trust is not None and trust < STANDING_TRUST_BP:
+        return (f"{who} has trust {trust} bp here over the trade graph, below the "
+                f"{STANDING_TRUST_BP} bp a dispute needs")
     return None
 
 
@@ -470,6 +482,9 @@ class Bench(Protocol):
     def standing(self, auditor: str) -> tuple[int, int, str | None]:
         """What `standing_problem` weighs, from this node's ledger and flags: the paid trades
         `auditor` provided here, its reputation here, and why it is flagged (or None)."""
+
+    def trust(self, auditor: str) -> int:
+        """The auditor's trust here over the trade graph, in bp (mesh.trust graph_bp)."""
 
     def holds(self, trade_id: str) -> bool:
         """Whether this node holds the trade (its ledger, or its verified network view)."""
@@ -486,6 +501,9 @@ class Unbound:
 
     def standing(self, auditor: str) -> tuple[int, int, str | None]:
         return 0, 0, "this auditor takes no disputes from peers"
+
+    def trust(self, auditor: str) -> int:
+        return 0
 
     def holds(self, trade_id: str) -> bool:
         return False
@@ -607,9 +625,10 @@ class Auditor:
     the mesh, and takes disputes from peers (re-checked before they count).
 
     `engines(sha256)` is this node's engine for a model, or None; `append(kind, data,
-    bodies=…)` records an entry; `disputes_against(provider)` the distinct auditors whose
-    disputes against it this node upheld; `flag(node_id, reason)` takes a peer off the mesh
-    as a fork does; `peers()` the URLs disputes are sent to; `send(url, payload)` posts one.
+    bodies=…)` records an entry; `disputes_against(provider)` the summed trust here (bp)
+    of the distinct auditors whose disputes against it this node upheld; `flag(node_id,
+    reason)` takes a peer off the mesh as a fork does; `peers()` the URLs disputes are sent
+    to; `send(url, payload)` posts one.
     """
 
     def __init__(self, signer: identity.Identity, *, every: int,
@@ -686,17 +705,18 @@ class Auditor:
                                          held[terms["tokens_sha256"]])
 
     async def record(self, data: dict[str, Any], bodies: dict[str, bytes]) -> entries.Entry:
-        """Append a dispute (its bodies stored with it); flag the provider once disputes from
-        FLAG_AUDITORS distinct auditors are upheld here."""
+        """Append a dispute (its bodies stored with it); flag the provider once the distinct
+        auditors whose disputes against it are upheld here hold FLAG_TRUST_BP of trust here."""
         entry = await self.append("dispute", data,
                                   bodies=[bodies[h] for h in dispute_bodies(data)])
         provider = data["claim"]["trade"]["terms"]["provider"]
         if data["verdict"] == UPHELD:
-            auditors = await asyncio.to_thread(self.disputes_against, provider)
-            if auditors >= FLAG_AUDITORS:
+            weight = await asyncio.to_thread(self.disputes_against, provider)
+            if weight >= FLAG_TRUST_BP:
                 await _maybe_await(self.flag(
-                    provider, f"disputes from {auditors} distinct auditors: served replies its "
-                              "committed model and sampling could not have produced"))
+                    provider, f"disputes from distinct auditors holding {weight} bp of trust "
+                              f"here (≥ {FLAG_TRUST_BP}): served replies its committed model "
+                              "and sampling could not have produced"))
         return entry
 
     async def broadcast(self, data: dict[str, Any], bodies: dict[str, bytes]) -> None:
@@ -734,6 +754,9 @@ class Auditor:
                          f"(recorded here at seq {seen}); nothing was re-checked")
         provided, reputation, flag = self.bench.standing(auditor)
         problem = standing_problem(auditor, provided=provided, reputation=reputation, flag=flag)
+        if problem is None:  # the graph trust costs a look at the view: asked last
+            problem = standing_problem(auditor, provided=provided, reputation=reputation,
+                                       flag=flag, trust=self.bench.trust(auditor))
         if problem is None and terms["consumer"] != auditor and not self.bench.holds(trade_id):
             problem = (f"trade {trade_id[:16]}… is not held here, and its auditor is not its "
                        "consumer")
@@ -769,7 +792,8 @@ async def _maybe_await(value: Any) -> Any:
 
 
 __all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "GRAMMAR_CANDIDATES",
-           "MARGIN", "MAX_EVIDENCE", "Positions", "RecheckQueue", "STANDING_REPUTATION",
+           "FLAG_TRUST_BP", "MARGIN", "MAX_EVIDENCE", "Positions", "RecheckQueue",
+           "STANDING_REPUTATION", "STANDING_TRUST_BP",
            "UPHELD", "Verdict", "audit", "check_dispute", "commit_sampling", "counts_problem",
            "evidence", "grammar_problem", "ids_of", "position_check", "recheck", "run_terms",
            "sign_dispute", "standing_problem", "tokens_body"]

@@ -60,7 +60,8 @@ MAX_SOURCES = 10_000  # sources remembered at once; older windows are dropped fi
 
 class Quotas:
     """How many foreign trades gossip may still add: per source (an IP address, never what a
-    sender says it is) per hour, and in all (the most foreign trades the view keeps).
+    sender says it is) per hour, and in all (the most foreign trades the view keeps; with
+    `evicts`, the view makes room instead, evicting its lowest-trust trades first).
 
     Room is claimed before a batch is verified and what was not used is given back after, so
     concurrent batches from one source cannot pass its quota together.
@@ -74,10 +75,13 @@ class Quotas:
     """
 
     def __init__(self, view: NetworkView, *, per_source: int, total: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, evicts: bool = False) -> None:
         self.view = view
         self.per_source = per_source
         self.total = total
+        # With `evicts`, a full view makes room by evicting its lowest-trust trades (the view
+        # decides, trade by trade: NetworkView.add_many's cap), so only the source binds here.
+        self.evicts = evicts
         self.clock = clock
         self._used: dict[str, tuple[int, int]] = {}  # source → (window, trades taken in it)
         self._claimed = 0  # room handed out to batches still being verified
@@ -93,7 +97,8 @@ class Quotas:
         """(room, reason, why): how many new trades `source` may add now (at most `want`);
         which quota binds ("source_quota" or "total_quota"); and a sentence saying so."""
         source_left = max(0, self.per_source - self._taken(source))
-        total_left = max(0, self.total - self.view.foreign() - self._claimed)
+        total_left = want if self.evicts else \
+            max(0, self.total - self.view.foreign() - self._claimed)
         if source_left <= total_left:
             reason = "source_quota"
             why = (f"gossip source {source} added its quota of {self.per_source} foreign "
@@ -154,11 +159,17 @@ class Gossip:
     def __init__(self, view: NetworkView, mesh: Any, *, round_s: int = 10,
                  batch: int = 200, source_quota: int = 5000, max_trades: int = 200_000,
                  on_refused: Callable[[str, int], None] | None = None,
+                 rank: Callable[[str], int] | None = None,
                  connect: Callable[[Any, int], PeerClient] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         check_settings(round_s, batch)
         self.view = view
-        self.quotas = Quotas(view, per_source=source_quota, total=max_trades, clock=clock)
+        self.quotas = Quotas(view, per_source=source_quota, total=max_trades,
+                             evicts=rank is not None, clock=clock)
+        # A key's trust here in bp (mesh.trust): with it, a full view evicts its lowest-trust
+        # trades for new ones instead of refusing them, and never evicts a trusted key's
+        # trade for a trade between keys nobody here trusts.
+        self.rank = rank
         # connect(peer, max_bytes): the connection to a peer; HTTP unless a simulation swaps it.
         self.connect = connect
         self.clock = clock
@@ -362,13 +373,22 @@ class Gossip:
         self._waiting += 1
         try:
             outcomes = await asyncio.get_running_loop().run_in_executor(
-                self._verifier, lambda: self.view.add_many(trades, sender, room=room, full=why))
+                self._verifier, lambda: self.view.add_many(
+                    trades, sender, room=room, full=why,
+                    cap=self.quotas.total if self.rank is not None else None,
+                    rank=self.rank))
         finally:
             self._waiting -= 1
             self.quotas.settle(source, room, sum(o == ACCEPTED for o in outcomes))
         refused = [o for o in outcomes if isinstance(o, TradeRejected)]
         if quota := sum(o.quota for o in refused):
-            self.on_refused(reason, quota)
+            # With eviction, a trade the source had room for and the view still refused was
+            # outranked: every trade the full view holds was made by keys trusted more.
+            outranked = sum(o.quota and str(o) != why for o in refused)
+            if quota - outranked:
+                self.on_refused(reason, quota - outranked)
+            if outranked:
+                self.on_refused("total_quota", outranked)
         if invalid := len(refused) - quota:
             self.on_refused("invalid", invalid)
         return outcomes

@@ -38,6 +38,7 @@ SCHEMA = [
         provider TEXT NOT NULL, consumer TEXT NOT NULL, nonce TEXT NOT NULL,
         cu INTEGER NOT NULL, source TEXT NOT NULL, ts INTEGER NOT NULL,
         own INTEGER NOT NULL DEFAULT 0,   -- 1: also in this node's ledger (whoever told us first)
+        rank INTEGER NOT NULL DEFAULT 0,  -- its parties' best trust here (bp): what eviction keeps
         UNIQUE (consumer, nonce))""",
     "CREATE INDEX IF NOT EXISTS trades_by_id ON trades (id, leaf)",
     """CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY,
@@ -163,6 +164,8 @@ class NetworkView:
         self._foreign: int = conn.execute("SELECT count(*) FROM trades WHERE own = 0").fetchone()[0]
         # Called (outside the lock) with each batch of newly accepted trades' arrival seqs.
         self.listeners: list[Callable[[list[int]], None]] = []
+        self._evicted = False  # a trade was evicted in the transaction under way
+        self.evictions = 0  # foreign trades evicted since this view was opened
 
     @classmethod
     def open(cls, path: str | Path) -> NetworkView:
@@ -173,6 +176,9 @@ class NetworkView:
             conn.execute("PRAGMA synchronous=NORMAL")
             for ddl in SCHEMA:
                 conn.execute(ddl)
+            if "rank" not in {row[1] for row in conn.execute("PRAGMA table_info(trades)")}:
+                conn.execute("ALTER TABLE trades ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+            conn.execute("CREATE INDEX IF NOT EXISTS trades_by_rank ON trades (own, rank, seq)")
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the network view {path}: {exc}") from exc
         return cls(path, conn)
@@ -192,12 +198,20 @@ class NetworkView:
         return outcome
 
     def add_many(self, batch: Sequence[Any], source: str, *, room: int | None = None,
-                 full: str = "") -> list[str | TradeRejected]:
+                 full: str = "", cap: int | None = None,
+                 rank: Callable[[str], int] | None = None) -> list[str | TradeRejected]:
         """Verify and add a batch in one transaction; one outcome per trade, in order.
 
         `source` is what the sender says it is, kept only so its trades are not pushed back
         to it. With `room`, at most that many new trades are taken; the others are refused
         unverified, with `full` as the reason (TradeRejected with `quota` set).
+
+        With `cap`, the view keeps at most that many foreign trades: a new one past it evicts
+        the foreign trade of the lowest rank (the oldest among equals) whose rank is at most
+        its own, or is refused (TradeRejected with `quota` set) when every one ranks higher.
+        A trade's rank is the best `rank(key)` of its two parties (trust here, in bp), so a
+        trade between keys nobody here trusts (rank 0) never evicts one a trusted key made,
+        and this node's own trades are never evicted.
         """
         outcomes: list[str | TradeRejected] = []
         parsed: list[tuple[int, Checked]] = []
@@ -226,7 +240,9 @@ class NetworkView:
             else:
                 outcomes[i] = problem
         if checked:
-            for i, outcome in self._insert(checked, source):
+            ranks = {i: max(rank(item.terms["consumer"]), rank(item.terms["provider"]))
+                     for i, item in checked} if rank is not None else {}
+            for i, outcome in self._insert(checked, source, cap=cap, ranks=ranks):
                 outcomes[i] = outcome
         return outcomes
 
@@ -250,7 +266,9 @@ class NetworkView:
         return outcome
 
     def _insert(self, items: Iterable[tuple[int, Checked]], source: str, *, own: bool = False,
-                ledger_next: int | None = None) -> list[tuple[int, str | TradeRejected]]:
+                ledger_next: int | None = None, cap: int | None = None,
+                ranks: dict[int, int] | None = None
+                ) -> list[tuple[int, str | TradeRejected]]:
         results: list[tuple[int, str | TradeRejected]] = []
         new: list[int] = []
         now = time.time_ns() // 1_000_000
@@ -264,13 +282,21 @@ class NetworkView:
                     if too_large:
                         results.append((i, too_large))
                         continue
+                    rank = (ranks or {}).get(i, 0)
+                    if not own and cap is not None and self._foreign >= cap and \
+                            not self._evict(rank):
+                        results.append((i, TradeRejected(
+                            f"the network view holds its {cap} foreign trades "
+                            "(mesh.gossip_max_trades), each made by a key trusted here more "
+                            "than this trade's parties", forged=False, quota=True)))
+                        continue
                     try:
                         cur = conn.execute(
                             "INSERT INTO trades (id, leaf, data, provider, consumer, nonce, cu, "
-                            "source, ts, own) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "source, ts, own, rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (item.id, merkle.leaf_hash(item.raw), item.raw, terms["provider"],
                              terms["consumer"], terms["nonce"], terms["cu"], source, now,
-                             int(own)))
+                             int(own), rank))
                     except sqlite3.IntegrityError:  # the trade, or its (consumer, nonce), is here
                         outcome = self._conflict(item)
                         if outcome == DUPLICATE and own:  # a peer told us first
@@ -296,12 +322,48 @@ class NetworkView:
                 self._foreign = conn.execute(
                     "SELECT count(*) FROM trades WHERE own = 0").fetchone()[0]
                 raise
-            if new:
+            if new or self._evicted:
                 self._root = None
+                self._evicted = False
         if new:
             for listener in self.listeners:
                 listener(new)
         return results
+
+    def _evict(self, rank: int) -> bool:
+        """Delete the foreign trade of the lowest rank, at most `rank` (the oldest among
+        equals), taking its CU off its parties' totals; False when every one ranks higher.
+        Called inside _insert's transaction."""
+        row = self.conn.execute(
+            "SELECT seq, consumer, provider, cu FROM trades WHERE own = 0 AND rank <= ? "
+            "ORDER BY rank, seq LIMIT 1", (rank,)).fetchone()
+        if row is None:
+            return False
+        seq, consumer, provider, cu = row
+        self.conn.execute("DELETE FROM trades WHERE seq = ?", (seq,))
+        for account, column in ((provider, "earned"), (consumer, "spent")):
+            self.conn.execute(f"UPDATE accounts SET {column} = {column} - ? WHERE account = ?",
+                              (cu, account))
+            self.conn.execute("DELETE FROM accounts WHERE account = ? AND earned = 0 AND "
+                              "spent = 0", (account,))
+        self._foreign -= 1
+        self._evicted = True
+        self.evictions += 1
+        return True
+
+    def rerank(self, rank: Callable[[str], int]) -> int:
+        """Raise the rank of foreign trades at rank 0 whose parties are trusted now (trust
+        grows after a trade arrives); returns how many changed. O(rank-0 trades)."""
+        with self.lock:
+            rows = self.conn.execute("SELECT seq, consumer, provider FROM trades "
+                                     "WHERE own = 0 AND rank = 0").fetchall()
+        raised = [(r, seq) for seq, c, p in rows if (r := max(rank(c), rank(p))) > 0]
+        if raised:
+            with self.lock:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany("UPDATE trades SET rank = ? WHERE seq = ?", raised)
+                self.conn.execute("COMMIT")
+        return len(raised)
 
     def _past_total(self, item: Checked) -> TradeRejected | None:
         """Why adding this (new) trade would take an account's total past MAX_ACCOUNT_TOTAL."""
@@ -435,14 +497,16 @@ class NetworkView:
         root = self.root().hex()
         with self.lock:
             own = self.conn.execute("SELECT count(*) FROM trades WHERE own = 1").fetchone()[0]
-            total = self.conn.execute("SELECT coalesce(max(seq), 0) FROM trades").fetchone()[0]
+            # Held now: eviction leaves gaps in seq, so max(seq) (the pull cursor's count)
+            # can be larger.
+            total = self.conn.execute("SELECT count(*) FROM trades").fetchone()[0]
             flagged = [{"node_id": node_id, "flag_reason": flag, "flagged_ms": at}
                        for node_id, flag, at in self.conn.execute(
                            "SELECT node_id, flag, flagged_ms FROM peers WHERE flag IS NOT NULL "
                            "ORDER BY node_id")]
             accounts = self.conn.execute("SELECT count(*) FROM accounts").fetchone()[0]
         return {"trades": total, "root": root, "own_trades": own, "foreign_trades": total - own,
-                "accounts": accounts, "flagged_peers": flagged}
+                "accounts": accounts, "flagged_peers": flagged, "evicted": self.evictions}
 
     # -- per-peer gossip state -------------------------------------------------------------
 

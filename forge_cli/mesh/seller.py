@@ -94,7 +94,9 @@ class Sales:
         if max_tokens > model.engine.n_ctx:
             raise BadIntent(f"max_tokens must be at most {model.engine.n_ctx}")
         base = self.node.quote(model)
-        reputation = self.node.reputation(consumer)
+        # What this node's ledger says, lifted by trust over the trade graph, less the
+        # collusion penalty (mesh.trust): wash trades buy a consumer nothing here.
+        reputation = self.node.effective_reputation(consumer)
         price = protocol.p2p_price(base, reputation)
         quote = {"provider": self.node.node_id, "consumer": consumer, "model": model.name,
                  "model_sha256": model.sha256, "price_ucu_per_token": price,

@@ -340,8 +340,12 @@ class Reputation:
     def effective_bp(self, node: str) -> int:
         return max(0, self.trust_bp(node) - self.collusion(node).penalty_bp)
 
+    def known(self) -> set[str]:
+        """Every key with a trade in the view when it was last read."""
+        return set(self._graph) | set(self._collusion)
+
     def keys(self) -> list[str]:
-        return sorted((set(self._graph) | set(self._collusion)) - {self.me})
+        return sorted(self.known() - {self.me})
 
     def ranked(self) -> list[tuple[str, int]]:
         """Every key of the view but this node, by effective_bp, best first (ties by key)."""

@@ -34,6 +34,7 @@ async def metrics(request: web.Request) -> web.Response:
     node.metrics.kill_switch.set(1 if node.safety_killed() else 0)
     node.metrics.breaker_open.set(1 if node.breaker_open() else 0)
     node.metrics.breakers_open.set(node.safety.status()["breaker"]["open_accounts"])
+    await asyncio.to_thread(node.trust)  # the trust gauges: computed on first use, then kept
     return web.Response(body=node.metrics.render(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

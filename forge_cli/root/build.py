@@ -116,7 +116,8 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                              batch=settings["mesh.gossip_batch"],
                              source_quota=settings["mesh.gossip_source_quota"],
                              max_trades=settings["mesh.gossip_max_trades"],
-                             on_refused=lambda reason, n: refused.labels(reason).inc(n))
+                             on_refused=lambda reason, n: refused.labels(reason).inc(n),
+                             rank=node.trust_rank)
     return node
 
 

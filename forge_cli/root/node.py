@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from forge_cli.mesh.gossip import Gossip
     from forge_cli.mesh.network import NetworkView
     from forge_cli.mesh.seller import Sales
+    from forge_cli.mesh.trust import Reputation
     from forge_cli.node.events import EventBus
     from forge_cli.rpc.split import SplitEngine
     from forge_cli.trade.seams import Offer
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
     from forge_cli.trade.wallet import Wallet
 
 T = TypeVar("T")
+
+TRUST_REFRESH_S = 10  # trust over the network view is recomputed at most this often
 
 
 @dataclass
@@ -103,6 +107,10 @@ class Node:
         self.buyer: Buyer | None = None  # what this node buys from peers
         self.auditor = self._auditor(audit_every, rechecks_per_minute, recheck_queue)
         self.events: EventBus | None = None  # attached once the event loop runs
+        self._trust: Reputation | None = None  # `trust()` makes it on first use
+        self._trust_mark: tuple[int, int, float] = (-1, -1, 0.0)  # view, ledger, monotonic
+        self._trust_lock = threading.Lock()
+        self._trust_busy = False
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -147,12 +155,11 @@ class Node:
 
     def _auditor(self, every: int, rechecks_per_minute: int, recheck_queue: int) -> Auditor:
         """Audits of this node's purchases, and disputes from peers (forge_cli.mesh.audit)."""
-        from forge_cli.ledger import queries
         from forge_cli.mesh.audit import Auditor
 
         return Auditor(self.signer, every=every, engines=self.engine_for,
                        append=self.append,
-                       disputes_against=lambda p: queries.dispute_auditors(self.reader, p),
+                       disputes_against=self.dispute_weight,
                        flag=self.flag_peer, peers=self._dispute_peers,
                        send=self._send_dispute, clock=self.clock, bench=DisputeBench(self),
                        rechecks_per_minute=rechecks_per_minute, recheck_queue=recheck_queue,
@@ -210,9 +217,71 @@ class Node:
         return self.wallet.balance(account)
 
     def reputation(self, account: str) -> int:
+        """What this node's own ledger says of `account` (economy.credit), in bp."""
         from forge_cli.economy.credit import account_reputation
 
         return account_reputation(self.reader, account)
+
+    def effective_reputation(self, account: str) -> int:
+        """What prices and seller choice use: the ledger's reputation lifted by trust over the
+        trade graph, less the collusion penalty (forge_cli.mesh.trust), in bp."""
+        return self.trust().effective_bp(account)
+
+    def trust(self, *, fresh: bool = False) -> Reputation:
+        """This node's Reputation over its network view. Computed on first use; after that a
+        read starts a recomputation in the background when the view or the ledger changed
+        and the last one is TRUST_REFRESH_S old, so no read waits on a large view. `fresh`
+        recomputes now if either changed (a flag decision must see the trades just made)."""
+        from forge_cli.ledger import queries
+        from forge_cli.mesh.trust import Reputation
+
+        with self._trust_lock:
+            if self._trust is None:
+                self._trust = Reputation(
+                    self.network, self.node_id, local=self.reputation, clock=self.clock,
+                    audits=lambda: {k: (passed, upheld) for k, (passed, upheld, _)
+                                    in queries.audit_records(self.reader).items()})
+            rep = self._trust
+            view, size, at = self._trust_mark
+            changed = (self.network.count(), self.reader.size) != (view, size)
+            if rep.refreshed_ms is not None and not (changed and fresh):
+                if changed and not self._trust_busy and \
+                        time.monotonic() - at >= TRUST_REFRESH_S:
+                    self._trust_busy = True
+                    threading.Thread(target=self._refresh_trust, daemon=True,
+                                     name="forge-trust").start()
+                return rep
+        self._refresh_trust()
+        return rep
+
+    def trust_rank(self, key: str) -> int:
+        """A key's graph trust here for gossip's eviction order (the last computation, not
+        waited for: a batch asks this for each of its trades' parties)."""
+        rep = self._trust if self._trust is not None and self._trust.refreshed_ms is not None \
+            else self.trust()
+        return rep.graph_bp(key)
+
+    def _refresh_trust(self) -> None:
+        mark = (self.network.count(), self.reader.size, time.monotonic())
+        try:
+            assert self._trust is not None
+            self._trust.refresh()
+            self._trust_mark = mark
+            peers = [] if self.mesh is None else [p.node_id for p in self.mesh.trusted_peers()
+                                                  if p.node_id]
+            self.metrics.show_trust(self._trust, peers)
+            if self.gossip is not None:  # trades that arrived before their parties were trusted
+                self.network.rerank(self._trust.graph_bp)
+        finally:
+            self._trust_busy = False
+
+    def dispute_weight(self, provider: str) -> int:
+        """The trust here (graph bp, this node's own 10,000) of the distinct auditors whose
+        disputes against `provider` this node upheld: what flags it (mesh.audit)."""
+        from forge_cli.ledger import queries
+
+        rep = self.trust(fresh=True)
+        return sum(rep.graph_bp(a) for a in queries.upheld_auditors(self.reader, provider))
 
     def nonce_seq(self, consumer: str, nonce: str) -> int | None:
         """The seq that used this consumer's nonce, if any (trade or unsettled)."""
@@ -438,6 +507,9 @@ class DisputeBench:
         provided = (node.reader.row(views.TRADE_TOTALS, (auditor,)) or (0, 0, 0))[2]
         flag = node.network.peer(auditor).flag if node.network is not None else None
         return provided, node.reputation(auditor), flag
+
+    def trust(self, auditor: str) -> int:
+        return self._node.trust().graph_bp(auditor)
 
     def holds(self, trade_id: str) -> bool:
         network = self._node.network  # it follows the ledger: this node's own trades are in it

@@ -89,7 +89,7 @@ def sellers(node: Node, model: str) -> list[Seller]:
 
 def all_sellers(node: Node) -> list[Seller]:
     """Every offer of the node's trusted mesh peers (none without --mesh)."""
-    return [] if node.mesh is None else offered(node.mesh, node.reputation)
+    return [] if node.mesh is None else offered(node.mesh, node.effective_reputation)
 
 
 @dataclass
