@@ -703,9 +703,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             attacked["load_after"] = _load()
             result["sybil_runs"].append(attacked)
         runs.append(result)
-        if not args.json:
-            print(json.dumps(result), flush=True)
     return {"cores": os.cpu_count(), "runs": runs}
+
+
+def table(report: dict[str, Any]) -> str:
+    """The runs as a Markdown table, the machine's load beside each."""
+    lines = ["| N | hops: trade / dispute | log2 N | rounds: trade / dispute | bytes/node/round "
+             "(spreading, idle) | memory/node | sybils: max sybil / min honest effective bp, "
+             "honest flagged, cheater flagged at | wall s | load 1/5 min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        attacks = "; ".join(
+            f"{a['sybils']} ({a['sybils'] / a['nodes']:.0%}): {a['sybil_max_effective_bp']} / "
+            f"{a['honest_min_effective_bp']}, {a['honest_sellers_flagged']}, "
+            f"{a['cheater_flagged_at']}/{a['observers']}" for a in r["sybil_runs"])
+        wall = r["wall_s"] + sum(a["wall_s"] for a in r["sybil_runs"])
+        lines.append(
+            f"| {r['nodes']} | {max(h or 0 for h in r['trade_hops'])} / {r['dispute_hops']} | "
+            f"{r['log2_n']} | {max(x or 0 for x in r['trade_rounds'])} / {r['dispute_rounds']} | "
+            f"{r['bytes_per_node_round'] / 1000:.1f} kB, {r['idle_bytes_per_node_round'] / 1000:.1f}"
+            f" kB | {r['memory_per_node_bytes'] / 1e6:.2f} MB | {attacks} | {wall:.0f} | "
+            f"{r['load_after']} |")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -716,8 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = asyncio.run(main_async(args))
     finally:
         undo()
-    if args.json:
-        print(json.dumps(report))
+    print(json.dumps(report) if args.json else table(report))
     return 0
 
 
