@@ -578,8 +578,9 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
             rest = [t.data for p, c, t in made if nd not in (p, c)]
             for start in range(0, len(rest), MAX_BATCH):
                 nd.view.add_many(rest[start:start + MAX_BATCH], "history")
-            for peer in nd.mesh.peers:  # nothing left to push: the others measure nothing
+            for peer in nd.mesh.peers:  # nothing to push or pull: the others measure nothing
                 nd.view.set_pushed(peer.node_id, nd.view.count())
+                mesh.by_id[peer.node_id].view.set_cursor(nd.node_id, nd.view.count())
     for sybil, _victim, t in false_disputes:
         sybil.hold_dispute(make_dispute(t, sybil.key, 1_800_000_000_000), sybil.node_id)
     for auditor, t in controls:
