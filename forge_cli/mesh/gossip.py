@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from forge_cli import canonical, display, wire
 from forge_cli.client import AsyncClient
@@ -129,6 +129,17 @@ class Quotas:
             self._used = {s: (w, n) for s, (w, n) in self._used.items() if w == window}
 
 
+class PeerClient(Protocol):
+    """What gossip asks of a connection to one peer (an `AsyncClient` over HTTP, or the
+    in-memory transport of bench/mesh_sim.py): a route's parsed JSON answer, or its error as
+    a ForgeError."""
+
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   encoded: bytes | None = None) -> Any: ...
+
+    async def get(self, path: str) -> Any: ...
+
+
 def check_settings(round_s: int, batch: int) -> None:
     if round_s < 1:
         raise ConfigError(f"mesh.gossip_s must be at least 1 second, found {round_s}")
@@ -149,15 +160,20 @@ class Gossip:
     def __init__(self, view: NetworkView, mesh: Any, *, round_s: int = 10,
                  batch: int = 200, source_quota: int = 5000, max_trades: int = 200_000,
                  on_refused: Callable[[str, int], None] | None = None,
-                 rank: Callable[[str], int] | None = None) -> None:
+                 rank: Callable[[str], int] | None = None,
+                 connect: Callable[[Any, int], PeerClient] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         check_settings(round_s, batch)
         self.view = view
         self.quotas = Quotas(view, per_source=source_quota, total=max_trades,
-                             evicts=rank is not None)
+                             evicts=rank is not None, clock=clock)
         # A key's trust here in bp (mesh.trust): with it, a full view evicts its lowest-trust
         # trades for new ones instead of refusing them, and never evicts a trusted key's
         # trade for a trade between keys nobody here trusts.
         self.rank = rank
+        # connect(peer, max_bytes): the connection to a peer; HTTP unless a simulation swaps it.
+        self.connect = connect
+        self.clock = clock
         # Called with (reason, count) for trades refused: "source_quota", "total_quota",
         # or "invalid" (malformed, forged, replayed or out of range).
         self.on_refused = on_refused or (lambda _reason, _count: None)
@@ -236,7 +252,7 @@ class Gossip:
         if not _HEX64.fullmatch(node_id):
             return  # not a node key: nothing it signs could be checked
         try:
-            now = time.monotonic()
+            now = self.clock()
             last = self.checked_at.get(node_id)
             if last is None or now - last >= self.round_s:
                 self.checked_at[node_id] = now
@@ -264,7 +280,9 @@ class Gossip:
 
     # -- push and pull -----------------------------------------------------------------------
 
-    def _client(self, peer: Any, max_bytes: int = REPLY_MAX_BYTES) -> AsyncClient:
+    def _client(self, peer: Any, max_bytes: int = REPLY_MAX_BYTES) -> PeerClient:
+        if self.connect is not None:
+            return self.connect(peer, max_bytes)
         return AsyncClient(peer.url, timeout=REQUEST_TIMEOUT_S, session=self._session,
                            max_bytes=max_bytes)
 
