@@ -559,8 +559,13 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
         false_disputes.append((sybil, victim, trade(victim, sybil)))
         for _ in range(args.wash):
             trade(sybil, other(bad, sybil))
-    observers = honest if args.observers == 0 else rng.sample(honest,
-                                                              min(args.observers, len(honest)))
+    # Observers have bought something: a node that never bought has no first-hand evidence of
+    # anyone's service, so its graph gives no one trust (mesh/trust.py) and it judges by its
+    # ledger, which the sim does not model.
+    buyers = {id(c) for _, c, _ in made}
+    judges = [h for h in honest if id(h) in buyers]
+    observers = judges if args.observers == 0 else rng.sample(judges,
+                                                              min(args.observers, len(judges)))
     gossiped = n <= args.gossip_trades_up_to
     spread_rounds = None
     if gossiped:  # each party's ledger feeds its view; gossip spreads the trades from there
@@ -630,9 +635,10 @@ async def sybils(n: int, fraction: float, args: argparse.Namespace) -> dict[str,
 
 def flags(rep: Any, auditors: set[str]) -> bool:
     """Whether upheld disputes from `auditors` flag their provider at a node with `rep`: the
-    node's rule (root/node.py `dispute_weight`, mesh/audit.py `Auditor.record`), their graph
-    trust here summed against FLAG_TRUST_BP."""
-    return sum(rep.graph_bp(a) for a in auditors) >= audit.FLAG_TRUST_BP
+    node's rule (root/node.py `dispute_weight`, mesh/audit.py `Auditor.record`): their graph
+    trust here, each up to a typical trusted key's, against the threshold trust sets."""
+    weight, threshold = rep.flag_weight(auditors)
+    return weight >= threshold
 
 
 def _load() -> str:

@@ -36,7 +36,7 @@ def node(tmp_path_factory: pytest.TempPathFactory):
 def forge(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "forge_cli", *args], capture_output=True,
                           text=True, cwd=REPO, env=forge_env(node.home, FORGE_NODE=node.url),
-                          timeout=120)
+                          timeout=600)  # smollm2 plans in seconds; a loaded machine took >120 s
 
 
 def plan_file(tmp_path: Path, plan: object) -> str:

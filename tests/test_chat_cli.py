@@ -154,12 +154,13 @@ class Terminal:
         os.close(slave)
         self.seen = b""
 
-    def read_until(self, needle: bytes, timeout: float = 60) -> bytes:
+    def read_until(self, needle: bytes, timeout: float = 60, *, kill: bool = True) -> bytes:
         deadline = time.monotonic() + timeout
         while needle not in self.seen:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None and not self._ready(0):
-                self.proc.kill()  # a failed test leaves no chat generating on after it
+                if kill:  # a failed test leaves no chat generating on after it
+                    self.proc.kill()
                 raise AssertionError(f"never saw {needle!r}; got {self.seen[-2000:]!r}")
             if self._ready(min(left, 0.5)):
                 try:
@@ -193,7 +194,8 @@ class Terminal:
                 if needle is None:
                     self.proc.wait(timeout=6)
                     return
-                self.read_until(needle, timeout=6)
+                # Not seen yet is no failure here (it kills nothing): press Ctrl-C again.
+                self.read_until(needle, timeout=6, kill=False)
                 return
             except (AssertionError, subprocess.TimeoutExpired):
                 continue

@@ -1,7 +1,8 @@
 """bench/mesh_sim.py at a small N: forge's own gossip, network view, dispute checks and trust
 over the in-memory transport. A new trade and a new dispute reach every node; sybils that wash
-trades and dispute honest sellers should rank below every honest node and flag none of them
-(pinned strict-xfail: trust as merged does not hold it yet)."""
+trades and dispute honest sellers rank below every honest node, as every honest node that has
+bought anything sees them, and flag none of them; two honest auditors flag the cheater
+everywhere."""
 
 from __future__ import annotations
 
@@ -59,11 +60,6 @@ def test_every_sybil_run_spreads_its_trades_and_disputes_and_flags_the_cheater_s
         assert run["cheater_flagged_at"] >= 1, run
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mesh/trust.py as merged lets a sybil that buys once from an honest seller collect graph "
-    "trust (every trade vouches both ways, and the clique keeps what enters it), so sybils "
-    "outrank honest nodes and their disputes can reach FLAG_TRUST_BP; and two honest auditors "
-    "of few trades hold less than FLAG_TRUST_BP at distant observers; see the meshsim report"))
 def test_sybils_rank_below_every_honest_node_and_only_the_cheater_is_flagged(report):
     for run in report["sybil_runs"]:
         assert run["sybils_below_every_honest"], run

@@ -23,23 +23,39 @@ def test_a_clique_that_trades_only_inside_itself_earns_nothing():
     scores = trust.eigentrust(honest + sybils, {"a": 1.0})
     assert all(scores[f"s{i}"] == 0.0 for i in range(20))
     assert sum(scores.values()) == pytest.approx(1.0)
-    assert min(scores["a"], scores["b"], scores["c"], scores["me"]) > 0
+    assert min(scores["a"], scores["b"], scores["c"]) > 0
+    assert scores["me"] == 0.0  # it only bought: buying vouches for a seller, never for a buyer
 
 
 def test_a_sybil_clique_that_traded_once_with_a_real_peer_earns_little():
-    """One 1-CU trade with a real peer carries in only that trade's share of its trust: the
-    whole clique of 50, washing a million CU among itself, stays far below the real peers."""
+    """One 1-CU purchase a real peer made from the clique carries in only that purchase's
+    share of the peer's trust: the whole clique of 50, washing a million CU among itself,
+    stays far below the real peers."""
     rng = random.Random(1)
     real = [f"r{i}" for i in range(10)]
     honest = [(rng.choice(real), rng.choice(real), rng.randint(5, 50)) for _ in range(300)]
     honest = [e for e in honest if e[0] != e[1]]
     sybils = [f"s{i}" for i in range(50)]
     wash = [(a, b, 1_000) for a in sybils for b in sybils if a != b]
-    bridge = [("s0", "r3", 1)]
+    bridge = [("r3", "s0", 1)]
     scores = trust.eigentrust(honest + wash + bridge, {r: 1.0 for r in real[:3]})
     clique = sum(scores[s] for s in sybils)
     assert 0 < clique < 0.05
     assert max(scores[s] for s in sybils) < min(scores[r] for r in real) / 5
+
+
+def test_sybils_that_buy_from_real_peers_earn_nothing_by_it():
+    """Buying is no vouch for the buyer: a clique whose every member buys from real sellers
+    (paying them real CU) and washes among itself still holds exactly 0."""
+    rng = random.Random(2)
+    real = [f"r{i}" for i in range(10)]
+    honest = [(rng.choice(real), rng.choice(real), rng.randint(5, 50)) for _ in range(300)]
+    sybils = [f"s{i}" for i in range(20)]
+    wash = [(a, b, 1_000) for a in sybils for b in sybils if a != b]
+    buys = [(s, rng.choice(real), 500) for s in sybils]
+    scores = trust.eigentrust(honest + wash + buys, {r: 1.0 for r in real[:3]})
+    assert all(scores[s] == 0.0 for s in sybils)
+    assert min(scores[r] for r in real) > 0
 
 
 @pytest.mark.parametrize("pretrusted", [{}, {"a": 0.0}, {"a": float("nan")}, {"zz": -3.0}])
@@ -93,11 +109,14 @@ def test_every_hour_the_same_cu_is_uniform_volume_and_bursts_are_not():
     assert not found.volume_uniform and found.penalty_bp == 0
 
 
-def test_a_closed_ring_of_three_is_round_robin():
+def test_a_closed_ring_of_three_is_round_robin_but_the_trusted_mesh_is_not():
     ring = [("a", "b"), ("b", "c"), ("c", "a")]
     found = trust.collusion(spread(ring, range(0, 24, 5)), "a", NOW)
     assert found.round_robin_size == 3 and found.round_robin_closedness == 1.0
     assert found.round_robin
+    # Holding a key this node trades with, the same shape is the mesh trading inside itself.
+    mesh = trust.collusion(spread(ring, range(0, 24, 5)), "a", NOW, trusted={"c"})
+    assert mesh.round_robin_size == 3 and not mesh.round_robin
 
 
 def test_trades_outside_the_window_and_self_trades_do_not_count():
@@ -124,7 +143,8 @@ def test_reputation_reads_the_view_and_ranks_wash_traders_last(tmp_path):
     me, a, b = Identity.generate(), Identity.generate(), Identity.generate()
     x, y = Identity.generate(), Identity.generate()
     view = NetworkView.open(tmp_path / "n.db")
-    view.add_many([make_trade(a, me), make_trade(me, b), make_trade(a, b)], "peer")
+    # a sold to me, b sold to a (and bought from me): both served someone trusted here.
+    view.add_many([make_trade(a, me), make_trade(me, b), make_trade(b, a)], "peer")
     view.add_many([make_trade(x, y, tokens=500) for _ in range(15)], "peer")
     rep = trust.Reputation(view, me.node_id)
     rep.refresh()

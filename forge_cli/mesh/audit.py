@@ -81,11 +81,10 @@ MARGIN = 1.0
 AUDIT_TOP_K = 100  # the rank bound of sampling that commits to neither top_k nor min_p
 DEFAULT_EVERY = 20
 UPHELD, FORGED = entries.AUDIT_VERDICTS
-# Disputes upheld here flag a provider once their distinct auditors' trust here (graph trust,
-# forge_cli.mesh.trust: 10,000 bp for an average peer this node trades with, and for this node
-# itself) sums to this much: two such auditors, never one alone (one holds at most 10,000),
-# and never keys nobody here trusts, however many (they hold 0).
-FLAG_TRUST_BP = 15_000
+# Disputes upheld here flag a provider once their distinct auditors' trust here reaches the
+# threshold `disputes_against` gives with it (forge_cli.mesh.trust Reputation.flag_weight: each
+# auditor counted up to a typical trusted key's trust, 1.5 typical keys needed): two auditors
+# of standing, never one alone, never keys nobody here trusts, however many (they hold 0).
 # A peer's dispute carries its three bodies, hex-encoded, inside the node's 1 MiB request cap;
 # together they may hold this many bytes (a chat request of ~90k words), no more.
 MAX_EVIDENCE = 384 * 1024
@@ -724,7 +723,7 @@ class Auditor:
     the mesh, and takes disputes from peers (re-checked before they count).
 
     `engines(sha256)` is this node's engine for a model, or None; `append(kind, data,
-    bodies=…)` records an entry; `disputes_against(provider)` the summed trust here (bp)
+    bodies=…)` records an entry; `disputes_against(provider)` (weight, threshold): the trust here (bp)
     of the distinct auditors whose disputes against it this node upheld; `flag(node_id,
     reason)` takes a peer off the mesh as a fork does; `peers()` the URLs disputes are sent
     to; `send(url, payload)` posts one.
@@ -732,7 +731,7 @@ class Auditor:
 
     def __init__(self, signer: identity.Identity, *, every: int,
                  engines: Callable[[str], Any], append: Append,
-                 disputes_against: Callable[[str], int],
+                 disputes_against: Callable[[str], tuple[int, int]],
                  flag: Callable[[str, str], Any] = lambda node_id, reason: None,
                  peers: Callable[[], list[str]] = list,
                  send: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None,
@@ -808,16 +807,16 @@ class Auditor:
 
     async def record(self, data: dict[str, Any], bodies: dict[str, bytes]) -> entries.Entry:
         """Append a dispute (its bodies stored with it); flag the provider once the distinct
-        auditors whose disputes against it are upheld here hold FLAG_TRUST_BP of trust here."""
+        auditors whose disputes against it are upheld here hold the trust `disputes_against` asks."""
         entry = await self.append("dispute", data,
                                   bodies=[bodies[h] for h in dispute_bodies(data)])
         provider = data["claim"]["trade"]["terms"]["provider"]
         if data["verdict"] == UPHELD:
-            weight = await asyncio.to_thread(self.disputes_against, provider)
-            if weight >= FLAG_TRUST_BP:
+            weight, threshold = await asyncio.to_thread(self.disputes_against, provider)
+            if weight >= threshold:
                 await _maybe_await(self.flag(
                     provider, f"disputes from distinct auditors holding {weight} bp of trust "
-                              f"here (≥ {FLAG_TRUST_BP}): served replies its committed model "
+                              f"here (≥ {threshold}): served replies its committed model "
                               "and sampling could not have produced"))
         return entry
 
@@ -1000,7 +999,7 @@ async def _maybe_await(value: Any) -> Any:
 
 
 __all__ = ["AUDIT_TOP_K", "Auditor", "Bench", "DEFAULT_EVERY", "FORGED", "GRAMMAR_CANDIDATES",
-           "FLAG_TRUST_BP", "MARGIN", "MAX_EVIDENCE", "PULL_PAGE", "PULL_PATH", "Positions",
+           "MARGIN", "MAX_EVIDENCE", "PULL_PAGE", "PULL_PATH", "Positions",
            "RELAYS_PER_HOUR", "RecheckQueue", "RelayQuota", "STANDING_REPUTATION",
            "STANDING_TRUST_BP", "SeenDisputes", "UPHELD", "Verdict", "audit", "check_dispute",
            "commit_sampling", "counts_problem", "dispute_id", "disputes_page", "evidence",

@@ -4,31 +4,47 @@ and the original Forge's three collusion heuristics, so that wash trading buys n
 `eigentrust` and `collusion` are pure functions over plain tuples; `Reputation` reads them off a
 NetworkView (forge_cli.mesh.network) and answers in integer basis points.
 
-Trust (Kamvar, Schlosser and Garcia-Molina 2003, as a personalised PageRank): every dual-signed
-trade vouches both ways, the consumer for the provider's service and the provider for the
-consumer's payment, weighted by its CU. Each round a key passes its trust to its counterparties
-in proportion to the CU it traded with each, and a share `alpha` of all trust returns to the
-pretrusted keys: the counterparties of this node's own trades (by CU), raised by the audits
-they passed here and halved by each dispute upheld against them. A key reached by no trade
-from a pretrusted key earns exactly 0, however much it trades: a clique of sybils that only
-trades inside itself stays at 0 until someone this node trusts trades with it, and then earns
-only the share that trade carries in.
+Trust (Kamvar, Schlosser and Garcia-Molina 2003, as a personalised PageRank): a dual-signed
+trade is the consumer's word that the provider served it, so trust flows from consumer to
+provider, weighted by the trade's CU. It never flows back: a key that only buys, or that buys
+from honest sellers to look like a customer, earns nothing by it; trust is earned by serving
+keys that hold trust. Each round a key passes its trust to the providers it bought from in
+proportion to the CU it paid each, and a share `alpha` of all trust returns to the pretrusted
+keys: the providers this node bought from (by CU), raised by the audits they passed here and
+halved by each dispute upheld against them. A node that has bought nothing has no first-hand
+evidence of anyone's service, so it gives graph trust to no one and judges by its own ledger
+(it takes no dispute either: standing needs a sale to it, mesh.audit). A key reached by no
+purchase from a pretrusted key earns exactly 0, however much it trades: a clique of sybils
+that only trades inside itself stays at 0 until someone this node trusts buys from it, and
+then earns only the share that purchase carries in.
+
+A dispute flags its provider when its upheld auditors' trust here, each counted up to a
+typical trusted key's (the lower quartile of the keys that hold any), sums to FLAG_TYPICAL
+typical keys: at least two auditors of ordinary standing, never one alone however trusted,
+never keys that hold none, and a threshold that follows the mesh's size, so auditors far from
+this node in a large mesh count as much as keys there ordinarily do.
 
 Collusion (window 24 h, at least MIN_TRADES trades involving the key):
 - tight cluster: one counterparty's share of its trades s > 0.2; score (s − 0.2) / 0.8;
 - volume uniformity: the coefficient of variation of its CU per hour cv < 0.5; score
   (0.5 − cv) / 0.5 (a bot trading the same CU every hour; a person is burstier);
-- round-robin: its strongly connected component over provider → consumer edges has ≥ 3 keys
-  and closedness c (edges between members / edges from members) > 0.8; score (c − 0.8) / 0.2.
-The penalty is 5000 bp × the largest score. `Reputation` leaves this node's own trades out of
-the heuristics: it signed them, so they are evidence it holds, not a pattern to suspect.
+- round-robin: its strongly connected component over provider → consumer edges has ≥ 3 keys,
+  none of them a key this node trusts first-hand (`trusted`: a ring closed off from the keys
+  it trades with, not the mesh itself, which in health is one component trading mostly
+  inside itself), and closedness c (edges between members / edges from members) > 0.8;
+  score (c − 0.8) / 0.2.
+The penalty is 5000 bp × the largest score, and it takes that share of a key's trust
+(effective = trust − trust × penalty / 10,000): a key's collusion can halve its standing but
+never push an honest key reached by trust down to 0, where the keys nobody trusts sit.
+`Reputation` leaves this node's own trades out of the heuristics: it signed them, so they are
+evidence it holds, not a pattern to suspect.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,19 +64,20 @@ AUDIT_CU = 10  # the pretrust one audit passed here adds, in CU of trade
 # How far graph trust lifts the reputation this node's own ledger gives a peer: at a graph
 # trust of 10,000 bp (an average pretrusted peer's), by half of itself.
 LIFT = 2
+FLAG_TYPICAL = 1.5  # the flag threshold, in units of a typical trusted key's trust
 
 
 def eigentrust(edges: Iterable[tuple[str, str, int]], pretrusted: Mapping[str, float], *,
                alpha: float = ALPHA, rounds: int = ROUNDS) -> dict[str, float]:
-    """Trust per key over `edges` (consumer, provider, cu), each trade vouching both ways by
-    its CU, seeded by `pretrusted` (key → weight ≥ 0, normalised here). The values sum to 1
-    over the keys reachable from a pretrusted key and are exactly 0 for every other key; all
-    are 0 when no weight is positive. O(edges × rounds), vectorised.
+    """Trust per key over `edges` (consumer, provider, cu), each trade the consumer's vouch
+    for the provider by its CU, seeded by `pretrusted` (key → weight ≥ 0, normalised here).
+    The values sum to 1 over the keys reachable from a pretrusted key and are exactly 0 for
+    every other key; all are 0 when no weight is positive. O(edges × rounds), vectorised.
 
     Example::
 
         eigentrust([("a", "b", 5), ("x", "y", 1000)], {"a": 1.0})
-        # {"a": 0.5…, "b": 0.4…, "x": 0.0, "y": 0.0}
+        # {"a": 0.5…, "b": 0.4…, "x": 0.0, "y": 0.0}   (b served a; y's buyer x holds none)
     """
     import numpy as np
 
@@ -85,10 +102,10 @@ def eigentrust(edges: Iterable[tuple[str, str, int]], pretrusted: Mapping[str, f
     if n == 0 or seed.sum() <= 0:
         return dict.fromkeys(index, 0.0)
     seed /= seed.sum()
-    # Both directions at once: a → b and b → a with the trade's CU.
-    s = np.array(src + dst, dtype=np.int64)
-    d = np.array(dst + src, dtype=np.int64)
-    w_arr = np.array(weight + weight, dtype=np.float64)
+    # Consumer → provider only: the buyer vouches for the service, never the seller for a buyer.
+    s = np.array(src, dtype=np.int64)
+    d = np.array(dst, dtype=np.int64)
+    w_arr = np.array(weight, dtype=np.float64)
     out = np.bincount(s, weights=w_arr, minlength=n)
     share = w_arr / out[s] if len(s) else w_arr
     dangling = out == 0
@@ -145,14 +162,17 @@ class Collusion:
 Trade = tuple[str, str, int, int]  # (consumer, provider, cu, ts_ms)
 
 
-def collusion(trades: Sequence[Trade], node: str, now_ms: int) -> Collusion:
+def collusion(trades: Sequence[Trade], node: str, now_ms: int,
+              trusted: Collection[str] = ()) -> Collusion:
     """The heuristics for `node` over the trades (consumer, provider, cu, ts_ms) of the 24 h
-    window ending at `now_ms` (older and later trades are ignored)."""
-    return collusion_all(trades, now_ms, only={node}).get(node, Collusion(node))
+    window ending at `now_ms` (older and later trades are ignored); a component holding a
+    `trusted` key is no ring."""
+    return collusion_all(trades, now_ms, only={node}, trusted=trusted).get(node,
+                                                                            Collusion(node))
 
 
-def collusion_all(trades: Sequence[Trade], now_ms: int,
-                  only: set[str] | None = None) -> dict[str, Collusion]:
+def collusion_all(trades: Sequence[Trade], now_ms: int, only: set[str] | None = None,
+                  trusted: Collection[str] = ()) -> dict[str, Collusion]:
     """`collusion` for every key in the window (or those in `only`), the components found
     once for all: O(trades)."""
     window = [t for t in trades if now_ms - WINDOW_MS < t[3] <= now_ms and t[0] != t[1]]
@@ -162,7 +182,7 @@ def collusion_all(trades: Sequence[Trade], now_ms: int,
         involved[t[1]].append(t)
     keys = [k for k in involved if only is None or k in only]
     judged = [k for k in keys if len(involved[k]) >= MIN_TRADES]
-    components = _round_robin(window) if judged else {}
+    components = _round_robin(window, set(trusted)) if judged else {}
     out = {k: Collusion(k, len(involved[k]), _counterparties(k, involved[k]))
            for k in keys}
     for key in judged:
@@ -190,9 +210,10 @@ def _counterparties(key: str, trades: list[Trade]) -> int:
     return len({t[1] if t[0] == key else t[0] for t in trades})
 
 
-def _round_robin(window: Sequence[Trade]) -> dict[str, tuple[int, float]]:
+def _round_robin(window: Sequence[Trade], trusted: set[str]) -> dict[str, tuple[int, float]]:
     """key → (size of its strongly connected component over provider → consumer edges,
-    closedness: distinct edges between members / distinct edges from members)."""
+    closedness: distinct edges between members / distinct edges from members); closedness
+    0 for a component that holds a trusted key."""
     graph: dict[str, set[str]] = defaultdict(set)
     for consumer, provider, _, _ in window:
         graph[provider].add(consumer)
@@ -205,7 +226,7 @@ def _round_robin(window: Sequence[Trade]) -> dict[str, tuple[int, float]]:
     for c, keys in members.items():
         edges = sum(len(graph[k]) for k in keys)
         inside = sum(1 for k in keys for m in graph[k] if component[m] == c)
-        closedness = inside / edges if edges else 0.0
+        closedness = inside / edges if edges and trusted.isdisjoint(keys) else 0.0
         for k in keys:
             out[k] = (len(keys), closedness)
     return out
@@ -279,7 +300,8 @@ class Reputation:
     With `local` (key → the reputation this node's own ledger gives it, economy.credit), a
     node's own evidence comes first: trust_bp = local × (1 + graph / (LIFT × 10,000)),
     capped at 10,000, so graph trust lifts a peer's standing and wash trades (graph trust 0)
-    leave it where a newcomer's is. effective_bp = trust_bp − the collusion penalty, ≥ 0.
+    leave it where a newcomer's is. effective_bp = trust_bp less the collusion penalty's share
+    of it (penalty_bp / 10,000: at most half).
     `audits` (key → (audits passed, disputes upheld) here) shapes the pretrust.
     """
 
@@ -295,6 +317,7 @@ class Reputation:
         self.audits = audits
         self.clock = clock or (lambda: time.time_ns() // 1_000_000)
         self._graph: dict[str, int] = {}
+        self._typical = 0
         self._collusion: dict[str, Collusion] = {}
         self.refreshed_ms: int | None = None
         self.trades = 0
@@ -303,29 +326,42 @@ class Reputation:
         """Recompute trust and collusion from the view (O(trades × rounds))."""
         rows = self.view.trade_edges()
         now = self.clock()
-        seeds: dict[str, float] = defaultdict(float)
+        bought: dict[str, float] = defaultdict(float)
         for consumer, provider, cu, _, own in rows:
-            if own or self.me in (consumer, provider):
-                other = provider if consumer == self.me else consumer
-                if other != self.me:
-                    seeds[other] += max(1, cu)
+            if (own or self.me in (consumer, provider)) and consumer == self.me != provider:
+                bought[provider] += max(1, cu)
+        # Only purchases: a buyer that paid this node gave it CU, not evidence of any service,
+        # and a node that has bought nothing trusts no one's graph (it judges by its ledger).
+        seeds: dict[str, float] = bought
         for key, (passed, disputed) in (self.audits() if self.audits else {}).items():
             if key != self.me:
                 seeds[key] = (seeds.get(key, 0.0) + AUDIT_CU * passed) * 0.5 ** disputed
         trust = eigentrust(((c, p, cu) for c, p, cu, _, _ in rows), seeds)
         pretrusted = [trust[k] for k, w in seeds.items() if w > 0 and k in trust]
         mean = sum(pretrusted) / len(pretrusted) if pretrusted else 0.0
-        graph = {k: min(BP, round(BP * t / mean)) if mean > 0 else 0
+        # A key the graph reaches at all holds at least 1 bp: below every key it reaches not.
+        graph = {k: (min(BP, max(1, round(BP * t / mean))) if t > 0 else 0) if mean > 0 else 0
                  for k, t in trust.items() if k != self.me}
+        held = sorted(v for v in graph.values() if v > 0)
+        self._typical = held[len(held) // 4] if held else 0  # the lower quartile
         foreign = [(c, p, cu, ts) for c, p, cu, ts, own in rows
                    if not own and self.me not in (c, p)]
-        self._graph, self._collusion = graph, collusion_all(foreign, now)
+        self._graph, self._collusion = graph, collusion_all(foreign, now, trusted=set(seeds))
         self.refreshed_ms, self.trades = now, len(rows)
 
     def graph_bp(self, node: str) -> int:
         """What the trade graph alone says: 0 for a key nobody this node trusts traded with
         (this node itself: 10,000)."""
         return BP if node == self.me else self._graph.get(node, 0)
+
+    def flag_weight(self, auditors: Iterable[str]) -> tuple[int, int]:
+        """(weight, threshold) of upheld disputes from `auditors` against one provider: their
+        graph trust, each counted up to a typical key's (the lower quartile of the keys
+        holding any), against FLAG_TYPICAL typical keys (the provider is flagged once
+        weight ≥ threshold; never with no trusted key in the view)."""
+        typical = self._typical
+        weight = sum(min(self.graph_bp(a), typical) for a in set(auditors))
+        return weight, max(1, math.ceil(FLAG_TYPICAL * typical))
 
     def trust_bp(self, node: str) -> int:
         graph = self.graph_bp(node)
@@ -338,7 +374,8 @@ class Reputation:
         return self._collusion.get(node, Collusion(node))
 
     def effective_bp(self, node: str) -> int:
-        return max(0, self.trust_bp(node) - self.collusion(node).penalty_bp)
+        trust = self.trust_bp(node)
+        return max(0, trust - trust * self.collusion(node).penalty_bp // BP)
 
     def known(self) -> set[str]:
         """Every key with a trade in the view when it was last read."""
@@ -353,5 +390,5 @@ class Reputation:
         return sorted(scored, key=lambda kv: (-kv[1], kv[0]))
 
 
-__all__ = ["ALPHA", "BP", "Collusion", "MAX_PENALTY_BP", "MIN_TRADES", "ROUNDS", "Reputation",
+__all__ = ["ALPHA", "BP", "Collusion", "FLAG_TYPICAL", "MAX_PENALTY_BP", "MIN_TRADES", "ROUNDS", "Reputation",
            "TradeGraph", "WINDOW_MS", "collusion", "collusion_all", "eigentrust"]

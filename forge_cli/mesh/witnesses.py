@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from forge_cli import display, wire
-from forge_cli.client import AsyncClient
 from forge_cli.errors import BadResponse, ForgeError, NodeUnreachable
 from forge_cli.ledger import note, witness
 from forge_cli.ledger.store import Ledger
@@ -30,6 +29,12 @@ MAX_EVIDENCE = 100  # pieces of evidence read from one peer per round
 
 T = TypeVar("T")
 
+
+
+class Reads(Protocol):
+    """A connection that GETs a peer's route (an AsyncClient, or gossip's PeerClient)."""
+
+    async def get(self, path: str) -> Any: ...
 
 class WitnessNode(Protocol):
     """What witnessing needs of the node: its ledger (written on the ledger thread), a reader,
@@ -97,7 +102,7 @@ class Witnesses:
             return None
         return None
 
-    async def pull_evidence(self, peer: Any, client: AsyncClient) -> int:
+    async def pull_evidence(self, peer: Any, client: Reads) -> int:
         """Take in the split views `peer` holds: each is believed only once both checkpoints
         verify under the log's key; a new one is kept and flags the log. Returns how many."""
         body = await client.get(EVIDENCE_PATH)

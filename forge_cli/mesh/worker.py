@@ -84,9 +84,9 @@ def local_auditor(signer: identity.Identity, ledger: Ledger, run: Callable[..., 
                    engines=lambda sha: model if model is not None and model.sha256 == sha
                    else None,
                    append=append,
-                   # Only this key's own disputes are in its ledger: each weighs what a node's
-                   # own does (10,000 bp), short of FLAG_TRUST_BP alone.
-                   disputes_against=lambda p: 10_000 * queries.dispute_auditors(ledger, p),
+                   # No trust graph here, and only this key's own disputes in its ledger: each
+                   # distinct auditor counts one and two flag, so its own never flags alone.
+                   disputes_against=lambda p: (queries.dispute_auditors(ledger, p), 2),
                    flag=flag, peers=peers, send=send)
 
 

@@ -275,13 +275,13 @@ class Node:
         finally:
             self._trust_busy = False
 
-    def dispute_weight(self, provider: str) -> int:
-        """The trust here (graph bp, this node's own 10,000) of the distinct auditors whose
-        disputes against `provider` this node upheld: what flags it (mesh.audit)."""
+    def dispute_weight(self, provider: str) -> tuple[int, int]:
+        """(weight, threshold): the trust here of the distinct auditors whose disputes against
+        `provider` this node upheld, against what flags it (mesh.trust flag_weight)."""
         from forge_cli.ledger import queries
 
         rep = self.trust(fresh=True)
-        return sum(rep.graph_bp(a) for a in queries.upheld_auditors(self.reader, provider))
+        return rep.flag_weight(queries.upheld_auditors(self.reader, provider))
 
     def nonce_seq(self, consumer: str, nonce: str) -> int | None:
         """The seq that used this consumer's nonce, if any (trade or unsettled)."""
