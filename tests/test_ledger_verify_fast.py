@@ -68,13 +68,13 @@ def test_verify_calls_libsodium_directly_here():
 @pytest.mark.parametrize("index", range(len(HOSTILE_CHECKS)))
 def test_the_direct_check_agrees_with_pynacl_on_every_input(index):
     public_key, message, signature = HOSTILE_CHECKS[index]
-    slow = identity._verify_with_pynacl(public_key, message, signature)  # type: ignore[arg-type]
+    slow = identity.verify_with_pynacl(public_key, message, signature)  # type: ignore[arg-type]
     assert identity.verify(public_key, message, signature) is slow  # type: ignore[arg-type]
     assert identity.verify_many([(public_key, message, signature)]) == [slow]  # type: ignore[list-item]
 
 
 def test_only_the_good_signatures_verify_in_a_mixed_batch_on_every_core():
-    expected = [identity._verify_with_pynacl(*check) for check in HOSTILE_CHECKS]  # type: ignore[arg-type]
+    expected = [identity.verify_with_pynacl(*check) for check in HOSTILE_CHECKS]  # type: ignore[arg-type]
     assert [i for i, ok in enumerate(expected) if ok] == [0, 5, 22, 23]
     many = HOSTILE_CHECKS * 4  # past parallel.SPLIT_AT, so threads share the batch
     assert len(many) >= parallel.SPLIT_AT

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from forge_cli import display, wire
+from forge_cli import client, display
 from forge_cli.errors import BadResponse, ForgeError, NodeUnreachable
 from forge_cli.ledger import note, witness
 from forge_cli.ledger.store import Ledger
@@ -98,7 +98,7 @@ class Witnesses:
             # 404: it does not know us as a peer yet (or is no witness); it asks again later.
             level = {409: logging.ERROR, 404: logging.DEBUG}.get(status, logging.WARNING)
             log.log(level, "witness %s refused our checkpoint of size %d: %d %s", peer.url,
-                    cp.size, status, display.plain(_message(answer))[:300])
+                    cp.size, status, display.plain(_message(status, answer))[:300])
             return None
         return None
 
@@ -164,10 +164,12 @@ async def _post(session: Any, url: str, body: bytes) -> tuple[int, str, str]:
         raise NodeUnreachable(f"{url} did not answer: {type(exc).__name__}") from exc
 
 
-def _message(answer: str) -> str:
-    """The message of an error envelope, or the text itself."""
+def _message(status: int, answer: str) -> str:
+    """The message of a refusal's error envelope (read by forge_cli.client), or the text."""
     try:
-        body = wire.parse(answer.encode())
-        return str(body["error"]["message"])
-    except (ForgeError, KeyError, TypeError, ValueError):
-        return answer
+        client.answer(status, "", answer.encode(), "witness")
+    except ForgeError as exc:
+        envelope = getattr(exc, "envelope", None)
+        if isinstance(envelope, dict) and envelope.get("message"):
+            return str(envelope["message"])
+    return answer
