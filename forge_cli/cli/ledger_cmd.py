@@ -335,7 +335,7 @@ def checkpoint(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None
 
         forge ledger checkpoint > cp.txt; forge ledger verify --checkpoint cp.txt
     """
-    from forge_cli.errors import LedgerError, LedgerLocked
+    from forge_cli.errors import LedgerLocked
     from forge_cli.ledger import witness
 
     try:
@@ -344,11 +344,13 @@ def checkpoint(as_json: bool = JsonOpt, ledger: Path | None = LedgerOpt) -> None
             size, root, _, vkey = book.latest_checkpoint()
             full, cosigs, now = (witness.with_cosignatures(book, text),
                                  witness.cosignatures(book, size), book.size)
-    except LedgerLocked:
+    except LedgerLocked as locked:
         with _reader(ledger) as book:
             latest = book.latest_checkpoint()
             if latest is None:
-                raise LedgerError("the running node has signed no checkpoint yet") from None
+                raise LedgerLocked(f"{locked.message}, and it has signed no checkpoint yet",
+                                   hint="a running node signs one when a peer or a reader "
+                                   "asks for it (`GET /ledger/checkpoint`)") from None
             size, root, text, vkey = latest
             full, cosigs, now = (witness.with_cosignatures(book, text),
                                  witness.cosignatures(book, size), book.size)

@@ -50,7 +50,8 @@ class PeersPanel(Panel):
             # A peer picks its node id and model names: cells hold Text, never markup.
             cells = [str(peer.get("node_id") or "?")[:8], names,
                      _or_dash(peer.get("price_ucu_per_token")), _or_dash(peer.get("reputation")),
-                     _or_dash(peer.get("effective_bp")), _collusion(peer), _audits(peer), ago, "-" if latency is None else f"{latency} ms", _flag(peer),
+                     _or_dash(peer.get("effective_bp")), _collusion(peer), _audits(peer), ago,
+                     "-" if latency is None else f"{latency} ms", _flag(peer),
                      _or_dash((peer.get("witness") or {}).get("cosigned") or None)]
             table.add_row(*map(display.text, cells))
 
