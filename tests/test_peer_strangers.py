@@ -169,7 +169,7 @@ def vm_kb(pid: int, field: str) -> int:
 
 def test_a_huge_health_answer_is_cut_at_the_cap(nodes, hostile, tmp_path):
     server = hostile({})  # answers 503 until it turns hostile
-    a = nodes("a", "--peer", server.url, env={**STATIC, "FORGE_MESH_PROBE_S": "3"})
+    a = nodes("a", "--peer", server.url, env=STATIC)
     wait_for("a probing the peer", lambda: server.hits.get("/health", 0) >= 2)
     before = vm_kb(a.proc.pid, "VmHWM")
     server.answers["/health"] = 200 * MB

@@ -35,7 +35,10 @@ from tests.test_rpc import (
 
 unsplit = test_rpc.unsplit  # the fixture: the unsplit model's greedy reply
 
-CREDIT_KIB = 100  # the tiny model's weights (~75 kB through one peer) and a few tokens
+# The tiny model's load through one peer carries 86 kB, now and then 33 kB more for each time
+# some load step repeats (1 to 3 repeats seen: 120, 153, 186 kB); this holds any of those
+# and then a few dozen tokens.
+CREDIT_KIB = 256
 
 
 def agree(url: str, head: str, layers: int = 1) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def test_a_head_that_never_pays_gets_only_the_stated_credit(tiny_gguf, tmp_path)
         assert used["paid_tokens"] == 0 and used["allowance"] == CREDIT_KIB * 1024
         assert used["carried"] <= CREDIT_KIB * 1024  # the bound held, to the byte
         assert health["traffic"]["cut"] == 1
-        assert got < 60  # ~2.6 kB a token: the credit left after the weights buys a handful
+        assert got < 100  # ~2.6 kB a token: the credit left after the load buys a few dozen
         assert trades(tmp_path / "peer0") == []  # and it was given, not sold: nothing more
 
         # New keys from the same address run on credit a few times (4 agreements unpaid in

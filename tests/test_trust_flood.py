@@ -28,7 +28,7 @@ GOSSIP = "/v1/forge/gossip/trades"
 CAP = 5_000
 SYBILS, WASH = 50, 10_000
 ENV = {"FORGE_MESH_INTERFACES": "127.0.0.1", "FORGE_MESH_MDNS": "false",
-       "FORGE_MESH_GOSSIP_MAX_TRADES": str(CAP)}
+       "FORGE_MESH_GOSSIP_MAX_TRADES": str(CAP), "FORGE_MESH_TRUST_S": "1"}
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def push_from(node: NodeProcess, address: str, trades: list[Any]) -> tuple[int, 
 
 def standing(node: NodeProcess, key: str, after_ms: int) -> dict[str, Any]:
     """The node's trust record of `key`, computed from a view read after `after_ms` (the
-    node recomputes in the background at most every 10 s; bounded wait)."""
+    node recomputes in the background at most every mesh.trust_s, 1 s here; bounded wait)."""
     deadline = time.monotonic() + 90
     while True:
         status, _, body = node.request("GET", f"/v1/forge/collusion/{key}",

@@ -88,7 +88,8 @@ def build_node(settings: Mapping[str, Any], *, models: list[str] | list[LoadedMo
                 max_unsettled=settings["mesh.max_unsettled"],
                 audit_every=settings["audit.every"],
                 rechecks_per_minute=settings["audit.rechecks_per_minute"],
-                recheck_queue=settings["audit.recheck_queue"])
+                recheck_queue=settings["audit.recheck_queue"],
+                trust_s=settings["mesh.trust_s"])
     node.wallet = Wallet(ledger, safety, node.on_ledger, clock=clock, reader=reader,
                          strangers=StrangerRules.from_config())
     for model in loaded:  # a split model pays its layer peers through the node's wallet

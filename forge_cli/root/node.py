@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-TRUST_REFRESH_S = 10  # trust over the network view is recomputed at most this often
-
 
 @dataclass
 class LoadedModel:
@@ -72,7 +70,7 @@ class Node:
                  clock: Callable[[], int], ledger_thread: ThreadPoolExecutor,
                  settle_ms: int = 30_000, max_unsettled: int = 3,
                  audit_every: int = 20, rechecks_per_minute: int = 2,
-                 recheck_queue: int = 8) -> None:
+                 recheck_queue: int = 8, trust_s: int = 10) -> None:
         from forge_cli.node.metrics import Metrics
 
         self.home = home
@@ -111,6 +109,7 @@ class Node:
         self._trust_mark: tuple[int, int, float] = (-1, -1, 0.0)  # view, ledger, monotonic
         self._trust_lock = threading.Lock()
         self._trust_busy = False
+        self.trust_s = trust_s  # trust over the network view is recomputed at most this often
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -230,7 +229,7 @@ class Node:
     def trust(self, *, fresh: bool = False) -> Reputation:
         """This node's Reputation over its network view. Computed on first use; after that a
         read starts a recomputation in the background when the view or the ledger changed
-        and the last one is TRUST_REFRESH_S old, so no read waits on a large view. `fresh`
+        and the last one is `trust_s` seconds old, so no read waits on a large view. `fresh`
         recomputes now if either changed (a flag decision must see the trades just made)."""
         from forge_cli.ledger import queries
         from forge_cli.mesh.trust import Reputation
@@ -246,7 +245,7 @@ class Node:
             changed = (self.network.count(), self.reader.size) != (view, size)
             if rep.refreshed_ms is not None and not (changed and fresh):
                 if changed and not self._trust_busy and \
-                        time.monotonic() - at >= TRUST_REFRESH_S:
+                        time.monotonic() - at >= self.trust_s:
                     self._trust_busy = True
                     threading.Thread(target=self._refresh_trust, daemon=True,
                                      name="forge-trust").start()
