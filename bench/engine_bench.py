@@ -33,12 +33,10 @@ import http.client
 import itertools
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -506,11 +504,10 @@ def main() -> None:
     if 1 not in buyers:
         buyers.insert(0, 1)  # every ratio is against one buyer
 
-    home = Path(tempfile.mkdtemp(prefix="forge-engine-bench-"))  # holds the assembled model
-    try:
-        result = measure(args, buyers, home)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
+    home = scratch_dir("forge-engine-bench-")  # holds the assembled model
+    result = measure(args, buyers, home)
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:

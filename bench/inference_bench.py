@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -118,12 +116,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="forge-bench-"))  # holds the assembled model (250 MB)
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
+    home = scratch_dir("forge-bench-")  # holds the assembled model (250 MB)
     os.environ["FORGE_HOME"] = str(home)
-    try:
-        measure(args, home)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
+    measure(args, home)
 
 
 def measure(args: argparse.Namespace, home: Path) -> None:

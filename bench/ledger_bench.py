@@ -22,7 +22,6 @@ import resource
 import sqlite3
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -189,7 +188,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to put the files")
     args = parser.parse_args()
 
-    folder = Path(tempfile.mkdtemp(prefix="forge-bench-", dir=args.dir))
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
+    folder = scratch_dir("forge-bench-", args.dir)
     me, peer = Identity.generate(), Identity.generate()
     out: dict[str, float | int] = {"n": args.n}
 

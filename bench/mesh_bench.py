@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -176,7 +175,9 @@ def main() -> None:
         import mesh_p2p
 
         p2p = mesh_p2p.run(args.tokens, args.runs)
-    folder = Path(tempfile.mkdtemp(prefix="forge-mesh-bench-"))
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
+    folder = scratch_dir("forge-mesh-bench-")
     out: dict[str, float | int] = {"trades": args.trades, "batch": args.batch}
 
     out["nacl_verifies_per_s"] = raw_nacl_verifies_per_s(20_000)

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -134,7 +133,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="forge-node-bench-"))
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
+    home = scratch_dir("forge-node-bench-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
     env.update(FORGE_HOME=str(home), PYTHONPATH=str(REPO))
     os.environ["FORGE_HOME"] = str(home)

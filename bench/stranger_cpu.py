@@ -26,7 +26,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -103,9 +102,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    from scratch import scratch_dir  # bench/scratch.py: removed however the run ends
+
     from tests.node_harness import NodeProcess
 
-    work = Path(tempfile.mkdtemp(prefix="forge-stranger-cpu-"))
+    work = scratch_dir("forge-stranger-cpu-")
     model = args.model
     if model is None:
         from tests.gguf_model import write_tiny_llama

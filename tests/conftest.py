@@ -15,6 +15,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_forge_home(tmp_path_factory: pytest.TempPathFactory) -> Iterable[Path]:
+    """A FORGE_HOME for the tests that set none (an engine built in this process hashes its
+    GGUF into FORGE_HOME/model-hashes.json): the suite never writes to the user's ~/.forge."""
+    home = tmp_path_factory.mktemp("session-forge-home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FORGE_HOME", str(home))
+    yield home
+    patch.undo()
+
+
 @pytest.fixture
 def forge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh FORGE_HOME for this test, also set in this process's environment."""

@@ -136,3 +136,36 @@ def test_grammar_bench_help_names_its_options_and_refuses_bad_counts():
     assert done.returncode == 2
     assert "--tokens must be at least 8 and --rounds at least 1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+LEDGER_BENCH = REPO / "bench" / "ledger_bench.py"
+SMALL = ["-n", "300", "--durable", "20", "--callers", "2", "--batch", "50", "--raw", "300",
+         "--rounds", "1", "--json"]
+
+
+def test_a_bench_run_leaves_no_scratch_folder_behind(tmp_path):
+    done = subprocess.run([sys.executable, str(LEDGER_BENCH), *SMALL, "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert '"n": 300' in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bench_stopped_by_sigterm_removes_its_scratch_folder(tmp_path):
+    import signal
+    import time
+
+    args = [*SMALL, "-n", "2000000", "--dir", str(tmp_path)]  # far longer than this test waits
+    proc = subprocess.Popen([sys.executable, str(LEDGER_BENCH), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any((p / "ledger.db").exists() for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # what `timeout` sends
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(tmp_path.iterdir()) == []

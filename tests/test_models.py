@@ -87,7 +87,28 @@ def test_sha256_identity_is_cached_by_path_size_and_mtime(tiny_gguf: Path, tmp_p
     assert expected in cache.values()
     with copy.open("ab") as fh:  # a changed file is hashed again, not served from the cache
         fh.write(b"x")
-    assert identity.sha256_file(copy) == hashlib.sha256(copy.read_bytes()).hexdigest()
+    changed = hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert identity.sha256_file(copy) == changed
+    # The cache keeps the file's current digest only: what the old bytes hashed to is dropped.
+    cache = json.loads((forge_home / identity.CACHE_FILE).read_text())
+    assert changed in cache.values() and expected not in cache.values()
+
+
+def test_the_hash_cache_forgets_models_that_are_gone(tiny_gguf: Path, tmp_path: Path,
+                                                     forge_home: Path):
+    copies = []
+    for n in range(3):
+        copy = tmp_path / f"copy{n}.gguf"
+        shutil.copy(tiny_gguf, copy)
+        with copy.open("ab") as fh:
+            fh.write(bytes([n]))  # three different files
+        copies.append(copy)
+    for copy in copies[:2]:
+        identity.sha256_file(copy)
+    copies[0].unlink()
+    identity.sha256_file(copies[2])
+    cache = json.loads((forge_home / identity.CACHE_FILE).read_text())
+    assert sorted(k.rsplit("|", 2)[0] for k in cache) == [str(c.resolve()) for c in copies[1:]]
 
 
 def test_models_list_json_marks_what_is_present(run_forge, forge_home: Path, tmp_path: Path,

@@ -1,7 +1,8 @@
 """A model's identity: the SHA-256 of its GGUF file, computed once per (path, size, mtime).
 
 Hashing a multi-GB file takes seconds, so results are kept in memory and in
-FORGE_HOME/model-hashes.json; a file that changes size or mtime is hashed again.
+FORGE_HOME/model-hashes.json; a file that changes size or mtime is hashed again, and entries of
+files changed or gone are dropped from that file when the next digest is written.
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ def _load_disk() -> dict[str, str]:
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
 
 
+def _current(key: str) -> bool:
+    """Whether the file a cache key names still has that path, size and mtime."""
+    path = key.rsplit("|", 2)[0]
+    try:
+        return _key(Path(path)) == key
+    except OSError:
+        return False
+
+
 def _store_disk(key: str, digest: str) -> None:
-    data = _load_disk()
+    # Entries of files since changed or deleted are dropped as each new one is written, so the
+    # file holds about one entry per model on disk however often models are replaced.
+    data = {k: v for k, v in _load_disk().items() if _current(k)}
     data[key] = digest
     path = _cache_path()
     try:
