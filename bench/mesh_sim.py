@@ -58,7 +58,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from forge_cli import canonical, client, identity, wire  # noqa: E402
+from forge_cli import client, identity, wire  # noqa: E402
 from forge_cli.errors import BadResponse, ForgeError, NodeUnreachable, NotFound  # noqa: E402
 from forge_cli.identity import Identity  # noqa: E402
 from forge_cli.ledger import entries, merkle, note  # noqa: E402
@@ -249,8 +249,9 @@ class SimNode:
         """Keep a dispute this node has not seen, if its evidence and three signatures check
         (mesh/audit.py); False for a repeat."""
         data, bodies = audit.evidence(payload)
-        dispute_id = hashlib.sha256(canonical.encode(data)).hexdigest() \
-            if isinstance(data, dict) else ""
+        if not isinstance(data, dict) or not isinstance(data.get("claim"), dict):
+            audit.check_dispute(data, bodies)  # raises, naming what is malformed
+        dispute_id = audit.dispute_id(data)
         if dispute_id in self.disputes:
             return False
         audit.check_dispute(data, bodies)

@@ -35,9 +35,9 @@ from tests.test_rpc import (
 
 unsplit = test_rpc.unsplit  # the fixture: the unsplit model's greedy reply
 
-# The tiny model's load through one peer carries 86 kB, now and then 33 kB more for each time
-# some load step repeats (1 to 3 repeats seen: 120, 153, 186 kB); this holds any of those
-# and then a few dozen tokens.
+# The tiny model's load through one peer carries 74.6 kB, but now and then 45 to 111 kB more
+# (120, 153 and 186 kB counted at a cut during the load, in 33 kB steps); this holds any of
+# those and then a few dozen tokens.
 CREDIT_KIB = 256
 
 

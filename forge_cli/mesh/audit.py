@@ -723,10 +723,10 @@ class Auditor:
     the mesh, and takes disputes from peers (re-checked before they count).
 
     `engines(sha256)` is this node's engine for a model, or None; `append(kind, data,
-    bodies=…)` records an entry; `disputes_against(provider)` (weight, threshold): the trust here (bp)
-    of the distinct auditors whose disputes against it this node upheld; `flag(node_id,
-    reason)` takes a peer off the mesh as a fork does; `peers()` the URLs disputes are sent
-    to; `send(url, payload)` posts one.
+    bodies=…)` records an entry; `disputes_against(provider)` is (weight, threshold): the
+    trust here (bp) of the distinct auditors whose disputes against it this node upheld, and
+    the weight that flags it; `flag(node_id, reason)` takes a peer off the mesh as a fork
+    does; `peers()` the URLs disputes are sent to; `send(url, payload)` posts one.
     """
 
     def __init__(self, signer: identity.Identity, *, every: int,
@@ -807,7 +807,8 @@ class Auditor:
 
     async def record(self, data: dict[str, Any], bodies: dict[str, bytes]) -> entries.Entry:
         """Append a dispute (its bodies stored with it); flag the provider once the distinct
-        auditors whose disputes against it are upheld here hold the trust `disputes_against` asks."""
+        auditors whose disputes against it are upheld here hold the trust `disputes_against`
+        asks."""
         entry = await self.append("dispute", data,
                                   bodies=[bodies[h] for h in dispute_bodies(data)])
         provider = data["claim"]["trade"]["terms"]["provider"]

@@ -326,13 +326,13 @@ class Reputation:
         """Recompute trust and collusion from the view (O(trades × rounds))."""
         rows = self.view.trade_edges()
         now = self.clock()
-        bought: dict[str, float] = defaultdict(float)
-        for consumer, provider, cu, _, own in rows:
-            if (own or self.me in (consumer, provider)) and consumer == self.me != provider:
-                bought[provider] += max(1, cu)
-        # Only purchases: a buyer that paid this node gave it CU, not evidence of any service,
-        # and a node that has bought nothing trusts no one's graph (it judges by its ledger).
-        seeds: dict[str, float] = bought
+        # Seeded by this node's purchases only: a buyer that paid this node gave it CU, not
+        # evidence of any service, and a node that has bought nothing trusts no one's graph
+        # (it judges by its ledger).
+        seeds: dict[str, float] = defaultdict(float)
+        for consumer, provider, cu, _, _ in rows:
+            if consumer == self.me != provider:
+                seeds[provider] += max(1, cu)
         for key, (passed, disputed) in (self.audits() if self.audits else {}).items():
             if key != self.me:
                 seeds[key] = (seeds.get(key, 0.0) + AUDIT_CU * passed) * 0.5 ** disputed

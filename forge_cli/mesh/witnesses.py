@@ -30,11 +30,11 @@ MAX_EVIDENCE = 100  # pieces of evidence read from one peer per round
 T = TypeVar("T")
 
 
-
 class Reads(Protocol):
     """A connection that GETs a peer's route (an AsyncClient, or gossip's PeerClient)."""
 
     async def get(self, path: str) -> Any: ...
+
 
 class WitnessNode(Protocol):
     """What witnessing needs of the node: its ledger (written on the ledger thread), a reader,
